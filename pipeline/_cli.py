@@ -1,0 +1,211 @@
+"""``repdissect`` command line: run, status, verify, clean, report, layers, dataset, compare.
+
+Every user error ends as one line on stderr — what is wrong, the value, the fix — and exit code 2, with
+no traceback unless ``--debug``. Genuine bugs keep their traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ._errors import USER_ERRORS
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="TOML config (default: configs/demo.toml)")
+    p.add_argument("--cache", dest="cache_dir", help="cache directory (overrides [run].cache_dir)")
+    p.add_argument("--out", dest="out_dir", help="output directory (overrides [run].out_dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repdissect", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
+    _add_run_options(p)
+    p.add_argument("--scheduler", help='"local" (default LocalCluster), "sync" (in-process) or tcp://HOST:PORT')
+    p.add_argument("--workers", type=int, help="LocalCluster worker processes")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device for extraction and tallies")
+    p.add_argument("--no-report", action="store_true", help="skip writing tables, figures and index.html")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("status", help="which nodes are cached, and why the others are not")
+    _add_run_options(p)
+
+    p = sub.add_parser("report", help="regenerate tables, figures and index.html from the cache")
+    _add_run_options(p)
+
+    p = sub.add_parser("verify", help="re-check sha256 of every cache entry; quarantine bad ones")
+    _add_run_options(p)
+
+    p = sub.add_parser("clean", help="remove cache entries no recorded run refers to, and stale temp dirs")
+    _add_run_options(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+
+    p = sub.add_parser("layers", help="list a model's layer names with output shapes")
+    p.add_argument("model", help="builtin:cnn, torchvision:<name> or package.module:factory")
+    p.add_argument("--input-size", type=int, default=64, help="square input size in pixels (default 64)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (architecture default if unset)")
+    p.add_argument("--weights", default=None, help="optional local state-dict file to load")
+
+    p = sub.add_parser("dataset", help="export or preview a dataset")
+    dsub = p.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    e = dsub.add_parser("export", help="write a dataset in Broden layout")
+    e.add_argument("--kind", default="synthetic")
+    e.add_argument("--format", dest="fmt", default="broden", choices=["broden"])
+    e.add_argument("--out", required=True, type=Path)
+    e.add_argument("--images", type=int, default=200)
+    e.add_argument("--size", type=int, default=64)
+    e.add_argument("--seed", type=int, default=0)
+    v = dsub.add_parser("preview", help="contact sheet PNG of images with mask overlays")
+    v.add_argument("config", nargs="?", default=None, help="config whose [dataset] to preview (default demo)")
+    v.add_argument("--out", type=Path, default=Path("preview.png"))
+    v.add_argument("-n", type=int, default=24, help="number of images")
+
+    p = sub.add_parser("compare", help="compare two activation matrices (.npy, rows = samples)")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
+    p.add_argument("--out", type=Path, default=None, help="write the metric,value table as CSV")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ._run import run
+
+    result = run(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir, scheduler=args.scheduler,
+                 workers=args.workers, device=args.device, progress=False if args.no_progress else None,
+                 report=not args.no_report, print_summary=True)
+    print(f"{len(result.results)} nodes: {result.misses} computed, {result.hits} from cache "
+          f"in {result.seconds:.1f}s; run record {result.out_dir / 'run.json'}")
+    if not args.no_report:
+        from ..reports import summary_text
+
+        print(summary_text(result))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ._run import status
+
+    rows = status(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir)
+    width = max(len(r.node_id) for r in rows)
+    for r in rows:
+        print(f"{'cached ' if r.cached else 'MISSING'}  {r.node_id:<{width}}  {r.reason}")
+    cached = sum(r.cached for r in rows)
+    print(f"{cached}/{len(rows)} nodes cached")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ..reports import report_from_cache, summary_text
+
+    result = report_from_cache(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir)
+    print(summary_text(result))
+    print(f"report written to {result.out_dir / 'index.html'}")
+    return 0
+
+
+def _store_for(args: argparse.Namespace):
+    from ._run import resolve_config
+    from ._store import CacheStore
+
+    cfg = resolve_config(args.config, cache_dir=args.cache_dir)
+    return CacheStore(cfg.run.cache_dir)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    report = _store_for(args).verify()
+    bad = [r for r in report if r[2]]
+    for stage, key, problem in bad:
+        print(f"CORRUPT  {stage}/{key[:16]}  {problem} (quarantined; it will be recomputed)")
+    print(f"{len(report)} entries checked, {len(bad)} corrupt")
+    return 0 if not bad else 1
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    removed = _store_for(args).clean(dry_run=args.dry_run)
+    for path in removed:
+        print(("would remove " if args.dry_run else "removed ") + str(path))
+    print(f"{len(removed)} {'would be ' if args.dry_run else ''}removed")
+    return 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from ..stages import layers_command
+
+    for name, shape in layers_command(args.model, input_size=args.input_size, num_classes=args.num_classes,
+                                      weights=args.weights):
+        print(f"{name:<40} {'x'.join(map(str, shape))}")
+    return 0
+
+
+def _cmd_dataset(args: argparse.Namespace) -> int:
+    if args.dataset_command == "export":
+        from ..datasets import export_command
+
+        out = export_command(args.kind, args.fmt, args.out, args.images, args.size, args.seed)
+        print(f"wrote {args.images} images in {args.fmt} layout to {out}")
+        return 0
+    from ..datasets import create_dataset, preview_command
+    from ._run import resolve_config
+
+    cfg = resolve_config(args.config)
+    dataset = create_dataset(cfg.dataset.kind, **cfg.dataset.params)
+    out = preview_command(dataset, args.out, args.n)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..stages._errors import StageInputError
+    from ..stages.compare import compare_arrays
+
+    arrays = []
+    for path in (args.a, args.b):
+        try:
+            arrays.append(np.load(path, allow_pickle=False))
+        except FileNotFoundError:
+            raise StageInputError(f"activation file {str(path)!r} does not exist; give a .npy file (rows = samples)") from None
+        except ValueError as exc:
+            raise StageInputError(f"{str(path)!r} is not a plain numeric .npy array ({exc}); save it with numpy.save") from None
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    table = compare_arrays(arrays[0], arrays[1], metrics=metrics)
+    print(table.to_string(index=False))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+    return 0
+
+
+_COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "verify": _cmd_verify,
+             "clean": _cmd_clean, "layers": _cmd_layers, "dataset": _cmd_dataset, "compare": _cmd_compare}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

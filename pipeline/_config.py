@@ -1,0 +1,358 @@
+"""Run configuration: one TOML file → typed, frozen dataclasses, validated once at load.
+
+The constraint: configuration is the recipe the cache keys are derived from, so it must be explicit
+(every field declared, typed, with a default here and nowhere else), immutable after load, and any
+mistake must be caught before a single task runs — with a message naming the key (``[section].field``),
+the value received and what is allowed. Free-form sub-tables exist only where a registry validates them
+(dataset parameters, architecture keyword arguments).
+
+Sections: ``[run]``, ``[dataset]``, ``[[models]]`` (with ``[models.train]``), ``[thresholds]``, ``[iou]``,
+``[stability]``, ``[compare]``, ``[execution]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from ..stages._errors import StageInputError
+from ..stages._training import TrainConfig
+from ._errors import ConfigError
+
+__all__ = [
+    "Config",
+    "RunConfig",
+    "DatasetConfig",
+    "TrainConfig",
+    "ModelConfig",
+    "ThresholdsConfig",
+    "IoUConfig",
+    "StabilityConfig",
+    "CompareConfig",
+    "ExecutionConfig",
+    "load_config",
+    "config_from_dict",
+    "default_config_path",
+]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key {key} = {value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where results go. Relative paths are resolved against the directory the command runs in."""
+
+    name: str = "demo"
+    cache_dir: str = ".repdissect/cache"
+    out_dir: str = "runs/{name}"
+
+    def validate(self, key: str) -> None:
+        _check(bool(_NAME_RE.match(self.name)), f"{key}.name", self.name,
+               "use 1-64 characters from letters, digits, '_', '-', '.'")
+        _check(bool(self.cache_dir.strip()), f"{key}.cache_dir", self.cache_dir, "give a directory path")
+        _check(bool(self.out_dir.strip()), f"{key}.out_dir", self.out_dir, "give a directory path")
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir.replace("{name}", self.name))
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which dataset kind to build and its parameters (validated by the dataset's own factory)."""
+
+    kind: str = "synthetic"
+    params: dict = field(default_factory=dict)
+
+    def validate(self, key: str) -> None:
+        from ..datasets import list_datasets
+
+        kinds = list_datasets()
+        _check(self.kind in kinds, f"{key}.kind", self.kind, f"choose one of {', '.join(kinds)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One architecture, instantiated once per seed.
+
+    ``init``: ``"trained"`` trains on the dataset's class labels; ``"random"`` keeps the seeded initial
+    weights; ``"weights"`` loads ``weights`` (a local state dict / checkpoint file). ``random_baseline``
+    adds, for every seed, the untrained network with the same seed (the null baseline of the tables).
+    """
+
+    name: str = "cnn"
+    architecture: str = "builtin:cnn"
+    arch: dict = field(default_factory=dict)
+    init: Literal["trained", "random", "weights"] = "trained"
+    weights: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    layers: list[str] = field(default_factory=lambda: ["conv1", "conv2", "conv3", "conv4"])
+    random_baseline: bool = True
+    input_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    input_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_classes: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, key: str) -> None:
+        _check(bool(_NAME_RE.match(self.name)), f"{key}.name", self.name,
+               "use 1-64 characters from letters, digits, '_', '-', '.'")
+        _check(bool(self.architecture.strip()), f"{key}.architecture", self.architecture,
+               "give 'builtin:cnn', 'torchvision:<name>' or 'package.module:factory'")
+        _check(len(self.seeds) > 0, f"{key}.seeds", self.seeds, "give at least one seed, e.g. seeds = [0, 1, 2]")
+        _check(len(set(self.seeds)) == len(self.seeds), f"{key}.seeds", self.seeds, "seeds must be distinct")
+        _check(all(s >= 0 for s in self.seeds), f"{key}.seeds", self.seeds, "seeds must be integers ≥ 0")
+        _check(len(self.layers) > 0, f"{key}.layers", self.layers, "list at least one layer name")
+        _check(len(set(self.layers)) == len(self.layers), f"{key}.layers", self.layers, "layer names must be distinct")
+        _check(self.init != "weights" or bool(self.weights), f"{key}.weights", self.weights,
+               "init = \"weights\" needs weights = \"path/to/state_dict.pt\"")
+        _check(self.init == "weights" or not self.weights, f"{key}.weights", self.weights,
+               "weights is only used with init = \"weights\"; remove it or set init = \"weights\"")
+        _check(len(self.input_mean) == 3, f"{key}.input_mean", self.input_mean, "give three numbers (RGB)")
+        _check(len(self.input_std) == 3 and all(s > 0 for s in self.input_std), f"{key}.input_std",
+               self.input_std, "give three positive numbers (RGB)")
+        _check(self.num_classes >= 0, f"{key}.num_classes", self.num_classes,
+               "must be ≥ 0 (0 = the dataset's class count, or the architecture's default for init = \"weights\")")
+
+
+@dataclass(frozen=True)
+class ThresholdsConfig:
+    """Per-unit activation threshold: the top ``quantile`` fraction of all values lies above it."""
+
+    quantile: float = 0.005
+    memory_budget_mb: int = 256
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.quantile < 1, f"{key}.quantile", self.quantile, "must be strictly between 0 and 1, e.g. 0.005")
+        _check(self.memory_budget_mb >= 1, f"{key}.memory_budget_mb", self.memory_budget_mb, "must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class IoUConfig:
+    """IoU tally; a unit is interpretable when its best IoU exceeds ``threshold``."""
+
+    threshold: float = 0.04
+
+    def validate(self, key: str) -> None:
+        _check(0 <= self.threshold < 1, f"{key}.threshold", self.threshold, "must be in [0, 1), e.g. 0.04")
+
+
+@dataclass(frozen=True)
+class StabilityConfig:
+    """Location instability: top-K images per (unit, landmark)."""
+
+    top_k: int = 100
+    enabled: bool = True
+
+    def validate(self, key: str) -> None:
+        _check(self.top_k >= 2, f"{key}.top_k", self.top_k, "must be an integer ≥ 2 (a standard deviation needs 2)")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Representation comparison between model pairs.
+
+    ``pairs``: ``"seeds"`` = every pair of seeds of each model plus each trained seed against its random-init
+    baseline; ``"none"`` disables comparisons. ``samples``: ``"positions"`` (image × position samples,
+    grids resized per ``resize``) or ``"pooled"`` (one spatially averaged sample per image).
+    """
+
+    pairs: Literal["seeds", "none"] = "seeds"
+    samples: Literal["positions", "pooled"] = "positions"
+    resize: Literal["smaller", "none"] = "smaller"
+    holdout: float = 0.2
+    alphas: list[float] = field(default_factory=lambda: [0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1])
+    match_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    svcca_keep: float = 0.99
+    cka_layers: bool = True
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.holdout < 1, f"{key}.holdout", self.holdout, "must be strictly between 0 and 1, e.g. 0.2")
+        _check(len(self.alphas) > 0 and all(a >= 0 and math.isfinite(a) for a in self.alphas), f"{key}.alphas",
+               self.alphas, "give a non-empty list of numbers ≥ 0")
+        _check(all(-1 <= t <= 1 for t in self.match_thresholds), f"{key}.match_thresholds", self.match_thresholds,
+               "correlation thresholds must lie in [-1, 1]")
+        _check(0 < self.svcca_keep <= 1, f"{key}.svcca_keep", self.svcca_keep, "must be in (0, 1], e.g. 0.99")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How work runs. None of these fields is part of any cache key: they change speed, not results.
+
+    ``scheduler``: ``"local"`` (a LocalCluster), ``"sync"`` (in-process, for debugging) or a scheduler
+    address such as ``"tcp://10.0.0.5:8786"``.
+    """
+
+    scheduler: str = "local"
+    workers: int = 2
+    threads_per_worker: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 128
+    shard_size: int = 512
+    verify_checksums: bool = False
+    progress: bool = True
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.scheduler.strip()), f"{key}.scheduler", self.scheduler,
+               "use \"local\", \"sync\" or a scheduler address like \"tcp://host:8786\"")
+        _check(self.workers >= 1, f"{key}.workers", self.workers, "must be an integer ≥ 1")
+        _check(self.threads_per_worker >= 1, f"{key}.threads_per_worker", self.threads_per_worker, "must be ≥ 1")
+        _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "must be an integer ≥ 1")
+        _check(self.shard_size >= 1, f"{key}.shard_size", self.shard_size, "must be an integer ≥ 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run recipe."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+    iou: IoUConfig = field(default_factory=IoUConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+    def validate(self, key: str = "") -> None:
+        self.run.validate("[run]")
+        self.dataset.validate("[dataset]")
+        self.thresholds.validate("[thresholds]")
+        self.iou.validate("[iou]")
+        self.stability.validate("[stability]")
+        self.compare.validate("[compare]")
+        self.execution.validate("[execution]")
+        _check(len(self.models) > 0, "[[models]]", [], "define at least one [[models]] table")
+        names = [m.name for m in self.models]
+        for i, model in enumerate(self.models):
+            model.validate(f"[[models]][{i}]")
+        _check(len(set(names)) == len(names), "[[models]].name", names, "model names must be distinct")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, **sections: Mapping[str, Any]) -> "Config":
+        """A copy with fields of named sections replaced, re-validated (e.g. CLI ``--workers``)."""
+        data = self.to_dict()
+        for section, values in sections.items():
+            data[section].update({k: v for k, v in values.items() if v is not None})
+        return config_from_dict(data)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is dict:
+        return "a table"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key {key} = {value!r} is invalid: choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key} = {value!r} has the wrong type: expected {_type_name(tp)}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key} = {value!r} has the wrong type: expected a table")
+        return _build(tp, value, key)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key} = {value!r} has the wrong type: expected a table")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key} = {value!r} has the wrong type: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key} = {value!r} has the wrong type: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key} = {value!r} has the wrong type: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key} = {value!r} is invalid: must be a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key} = {value!r} has the wrong type: expected a string")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type, data: Mapping[str, Any], key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = key or "the top level"
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r} in {where}: allowed keys are {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{key}.{name}" if key else f"[{name}]"
+        if cls is Config and name == "models":
+            if not isinstance(value, list):
+                raise ConfigError(f"config key [[models]] = {value!r} has the wrong type: expected [[models]] tables")
+            kwargs[name] = [_coerce(v, ModelConfig, f"[[models]][{i}]") for i, v in enumerate(value)]
+            continue
+        kwargs[name] = _coerce(value, hints[name], sub)
+    try:
+        return cls(**kwargs)
+    except StageInputError as exc:  # dataclasses shared with the stages validate in __post_init__
+        raise ConfigError(f"config table {key or 'top level'}: {exc}") from None
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML (or an equivalent dict)."""
+    config = _build(Config, data, "")
+    config.validate()
+    return config
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and validate a TOML config; ``None`` loads the packaged ``demo.toml``."""
+    path = default_config_path() if path is None else Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: give the path of a .toml file, e.g. configs/demo.toml")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML ({exc}); fix the syntax at that position") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8 TOML") from None
+    return config_from_dict(data)
+
+
+def default_config_path(name: str = "demo") -> Path:
+    """``configs/<name>.toml`` in the working directory if present, else the copy shipped in the package."""
+    local = Path("configs") / f"{name}.toml"
+    if local.is_file():
+        return local
+    from importlib import resources
+
+    return Path(str(resources.files("repdissect.configs").joinpath(f"{name}.toml")))

@@ -1,0 +1,173 @@
+"""Builds the run's DAG of :class:`Node` s from a :class:`Config`.
+
+Shape (one node per box; keys chain through ``upstream``)::
+
+    train[model,seed] ─► extract[instance] ─► thresholds[instance,layer] ─► iou[instance,layer]
+                                         ├──► stability[instance,layer]          (datasets with landmarks)
+                                         └──► moments[pair,layer] ─► compare[pair,layer]
+                                         └──► cka[pair]                          (layer × layer, pooled)
+    stability_center[dataset]                                                    (image-centre baseline)
+
+An *instance* is a model at one seed: trained (``cnn@s0``), untrained with the same seed
+(``cnn@s0-random``, the null baseline) or loaded from a weights file. Pairs are every two trained seeds
+of a model plus each trained seed against its own random init. What goes into ``params`` is exactly what
+changes results; execution settings go to ``exec_params``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._config import Config, ModelConfig
+from ._errors import ConfigError
+from ._stage import Node, get_stage
+
+__all__ = ["Plan", "Instance", "build_plan"]
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A concrete network: model config + seed + how its weights come about."""
+
+    model: ModelConfig
+    seed: int
+    init: str  # "trained" | "random" | "weights"
+
+    @property
+    def name(self) -> str:
+        suffix = "-random" if self.init == "random" and self.model.init != "random" else ""
+        return f"{self.model.name}@s{self.seed}{suffix}"
+
+
+@dataclass
+class Plan:
+    """All nodes of a run, grouped for reports and the Python API."""
+
+    config: Config
+    dataset_spec: dict[str, Any]
+    dataset_digest: str
+    nodes: list[Node]
+    instances: list[Instance]
+    pairs: list[tuple[Instance, Instance, str]]  # (a, b, kind: "seeds" | "random")
+
+    def by_stage(self, stage: str) -> list[Node]:
+        return [n for n in self.nodes if n.stage == stage]
+
+
+def _file_sha256(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config key weights = {path!r}: file not found; give the path of a local state-dict file")
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _node(stage: str, label: dict[str, str], params: dict[str, Any], *, upstream: dict[str, Node] | None = None,
+          digests: dict[str, str] | None = None, exec_params: dict[str, Any] | None = None) -> Node:
+    return Node(stage=stage, label=label, params=params, upstream=upstream or {}, digests=digests or {},
+                exec_params=exec_params or {}, version=type(get_stage(stage)).version)
+
+
+def build_plan(config: Config) -> Plan:
+    """Build every node of ``config``'s run. Builds the dataset once (cheap) for its digest and shapes."""
+    from ._stage import _dataset_for
+    from ._hashing import canonical_json
+
+    dataset_spec = {"kind": config.dataset.kind, "params": dict(config.dataset.params)}
+    dataset = _dataset_for(canonical_json(dataset_spec))
+    if len(dataset) == 0:
+        raise ConfigError(f"[dataset] {config.dataset.kind!r} has zero images; give a dataset with at least one image")
+    ds_digest = dataset.digest()
+    digests = {"dataset": ds_digest}
+    ex = config.execution
+    exec_common = {"batch_size": ex.batch_size, "shard_size": ex.shard_size, "device": ex.device}
+    nodes: list[Node] = []
+    instances: list[Instance] = []
+    extract_of: dict[str, Node] = {}
+
+    for model in config.models:
+        if model.num_classes:
+            classes = model.num_classes
+        elif model.init == "weights":
+            classes = None  # the architecture's default head, as the checkpoint was saved
+        else:
+            classes = len(dataset.class_names) or None
+        arch = {"architecture": model.architecture, "arch": dict(model.arch), "input_mean": list(model.input_mean),
+                "input_std": list(model.input_std), "num_classes": classes}
+        for seed in model.seeds:
+            variants = [model.init] + (["random"] if model.random_baseline and model.init != "random" else [])
+            for init in variants:
+                inst = Instance(model, seed, init)
+                instances.append(inst)
+                upstream: dict[str, Node] = {}
+                params = dict(arch, seed=seed, init=init, layers=sorted(model.layers), storage_dtype="float32")
+                if init == "trained":
+                    if not dataset.class_names:
+                        raise ConfigError(
+                            f"[[models]] {model.name!r} has init = \"trained\" but dataset kind "
+                            f"{config.dataset.kind!r} has no class labels; use init = \"weights\" or \"random\""
+                        )
+                    train = _node("train", {"model": model.name, "seed": str(seed)},
+                                  dict(arch, seed=seed, train=dataclasses.asdict(model.train)), digests=digests,
+                                  exec_params={"device": ex.device})
+                    nodes.append(train)
+                    upstream["weights"] = train
+                elif init == "weights":
+                    params["weights_sha256"] = _file_sha256(model.weights)
+                    params["weights_path"] = str(Path(model.weights).resolve())
+                extract = _node("extract", {"instance": inst.name}, params, upstream=upstream, digests=digests,
+                                exec_params=exec_common)
+                nodes.append(extract)
+                extract_of[inst.name] = extract
+                for layer in model.layers:
+                    label = {"instance": inst.name, "layer": layer}
+                    thr = _node("thresholds", label, {"layer": layer, "quantile": config.thresholds.quantile},
+                                upstream={"activations": extract},
+                                exec_params={"memory_budget_mb": config.thresholds.memory_budget_mb})
+                    iou = _node("iou", label, {"layer": layer, "iou_threshold": config.iou.threshold},
+                                upstream={"activations": extract, "thresholds": thr}, digests=digests,
+                                exec_params=exec_common)
+                    nodes += [thr, iou]
+                    if config.stability.enabled and dataset.landmark_names:
+                        nodes.append(_node("stability", label, {"layer": layer, "top_k": config.stability.top_k},
+                                           upstream={"activations": extract}, digests=digests))
+
+    if config.stability.enabled and dataset.landmark_names:
+        nodes.append(_node("stability_center", {"dataset": config.dataset.kind},
+                           {"top_k": config.stability.top_k}, digests=digests, exec_params=exec_common))
+
+    pairs: list[tuple[Instance, Instance, str]] = []
+    if config.compare.pairs == "seeds":
+        for model in config.models:
+            main = [i for i in instances if i.model is model and i.init == model.init]
+            for a, b in itertools.combinations(main, 2):
+                pairs.append((a, b, "seeds"))
+            if model.random_baseline and model.init != "random":
+                for a in main:
+                    pairs.append((a, Instance(model, a.seed, "random"), "random"))
+    cc = config.compare
+    for a, b, kind in pairs:
+        ea, eb = extract_of[a.name], extract_of[b.name]
+        for layer in a.model.layers:
+            label = {"a": a.name, "b": b.name, "kind": kind, "layer": layer}
+            mom = _node("moments", label, {"layer_a": layer, "layer_b": layer, "samples": cc.samples,
+                                           "resize": cc.resize, "holdout": cc.holdout},
+                        upstream={"a": ea, "b": eb})
+            cmp_ = _node("compare", label, {"alphas": list(cc.alphas), "match_thresholds": list(cc.match_thresholds),
+                                            "svcca_keep": cc.svcca_keep},
+                         upstream={"moments": mom})
+            nodes += [mom, cmp_]
+        if cc.cka_layers:
+            nodes.append(_node("cka", {"a": a.name, "b": b.name, "kind": kind},
+                               {"layers_a": list(a.model.layers), "layers_b": list(b.model.layers)},
+                               upstream={"a": ea, "b": eb}))
+    return Plan(config=config, dataset_spec=dataset_spec, dataset_digest=ds_digest, nodes=nodes,
+                instances=instances, pairs=pairs)

@@ -1,0 +1,290 @@
+"""Runs a DAG of :class:`Node` s on Dask (LocalCluster or an address) or in-process, publishing to the cache.
+
+The constraint: the work must fan out over any Dask cluster while every result lands in the cache exactly
+once and a dead worker costs only a retry. So the client holds a small event loop: a node whose upstream
+entries exist is looked up in the cache (hit) or submitted as tasks — one ``map`` per shard, a pairwise
+``combine`` tree, one ``finalize+publish`` — with readable Dask keys; tasks write to the cache from the
+worker and hand back only small summaries (Dask's advice for big results). Task functions are module-level
+and idempotent (staged shards are reused on retry), so Dask's ``retries`` are safe. Device stages request
+the ``GPU`` resource only when some worker advertises it; otherwise they run on the CPU — a task never
+waits forever for a resource nobody has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as cf_wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._errors import PipelineError
+from ._stage import Context, Node, ShardedStage, StageOutput, get_stage
+from ._store import CacheStore, Entry, write_parquet_atomic
+
+__all__ = ["Executor", "NodeResult", "environment_info", "connect"]
+
+log = logging.getLogger("repdissect.executor")
+
+
+def environment_info() -> dict[str, Any]:
+    """Library versions and host facts recorded in manifests and run records."""
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname()}
+    for mod in ("repdissect", "torch", "torchvision", "numpy", "scipy", "pandas", "pyarrow", "dask", "distributed"):
+        try:
+            if mod == "repdissect":
+                from importlib.metadata import version
+
+                info[mod] = version("repdissect")
+            else:
+                info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional library is just not recorded
+            info[mod] = None
+    try:
+        import torch
+
+        info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+        info["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Task functions: run on workers (or in-process). Module-level so they pickle by reference.
+# ---------------------------------------------------------------------------------------------------
+def _prepare_worker(ctx: Context) -> None:
+    threads = int(ctx.execution.get("torch_threads") or 0)
+    if threads > 0:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def task_map(ctx: Context, shard_index: int, shard: Any) -> pa.Table:
+    """One shard → partial state. Reuses a staged partial from an earlier (killed) attempt."""
+    _prepare_worker(ctx)
+    staged = ctx.staging / "_partials" / f"part-{shard_index:05d}.parquet"
+    if staged.is_file():
+        try:
+            return pq.read_table(staged)
+        except Exception:  # noqa: BLE001 - unreadable leftovers are recomputed, never trusted
+            staged.unlink(missing_ok=True)
+    stage = get_stage(ctx.node.stage)
+    assert isinstance(stage, ShardedStage)
+    partial = stage.map(ctx, shard_index, shard)
+    write_parquet_atomic(partial, staged)
+    return partial
+
+
+def task_combine(ctx: Context, a: pa.Table, b: pa.Table) -> pa.Table:
+    _prepare_worker(ctx)
+    stage = get_stage(ctx.node.stage)
+    assert isinstance(stage, ShardedStage)
+    return stage.combine(ctx, a, b)
+
+
+def task_publish(ctx: Context, merged: pa.Table | None, started: float) -> dict[str, Any]:
+    """Finalize (sharded) or run (simple) the stage, then publish the entry atomically."""
+    _prepare_worker(ctx)
+    store = ctx.store
+    existing = store.get(ctx.node.stage, ctx.node.key)
+    if existing is not None:  # a racing run published it meanwhile: first publisher wins
+        store.discard_staging(ctx.node.stage, ctx.node.key)
+        return {"key": ctx.node.key, "seconds": 0.0, "published": False}
+    stage = get_stage(ctx.node.stage)
+    t0 = time.time()
+    output: StageOutput = stage.finalize(ctx, merged) if isinstance(stage, ShardedStage) else stage.run(ctx)
+    node = ctx.node
+    manifest = {
+        "stage_version": node.version,
+        "label": dict(node.label),
+        "params": dict(node.params),
+        "exec_params": dict(node.exec_params),
+        "upstream": {role: up.key for role, up in node.upstream.items()},
+        "digests": dict(node.digests),
+        "key_components": node.key_components(),
+        "source_hash": type(stage).source_hash(),
+        "extras": output.extras,
+        "timings": {"total_seconds": time.time() - started, "finalize_seconds": time.time() - t0},
+        "worker": socket.gethostname(),
+        "pid": os.getpid(),
+        "environment": environment_info(),
+    }
+    store.publish(node.stage, node.key, output.arrow_tables(), staged=ctx.staged_parts(), files=output.files,
+                  manifest=manifest)
+    store.discard_staging(node.stage, node.key)
+    return {"key": node.key, "seconds": time.time() - started, "published": True}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Executors
+# ---------------------------------------------------------------------------------------------------
+class _SyncClient:
+    """In-process stand-in for ``distributed.Client`` (``--scheduler sync``): runs each task on submit."""
+
+    dashboard_link = None
+
+    def submit(self, fn: Callable, *args: Any, key: str | None = None, resources: Any = None, retries: int = 0,
+               pure: bool = False) -> Future:
+        fut: Future = Future()
+        resolved = [a.result() if isinstance(a, Future) else a for a in args]
+        try:
+            fut.set_result(fn(*resolved))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future, like Dask
+            fut.set_exception(exc)
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+def connect(scheduler: str, *, workers: int, threads_per_worker: int, gpu: bool) -> tuple[Any, Any]:
+    """``(client, cluster)`` for ``"sync"``, ``"local"`` or a scheduler address; raises PipelineError."""
+    if scheduler == "sync":
+        return _SyncClient(), None
+    from distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        kwargs: dict[str, Any] = {"n_workers": workers, "threads_per_worker": threads_per_worker,
+                                  "processes": True, "dashboard_address": ":0", "silence_logs": logging.ERROR}
+        if gpu:
+            kwargs["resources"] = {"GPU": 1}
+        try:
+            cluster = LocalCluster(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise PipelineError(f"could not start a local Dask cluster ({exc}); try --scheduler sync") from None
+        return Client(cluster), cluster
+    try:
+        client = Client(scheduler, timeout="10s")
+    except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+        raise PipelineError(
+            f"cannot reach the Dask scheduler at {scheduler!r} ({type(exc).__name__}: {exc}); start one with "
+            "`dask scheduler` and workers with `dask worker ADDRESS`, or use --scheduler local / sync"
+        ) from None
+    return client, None
+
+
+def _gpu_workers(client: Any) -> int:
+    if isinstance(client, _SyncClient):
+        return 0
+    info = client.scheduler_info()
+    return sum(1 for w in info.get("workers", {}).values() if w.get("resources", {}).get("GPU", 0) > 0)
+
+
+@dataclass
+class NodeResult:
+    node: Node
+    hit: bool
+    seconds: float
+    entry: Entry | None = None
+    error: str | None = None
+
+
+@dataclass
+class Executor:
+    """Runs nodes in dependency order; ``client`` is a distributed.Client or the in-process stand-in."""
+
+    store: CacheStore
+    client: Any
+    dataset_spec: dict[str, Any]
+    execution: dict[str, Any]
+    retries: int = 2
+    on_done: Callable[[NodeResult], None] | None = None
+    results: dict[str, NodeResult] = field(default_factory=dict)
+
+    def _context(self, node: Node) -> Context:
+        inputs = {role: self.results[up.key].entry for role, up in node.upstream.items()}
+        return Context(node=node, cache_root=str(self.store.root), inputs=inputs,
+                       dataset_spec=self.dataset_spec, execution=self.execution)
+
+    def _submit(self, node: Node) -> Future:
+        stage = get_stage(node.stage)
+        ctx = self._context(node)
+        resources = {"GPU": 1} if (stage.uses_device and self.execution.get("gpu_resource")) else None
+        started = time.time()
+        base = f"{node.stage}-{node.key[:12]}"
+        if isinstance(stage, ShardedStage):
+            shards = stage.shards(ctx)
+            if not shards:
+                raise PipelineError(f"{node.node_id}: there are no shards to process (zero images?); "
+                                    "check the dataset size and the upstream stage")
+            level = [self.client.submit(task_map, ctx, i, shard, key=f"{base}-map-{i}", resources=resources,
+                                        retries=self.retries, pure=False) for i, shard in enumerate(shards)]
+            depth = 0
+            while len(level) > 1:
+                nxt = []
+                for j in range(0, len(level) - 1, 2):
+                    nxt.append(self.client.submit(task_combine, ctx, level[j], level[j + 1],
+                                                  key=f"{base}-combine-{depth}-{j // 2}", retries=self.retries,
+                                                  pure=False))
+                if len(level) % 2:
+                    nxt.append(level[-1])
+                level, depth = nxt, depth + 1
+            return self.client.submit(task_publish, ctx, level[0], started, key=f"{base}-publish",
+                                      resources=resources, retries=self.retries, pure=False)
+        return self.client.submit(task_publish, ctx, None, started, key=f"{base}-run", resources=resources,
+                                  retries=self.retries, pure=False)
+
+    def run(self, nodes: Iterable[Node]) -> dict[str, NodeResult]:
+        """Run every node (deduplicated by key); raises the first task error after cancelling the rest."""
+        pending: dict[str, Node] = {}
+        for node in nodes:
+            pending.setdefault(node.key, node)
+        submitted: dict[Any, tuple[Node, float]] = {}
+        while pending or submitted:
+            progressed = False
+            for key, node in list(pending.items()):
+                if not all(up.key in self.results for up in node.upstream.values()):
+                    continue
+                del pending[key]
+                progressed = True
+                entry = self.store.get(node.stage, node.key)
+                if entry is not None:
+                    self._done(NodeResult(node, hit=True, seconds=0.0, entry=entry))
+                    continue
+                submitted[self._submit(node)] = (node, time.time())
+            if not submitted:
+                if pending and not progressed:
+                    missing = sorted(n.node_id for n in pending.values())
+                    raise PipelineError(f"DAG has unsatisfiable dependencies: {missing[:5]}")
+                continue
+            done = self._wait_any(list(submitted))
+            for fut in done:
+                node, t0 = submitted.pop(fut)
+                try:
+                    fut.result()
+                except BaseException:
+                    for other in submitted:
+                        with contextlib.suppress(Exception):
+                            other.cancel()
+                    raise
+                entry = self.store.get(node.stage, node.key)
+                if entry is None:
+                    raise PipelineError(f"{node.node_id}: the task finished but its cache entry is missing or invalid")
+                self._done(NodeResult(node, hit=False, seconds=time.time() - t0, entry=entry))
+        return self.results
+
+    def _wait_any(self, futures: list[Any]) -> list[Any]:
+        if isinstance(self.client, _SyncClient):
+            return list(cf_wait(futures, return_when=FIRST_COMPLETED).done)
+        from distributed import wait
+
+        return list(wait(futures, return_when="FIRST_COMPLETED").done)
+
+    def _done(self, result: NodeResult) -> None:
+        self.results[result.node.key] = result
+        if self.on_done is not None:
+            self.on_done(result)

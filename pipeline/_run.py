@@ -1,0 +1,239 @@
+"""The Python API: ``run(config) -> RunResult``, plus ``status`` (what is cached and why not).
+
+Used by the CLI and by notebooks alike: ``repdissect.pipeline.run("configs/quick.toml").tables("iou_units")``
+gives one DataFrame over every (model, layer) with the node's labels as leading columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from ._config import Config, load_config
+from ._dag import Plan, build_plan
+from ._executor import Executor, NodeResult, connect, environment_info, _gpu_workers
+from ._store import CacheStore, Entry, write_bytes_atomic
+
+__all__ = ["run", "status", "RunResult", "NodeStatus", "resolve_config"]
+
+log = logging.getLogger("repdissect")
+
+
+def resolve_config(config: Config | str | Path | None, **overrides: Any) -> Config:
+    cfg = config if isinstance(config, Config) else load_config(config)
+    run_o = {k: overrides.get(k) for k in ("cache_dir", "out_dir")}
+    ex_o = {k: overrides.get(k) for k in ("scheduler", "workers", "device", "progress")}
+    if any(v is not None for v in run_o.values()) or any(v is not None for v in ex_o.values()):
+        cfg = cfg.with_overrides(run=run_o, execution=ex_o)
+    return cfg
+
+
+@dataclass
+class RunResult:
+    """Outcome of a run: the plan, each node's result, and table accessors over the cache."""
+
+    plan: Plan
+    results: dict[str, NodeResult]
+    out_dir: Path
+    seconds: float
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def entries(self, stage: str) -> list[tuple[Mapping[str, str], Entry]]:
+        return [(n.label, self.results[n.key].entry) for n in self.plan.by_stage(stage)]
+
+    def tables(self, stage: str, table: str | None = None) -> pd.DataFrame:
+        """One table of ``stage`` over all its nodes, with the node labels as leading columns."""
+        frames = []
+        for label, entry in self.entries(stage):
+            name = table or next(iter(entry.manifest["tables"]))
+            if name not in entry.manifest["tables"]:
+                continue
+            frame = entry.frame(name)
+            for i, (k, v) in enumerate(label.items()):
+                frame.insert(i, k, v)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    @property
+    def hits(self) -> int:
+        return sum(r.hit for r in self.results.values())
+
+    @property
+    def misses(self) -> int:
+        return sum(not r.hit for r in self.results.values())
+
+
+class _Progress:
+    """One tqdm bar per stage on a terminal; silent otherwise."""
+
+    def __init__(self, plan: Plan, enabled: bool) -> None:
+        self.bars: dict[str, Any] = {}
+        if not enabled:
+            return
+        from tqdm.auto import tqdm
+
+        counts: dict[str, int] = {}
+        for node in {n.key: n for n in plan.nodes}.values():
+            counts[node.stage] = counts.get(node.stage, 0) + 1
+        for pos, (stage, total) in enumerate(counts.items()):
+            self.bars[stage] = tqdm(total=total, desc=f"{stage:<16}", position=pos, leave=True, unit="node",
+                                    dynamic_ncols=True)
+
+    def __call__(self, result: NodeResult) -> None:
+        bar = self.bars.get(result.node.stage)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str("cached" if result.hit else f"{result.seconds:.1f}s", refresh=True)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run(config: Config | str | Path | None = None, *, report: bool = True, print_summary: bool = False,
+        **overrides: Any) -> RunResult:
+    """Run (or fetch from the cache) every node of ``config`` and write ``<out>/run.json`` (and the report).
+
+    Keyword overrides: ``cache_dir``, ``out_dir``, ``scheduler``, ``workers``, ``device``, ``progress``.
+    """
+    cfg = resolve_config(config, **overrides)
+    started = time.time()
+    store = CacheStore(cfg.run.cache_dir, verify_checksums=cfg.execution.verify_checksums)
+    store.ensure_writable()
+    plan = build_plan(cfg)
+    ex = cfg.execution
+    want_gpu = ex.device in ("auto", "cuda") and _cuda_available()
+    client, cluster = connect(ex.scheduler, workers=ex.workers, threads_per_worker=ex.threads_per_worker,
+                              gpu=want_gpu)
+    try:
+        gpu_workers = _gpu_workers(client)
+        if ex.device == "cuda" and not want_gpu and gpu_workers == 0:
+            from ._errors import PipelineError
+
+            raise PipelineError("[execution].device = \"cuda\" but no CUDA device is visible here and no Dask worker "
+                                "advertises a GPU resource; use device = \"auto\" or \"cpu\", or start workers with "
+                                "--resources GPU=1")
+        resolved = "cuda" if (want_gpu or gpu_workers) and ex.device != "cpu" else "cpu"
+        execution = {"batch_size": ex.batch_size, "shard_size": ex.shard_size, "resolved_device": resolved,
+                     "gpu_resource": gpu_workers > 0 and resolved == "cuda",
+                     "torch_threads": ex.threads_per_worker if ex.scheduler != "sync" else ex.threads_per_worker}
+        link = getattr(client, "dashboard_link", None)
+        if link and print_summary:
+            print(f"Dask dashboard: {link}", file=sys.stderr)
+        progress = _Progress(plan, enabled=ex.progress and sys.stderr.isatty())
+        executor = Executor(store=store, client=client, dataset_spec=plan.dataset_spec, execution=execution,
+                            on_done=progress)
+        try:
+            results = executor.run(plan.nodes)
+        finally:
+            progress.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    out_dir = cfg.run.out_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds = time.time() - started
+    record = {
+        "name": cfg.run.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "seconds": seconds,
+        "config": cfg.to_dict(),
+        "dataset": {"spec": plan.dataset_spec, "digest": plan.dataset_digest},
+        "cache_dir": str(Path(cfg.run.cache_dir).resolve()),
+        "environment": environment_info(),
+        "execution": {"scheduler": ex.scheduler, "workers": ex.workers, "device": resolved},
+        "nodes": [
+            {"node": n.node_id, "stage": n.stage, "label": dict(n.label), "key": n.key,
+             "hit": results[n.key].hit, "seconds": round(results[n.key].seconds, 3),
+             "key_components": n.key_components()}
+            for n in plan.nodes
+        ],
+    }
+    write_bytes_atomic(json.dumps(record, indent=1, sort_keys=True, default=str).encode(), out_dir / "run.json")
+    store.record_run(record)
+    result = RunResult(plan=plan, results=results, out_dir=out_dir, seconds=seconds, record=record)
+    if report:
+        from ..reports import write_report
+
+        write_report(result)
+    return result
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@dataclass
+class NodeStatus:
+    node_id: str
+    stage: str
+    key: str
+    cached: bool
+    reason: str
+
+
+def _explain(components: Mapping[str, Any], previous: Mapping[str, Any] | None) -> str:
+    if previous is None:
+        return "never computed (no earlier run recorded this node)"
+    changes = []
+    if previous.get("stage_version") != components["stage_version"]:
+        changes.append(f"stage version {previous.get('stage_version')} → {components['stage_version']}")
+    if previous.get("cache_format_version") != components["cache_format_version"]:
+        changes.append("cache format version changed")
+    old_p, new_p = previous.get("params", {}), components["params"]
+    for k in sorted(set(old_p) | set(new_p)):
+        if old_p.get(k) != new_p.get(k):
+            changes.append(f"param {k}: {json.dumps(old_p.get(k))} → {json.dumps(new_p.get(k))}")
+    old_u, new_u = previous.get("upstream", {}), components["upstream"]
+    for k in sorted(set(old_u) | set(new_u)):
+        if old_u.get(k) != new_u.get(k):
+            changes.append(f"upstream {k} changed")
+    old_d, new_d = previous.get("digests", {}), components["digests"]
+    for k in sorted(set(old_d) | set(new_d)):
+        if old_d.get(k) != new_d.get(k):
+            changes.append(f"{k} digest changed")
+    if not changes:
+        return "same recipe as a recorded run, but the entry is missing or was quarantined"
+    return "; ".join(changes)
+
+
+def status(config: Config | str | Path | None = None, **overrides: Any) -> list[NodeStatus]:
+    """Each node: cached or not, and why not (which key component changed since the last recorded run)."""
+    cfg = resolve_config(config, **overrides)
+    store = CacheStore(cfg.run.cache_dir)
+    plan = build_plan(cfg)
+    previous: dict[str, Mapping[str, Any]] = {}
+    for record in store.run_records():  # oldest first: later runs overwrite
+        for node in record.get("nodes", []):
+            if "key_components" in node:
+                previous[node["node"]] = node["key_components"]
+    out = []
+    for node in plan.nodes:
+        entry = store.get(node.stage, node.key)
+        if entry is not None:
+            reason = "cached"
+            from ._stage import get_stage
+
+            src = type(get_stage(node.stage)).source_hash()
+            if entry.manifest.get("source_hash") and src and entry.manifest["source_hash"] != src:
+                reason = "cached (warning: the stage's source changed but its version was not bumped)"
+            out.append(NodeStatus(node.node_id, node.stage, node.key, True, reason))
+        else:
+            out.append(NodeStatus(node.node_id, node.stage, node.key, False,
+                                  _explain(node.key_components(), previous.get(node.node_id))))
+    return out

@@ -1,0 +1,363 @@
+"""Content-addressed cache of stage results: ``<cache>/<stage>/<key[:2]>/<key>/`` + ``manifest.json``.
+
+The constraint: runs take hours and die; two runs may race on one key; disks flip bytes. So an entry is
+published atomically — every file written and fsynced into a temp sibling, ``manifest.json`` (sizes,
+sha256, row counts) written last, then one ``rename`` into place — and an entry exists only if its
+manifest is present and valid. Every read checks file sizes against the manifest (sha256 too when asked);
+an entry that fails is moved to ``<cache>/_quarantine/`` and treated as missing, so it is recomputed.
+The first publisher of a key wins; a loser discards its copy (equal keys mean equivalent results).
+
+Shard-level work of a node is staged in ``<stage>/.staging-<key>/`` with the same write-then-rename rule,
+so a killed run resumes without recomputing finished shards.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._errors import CacheError, PipelineError
+
+__all__ = ["CacheStore", "Entry", "MANIFEST", "MANIFEST_SCHEMA"]
+
+log = logging.getLogger("repdissect.cache")
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+_QUARANTINE = "_quarantine"
+_RUNS = "_runs"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, **options: Any) -> None:
+    """Write ``table`` to ``path`` through a temp sibling + fsync + rename (never a partial file).
+
+    ``options`` go to ``pyarrow.parquet.write_table`` (default: zstd compression).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    options = {"compression": "zstd", **options}
+    try:
+        pq.write_table(table, tmp, **options)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A published, validated cache entry."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def parts(self, table: str) -> list[Path]:
+        """Parquet files of ``table`` in order (one file, or ``<table>/part-*.parquet``)."""
+        names = self.manifest["tables"].get(table)
+        if names is None:
+            raise CacheError(
+                f"cache entry {self.path} has no table {table!r}; it has {sorted(self.manifest['tables'])}"
+            )
+        return [self.path / name for name in names]
+
+    def table(self, table: str) -> pa.Table:
+        """The whole table (all parts concatenated). For small tables; stream big ones with :meth:`parts`."""
+        parts = [pq.read_table(p) for p in self.parts(table)]
+        if len(parts) == 1:
+            return parts[0]
+        return pa.concat_tables(parts)
+
+    def frame(self, table: str):
+        return self.table(table).to_pandas()
+
+    def file(self, name: str) -> Path:
+        """A non-table file of the entry (e.g. a checkpoint)."""
+        if name not in self.manifest["files"]:
+            raise CacheError(f"cache entry {self.path} has no file {name!r}")
+        return self.path / name
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return self.manifest.get("extras", {})
+
+
+class CacheStore:
+    """The cache directory. Thread- and process-safe by construction (atomic renames only)."""
+
+    def __init__(self, root: str | Path, *, verify_checksums: bool = False) -> None:
+        self.root = Path(root)
+        self.verify_checksums = verify_checksums
+
+    # -- layout ---------------------------------------------------------------------------------
+    def entry_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key[:2] / key
+
+    def staging_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / f".staging-{key}"
+
+    def ensure_writable(self) -> None:
+        """Fail early, with the fix, when the cache directory cannot be created or written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise PipelineError(
+                f"cache directory {str(self.root)!r} is not writable ({exc.strerror or exc}); "
+                "choose another with --cache DIR or [run].cache_dir, or fix its permissions"
+            ) from None
+
+    # -- reading --------------------------------------------------------------------------------
+    def get(self, stage: str, key: str, *, verify: bool | None = None) -> Entry | None:
+        """The valid entry for ``key``, or ``None``; an invalid entry is quarantined and reported."""
+        path = self.entry_path(stage, key)
+        if not path.exists():
+            return None
+        try:
+            return self._validate(path, key, self.verify_checksums if verify is None else verify)
+        except CacheError as exc:
+            self.quarantine(path, str(exc))
+            return None
+
+    def _validate(self, path: Path, key: str | None, verify: bool) -> Entry:
+        manifest_path = path / MANIFEST
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CacheError(f"{path}: manifest.json is missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CacheError(f"{path}: manifest.json is unreadable ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("manifest_schema") != MANIFEST_SCHEMA:
+            raise CacheError(f"{path}: manifest schema {manifest.get('manifest_schema') if isinstance(manifest, dict) else None!r} "
+                             f"is not {MANIFEST_SCHEMA}")
+        if key is not None and manifest.get("key") != key:
+            raise CacheError(f"{path}: manifest key {manifest.get('key')!r} does not match the directory")
+        for name, info in manifest.get("files", {}).items():
+            file = path / name
+            try:
+                size = file.stat().st_size
+            except FileNotFoundError:
+                raise CacheError(f"{path}: file {name} listed in the manifest is missing") from None
+            if size != info["bytes"]:
+                raise CacheError(f"{path}: file {name} has {size} bytes, the manifest says {info['bytes']} (truncated?)")
+            if verify and sha256_file(file) != info["sha256"]:
+                raise CacheError(f"{path}: file {name} does not match its sha256 in the manifest (corrupted)")
+        return Entry(path=path, manifest=manifest)
+
+    def quarantine(self, path: Path, reason: str) -> Path | None:
+        target = self.root / _QUARANTINE / f"{path.parent.parent.name}-{path.name}-{uuid.uuid4().hex[:8]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, target)
+        except OSError:
+            return None
+        (target / "QUARANTINE_REASON.txt").write_text(reason + "\n", encoding="utf-8")
+        log.warning("cache entry quarantined and will be recomputed: %s", reason)
+        return target
+
+    # -- writing --------------------------------------------------------------------------------
+    def publish(
+        self,
+        stage: str,
+        key: str,
+        tables: Mapping[str, pa.Table],
+        *,
+        staged: Mapping[str, list[Path]] | None = None,
+        files: Mapping[str, bytes] | None = None,
+        manifest: Mapping[str, Any],
+    ) -> Entry:
+        """Atomically publish an entry; if another process published ``key`` first, keep theirs.
+
+        Args:
+            tables: name → table, written as ``<name>.parquet``.
+            staged: name → already-written Parquet part files (moved in as ``<name>/part-NNNNN.parquet``).
+            files: extra files (name → bytes), e.g. a checkpoint.
+            manifest: stage-provided manifest fields (params, upstream keys, timings, …).
+        """
+        final = self.entry_path(stage, key)
+        existing = self.get(stage, key)
+        if existing is not None:
+            return existing
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{key[:16]}-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            table_files: dict[str, list[str]] = {}
+            file_info: dict[str, dict[str, Any]] = {}
+            for name, table in tables.items():
+                rel = f"{name}.parquet"
+                pq.write_table(table, tmp / rel, compression="zstd")
+                table_files[name] = [rel]
+                file_info[rel] = {"rows": table.num_rows}
+            for name, paths in (staged or {}).items():
+                (tmp / name).mkdir(parents=True, exist_ok=True)
+                rels = []
+                for i, src in enumerate(paths):
+                    rel = f"{name}/part-{i:05d}.parquet"
+                    shutil.copyfile(src, tmp / rel)
+                    rels.append(rel)
+                    file_info[rel] = {"rows": pq.ParquetFile(tmp / rel).metadata.num_rows}
+                table_files[name] = rels
+            for name, data in (files or {}).items():
+                (tmp / name).write_bytes(data)
+                file_info[name] = {}
+            for rel, info in file_info.items():
+                path = tmp / rel
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+                info["bytes"] = path.stat().st_size
+                info["sha256"] = sha256_file(path)
+            full = dict(manifest)
+            full.update({
+                "manifest_schema": MANIFEST_SCHEMA,
+                "stage": stage,
+                "key": key,
+                "tables": table_files,
+                "files": file_info,
+                "published_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            })
+            write_bytes_atomic(json.dumps(full, indent=1, sort_keys=True).encode("utf-8"), tmp / MANIFEST)
+            _fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # Lost the race (or a stale invalid dir is in the way): keep the winner if it is valid.
+                winner = self.get(stage, key)
+                if winner is not None:
+                    return winner
+                self.quarantine(final, "invalid entry in the way of a new publish")
+                os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        entry = self.get(stage, key, verify=False)
+        if entry is None:  # pragma: no cover - would mean the filesystem lies about rename
+            raise CacheError(f"published entry {final} failed validation right after publish")
+        return entry
+
+    def discard_staging(self, stage: str, key: str) -> None:
+        shutil.rmtree(self.staging_path(stage, key), ignore_errors=True)
+
+    # -- maintenance ----------------------------------------------------------------------------
+    def iter_entries(self) -> Iterator[tuple[str, str, Path]]:
+        """``(stage, key, path)`` for every entry directory (valid or not), skipping temp/staging dirs."""
+        if not self.root.is_dir():
+            return
+        for stage_dir in sorted(self.root.iterdir()):
+            if not stage_dir.is_dir() or stage_dir.name.startswith((".", "_")):
+                continue
+            for fan in sorted(stage_dir.iterdir()):
+                if not fan.is_dir() or fan.name.startswith("."):
+                    continue
+                for entry in sorted(fan.iterdir()):
+                    if entry.is_dir() and not entry.name.startswith("."):
+                        yield stage_dir.name, entry.name, entry
+
+    def verify(self) -> list[tuple[str, str, str | None]]:
+        """Re-check every entry with sha256. Returns ``(stage, key, problem or None)``; bad ones are quarantined."""
+        report = []
+        for stage, key, path in list(self.iter_entries()):
+            try:
+                self._validate(path, key, verify=True)
+                report.append((stage, key, None))
+            except CacheError as exc:
+                self.quarantine(path, str(exc))
+                report.append((stage, key, str(exc)))
+        return report
+
+    # -- run records (GC roots) -----------------------------------------------------------------
+    def record_run(self, record: Mapping[str, Any]) -> Path:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        path = self.root / _RUNS / f"{stamp}-{record.get('name', 'run')}.json"
+        write_bytes_atomic(json.dumps(record, indent=1, sort_keys=True, default=str).encode("utf-8"), path)
+        return path
+
+    def run_records(self) -> list[dict[str, Any]]:
+        records = []
+        runs = self.root / _RUNS
+        if runs.is_dir():
+            for path in sorted(runs.glob("*.json")):
+                try:
+                    records.append(json.loads(path.read_text(encoding="utf-8")))
+                except (OSError, json.JSONDecodeError):
+                    log.warning("ignoring unreadable run record %s", path)
+        return records
+
+    def clean(self, *, max_temp_age_s: float = 3600.0, dry_run: bool = False) -> list[Path]:
+        """Remove entries no recorded run refers to, quarantine, and stale temp/staging dirs."""
+        referenced = {(n["stage"], n["key"]) for r in self.run_records() for n in r.get("nodes", [])}
+        removed: list[Path] = []
+        for stage, key, path in list(self.iter_entries()):
+            if (stage, key) not in referenced:
+                removed.append(path)
+        now = time.time()
+        if self.root.is_dir():
+            for stage_dir in self.root.iterdir():
+                if not stage_dir.is_dir() or stage_dir.name == _RUNS:
+                    continue
+                if stage_dir.name == _QUARANTINE:
+                    removed.extend(p for p in stage_dir.iterdir())
+                    continue
+                candidates = list(stage_dir.glob(".staging-*")) + list(stage_dir.glob("*/.tmp-*"))
+                for tmp in candidates:
+                    if now - tmp.stat().st_mtime > max_temp_age_s:
+                        removed.append(tmp)
+        if not dry_run:
+            for path in removed:
+                manifest = path / MANIFEST
+                manifest.unlink(missing_ok=True)  # manifest first: a half-deleted entry is never valid
+                shutil.rmtree(path, ignore_errors=True)
+        return removed

@@ -1,0 +1,292 @@
+"""Paper tables: one :class:`PaperTable` rendered as Markdown, LaTeX (booktabs) and CSV, plus seed aggregates.
+
+The constraint: a table is pasted into a paper or a notebook unchanged, and its cells come from data
+(dataset, concept, layer and model names) that may contain any character. So the three renderings share
+one cell model — text, numbers, or :class:`MeanStd` (``mean ± std (n)`` over seeds / seed pairs) — and
+every renderer escapes what its format treats as markup: LaTeX specials (``\\ _ % & # $ { } ~ ^ < >``),
+Markdown pipes and inline markup. CSV keeps numbers machine-readable: a ``MeanStd`` column becomes
+``<col>_mean``, ``<col>_std`` and ``<col>_n`` columns.
+
+Standard deviations are sample standard deviations (``ddof=1``) over independent runs; with one run the
+spread is unknown and is shown as ``mean (1)`` rather than a misleading ``± 0``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "MeanStd",
+    "PaperTable",
+    "mean_std",
+    "aggregate",
+    "latex_escape",
+    "markdown_escape",
+    "format_number",
+]
+
+
+@dataclass(frozen=True)
+class MeanStd:
+    """Mean, sample standard deviation and count of a quantity over runs (seeds or seed pairs).
+
+    ``std`` is NaN when ``n < 2`` and both are NaN when ``n == 0``; renderers show these as ``mean (1)``
+    and ``–``. ``digits`` is the number of decimals to print.
+    """
+
+    mean: float
+    std: float
+    n: int
+    digits: int = 3
+
+    def text(self, *, pm: str = "±") -> str:
+        if self.n == 0 or not math.isfinite(self.mean):
+            return "–"
+        mean = format_number(self.mean, self.digits)
+        if self.n < 2 or not math.isfinite(self.std):
+            return f"{mean} ({self.n})"
+        return f"{mean} {pm} {format_number(self.std, self.digits)} ({self.n})"
+
+
+def format_number(value: Any, digits: int = 3) -> str:
+    """Numbers for tables: integers without decimals, floats with ``digits`` decimals, NaN/None as ``–``."""
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(float(value)):
+            return "–"
+        return f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def mean_std(values: Iterable[float], digits: int = 3) -> MeanStd:
+    """Aggregate finite values into a :class:`MeanStd` (non-finite values are dropped, not propagated)."""
+    arr = np.asarray([float(v) for v in values if v is not None], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    n = int(arr.size)
+    if n == 0:
+        return MeanStd(math.nan, math.nan, 0, digits)
+    std = float(np.std(arr, ddof=1)) if n > 1 else math.nan
+    return MeanStd(float(np.mean(arr)), std, n, digits)
+
+
+def aggregate(frame: pd.DataFrame, by: str | Sequence[str], values: Sequence[str], *,
+              digits: int = 3) -> dict[Any, dict[str, MeanStd]]:
+    """Group ``frame`` by ``by`` and aggregate each column of ``values`` with :func:`mean_std`.
+
+    Args:
+        frame: one row per run (seed or seed pair) and group, e.g. one row per (instance, layer).
+        by: grouping column(s); keys of the result are scalars for one column, tuples for several.
+        values: numeric columns to aggregate.
+
+    Returns:
+        ``{group key: {column: MeanStd}}`` in order of first appearance of each group.
+    """
+    keys = [by] if isinstance(by, str) else list(by)
+    out: dict[Any, dict[str, MeanStd]] = {}
+    if frame.empty:
+        return out
+    for key, group in frame.groupby(keys, sort=False, dropna=False):
+        key = key[0] if isinstance(by, str) and isinstance(key, tuple) else key
+        out[key] = {col: mean_std(group[col].to_numpy(), digits) for col in values}
+    return out
+
+
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "_": r"\_",
+    "%": r"\%",
+    "&": r"\&",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    # Non-ASCII symbols our own captions use, so the file also compiles without a UTF-8 font setup.
+    "±": r"$\pm$",
+    "×": r"$\times$",
+    "≥": r"$\geq$",
+    "≤": r"$\leq$",
+    "→": r"$\rightarrow$",
+    "–": "--",
+    "—": "---",
+    "ρ": r"$\rho$",
+    "α": r"$\alpha$",
+}
+_LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIALS))
+
+
+def latex_escape(text: Any) -> str:
+    """Escape a string for LaTeX text mode (all ten specials, ``< >`` and a few Unicode symbols)."""
+    return _LATEX_RE.sub(lambda m: _LATEX_SPECIALS[m.group(0)], str(text).replace("\n", " "))
+
+
+_MARKDOWN_RE = re.compile(r"([\\|<>*_`\[\]])")
+
+
+def markdown_escape(text: Any) -> str:
+    """Escape a string for a Markdown pipe-table cell (pipes, inline markup and raw-HTML brackets)."""
+    return _MARKDOWN_RE.sub(r"\\\1", str(text).replace("\n", " ").replace("\r", " "))
+
+
+def _is_numeric(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating, MeanStd)) and not isinstance(value, bool)
+
+
+@dataclass
+class PaperTable:
+    """A table for a paper: title, column headers, rows of cells, caption and notes.
+
+    Cells are ``str``, numbers (``int``/``float``, NaN shown as ``–``), ``None`` (``–``) or :class:`MeanStd`.
+    ``name`` is the file stem (``<name>.md``, ``.tex``, ``.csv``) and the LaTeX label (``tab:<name>``);
+    ``rules_after`` lists row indexes after which LaTeX draws a ``\\midrule`` (e.g. between layers).
+    """
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    caption: str = ""
+    notes: list[str] = field(default_factory=list)
+    digits: int = 3
+    rules_after: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(f"PaperTable name {self.name!r} must be a plain file stem (letters, digits, _ . -)")
+        for i, row in enumerate(self.rows):
+            if len(row) != len(self.columns):
+                raise ValueError(f"table {self.name!r} row {i} has {len(row)} cells but {len(self.columns)} "
+                                 f"columns ({self.columns}); give one cell per column")
+
+    # -- cell text ------------------------------------------------------------------------------
+    def cell_text(self, value: Any, *, pm: str = "±") -> str:
+        """Plain text of one cell (used by Markdown, HTML and the console summary)."""
+        if isinstance(value, MeanStd):
+            return value.text(pm=pm)
+        return format_number(value, self.digits)
+
+    def numeric_columns(self) -> list[bool]:
+        """Whether each column holds numbers (right-aligned) — true when every non-empty cell is numeric."""
+        flags = []
+        for j in range(len(self.columns)):
+            cells = [row[j] for row in self.rows if row[j] is not None]
+            flags.append(bool(cells) and all(_is_numeric(c) for c in cells))
+        return flags
+
+    # -- renderers ------------------------------------------------------------------------------
+    def to_markdown(self) -> str:
+        numeric = self.numeric_columns()
+        lines = [f"### {markdown_escape(self.title)}", ""]
+        if self.caption:
+            lines += [markdown_escape(self.caption), ""]
+        lines.append("| " + " | ".join(markdown_escape(c) for c in self.columns) + " |")
+        lines.append("|" + "|".join("---:" if num else ":---" for num in numeric) + "|")
+        for row in self.rows:
+            lines.append("| " + " | ".join(markdown_escape(self.cell_text(v)) for v in row) + " |")
+        if not self.rows:
+            lines.append("| " + " | ".join("–" for _ in self.columns) + " |")
+        for note in self.notes:
+            lines += ["", f"Note: {markdown_escape(note)}"]
+        return "\n".join(lines) + "\n"
+
+    def to_latex(self) -> str:
+        numeric = self.numeric_columns()
+        spec = "".join("r" if num else "l" for num in numeric)
+        out = [
+            f"% {self.name}: requires \\usepackage{{booktabs}}",
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\small",
+            f"\\caption{{{latex_escape(self.title)}{'. ' + latex_escape(self.caption) if self.caption else ''}}}",
+            f"\\label{{tab:{self.name}}}",
+            f"\\begin{{tabular}}{{{spec}}}",
+            r"\toprule",
+            " & ".join(latex_escape(c) for c in self.columns) + r" \\",
+            r"\midrule",
+        ]
+        rules = set(self.rules_after)
+        for i, row in enumerate(self.rows):
+            cells = []
+            for v in row:
+                if isinstance(v, MeanStd):
+                    cells.append(latex_escape(v.text()))
+                else:
+                    cells.append(latex_escape(self.cell_text(v)))
+            out.append(" & ".join(cells) + r" \\")
+            if i in rules and i != len(self.rows) - 1:
+                out.append(r"\midrule")
+        out.append(r"\bottomrule")
+        out.append(r"\end{tabular}")
+        if self.notes:
+            out.append(r"\par\smallskip")
+            out.append(r"{\footnotesize " + " ".join(latex_escape(n) for n in self.notes) + "}")
+        out.append(r"\end{table}")
+        return "\n".join(out) + "\n"
+
+    def csv_columns(self) -> list[str]:
+        cols = []
+        for j, name in enumerate(self.columns):
+            if any(isinstance(row[j], MeanStd) for row in self.rows):
+                cols += [f"{name}_mean", f"{name}_std", f"{name}_n"]
+            else:
+                cols.append(name)
+        return cols
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table as numbers: ``MeanStd`` columns expanded into ``_mean``/``_std``/``_n`` columns."""
+        expand = [any(isinstance(row[j], MeanStd) for row in self.rows) for j in range(len(self.columns))]
+        records = []
+        for row in self.rows:
+            rec: list[Any] = []
+            for j, v in enumerate(row):
+                if expand[j]:
+                    if isinstance(v, MeanStd):
+                        rec += [v.mean, v.std, v.n]
+                    else:
+                        rec += [v if _is_numeric(v) else math.nan, math.nan, 0 if v is None else 1]
+                else:
+                    rec.append(v)
+            records.append(rec)
+        return pd.DataFrame(records, columns=self.csv_columns())
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        frame = self.to_frame()
+        # Full precision in CSV: it is the machine-readable copy; rounding is for the paper renderings.
+        frame.to_csv(buffer, index=False, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        return buffer.getvalue()
+
+    def write(self, directory: str | Path) -> dict[str, Path]:
+        """Write ``<name>.md``, ``<name>.tex`` and ``<name>.csv`` into ``directory``; returns the paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "md": directory / f"{self.name}.md",
+            "tex": directory / f"{self.name}.tex",
+            "csv": directory / f"{self.name}.csv",
+        }
+        paths["md"].write_text(self.to_markdown(), encoding="utf-8")
+        paths["tex"].write_text(self.to_latex(), encoding="utf-8")
+        paths["csv"].write_text(self.to_csv(), encoding="utf-8")
+        return paths
+
+    def records(self) -> list[Mapping[str, str]]:
+        """Rows as ``{column: display text}`` (for HTML and the console)."""
+        return [{c: self.cell_text(v) for c, v in zip(self.columns, row)} for row in self.rows]

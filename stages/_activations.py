@@ -1,0 +1,104 @@
+"""Storage format of extracted activations: one Parquet row per image, C×H×W values in a fixed-size list.
+
+The constraint: downstream stages (thresholds, IoU, moments, stability) stream over the same shards
+that extraction wrote, and must get a dense ``(N, C, H, W)`` numpy array back without a Python loop or a
+per-row copy. A ``fixed_size_list<float32|float16>[C·H·W]`` column is exactly one contiguous buffer, so
+``reshape`` on its child values is free. Shape and storage dtype live in the schema metadata.
+
+Columns: ``image`` (int64, the dataset index of the image) and ``activations``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "activations_table",
+    "activation_shape",
+    "table_to_arrays",
+    "read_activations",
+    "iter_activation_parts",
+]
+
+_SHAPE_KEY = b"repdissect.shape"
+_DTYPE_KEY = b"repdissect.dtype"
+_STORAGE = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+
+
+def activations_table(image_ids: np.ndarray, activations: np.ndarray, dtype: str = "float32") -> pa.Table:
+    """Build the activation table for one shard.
+
+    Args:
+        image_ids: ``(N,)`` integer dataset indexes.
+        activations: ``(N, C, H, W)`` (or ``(N, C)`` for fully-connected layers, stored as ``C×1×1``).
+        dtype: storage dtype, ``"float32"`` or ``"float16"``.
+    """
+    if dtype not in _STORAGE:
+        raise ValueError(f"activation storage dtype {dtype!r} is not supported; use one of {sorted(_STORAGE)}")
+    np_dtype, pa_type = _STORAGE[dtype]
+    acts = np.asarray(activations)
+    if acts.ndim == 2:
+        acts = acts[:, :, None, None]
+    if acts.ndim != 4:
+        raise ValueError(f"activations must be (N, C, H, W) or (N, C); got shape {acts.shape}")
+    ids = np.asarray(image_ids, dtype=np.int64)
+    if ids.shape != (acts.shape[0],):
+        raise ValueError(f"image_ids has shape {ids.shape} but activations hold {acts.shape[0]} images")
+    n, c, h, w = acts.shape
+    flat = np.ascontiguousarray(acts, dtype=np_dtype).reshape(-1)
+    values = pa.array(flat, type=pa_type)
+    column = pa.FixedSizeListArray.from_arrays(values, c * h * w)
+    schema = pa.schema(
+        [pa.field("image", pa.int64()), pa.field("activations", pa.list_(pa_type, c * h * w))],
+        metadata={_SHAPE_KEY: json.dumps([c, h, w]).encode(), _DTYPE_KEY: dtype.encode()},
+    )
+    return pa.Table.from_arrays([pa.array(ids), column], schema=schema)
+
+
+def activation_shape(schema: pa.Schema) -> tuple[int, int, int]:
+    """``(C, H, W)`` recorded in an activation table's schema."""
+    raw = (schema.metadata or {}).get(_SHAPE_KEY)
+    if raw is None:
+        raise ValueError("this Parquet table is not an activation table (no 'repdissect.shape' metadata)")
+    c, h, w = json.loads(raw)
+    return int(c), int(h), int(w)
+
+
+def table_to_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """``(image_ids (N,), activations (N, C, H, W))`` from an activation table, without per-row copies.
+
+    float16 storage is returned as float16; callers upcast where they accumulate.
+    """
+    c, h, w = activation_shape(table.schema)
+    ids = table.column("image").to_numpy()
+    column = table.column("activations").combine_chunks()
+    if len(column) == 0:
+        dtype = _STORAGE[(table.schema.metadata or {}).get(_DTYPE_KEY, b"float32").decode()][0]
+        return ids.astype(np.int64), np.zeros((0, c, h, w), dtype=dtype)
+    values = column.values.to_numpy(zero_copy_only=False)
+    # A sliced fixed-size list keeps an offset into its child buffer.
+    start = column.offset * c * h * w
+    values = values[start : start + len(column) * c * h * w]
+    return ids.astype(np.int64, copy=False), values.reshape(len(column), c, h, w)
+
+
+def read_activations(paths: Sequence[str | Path] | str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and concatenate activation parts (in the given order). Loads everything: for tests and small data."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    parts = [table_to_arrays(pq.read_table(p)) for p in paths]
+    if not parts:
+        raise ValueError("read_activations: no parts given")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def iter_activation_parts(paths: Iterable[str | Path]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(image_ids, activations)`` per part file: the streaming access path of downstream stages."""
+    for path in paths:
+        yield table_to_arrays(pq.read_table(path))

@@ -1,0 +1,354 @@
+"""Seeded, bit-reproducible training of a :class:`~repdissect.stages._models.ModelSpec` on a dataset's class labels.
+
+Public names: :class:`TrainConfig`, :func:`train_model`, :func:`state_dict_digest`, :func:`save_checkpoint`,
+:func:`load_checkpoint`, :func:`training_environment`.
+
+The constraint that shaped it: a trained checkpoint is a cache entry whose digest keys every downstream stage,
+and the convergent-learning comparison needs models that differ *only* by their seed. So training is a pure
+function of ``(spec, dataset, seed, config)``: the initial weights come from ``build_model(spec, seed=seed)``,
+the data order and augmentation from a numpy ``Generator`` seeded with ``(seed, purpose)``, dropout from a
+forked torch RNG seeded with the same seed, and ``torch.use_deterministic_algorithms(True)`` holds for the
+whole run (restored afterwards). On the CPU that gives bit-identical weights for a fixed torch thread count
+(checked for 1 and 2 threads); different thread counts may differ in the last bits, so pass ``num_threads``
+to pin it where workers differ. On CUDA the same recipe is used, but bit-identity also needs
+``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment before CUDA starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ._errors import StageInputError
+from ._models import ModelSpec, build_model, read_state_dict, unwrap
+
+__all__ = [
+    "TrainConfig",
+    "train_model",
+    "state_dict_digest",
+    "save_checkpoint",
+    "load_checkpoint",
+    "training_environment",
+    "HISTORY_COLUMNS",
+]
+
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+# Purposes for the per-seed numpy streams, so adding one never shifts another.
+_ORDER_STREAM, _AUGMENT_STREAM = 1, 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyperparameters (all of them change the result, so all of them belong in the cache key).
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: images per step.
+        lr: peak learning rate.
+        momentum: SGD momentum (Adam's beta1 when ``optimizer="adam"``).
+        weight_decay: L2 penalty on conv/linear weights (not on BatchNorm parameters or biases).
+        optimizer: ``"sgd"`` (Nesterov) or ``"adam"`` (AdamW).
+        schedule: ``"onecycle"`` (linear warm-up from lr/25 over the first quarter of the steps, then cosine
+            down to 0), ``"cosine"`` (cosine from lr to 0) or ``"constant"``; updated every step.
+        label_smoothing: cross-entropy label smoothing.
+        augment_flip: random horizontal flips.
+        augment_shift: random translation by up to this many pixels (zero padding), 0 to disable.
+        eval_batch_size: images per forward pass in validation.
+    """
+
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.05
+    augment_flip: bool = True
+    augment_shift: int = 4
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("epochs", self.epochs >= 1 if isinstance(self.epochs, int) else False, "an integer ≥ 1"),
+            ("batch_size", self.batch_size >= 2 if isinstance(self.batch_size, int) else False, "an integer ≥ 2"),
+            ("eval_batch_size", self.eval_batch_size >= 1 if isinstance(self.eval_batch_size, int) else False, "an integer ≥ 1"),
+            ("lr", self.lr > 0, "positive"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "≥ 0"),
+            ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
+            ("schedule", self.schedule in ("onecycle", "cosine", "constant"), "'onecycle', 'cosine' or 'constant'"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("augment_shift", isinstance(self.augment_shift, int) and self.augment_shift >= 0, "an integer ≥ 0"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise StageInputError(f"training setting {name} must be {want}; got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> TrainConfig:
+        """Build from a config table, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise StageInputError(f"unknown training setting(s) {unknown}; known settings: {sorted(known)}")
+        return cls(**dict(params))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def _canonical(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+
+
+def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the sorted tensor names with each tensor's dtype, shape and raw bytes (layout-independent)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{str(tensor.dtype)}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Save a plain ``name -> tensor`` dict (CPU, contiguous) with ``torch.save``; readable with ``weights_only``."""
+    path = Path(path)
+    torch.save(_canonical(state_dict), path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint written by :func:`save_checkpoint` (or any state dict file) with ``weights_only=True``."""
+    return read_state_dict(path)
+
+
+def training_environment() -> dict[str, Any]:
+    """What bit-reproducibility of training depends on, for the run manifest."""
+    return {
+        "torch": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@contextmanager
+def _deterministic(device: torch.device, seed: int, num_threads: int | None) -> Iterator[None]:
+    """Seeded, deterministic torch for the duration; every global setting is restored afterwards."""
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.get_num_threads(),
+    )
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+            if num_threads is not None:
+                torch.set_num_threads(num_threads)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
+        torch.set_num_threads(previous[4])
+
+
+def _labelled_split(dataset: Any, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(indices, images, labels)`` of a split, keeping only items with a class label."""
+    indices = np.asarray(dataset.split_indices(split), dtype=np.int64)
+    if indices.size == 0:
+        return indices, np.zeros((0, 3, *dataset.image_size), np.uint8), np.zeros(0, np.int64)
+    batch = dataset.load(indices)
+    if batch.class_label is None:
+        raise StageInputError(f"dataset {dataset.kind!r} has no class labels; training needs a dataset with classes")
+    labels = np.asarray(batch.class_label, dtype=np.int64)
+    bad = labels >= num_classes
+    if bad.any():
+        raise StageInputError(
+            f"dataset {dataset.kind!r} split {split!r}: class label {int(labels[bad][0])} is out of range for "
+            f"{num_classes} class names"
+        )
+    keep = labels >= 0
+    return indices[keep], np.ascontiguousarray(batch.images[keep]), labels[keep]
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _augment(images: torch.Tensor, rng: np.random.Generator, config: TrainConfig) -> torch.Tensor:
+    """Random flips and shifts of a uint8 batch, drawn from ``rng`` (deterministic, device independent)."""
+    n = images.shape[0]
+    if config.augment_flip:
+        flip = torch.from_numpy(rng.random(n) < 0.5).to(images.device)
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    s = config.augment_shift
+    if s:
+        h, w = images.shape[-2:]
+        padded = torch.nn.functional.pad(images, (s, s, s, s))
+        dy, dx = rng.integers(0, 2 * s + 1, size=(2, n))
+        rows = torch.arange(h, device=images.device).view(1, h) + torch.from_numpy(dy).to(images.device).view(n, 1)
+        cols = torch.arange(w, device=images.device).view(1, w) + torch.from_numpy(dx).to(images.device).view(n, 1)
+        batch_index = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+        channel_index = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
+        images = padded[batch_index, channel_index, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    return images
+
+
+def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device, batch_size: int) -> tuple[float, float]:
+    if len(labels) == 0:
+        return math.nan, math.nan
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(labels), batch_size):
+            x = torch.from_numpy(images[start : start + batch_size]).to(device)
+            y = torch.from_numpy(labels[start : start + batch_size]).to(device)
+            logits = model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    return loss_sum / len(labels), correct / len(labels)
+
+
+def _lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of ``config.lr`` at each step (a closed form, so any step count works, even 1)."""
+    if config.schedule == "constant":
+        return lambda _step: 1.0
+    warmup = max(1, round(0.25 * total_steps)) if config.schedule == "onecycle" else 0
+    start = 1.0 / 25.0  # one-cycle convention: warm up from lr / 25
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1.0 - start) * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_model(
+    spec: ModelSpec,
+    dataset: Any,
+    *,
+    seed: int,
+    config: TrainConfig | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[dict[str, float]], None] | None = None,
+    num_threads: int | None = None,
+) -> tuple[dict[str, torch.Tensor], pd.DataFrame]:
+    """Train ``spec`` from its seeded initialisation on the dataset's class labels.
+
+    The whole training and validation split (uint8) is held in memory: at the demo scale that is 50 MB.
+
+    Args:
+        spec: the model (``num_classes`` defaults to ``len(dataset.class_names)``; ``spec.weights``, if set,
+            is the starting point, i.e. fine-tuning).
+        dataset: a ``ConceptDataset`` with class labels; its ``"train"``/``"val"`` splits are used, items
+            labelled −1 are skipped.
+        seed: the seed of initialisation, data order, augmentation and dropout.
+        config: hyperparameters (``TrainConfig()`` when omitted).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …
+        progress: called after every epoch with that epoch's history row.
+        num_threads: torch intra-op threads during training (restored after); pin it for bit-identical
+            results across machines with different core counts.
+
+    Returns:
+        ``(state_dict, history)``: the trained network's plain CPU state dict (keys as in the unwrapped
+        network, loadable with ``build_model(spec, seed=…, state_dict=…)``) and a DataFrame with one row per
+        epoch and columns :data:`HISTORY_COLUMNS` (losses are mean cross-entropy without label smoothing for
+        validation; ``lr`` is the rate at the epoch's last step; ``seconds`` is that epoch's wall time).
+    """
+    config = config or TrainConfig()
+    device = torch.device(device)
+    num_classes = spec.num_classes or len(dataset.class_names)
+    if num_classes < 2:
+        raise StageInputError(
+            f"dataset {dataset.kind!r} has {len(dataset.class_names)} class names; training needs at least 2 classes"
+        )
+    _, train_images, train_labels = _labelled_split(dataset, "train", num_classes)
+    _, val_images, val_labels = _labelled_split(dataset, "val", num_classes)
+    if len(train_labels) < 2:
+        raise StageInputError(f"dataset {dataset.kind!r} has {len(train_labels)} labelled training images; need ≥ 2")
+
+    history: list[dict[str, float]] = []
+    with _deterministic(device, int(seed), num_threads):
+        model = build_model(spec, seed=seed, num_classes=num_classes).to(device)
+        order_rng = np.random.default_rng([int(seed), _ORDER_STREAM])
+        augment_rng = np.random.default_rng([int(seed), _AUGMENT_STREAM])
+        n = len(train_labels)
+        steps_per_epoch = n // config.batch_size + (1 if n % config.batch_size >= 2 else 0)
+        groups = _param_groups(model, config.weight_decay)
+        if config.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, config.epochs * steps_per_epoch))
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        images_all = torch.from_numpy(train_images)
+        labels_all = torch.from_numpy(train_labels)
+        for epoch in range(1, config.epochs + 1):
+            start = time.perf_counter()
+            model.train()
+            order = order_rng.permutation(n)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for step in range(steps_per_epoch):
+                # Sorted batch members keep gathering cache-friendly; the set, not the order, is random.
+                members = torch.from_numpy(np.sort(order[step * config.batch_size : (step + 1) * config.batch_size]))
+                x = _augment(images_all[members].to(device), augment_rng, config)
+                y = labels_all[members].to(device)
+                logits = model(x)
+                loss = criterion(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += float(loss.detach()) * len(members)
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += len(members)
+            val_loss, val_acc = _evaluate(model, val_images, val_labels, device, config.eval_batch_size)
+            row = {
+                "epoch": epoch,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "seconds": time.perf_counter() - start,
+            }
+            history.append(row)
+            if progress is not None:
+                progress(dict(row))
+    model.eval()
+    state = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in unwrap(model).state_dict().items()}
+    frame = pd.DataFrame(history, columns=list(HISTORY_COLUMNS)).astype({"epoch": "int64"})
+    return state, frame

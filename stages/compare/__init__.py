@@ -1,0 +1,85 @@
+"""Comparing the representations of two nets (Li et al. 2016; SVCCA, PWCCA, CKA), all from streamed moments.
+
+Every metric is a function of one mergeable statistic per (model pair, layer pair): :class:`JointMoments`
+(n, means and the full centred co-moment matrix of both nets' channels, float64). Memory is O((Ca + Cb)²),
+independent of the number of images. The pipeline stage accumulates one statistic per split (train, held-out)
+and calls :func:`compare_moments`; :func:`compare_arrays` does the same for two in-memory arrays (the
+``repdissect compare`` command). The ``*_arrays`` functions are independent in-memory implementations on
+(samples × units) arrays, used as test references and benchmark baselines.
+"""
+
+from ._arrays import (
+    cca_arrays,
+    correlation_arrays,
+    linear_cka_arrays,
+    linear_cka_gram,
+    pwcca_arrays,
+    svcca_arrays,
+)
+from ._cca import (
+    CanonicalCorrelations,
+    PWCCAResult,
+    cca_from_covariance,
+    cka_matrix,
+    linear_cka_from_covariance,
+    pwcca_from_covariance,
+    svcca_dims,
+    svcca_from_covariance,
+)
+from ._compare import DEFAULT_THRESHOLDS, METRICS, compare_arrays, compare_moments
+from ._correlation import correlation_from_covariance, dead_units, within_net_max_correlation
+from ._matching import Matching, bottleneck_matching, hungarian_matching, matched_counts, semi_matching
+from ._moments import JointMoments, MultiMoments
+from ._regression import (
+    DEFAULT_ALPHAS,
+    LassoSolution,
+    RegressionResult,
+    lasso_gram,
+    least_squares_gram,
+    regression_from_moments,
+)
+from ._samples import samples_from_maps
+
+__all__ = [
+    # statistics and sample preparation
+    "JointMoments",
+    "MultiMoments",
+    "samples_from_maps",
+    # one call per layer pair
+    "compare_moments",
+    "compare_arrays",
+    "METRICS",
+    "DEFAULT_ALPHAS",
+    "DEFAULT_THRESHOLDS",
+    # correlation and matching
+    "dead_units",
+    "correlation_from_covariance",
+    "within_net_max_correlation",
+    "Matching",
+    "semi_matching",
+    "hungarian_matching",
+    "matched_counts",
+    "bottleneck_matching",
+    # regression
+    "LassoSolution",
+    "RegressionResult",
+    "lasso_gram",
+    "least_squares_gram",
+    "regression_from_moments",
+    # CCA family and CKA from moments
+    "CanonicalCorrelations",
+    "PWCCAResult",
+    "cca_from_covariance",
+    "svcca_from_covariance",
+    "svcca_dims",
+    "pwcca_from_covariance",
+    "linear_cka_from_covariance",
+    "cka_matrix",
+    # in-memory references on (samples × units) arrays
+    "correlation_arrays",
+    "cca_arrays",
+    "svcca_arrays",
+    "pwcca_arrays",
+    "linear_cka_arrays",
+    "linear_cka_gram",
+]

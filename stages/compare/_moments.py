@@ -1,0 +1,296 @@
+"""Mergeable first and second moments of several blocks of channels: the one statistic every comparison needs.
+
+Every comparison metric here (correlation, matching, regression, CCA, SVCCA, PWCCA, CKA) is a function of the
+sample count, the channel means and the centred co-moment matrix of the concatenated channels. So a shard of
+samples is reduced to exactly that — ``n``, ``mean`` (D,) and ``M2 = Σ (x − mean)(x − mean)ᵀ`` (D×D) in float64
+with D the total channel count — and shards are combined with Chan et al.'s pairwise rule
+(Chan, Golub & LeVeque 1979, "Updating formulae and a pairwise algorithm for computing sample variances"):
+
+    n = nₐ + n_b,   δ = mean_b − meanₐ,   mean = meanₐ + δ·n_b/n,   M2 = M2ₐ + M2_b + δδᵀ·nₐn_b/n.
+
+Each batch is centred on its own mean before its outer product is taken, so large offsets (ReLU maps with mean
+≫ standard deviation) do not cancel catastrophically as they would in a raw ``Σxxᵀ − n·μμᵀ``. Memory is O(D²)
+whatever the number of samples.
+
+* :class:`MultiMoments` — any number of named channel blocks (e.g. the pooled channels of every layer of two
+  models, for the layer × layer CKA matrix).
+* :class:`JointMoments` — the two-block case (net A's layer, net B's layer) with ``cov_aa``/``cov_ab``/``cov_bb``.
+  A single-net statistic is ``JointMoments(c, 0)``.
+
+Batches may be numpy arrays or torch tensors (any device); the co-moment is formed on the tensor's device in
+float64 and only the (D,)/(D×D) results come back to the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .._errors import StageInputError
+from .._streaming import StreamingStatistic, pack_arrays, unpack_arrays
+
+__all__ = ["MultiMoments", "JointMoments"]
+
+
+def _is_tensor(x: Any) -> bool:
+    # Checked by module name so numpy-only callers never pay for importing torch.
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _batch_moments(x: Any) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n, mean (D,), centred co-moment (D, D))`` of one (n, D) batch, in float64."""
+    if _is_tensor(x):
+        mean = x.mean(dim=0)
+        centred = x - mean
+        return int(x.shape[0]), mean.cpu().numpy(), (centred.T @ centred).cpu().numpy()
+    mean = x.mean(axis=0)
+    centred = x - mean
+    # ``centred.T @ centred`` on the same buffer lets numpy call BLAS syrk (half the flops of a general GEMM).
+    return int(x.shape[0]), mean, centred.T @ centred
+
+
+def _all_finite(x: Any) -> bool:
+    if _is_tensor(x):
+        import torch
+
+        return bool(torch.isfinite(x).all())
+    return bool(np.isfinite(x).all())
+
+
+def _concat_float64(blocks: Sequence[Any]) -> Any:
+    """Concatenate blocks along channels as float64, on the first tensor's device if any block is a tensor."""
+    tensors = [b for b in blocks if _is_tensor(b)]
+    if tensors:
+        import torch
+
+        device = tensors[0].device
+        return torch.cat([torch.as_tensor(b, dtype=torch.float64, device=device) for b in blocks], dim=1)
+    return np.concatenate([np.asarray(b, dtype=np.float64) for b in blocks], axis=1)
+
+
+class MultiMoments(StreamingStatistic):
+    """Joint moments of several channel blocks sampled together (same rows = same samples).
+
+    Args:
+        sizes: channel count of each block, e.g. ``[96, 256, 384]`` for three layers.
+        names: one unique name per block (defaults to ``"0", "1", …``).
+
+    State: ``n`` (int), ``mean`` (D,), ``m2`` (D, D) float64 with D = Σ sizes.
+    """
+
+    _KIND = "MultiMoments"
+
+    def __init__(self, sizes: Sequence[int], names: Sequence[str] | None = None) -> None:
+        sizes = [int(s) for s in sizes]
+        if not sizes or any(s < 0 for s in sizes):
+            raise StageInputError(f"block sizes must be a non-empty list of channel counts ≥ 0; got {sizes}")
+        names = [str(i) for i in range(len(sizes))] if names is None else [str(n) for n in names]
+        if len(names) != len(sizes) or len(set(names)) != len(names):
+            raise StageInputError(
+                f"need one unique name per block; got names {names} for {len(sizes)} blocks of sizes {sizes}"
+            )
+        self.sizes: list[int] = sizes
+        self.names: list[str] = names
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self._slices = {name: slice(int(offsets[i]), int(offsets[i + 1])) for i, name in enumerate(names)}
+        dim = int(offsets[-1])
+        self._n = 0
+        self._mean = np.zeros(dim, dtype=np.float64)
+        self._m2 = np.zeros((dim, dim), dtype=np.float64)
+
+    # ----------------------------------------------------------------- accumulation
+    @property
+    def dim(self) -> int:
+        """Total channel count D."""
+        return self._mean.shape[0]
+
+    def update(self, *blocks: Any) -> None:
+        """Fold one batch in: ``blocks[i]`` is an (n, sizes[i]) array or tensor, all with the same n rows."""
+        if len(blocks) != len(self.sizes):
+            raise StageInputError(f"update got {len(blocks)} blocks but this statistic has {len(self.sizes)} ({self.names})")
+        rows = None
+        for name, size, block in zip(self.names, self.sizes, blocks):
+            shape = tuple(block.shape)
+            if len(shape) != 2 or shape[1] != size:
+                raise StageInputError(
+                    f"block {name!r} must be a (samples, {size}) matrix; got shape {shape}. "
+                    "Flatten maps to samples first (samples_from_maps)"
+                )
+            if rows is None:
+                rows = shape[0]
+            elif shape[0] != rows:
+                raise StageInputError(
+                    f"all blocks of one batch must hold the same samples; got row counts "
+                    f"{[tuple(b.shape)[0] for b in blocks]} for blocks {self.names}"
+                )
+            if not _all_finite(block):
+                raise StageInputError(
+                    f"block {name!r} contains NaN or inf values; clean or drop those samples before accumulating"
+                )
+        if not rows:
+            return
+        n_b, mean_b, m2_b = _batch_moments(_concat_float64(blocks))
+        self._combine(n_b, mean_b, m2_b)
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        if n_b == 0:
+            return
+        if self._n == 0:
+            self._n, self._mean, self._m2 = n_b, mean_b.copy(), m2_b.copy()
+            return
+        n_a = self._n
+        n = n_a + n_b
+        delta = mean_b - self._mean
+        self._mean = self._mean + delta * (n_b / n)
+        self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        self._n = n
+
+    def merge(self, other: Self) -> Self:
+        """Fold another shard's moments into this one (Chan's pairwise rule); returns ``self``."""
+        if type(other) is not type(self) or other.sizes != self.sizes or other.names != self.names:
+            raise StageInputError(
+                f"cannot merge {type(other).__name__}(sizes={other.sizes}, names={other.names}) into "
+                f"{type(self).__name__}(sizes={self.sizes}, names={self.names}); both must describe the same blocks"
+            )
+        self._combine(other._n, other._mean, other._m2)
+        return self
+
+    def copy(self) -> Self:
+        """An independent copy (merging into it leaves ``self`` unchanged)."""
+        clone = self.__class__.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)
+        clone._mean, clone._m2 = self._mean.copy(), self._m2.copy()
+        return clone
+
+    # ---------------------------------------------------------------- serialisation
+    def _attrs(self) -> dict[str, Any]:
+        return {"kind": self._KIND, "sizes": self.sizes, "names": self.names}
+
+    def to_table(self) -> pa.Table:
+        """One-row table: ``n`` int64 scalar, ``mean`` float64 (D,), ``m2`` float64 (D, D); sizes/names in attrs."""
+        return pack_arrays({"n": np.asarray(self._n, np.int64), "mean": self._mean, "m2": self._m2}, self._attrs())
+
+    @classmethod
+    def _from_attrs(cls, attrs: dict[str, Any]) -> Self:
+        return cls(attrs["sizes"], attrs["names"])
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> Self:
+        arrays, attrs = unpack_arrays(table)
+        if attrs.get("kind") != cls._KIND:
+            raise StageInputError(f"table holds a {attrs.get('kind')!r} statistic, not a {cls._KIND!r}")
+        stat = cls._from_attrs(attrs)
+        stat._n = int(arrays["n"])
+        stat._mean = arrays["mean"].astype(np.float64)
+        stat._m2 = arrays["m2"].astype(np.float64)
+        if stat._mean.shape != (stat.dim,) or stat._m2.shape != (stat.dim, stat.dim):
+            raise StageInputError(f"moment table is corrupt: mean {stat._mean.shape}, m2 {stat._m2.shape}, D={stat.dim}")
+        return stat
+
+    # -------------------------------------------------------------------- read-outs
+    @property
+    def n(self) -> int:
+        """Number of samples folded in."""
+        return self._n
+
+    @property
+    def mean(self) -> np.ndarray:
+        """(D,) channel means."""
+        return self._mean.copy()
+
+    @property
+    def comoment(self) -> np.ndarray:
+        """(D, D) centred co-moment ``Σ (x − mean)(x − mean)ᵀ`` (a view: do not modify)."""
+        return self._m2
+
+    def covariance(self, ddof: int = 1) -> np.ndarray:
+        """(D, D) covariance ``M2 / (n − ddof)``."""
+        if self._n - ddof <= 0:
+            raise StageInputError(
+                f"covariance with ddof={ddof} needs more than {ddof} samples; this statistic holds n={self._n}. "
+                "Accumulate more samples"
+            )
+        return self._m2 / (self._n - ddof)
+
+    def variance(self, ddof: int = 1) -> np.ndarray:
+        """(D,) channel variances (never negative)."""
+        if self._n - ddof <= 0:
+            raise StageInputError(f"variance with ddof={ddof} needs more than {ddof} samples; n={self._n}")
+        return np.maximum(np.diag(self._m2), 0.0) / (self._n - ddof)
+
+    def correlation(self, dead_tol: float = 1e-10) -> np.ndarray:
+        """(D, D) Pearson correlation; rows/columns of dead units are 0 (see :func:`dead_units`)."""
+        from ._correlation import correlation_from_covariance
+
+        return correlation_from_covariance(self.covariance(ddof=0), self._mean, dead_tol=dead_tol)
+
+    def slice(self, name: str) -> slice:
+        """Index range of block ``name`` in the concatenated channels."""
+        if name not in self._slices:
+            raise StageInputError(f"unknown block {name!r}; blocks are {self.names}")
+        return self._slices[name]
+
+    def block(self, row: str, col: str, ddof: int = 1) -> np.ndarray:
+        """Covariance block between blocks ``row`` and ``col``: (sizes[row], sizes[col])."""
+        if self._n - ddof <= 0:
+            raise StageInputError(f"covariance with ddof={ddof} needs more than {ddof} samples; n={self._n}")
+        return self._m2[self.slice(row), self.slice(col)] / (self._n - ddof)
+
+    def block_mean(self, name: str) -> np.ndarray:
+        """Means of block ``name``."""
+        return self._mean[self.slice(name)].copy()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sizes={self.sizes}, names={self.names}, n={self._n})"
+
+
+class JointMoments(MultiMoments):
+    """Joint moments of net A's channels (Ca) and net B's channels (Cb): the per-(pair, layer) statistic.
+
+    ``update(a, b)`` with a (n, Ca) and b (n, Cb) sample matrices (same rows = same image/position).
+    """
+
+    _KIND = "JointMoments"
+
+    def __init__(self, ca: int, cb: int) -> None:
+        super().__init__([ca, cb], ["a", "b"])
+
+    @classmethod
+    def _from_attrs(cls, attrs: dict[str, Any]) -> Self:
+        ca, cb = attrs["sizes"]
+        return cls(ca, cb)
+
+    def update(self, a: Any, b: Any) -> None:  # type: ignore[override]
+        """Fold in one batch: a (n, Ca), b (n, Cb), float32/float64 numpy arrays or torch tensors."""
+        super().update(a, b)
+
+    @property
+    def ca(self) -> int:
+        return self.sizes[0]
+
+    @property
+    def cb(self) -> int:
+        return self.sizes[1]
+
+    def cov_aa(self, ddof: int = 1) -> np.ndarray:
+        """(Ca, Ca) within-A covariance."""
+        return self.block("a", "a", ddof)
+
+    def cov_ab(self, ddof: int = 1) -> np.ndarray:
+        """(Ca, Cb) between-net covariance."""
+        return self.block("a", "b", ddof)
+
+    def cov_bb(self, ddof: int = 1) -> np.ndarray:
+        """(Cb, Cb) within-B covariance."""
+        return self.block("b", "b", ddof)
+
+    def swapped(self) -> "JointMoments":
+        """The same moments with the roles of A and B exchanged (for B-from-A regression)."""
+        out = JointMoments(self.cb, self.ca)
+        order = np.r_[np.arange(self.ca, self.ca + self.cb), np.arange(self.ca)]
+        out._n = self._n
+        out._mean = self._mean[order]
+        out._m2 = self._m2[np.ix_(order, order)]
+        return out
