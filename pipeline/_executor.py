@@ -13,6 +13,7 @@ waits forever for a resource nobody has.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -38,27 +39,23 @@ __all__ = ["Executor", "NodeResult", "environment_info", "connect"]
 log = logging.getLogger("repdissect.executor")
 
 
+@functools.lru_cache(maxsize=1)
 def environment_info() -> dict[str, Any]:
-    """Library versions and host facts recorded in manifests and run records."""
+    """Library versions and host facts recorded in manifests and run records (cheap: no heavy imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname()}
-    for mod in ("repdissect", "torch", "torchvision", "numpy", "scipy", "pandas", "pyarrow", "dask", "distributed"):
+    for dist in ("repdissect", "torch", "torchvision", "numpy", "scipy", "pandas", "pyarrow", "dask", "distributed"):
         try:
-            if mod == "repdissect":
-                from importlib.metadata import version
-
-                info[mod] = version("repdissect")
-            else:
-                info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional library is just not recorded
-            info[mod] = None
-    try:
-        import torch
-
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = None
+    torch = sys.modules.get("torch")  # only report CUDA/determinism facts if torch is already loaded
+    if torch is not None:
         info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
         info["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
-    except Exception:  # noqa: BLE001
-        pass
-    return info
+        info["torch_threads"] = torch.get_num_threads()
+    return dict(info)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,28 @@
+"""Paper tables, figures and the HTML report of a run, read from the cache (nothing is recomputed).
+
+Public API::
+
+    from repdissect.reports import write_report, summary_text, report_from_cache
+    index = write_report(result)          # <out>/tables/*.{md,tex,csv}, <out>/figures/*.png, <out>/index.html
+    print(summary_text(result))           # compact per-layer headline numbers
+    result = report_from_cache("configs/demo.toml")   # regenerate from the cache alone
+
+Building blocks: :class:`PaperTable` (Markdown / LaTeX booktabs / CSV), :func:`mean_std` and
+:func:`aggregate` (``mean ± std (n)`` over seeds), the matplotlib helpers in ``_figures`` and the
+escaping HTML builders in ``_html``.
+"""
+
+from ._report import report_from_cache, summary_text, write_report
+from ._tables import MeanStd, PaperTable, aggregate, latex_escape, markdown_escape, mean_std
+
+__all__ = [
+    "write_report",
+    "summary_text",
+    "report_from_cache",
+    "PaperTable",
+    "MeanStd",
+    "mean_std",
+    "aggregate",
+    "latex_escape",
+    "markdown_escape",
+]

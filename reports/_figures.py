@@ -82,7 +82,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with plt.rc_context(STYLE):
-        fig.savefig(path, dpi=DPI, format="png", metadata={"Software": None})
+        fig.savefig(path, dpi=DPI, format="png", metadata={"Software": None}, pil_kwargs={"compress_level": 4})
     plt.close(fig)
     return path
 
@@ -102,8 +102,7 @@ def heatmap(ax: Axes, matrix: np.ndarray, *, xlabels: Sequence[str] | None = Non
     (for small matrices such as layer × layer CKA). NaN cells are drawn light grey.
     """
     data = np.ma.masked_invalid(np.asarray(matrix, dtype=float))
-    colormap = matplotlib.colormaps[cmap].copy()
-    colormap.set_bad("#dddddd")
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="#dddddd")
     image = ax.imshow(data, cmap=colormap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     cbar = ax.figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     if colorbar_label:
@@ -152,15 +151,18 @@ def stacked_bars(ax: Axes, groups: Sequence[str], stacks: Sequence[str], means: 
         ax.bar(x, means[:, s], bottom=bottom, width=0.65, label=str(name), color=colors[s % len(colors)],
                edgecolor="white", linewidth=0.5)
         bottom += means[:, s]
+    top = float(bottom.max()) if len(bottom) else 0.0
     if total_std is not None:
         err = np.asarray(total_std, dtype=float)
         ok = np.isfinite(err)
         if ok.any():
             ax.errorbar(x[ok], bottom[ok], yerr=err[ok], fmt="none", ecolor="black", elinewidth=0.8, capsize=2.5)
+            top = max(top, float((bottom[ok] + err[ok]).max()))
     ax.set_xticks(x, [_short(g) for g in groups])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.set_ylim(bottom=0)
+    # Shared y axes keep the largest limit, so every panel's error bars stay inside.
+    ax.set_ylim(0, max(top * 1.08, ax.get_ylim()[1], 1.0))
     if legend and len(stacks):
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
@@ -224,7 +226,7 @@ def grouped_bars(ax: Axes, groups: Sequence[str], series: Sequence[str], means: 
     if ylim is not None:
         ax.set_ylim(*ylim)
     if legend and len(series) > 1:
-        ax.legend(frameon=False, ncols=min(len(series), 3), loc="upper left", bbox_to_anchor=(0.0, 1.0))
+        ax.legend(frameon=False, ncols=min(len(series), 3), loc="lower center", bbox_to_anchor=(0.5, 1.0))
 
 
 def mask_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
@@ -278,6 +280,8 @@ def exemplar_grid(images: Sequence[Sequence[np.ndarray]], masks: Sequence[Sequen
                     shown = np.where(mask[..., None], shown, shown * dim)
                 ax.imshow(shown, interpolation="bilinear")
                 if mask.any() and not mask.all():
+                    # A dark halo under the bright line keeps the outline visible on light and dark images.
+                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=["black"], linewidths=2.0)
                     ax.contour(mask.astype(np.float32), levels=[0.5], colors=[outline_color], linewidths=1.0)
                 if col_labels is not None and c < len(col_labels[r]):
                     ax.set_title(col_labels[r][c], fontsize=6, pad=1.5)
@@ -316,7 +320,11 @@ def exemplar_strip(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *,
         pixels = np.asarray(tile, dtype=np.float32)
         if region.any() and dim < 1:
             pixels = np.where(region[..., None], pixels, pixels * dim)
-        edge = mask_outline(region, width=max(1, cell // 48))
+        width = max(1, cell // 48)
+        edge = mask_outline(region, width=width)
+        # Dark ring just outside the bright edge, for contrast on light images.
+        halo = ndimage.binary_dilation(region, iterations=width) & ~region
+        pixels[halo] = (0, 0, 0)
         pixels[edge] = outline
         strip.paste(Image.fromarray(pixels.astype(np.uint8)), (i * (cell + gap), 0))
     return strip

@@ -10,6 +10,7 @@ from the network, every link is a relative, percent-encoded path, and every stri
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Mapping, Sequence
@@ -40,7 +41,7 @@ p.caption, p.note { color: var(--muted); font-size: 13.5px; margin: 4px 0 10px; 
 table.paper { border-collapse: collapse; font-size: 13.5px; margin: 6px 0 4px; }
 table.paper caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom: 4px; }
 table.paper thead th { border-top: 2px solid var(--fg); border-bottom: 1px solid var(--fg); padding: 4px 10px;
-                       text-align: left; white-space: nowrap; }
+                       text-align: left; vertical-align: bottom; max-width: 11em; }
 table.paper tbody td { padding: 3px 10px; white-space: nowrap; }
 table.paper tbody tr:last-child td { border-bottom: 2px solid var(--fg); }
 table.paper tr.rule td { border-bottom: 1px solid var(--line); }
@@ -67,8 +68,9 @@ def esc(text: Any) -> str:
 
 def link(path: str | PurePosixPath) -> str:
     """A relative link target: POSIX path, percent-encoded, then HTML-escaped for an attribute."""
-    posix = str(PurePosixPath(str(path).replace("\\", "/")))
-    if posix.startswith("/") or "://" in posix:
+    raw = str(path).replace("\\", "/")
+    posix = str(PurePosixPath(raw))
+    if posix.startswith("/") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", raw):
         raise ValueError(f"report links must be relative paths inside the output folder, got {path!r}")
     return esc(quote(posix, safe="/._-~"))
 

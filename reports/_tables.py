@@ -48,13 +48,14 @@ class MeanStd:
     n: int
     digits: int = 3
 
-    def text(self, *, pm: str = "±") -> str:
+    def text(self, *, pm: str = "±", show_n: bool = True) -> str:
         if self.n == 0 or not math.isfinite(self.mean):
             return "–"
         mean = format_number(self.mean, self.digits)
+        count = f" ({self.n})" if show_n or self.n < 2 else ""
         if self.n < 2 or not math.isfinite(self.std):
-            return f"{mean} ({self.n})"
-        return f"{mean} {pm} {format_number(self.std, self.digits)} ({self.n})"
+            return f"{mean}{count}"
+        return f"{mean} {pm} {format_number(self.std, self.digits)}{count}"
 
 
 def format_number(value: Any, digits: int = 3) -> str:
@@ -206,14 +207,29 @@ class PaperTable:
             lines += ["", f"Note: {markdown_escape(note)}"]
         return "\n".join(lines) + "\n"
 
+    def uniform_count(self) -> int | None:
+        """The count shared by every :class:`MeanStd` cell with a spread (n ≥ 2), or ``None``."""
+        counts = {v.n for row in self.rows for v in row if isinstance(v, MeanStd) and v.n >= 2}
+        return counts.pop() if len(counts) == 1 else None
+
     def to_latex(self) -> str:
+        """LaTeX booktabs table. Paper typography: when every mean ± std shares one count it is stated once
+        in a note instead of in every cell; tables with more than seven columns span both columns
+        (``table*``) in a smaller font."""
         numeric = self.numeric_columns()
         spec = "".join("r" if num else "l" for num in numeric)
+        wide = len(self.columns) > 7
+        env = "table*" if wide else "table"
+        shared_n = self.uniform_count()
         out = [
             f"% {self.name}: requires \\usepackage{{booktabs}}",
-            r"\begin{table}[t]",
+            f"\\begin{{{env}}}[t]",
             r"\centering",
-            r"\small",
+            r"\footnotesize" if wide else r"\small",
+        ]
+        if wide:
+            out.append(r"\setlength{\tabcolsep}{4pt}")
+        out += [
             f"\\caption{{{latex_escape(self.title)}{'. ' + latex_escape(self.caption) if self.caption else ''}}}",
             f"\\label{{tab:{self.name}}}",
             f"\\begin{{tabular}}{{{spec}}}",
@@ -226,7 +242,7 @@ class PaperTable:
             cells = []
             for v in row:
                 if isinstance(v, MeanStd):
-                    cells.append(latex_escape(v.text()))
+                    cells.append(latex_escape(v.text(show_n=shared_n is None)))
                 else:
                     cells.append(latex_escape(self.cell_text(v)))
             out.append(" & ".join(cells) + r" \\")
@@ -234,10 +250,13 @@ class PaperTable:
                 out.append(r"\midrule")
         out.append(r"\bottomrule")
         out.append(r"\end{tabular}")
-        if self.notes:
+        notes = list(self.notes)
+        if shared_n is not None:
+            notes.insert(0, f"Every mean ± std is over n = {shared_n}.")
+        if notes:
             out.append(r"\par\smallskip")
-            out.append(r"{\footnotesize " + " ".join(latex_escape(n) for n in self.notes) + "}")
-        out.append(r"\end{table}")
+            out.append(r"{\footnotesize " + " ".join(latex_escape(n) for n in notes) + "}")
+        out.append(f"\\end{{{env}}}")
         return "\n".join(out) + "\n"
 
     def csv_columns(self) -> list[str]:

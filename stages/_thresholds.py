@@ -266,6 +266,7 @@ class TopQuantile(StreamingStatistic):
     @classmethod
     def from_table(cls, table: pa.Table) -> Self:
         arrays, attrs = unpack_arrays(table)
+        arrays = {name: array.copy() for name, array in arrays.items()}  # unpacked arrays are read-only views
         if attrs.get("kind") != "TopQuantile":
             raise StageInputError(f"TopQuantile.from_table: table holds a {attrs.get('kind')!r} state")
         stat = cls(attrs["num_images"], attrs["quantile"], attrs["budget_bytes"])
@@ -327,6 +328,15 @@ def _digit_schedule(bits: int, num_targets: int, num_units: int, budget_bytes: i
     passes = math.ceil(bits / width)
     base, extra = divmod(bits, passes)
     return [base + 1] * extra + [base] * (passes - extra)
+
+
+def _add_counts(histogram: np.ndarray, keys: np.ndarray) -> None:
+    """``histogram[k] += #(keys == k)`` in place (1-D); sorts instead of scanning every bin when keys are few."""
+    if keys.size * 16 >= histogram.size:
+        histogram += np.bincount(keys, minlength=histogram.size)
+    else:
+        values, repeats = np.unique(keys, return_counts=True)
+        histogram[values] += repeats  # values are distinct
 
 
 class RadixQuantile(StreamingStatistic):
@@ -418,18 +428,15 @@ class RadixQuantile(StreamingStatistic):
             keys = _float_keys(values[start:stop])
             digits = ((keys >> digit_shift) & mask).astype(np.intp)
             digits += (np.arange(stop - start, dtype=np.intp) * 2**width)[:, None]
-            previous = None
             for t in range(self._prefix.shape[0]):
-                if t and np.array_equal(self._prefix[t, start:stop], self._prefix[t - 1, start:stop]):
-                    self._hist[t, start:stop] += previous  # both ranks still share the bucket
-                    continue
-                if resolved == 0:
-                    flat = digits.ravel()
-                else:
-                    prefix = self._prefix[t, start:stop].astype(uint)[:, None]
-                    flat = digits[(keys >> uint(self.bits - resolved)) == prefix]
-                previous = np.bincount(flat, minlength=(stop - start) * 2**width).reshape(stop - start, -1)
-                self._hist[t, start:stop] += previous
+                shared = t and np.array_equal(self._prefix[t, start:stop], self._prefix[t - 1, start:stop])
+                if not shared:  # else both ranks are still in the same bucket: same keys
+                    if resolved == 0:
+                        flat = digits.ravel()
+                    else:
+                        prefix = self._prefix[t, start:stop].astype(uint)[:, None]
+                        flat = digits[(keys >> uint(self.bits - resolved)) == prefix]
+                _add_counts(self._hist[t, start:stop].reshape(-1), flat)
 
     def merge(self, other: Self) -> Self:
         if (other.num_images, other.quantile) != (self.num_images, self.quantile):
@@ -446,7 +453,8 @@ class RadixQuantile(StreamingStatistic):
                 self._prefix, self._above = other._prefix.copy(), other._above.copy()
                 self._bucket, self._rank = other._bucket.copy(), other._rank.copy()
                 self._new_histogram()
-        self._layout.absorb(other._layout.num_units, other._layout.spatial, np.dtype(other._layout.dtype), "RadixQuantile")
+        layout = other._layout
+        self._layout.absorb(layout.num_units, layout.spatial, np.dtype(layout.dtype), "RadixQuantile")
         if other._pass != self._pass or not np.array_equal(other._prefix, self._prefix):
             raise StageInputError(
                 f"RadixQuantile.merge: states of different passes ({self._pass} and {other._pass}) or prefixes; "
@@ -499,13 +507,15 @@ class RadixQuantile(StreamingStatistic):
         arrays = {}
         if self._layout.known:
             arrays = {"prefix": self._prefix, "above": self._above, "bucket": self._bucket, "rank": self._rank}
-            if self._hist is not None:
-                arrays["hist"] = self._hist
+            if self._hist is not None:  # sparse: a shard fills few of the bins
+                nonzero = np.flatnonzero(self._hist)
+                arrays |= {"hist_bins": nonzero, "hist_counts": self._hist.reshape(-1)[nonzero]}
         return pack_arrays(arrays, attrs)
 
     @classmethod
     def from_table(cls, table: pa.Table) -> Self:
         arrays, attrs = unpack_arrays(table)
+        arrays = {name: array.copy() for name, array in arrays.items()}  # unpacked arrays are read-only views
         if attrs.get("kind") != "RadixQuantile":
             raise StageInputError(f"RadixQuantile.from_table: table holds a {attrs.get('kind')!r} state")
         stat = cls(attrs["num_images"], attrs["quantile"], attrs["budget_bytes"])
@@ -514,7 +524,9 @@ class RadixQuantile(StreamingStatistic):
         if stat._layout.known:
             stat._prefix, stat._above = arrays["prefix"], arrays["above"]
             stat._bucket, stat._rank = arrays["bucket"], arrays["rank"]
-            stat._hist = arrays.get("hist")
+            stat._new_histogram()
+            if stat._hist is not None:
+                stat._hist.reshape(-1)[arrays["hist_bins"]] = arrays["hist_counts"]
         return stat
 
     def result(self) -> pd.DataFrame:
@@ -550,7 +562,7 @@ def threshold_method(
     quantile: float = DEFAULT_QUANTILE,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
 ) -> Literal["topk", "radix"]:
-    """``"topk"`` when a :class:`TopQuantile` state for ``shape = (C, H, W)`` fits ``budget_bytes``, else ``"radix"``."""
+    """``"topk"`` when a :class:`TopQuantile` state for ``shape = (C, H, W)`` fits the budget, else ``"radix"``."""
     c, h, w = shape
     need = topk_state_bytes(_check_images(num_images), h * w, c, np.dtype(dtype).itemsize, _check_quantile(quantile))
     return "topk" if need <= budget_bytes else "radix"

@@ -19,6 +19,7 @@ from ._arrays import (
 from ._cca import (
     CanonicalCorrelations,
     PWCCAResult,
+    cca_family,
     cca_from_covariance,
     cka_matrix,
     linear_cka_from_covariance,
@@ -69,6 +70,7 @@ __all__ = [
     # CCA family and CKA from moments
     "CanonicalCorrelations",
     "PWCCAResult",
+    "cca_family",
     "cca_from_covariance",
     "svcca_from_covariance",
     "svcca_dims",

@@ -37,6 +37,7 @@ from ._moments import MultiMoments
 __all__ = [
     "CanonicalCorrelations",
     "PWCCAResult",
+    "cca_family",
     "cca_from_covariance",
     "svcca_from_covariance",
     "pwcca_from_covariance",
@@ -141,6 +142,68 @@ def _cca_on_bases(
     return np.clip(s[:k], 0.0, 1.0), white_a @ u[:, :k], white_b @ vt[:k].T
 
 
+@dataclass(frozen=True)
+class _Spectrum:
+    """Eigen-decomposition of one side's covariance, shared by CCA, SVCCA and PWCCA."""
+
+    cov: np.ndarray
+    values: np.ndarray  # descending, ≥ 0
+    vectors: np.ndarray  # columns match values
+    rank: int  # directions above the eps floor
+
+    @classmethod
+    def of(cls, cov: np.ndarray, eps: float) -> "_Spectrum":
+        values, vectors = _eigh_desc(cov)
+        return cls(cov, values, vectors, _nondegenerate(values, eps))
+
+
+def _cca(cov_ab: np.ndarray, side_a: _Spectrum, side_b: _Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ka, kb = side_a.rank, side_b.rank
+    return _cca_on_bases(cov_ab, side_a.vectors[:, :ka], side_a.values[:ka], side_b.vectors[:, :kb], side_b.values[:kb])
+
+
+def _svcca(cov_ab: np.ndarray, side_a: _Spectrum, side_b: _Spectrum, keep: float, convention: str) -> CanonicalCorrelations:
+    ma = min(svcca_dims(side_a.values, keep, convention), side_a.rank)
+    mb = min(svcca_dims(side_b.values, keep, convention), side_b.rank)
+    corrs, _, _ = _cca_on_bases(
+        cov_ab, side_a.vectors[:, :ma], side_a.values[:ma], side_b.vectors[:, :mb], side_b.values[:mb]
+    )
+    return CanonicalCorrelations(corrs, ma, mb)
+
+
+def _pwcca(cov_ab: np.ndarray, side_a: _Spectrum, side_b: _Spectrum) -> PWCCAResult:
+    corrs, weights_a, weights_b = _cca(cov_ab, side_a, side_b)
+    side = "a" if side_a.rank <= side_b.rank else "b"
+    # Covariance of canonical variate i (unit variance) with neuron j of the chosen side.
+    projections = side_a.cov @ weights_a if side == "a" else side_b.cov @ weights_b
+    alpha = np.abs(projections).sum(axis=0)
+    total = alpha.sum()
+    weights = alpha / total if total > 0 else np.zeros_like(alpha)
+    return PWCCAResult(float(weights @ corrs), corrs, weights, side)
+
+
+def cca_family(
+    cov_aa: np.ndarray,
+    cov_bb: np.ndarray,
+    cov_ab: np.ndarray,
+    *,
+    keep: float = 0.99,
+    convention: Literal["singular_values", "variance"] = "singular_values",
+    eps: float = 1e-10,
+) -> tuple[CanonicalCorrelations, CanonicalCorrelations, PWCCAResult]:
+    """CCA, SVCCA and PWCCA together, sharing one eigen-decomposition per side.
+
+    Returns:
+        ``(cca, svcca, pwcca)`` exactly as :func:`cca_from_covariance`, :func:`svcca_from_covariance` and
+        :func:`pwcca_from_covariance` return them.
+    """
+    cov_aa, cov_bb, cov_ab = _check_blocks(cov_aa, cov_bb, cov_ab)
+    side_a, side_b = _Spectrum.of(cov_aa, eps), _Spectrum.of(cov_bb, eps)
+    pw = _pwcca(cov_ab, side_a, side_b)
+    cca = CanonicalCorrelations(pw.corrs, side_a.rank, side_b.rank)
+    return cca, _svcca(cov_ab, side_a, side_b, keep, convention), pw
+
+
 def cca_from_covariance(
     cov_aa: np.ndarray, cov_bb: np.ndarray, cov_ab: np.ndarray, *, eps: float = 1e-10
 ) -> CanonicalCorrelations:
@@ -156,11 +219,9 @@ def cca_from_covariance(
         :class:`CanonicalCorrelations` over the non-degenerate directions of both sides.
     """
     cov_aa, cov_bb, cov_ab = _check_blocks(cov_aa, cov_bb, cov_ab)
-    values_a, vectors_a = _eigh_desc(cov_aa)
-    values_b, vectors_b = _eigh_desc(cov_bb)
-    ka, kb = _nondegenerate(values_a, eps), _nondegenerate(values_b, eps)
-    corrs, _, _ = _cca_on_bases(cov_ab, vectors_a[:, :ka], values_a[:ka], vectors_b[:, :kb], values_b[:kb])
-    return CanonicalCorrelations(corrs, ka, kb)
+    side_a, side_b = _Spectrum.of(cov_aa, eps), _Spectrum.of(cov_bb, eps)
+    corrs, _, _ = _cca(cov_ab, side_a, side_b)
+    return CanonicalCorrelations(corrs, side_a.rank, side_b.rank)
 
 
 def svcca_from_covariance(
@@ -184,12 +245,8 @@ def svcca_from_covariance(
         :class:`CanonicalCorrelations`; ``dims_a``/``dims_b`` are the kept directions, ``mean`` the SVCCA ρ̄.
     """
     cov_aa, cov_bb, cov_ab = _check_blocks(cov_aa, cov_bb, cov_ab)
-    values_a, vectors_a = _eigh_desc(cov_aa)
-    values_b, vectors_b = _eigh_desc(cov_bb)
-    ma = min(svcca_dims(values_a, keep, convention), _nondegenerate(values_a, eps))
-    mb = min(svcca_dims(values_b, keep, convention), _nondegenerate(values_b, eps))
-    corrs, _, _ = _cca_on_bases(cov_ab, vectors_a[:, :ma], values_a[:ma], vectors_b[:, :mb], values_b[:mb])
-    return CanonicalCorrelations(corrs, ma, mb)
+    svcca_dims(np.zeros(0), keep, convention)  # validates keep and convention even for empty inputs
+    return _svcca(cov_ab, _Spectrum.of(cov_aa, eps), _Spectrum.of(cov_bb, eps), keep, convention)
 
 
 def pwcca_from_covariance(
@@ -205,19 +262,7 @@ def pwcca_from_covariance(
         :class:`PWCCAResult`; weights come from the side with fewer non-degenerate directions (A on ties).
     """
     cov_aa, cov_bb, cov_ab = _check_blocks(cov_aa, cov_bb, cov_ab)
-    values_a, vectors_a = _eigh_desc(cov_aa)
-    values_b, vectors_b = _eigh_desc(cov_bb)
-    ka, kb = _nondegenerate(values_a, eps), _nondegenerate(values_b, eps)
-    corrs, weights_a, weights_b = _cca_on_bases(
-        cov_ab, vectors_a[:, :ka], values_a[:ka], vectors_b[:, :kb], values_b[:kb]
-    )
-    side = "a" if ka <= kb else "b"
-    # Covariance of canonical variate i (unit variance) with neuron j of the chosen side.
-    projections = cov_aa @ weights_a if side == "a" else cov_bb @ weights_b
-    alpha = np.abs(projections).sum(axis=0)
-    total = alpha.sum()
-    weights = alpha / total if total > 0 else np.zeros_like(alpha)
-    return PWCCAResult(float(weights @ corrs), corrs, weights, side)
+    return _pwcca(cov_ab, _Spectrum.of(cov_aa, eps), _Spectrum.of(cov_bb, eps))
 
 
 def linear_cka_from_covariance(cov_aa: np.ndarray, cov_bb: np.ndarray, cov_ab: np.ndarray) -> float:
@@ -230,12 +275,26 @@ def linear_cka_from_covariance(cov_aa: np.ndarray, cov_bb: np.ndarray, cov_ab: n
         CKA in [0, 1].
     """
     cov_aa, cov_bb, cov_ab = _check_blocks(cov_aa, cov_bb, cov_ab)
-    norm_aa, norm_bb = np.linalg.norm(cov_aa), np.linalg.norm(cov_bb)
-    if norm_aa <= 0 or norm_bb <= 0:
+    return _cka(cov_aa, cov_bb, cov_ab)
+
+
+def _frobenius(x: np.ndarray) -> tuple[float, float]:
+    """‖x‖_F as (scale, norm of x/scale), so huge entries cannot overflow the sum of squares."""
+    scale = float(np.abs(x).max()) if x.size else 0.0
+    return (scale, float(np.linalg.norm(x / scale))) if scale > 0 else (0.0, 0.0)
+
+
+def _cka(cov_aa: np.ndarray, cov_bb: np.ndarray, cov_ab: np.ndarray) -> float:
+    return _cka_from_norms(_frobenius(cov_aa), _frobenius(cov_bb), _frobenius(cov_ab))
+
+
+def _cka_from_norms(aa: tuple[float, float], bb: tuple[float, float], ab: tuple[float, float]) -> float:
+    (scale_aa, norm_aa), (scale_bb, norm_bb), (scale_ab, norm_ab) = aa, bb, ab
+    if scale_aa == 0 or scale_bb == 0:
         return 0.0
-    # Scale before squaring so huge activations cannot overflow.
-    cross = np.linalg.norm(cov_ab / np.sqrt(norm_aa * norm_bb))
-    return float(np.clip(cross**2, 0.0, 1.0))
+    ratio = scale_ab / np.sqrt(scale_aa) / np.sqrt(scale_bb)
+    value = (norm_ab * ratio) ** 2 / (norm_aa * norm_bb)
+    return float(np.clip(value, 0.0, 1.0))
 
 
 def cka_matrix(moments: MultiMoments, layers_a: Sequence[str], layers_b: Sequence[str]) -> pd.DataFrame:
@@ -252,17 +311,10 @@ def cka_matrix(moments: MultiMoments, layers_a: Sequence[str], layers_b: Sequenc
     """
     if moments.n < 2:
         raise StageInputError(f"layer × layer CKA needs at least 2 samples; the statistic holds n={moments.n}")
-    norms = {
-        name: float(np.linalg.norm(moments.block(name, name, ddof=0))) for name in {*layers_a, *layers_b}
-    }
+    within = {name: _frobenius(moments.block(name, name, ddof=0)) for name in {*layers_a, *layers_b}}
     rows = []
     for la in layers_a:
         for lb in layers_b:
-            denominator = norms[la] * norms[lb]
-            if denominator <= 0:
-                value = 0.0
-            else:
-                cross = np.linalg.norm(moments.block(la, lb, ddof=0) / np.sqrt(denominator))
-                value = float(np.clip(cross**2, 0.0, 1.0))
+            value = _cka_from_norms(within[la], within[lb], _frobenius(moments.block(la, lb, ddof=0)))
             rows.append((la, lb, value))
     return pd.DataFrame(rows, columns=["layer_a", "layer_b", "linear_cka"])

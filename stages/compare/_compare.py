@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StageInputError
-from ._cca import cca_from_covariance, linear_cka_from_covariance, pwcca_from_covariance, svcca_from_covariance
+from ._cca import cca_family, linear_cka_from_covariance
 from ._correlation import correlation_from_covariance, dead_units, within_net_max_correlation
 from ._matching import Matching, bottleneck_matching, hungarian_matching, matched_counts, semi_matching
 from ._moments import JointMoments
@@ -121,6 +121,10 @@ def compare_moments(
     groups = _check_metrics(metrics)
     if not isinstance(train, JointMoments):
         raise StageInputError(f"train must be a JointMoments; got {type(train).__name__}")
+    if heldout is not None and (heldout.ca, heldout.cb) != (train.ca, train.cb):
+        raise StageInputError(
+            f"train moments are ({train.ca}, {train.cb}) channels but held-out moments ({heldout.ca}, {heldout.cb})"
+        )
     if heldout is not None and heldout.n == 0:
         heldout = None
     if "regression" in groups and heldout is None:
@@ -130,10 +134,6 @@ def compare_moments(
         )
     if similarity_on not in ("all", "train"):
         raise StageInputError(f"similarity_on must be 'all' or 'train'; got {similarity_on!r}")
-    if heldout is not None and (heldout.ca, heldout.cb) != (train.ca, train.cb):
-        raise StageInputError(
-            f"train moments are ({train.ca}, {train.cb}) channels but held-out moments ({heldout.ca}, {heldout.cb})"
-        )
     moments = train.copy().merge(heldout) if (heldout is not None and similarity_on == "all") else train
     if moments.n < 2:
         raise StageInputError(f"comparison needs at least 2 samples; the moments hold n={moments.n}")
@@ -224,22 +224,25 @@ def compare_moments(
             scalars[f"hk_matched_t{_number(t)}"] = float(count)
 
     cov_aa, cov_bb, cov_ab = cov[:ca, :ca], cov[ca:, ca:], cov[:ca, ca:]
-    if "cca" in groups or "pwcca" in groups:
-        pw = pwcca_from_covariance(cov_aa, cov_bb, cov_ab, eps=eps)
-        tables["cca"] = pd.DataFrame(
-            {"index": np.arange(pw.corrs.size, dtype=np.int64), "corr": pw.corrs, "pwcca_weight": pw.weights}
+    if {"cca", "svcca", "pwcca"} & set(groups):
+        full, sv, pw = cca_family(
+            cov_aa, cov_bb, cov_ab, keep=svcca_keep, convention=svcca_convention, eps=eps
         )
+        if "cca" in groups or "pwcca" in groups:
+            tables["cca"] = pd.DataFrame(
+                {"index": np.arange(pw.corrs.size, dtype=np.int64), "corr": pw.corrs, "pwcca_weight": pw.weights}
+            )
         if "cca" in groups:
-            full = cca_from_covariance(cov_aa, cov_bb, cov_ab, eps=eps)
             scalars.update(
                 {"cca_mean": full.mean, "cca_dims_a": float(full.dims_a), "cca_dims_b": float(full.dims_b)}
             )
         if "pwcca" in groups:
             scalars["pwcca"] = pw.value
-    if "svcca" in groups:
-        sv = svcca_from_covariance(cov_aa, cov_bb, cov_ab, keep=svcca_keep, convention=svcca_convention, eps=eps)
-        tables["svcca"] = pd.DataFrame({"index": np.arange(sv.corrs.size, dtype=np.int64), "corr": sv.corrs})
-        scalars.update({"svcca_mean": sv.mean, "svcca_dims_a": float(sv.dims_a), "svcca_dims_b": float(sv.dims_b)})
+        if "svcca" in groups:
+            tables["svcca"] = pd.DataFrame({"index": np.arange(sv.corrs.size, dtype=np.int64), "corr": sv.corrs})
+            scalars.update(
+                {"svcca_mean": sv.mean, "svcca_dims_a": float(sv.dims_a), "svcca_dims_b": float(sv.dims_b)}
+            )
     if "linear_cka" in groups:
         scalars["linear_cka"] = linear_cka_from_covariance(cov_aa, cov_bb, cov_ab)
 

@@ -169,8 +169,8 @@ class MultiMoments(StreamingStatistic):
         return {"kind": self._KIND, "sizes": self.sizes, "names": self.names}
 
     def to_table(self) -> pa.Table:
-        """One-row table: ``n`` int64 scalar, ``mean`` float64 (D,), ``m2`` float64 (D, D); sizes/names in attrs."""
-        return pack_arrays({"n": np.asarray(self._n, np.int64), "mean": self._mean, "m2": self._m2}, self._attrs())
+        """One-row table: ``n`` int64 (1,), ``mean`` float64 (D,), ``m2`` float64 (D, D); sizes/names in attrs."""
+        return pack_arrays({"n": np.array([self._n], np.int64), "mean": self._mean, "m2": self._m2}, self._attrs())
 
     @classmethod
     def _from_attrs(cls, attrs: dict[str, Any]) -> Self:
@@ -182,7 +182,7 @@ class MultiMoments(StreamingStatistic):
         if attrs.get("kind") != cls._KIND:
             raise StageInputError(f"table holds a {attrs.get('kind')!r} statistic, not a {cls._KIND!r}")
         stat = cls._from_attrs(attrs)
-        stat._n = int(arrays["n"])
+        stat._n = int(arrays["n"].reshape(-1)[0])
         stat._mean = arrays["mean"].astype(np.float64)
         stat._m2 = arrays["m2"].astype(np.float64)
         if stat._mean.shape != (stat.dim,) or stat._m2.shape != (stat.dim, stat.dim):
