@@ -170,7 +170,34 @@ def create_dataset(kind: str, **params: Any) -> ConceptDataset:
     """Build a registered dataset by kind with its keyword parameters."""
     if kind not in _REGISTRY:
         raise DatasetError(f"unknown dataset kind {kind!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[kind](**params)
+    factory = _REGISTRY[kind]
+    _check_parameters(kind, factory, params)
+    return factory(**params)
+
+
+def _check_parameters(kind: str, factory: Callable[..., ConceptDataset], params: dict[str, Any]) -> None:
+    """Unknown or missing keyword parameters as a DatasetError naming them (not a bare TypeError)."""
+    import inspect
+
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature: let the factory judge
+        return
+    accepted = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    names = [p.name for p in accepted]
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise DatasetError(
+            f"unknown dataset parameter(s) {', '.join(map(repr, unknown))} for kind {kind!r}; "
+            f"accepted: {', '.join(names)} (check [dataset.params])"
+        )
+    missing = [p.name for p in accepted if p.default is p.empty and p.name not in params]
+    if missing:
+        raise DatasetError(
+            f"dataset kind {kind!r} needs parameter(s) {', '.join(map(repr, missing))}; add them to [dataset.params]"
+        )
 
 
 def list_datasets(pattern: str = "*") -> list[str]:

@@ -8,7 +8,9 @@ the class label) plus optional smaller distractors, with pixel-level categories
   semicircle, heart);
 * ``color``    — the named palette colour that drew each pixel, background included (Broden's 11 colour
   names, ``-c`` suffix); objects and backgrounds take palette colours with a small per-image jitter;
-* ``material`` — the object's fill pattern (solid, stripes, dots, checker), drawn in the object's frame;
+* ``material`` — the object's fill pattern (solid, stripes, dots, checker), drawn in the object's frame
+  as a tint of the object's own colour (halfway to white for dark colours, to black for light ones), so
+  materials are texture and colours are hue, and the silhouette always contrasts with the background;
 * ``part``     — two layers: ``rim``/``core`` (a band along the outline vs the inside) and ``corner``
   (regions around convex vertices and tips);
 
@@ -78,15 +80,13 @@ _RIM, _CORE, _CORNER = _PART_BASE, _PART_BASE + 1, _PART_BASE + 2
 _COLOR_JITTER = 12.0
 # Colour pairs must differ this much (Euclidean RGB) so objects stand out from the background.
 _OBJECT_VS_BACKGROUND = 100.0
-_SECONDARY_VS_PRIMARY = 90.0
-_SECONDARY_VS_BACKGROUND = 60.0
 _BACKGROUND2_VS_BACKGROUND = 60.0
 
 # Object geometry, in units of the object scale r (pixels = units · r).
 _MAIN_CENTER = (0.28, 0.72)  # centre range, fraction of the image side
-_MAIN_SCALE = (0.17, 0.30)  # r range, fraction of the image side
+_MAIN_SCALE = (0.19, 0.31)  # r range, fraction of the image side
 _DISTRACTOR_CENTER = (0.05, 0.95)
-_DISTRACTOR_SCALE = (0.07, 0.12)
+_DISTRACTOR_SCALE = (0.06, 0.10)
 _RIM_FRACTION, _RIM_MIN_PX = 0.2, 1.0  # rim band width = max(1 px, 0.2 r)
 _CORNER_RADIUS = 0.4  # corner region radius (units)
 _SQUARE_HALF = 0.9
@@ -125,14 +125,14 @@ _MAX_EXTENT = math.hypot(_SEMI_RADIUS, _SEMI_OFFSET)
 
 # Layout of each image's uniform vector.
 _SCENE_SLOTS = 8  # kind, background, background2, five scene parameters
-_OBJECT_SLOTS = 13  # shape, cx, cy, r, theta, aspect, color, color2, material, period, psi, phase1, phase2
+_OBJECT_SLOTS = 12  # shape, cx, cy, r, theta, aspect, color, material, period, psi, phase1, phase2
 _JITTER_SLOTS = len(COLOR_NAMES) * 3
 _MAIN_AT = _SCENE_SLOTS
 _JITTER_AT = _MAIN_AT + _OBJECT_SLOTS
 _COUNT_AT = _JITTER_AT + _JITTER_SLOTS
 _DISTRACTORS_AT = _COUNT_AT + 1
 _OBJECT_KEYS = (
-    "shape", "cx", "cy", "r", "theta", "aspect", "color", "color2", "material", "period", "psi", "phase1", "phase2",
+    "shape", "cx", "cy", "r", "theta", "aspect", "color", "material", "period", "psi", "phase1", "phase2",
 )
 _NOISE_PLANES = 4  # three per-channel noise planes + one for the "noise" scene texture
 _CHUNK = 256  # images rendered at once (bounds temporary memory)
@@ -147,6 +147,8 @@ def _concepts() -> list[Concept]:
     return rows
 
 
+# Pattern pixels are mixed halfway towards this: white for dark colours, black for light ones.
+_TINT_TARGET = np.where(PALETTE @ np.array([0.299, 0.587, 0.114]) < 128, 255.0, 0.0).astype(np.float32)
 _PALETTE_DISTANCE = np.linalg.norm(PALETTE[:, None, :] - PALETTE[None, :, :], axis=2)
 
 
@@ -162,11 +164,7 @@ def _uniform(u: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
 
 
 def _object_params(u: np.ndarray, size: int, background: np.ndarray, center: tuple, scale: tuple) -> dict:
-    """Per-image object parameters from 13 uniform columns (see ``_OBJECT_SLOTS``)."""
-    primary = _choose(u[:, 6], _PALETTE_DISTANCE[background] > _OBJECT_VS_BACKGROUND)
-    secondary_ok = (_PALETTE_DISTANCE[primary] > _SECONDARY_VS_PRIMARY) & (
-        _PALETTE_DISTANCE[background] > _SECONDARY_VS_BACKGROUND
-    )
+    """Per-image object parameters from 12 uniform columns (see ``_OBJECT_SLOTS``)."""
     return {
         "shape": np.minimum((u[:, 0] * len(SHAPE_NAMES)).astype(np.int64), len(SHAPE_NAMES) - 1),
         "cx": size * _uniform(u[:, 1], center),
@@ -174,13 +172,12 @@ def _object_params(u: np.ndarray, size: int, background: np.ndarray, center: tup
         "r": size * _uniform(u[:, 3], scale),
         "theta": 2 * math.pi * u[:, 4],
         "aspect": 0.45 + 0.15 * u[:, 5],
-        "color": primary,
-        "color2": _choose(u[:, 7], secondary_ok),
-        "material": np.minimum((u[:, 8] * len(MATERIAL_NAMES)).astype(np.int64), len(MATERIAL_NAMES) - 1),
-        "period": size * (0.09 + 0.06 * u[:, 9]),
-        "psi": math.pi * u[:, 10],
-        "phase1": u[:, 11],
-        "phase2": u[:, 12],
+        "color": _choose(u[:, 6], _PALETTE_DISTANCE[background] > _OBJECT_VS_BACKGROUND),
+        "material": np.minimum((u[:, 7] * len(MATERIAL_NAMES)).astype(np.int64), len(MATERIAL_NAMES) - 1),
+        "period": size * (0.09 + 0.06 * u[:, 8]),
+        "psi": math.pi * u[:, 9],
+        "phase1": u[:, 10],
+        "phase2": u[:, 11],
     }
 
 
@@ -261,7 +258,7 @@ def _render_objects(p: dict, x0: np.ndarray, y0: np.ndarray, window: int) -> dic
     """Draw one object per image in a ``window``×``window`` pixel block whose top-left pixel is (x0, y0).
 
     Pixel centres sit at integer + 0.5 image coordinates, so a pixel's value does not depend on the window.
-    Returns ``inside`` (n, window, window) bool, ``secondary`` (the pattern uses colour 2), ``rim`` and
+    Returns ``inside`` (n, window, window) bool, ``pattern`` (the material's tinted pixels), ``rim`` and
     ``corner`` masks (all false outside the object).
     """
     f32 = np.float32
@@ -292,19 +289,19 @@ def _render_objects(p: dict, x0: np.ndarray, y0: np.ndarray, window: int) -> dic
     period = col(p["period"])
     a = (u_px * cos_p + v_px * sin_p) / period + col(p["phase1"])
     b = (v_px * cos_p - u_px * sin_p) / period + col(p["phase2"])
-    secondary = np.zeros(u.shape, dtype=bool)
+    pattern = np.zeros(u.shape, dtype=bool)
     for material_id, name in enumerate(MATERIAL_NAMES):
         rows = np.flatnonzero(p["material"] == material_id)
         if rows.size == 0 or name == "solid":
             continue
         ra, rb = a[rows], b[rows]
         if name == "stripes":
-            secondary[rows] = ra - np.floor(ra) < 0.5
+            pattern[rows] = ra - np.floor(ra) < 0.5
         elif name == "dots":
-            secondary[rows] = (ra - np.floor(ra) - 0.5) ** 2 + (rb - np.floor(rb) - 0.5) ** 2 < 0.3**2
+            pattern[rows] = (ra - np.floor(ra) - 0.5) ** 2 + (rb - np.floor(rb) - 0.5) ** 2 < 0.3**2
         else:  # checker
-            secondary[rows] = (np.floor(ra) + np.floor(rb)) % 2 == 1
-    return {"inside": inside, "secondary": secondary & inside, "rim": rim & inside, "corner": corner & inside}
+            pattern[rows] = (np.floor(ra) + np.floor(rb)) % 2 == 1
+    return {"inside": inside, "pattern": pattern & inside, "rim": rim & inside, "corner": corner & inside}
 
 
 def _render_scene(p: dict, size: int, texture: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -477,7 +474,7 @@ class SyntheticWorld(ConceptDataset):
 
         Keys: ``scene``, ``background``, ``background2`` (palette indexes), ``scene_params`` (n, 5),
         ``palette`` (n, 11, 3) jittered RGB, ``distractor_count``; main-object arrays ``shape``, ``cx``,
-        ``cy`` (pixels), ``r`` (pixels), ``theta`` (radians), ``aspect``, ``color``, ``color2``,
+        ``cy`` (pixels), ``r`` (pixels), ``theta`` (radians), ``aspect``, ``color``,
         ``material``, ``period``, ``psi``, ``phase1``, ``phase2``; the same per distractor slot with a
         ``distractor_`` prefix, shaped (n, distractors), plus ``distractor_active`` (n, distractors).
         """
@@ -539,7 +536,7 @@ class SyntheticWorld(ConceptDataset):
         # Objects are drawn in windows around their centres (large enough for the whole shape, so the main
         # object's extreme points are found even off the image), then pasted into per-pixel slot maps.
         owner = np.zeros((n, size, size), dtype=np.int8)  # 0 background, 1 main object, 2.. distractors
-        flags = {key: np.zeros((n, size, size), dtype=bool) for key in ("secondary", "rim", "corner")}
+        flags = {key: np.zeros((n, size, size), dtype=bool) for key in ("pattern", "rim", "corner")}
 
         def paste(rows: np.ndarray, x0: np.ndarray, y0: np.ndarray, drawn: dict, slot: int) -> None:
             inside = drawn["inside"]
@@ -579,9 +576,7 @@ class SyntheticWorld(ConceptDataset):
             return table.reshape(-1)[slot_index]
 
         has_object = owner > 0
-        color_index = np.where(
-            has_object, np.where(flags["secondary"], lookup("color2"), lookup("color")), background_index
-        )
+        color_index = np.where(has_object, lookup("color"), background_index)
         object_map = np.where(has_object, _OBJECT_BASE + lookup("shape"), 0)
         material_map = np.where(has_object, _MATERIAL_BASE + lookup("material"), 0)
         part_maps = np.stack(
@@ -589,12 +584,14 @@ class SyntheticWorld(ConceptDataset):
             axis=1,
         )
 
-        # Pixels: palette colour × scene modulation (objects are flat) + noise, then uint8.
+        # Pixels: palette colour × scene modulation; objects are flat, their material pattern tinted.
         colors = len(COLOR_NAMES)
         palette = params["palette"].astype(f32).transpose(0, 2, 1).reshape(-1)  # (n · 3 · colours,)
         channel_base = (np.arange(n)[:, None] * 3 + np.arange(3)[None, :]) * colors
         rgb = palette[channel_base[:, :, None, None] + color_index[:, None]]  # (n, 3, S, S)
         rgb *= np.where(has_object, f32(1), modulation)[:, None]
+        tinted = (has_object & flags["pattern"])[:, None]
+        rgb = np.where(tinted, f32(0.5) * (rgb + _TINT_TARGET[color_index][:, None]), rgb)
         if self.noise:
             rgb += f32(self.noise) * noise[:, :3]
         images = np.rint(np.clip(rgb, 0, 255)).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""``repdissect`` command line: run, status, verify, clean, report, layers, dataset, compare.
+"""``repdissect`` command line: run, status, verify, clean, report, models, layers, dataset, compare.
 
 Every user error ends as one line on stderr — what is wrong, the value, the fix — and exit code 2, with
 no traceback unless ``--debug``. Genuine bugs keep their traceback (exit 1).
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")
 
+    p = sub.add_parser("models", help="list architecture names (builtin:*, torchvision:*)")
+    p.add_argument("pattern", nargs="?", default="*", help="glob, e.g. 'torchvision:resnet*' (default: all)")
+
     p = sub.add_parser("layers", help="list a model's layer names with output shapes")
     p.add_argument("model", help="builtin:cnn, torchvision:<name> or package.module:factory")
     p.add_argument("--input-size", type=int, default=64, help="square input size in pixels (default 64)")
@@ -69,10 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", type=Path, default=Path("preview.png"))
     v.add_argument("-n", type=int, default=24, help="number of images")
 
-    p = sub.add_parser("compare", help="compare two activation matrices (.npy, rows = samples)")
+    p = sub.add_parser("compare", help="compare two activation arrays (.npy: (samples, units) or (N, C, H, W) maps)")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
     p.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
+    p.add_argument("--samples", choices=["positions", "pooled"], default="positions",
+                   help="for (N, C, H, W) maps: one sample per image position (default) or per image (spatial mean)")
+    p.add_argument("--resize", choices=["none", "smaller"], default="none",
+                   help="for maps of different H×W: 'smaller' average-pools both onto the smaller grid; "
+                        "'none' (default) refuses")
     p.add_argument("--out", type=Path, default=None, help="write the metric,value table as CSV")
     return parser
 
@@ -138,6 +146,17 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from ..stages import list_models
+
+    names = list_models(args.pattern)
+    for name in names:
+        print(name)
+    if not names:
+        print(f"no architecture matches {args.pattern!r}", file=sys.stderr)
+    return 0
+
+
 def _cmd_layers(args: argparse.Namespace) -> int:
     from ..stages import layers_command
 
@@ -178,8 +197,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             raise StageInputError(f"activation file {str(path)!r} does not exist; give a .npy file (rows = samples)") from None
         except ValueError as exc:
             raise StageInputError(f"{str(path)!r} is not a plain numeric .npy array ({exc}); save it with numpy.save") from None
+    a, b = arrays
+    if a.ndim == 4 or b.ndim == 4:
+        from ..stages.compare import samples_from_maps
+
+        if a.ndim != 4 or b.ndim != 4:
+            raise StageInputError(f"A has shape {a.shape} and B {b.shape}: give two (N, C, H, W) maps or two "
+                                  "(samples, units) matrices")
+        if args.samples == "positions" and a.shape[2:] != b.shape[2:] and args.resize == "none":
+            raise StageInputError(
+                f"the maps' spatial sizes differ (A is {a.shape[2]}×{a.shape[3]}, B is {b.shape[2]}×{b.shape[3]}) "
+                "and no resize rule was given; pass --resize smaller to average-pool both onto the smaller grid, "
+                "or --samples pooled"
+            )
+        a, b = samples_from_maps(a, b, mode=args.samples, resize=args.resize)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-    table = compare_arrays(arrays[0], arrays[1], metrics=metrics)
+    table = compare_arrays(a, b, metrics=metrics)
     print(table.to_string(index=False))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +221,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "verify": _cmd_verify,
-             "clean": _cmd_clean, "layers": _cmd_layers, "dataset": _cmd_dataset, "compare": _cmd_compare}
+             "clean": _cmd_clean, "models": _cmd_models, "layers": _cmd_layers, "dataset": _cmd_dataset,
+             "compare": _cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from ..stages._errors import StageInputError
-from ..stages._training import TrainConfig
+from ..stages._train_config import TrainConfig
 from ._errors import ConfigError
 
 __all__ = [

@@ -21,7 +21,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ._config import Config, ModelConfig
 from ._errors import ConfigError
@@ -76,8 +76,38 @@ def _node(stage: str, label: dict[str, str], params: dict[str, Any], *, upstream
                 exec_params=exec_params or {}, version=type(get_stage(stage)).version)
 
 
-def build_plan(config: Config) -> Plan:
-    """Build every node of ``config``'s run. Builds the dataset once (cheap) for its digest and shapes."""
+def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int, int]) -> None:
+    """Build the network once, with its weights, and run one dummy batch at the dataset's image size.
+
+    So an unknown architecture, bad ``arch`` arguments, a weights file that is not a state dict or does not
+    fit, and an unknown or unusable layer all fail here, naming the model — before any task runs.
+    """
+    from ..stages import ModelSpec, StageInputError, build_model, layer_shapes, resolve_layers
+
+    weights = model.weights if model.init == "weights" and Path(model.weights).is_file() else None
+    try:
+        spec = ModelSpec(architecture=model.architecture, arch_kwargs=dict(model.arch), num_classes=classes,
+                         weights=weights, input_mean=tuple(model.input_mean), input_std=tuple(model.input_std))
+        net = build_model(spec, seed=model.seeds[0])
+        resolve_layers(net, list(model.layers))
+        shapes = {s.name: s.shape for s in layer_shapes(net, image_size)}
+    except StageInputError as exc:
+        raise ConfigError(f"[[models]] {model.name!r}: {exc}") from None
+    unusable = {layer: shapes[layer] for layer in model.layers if shapes[layer] is None or len(shapes[layer]) not in (1, 3)}
+    if unusable:
+        raise ConfigError(
+            f"[[models]] {model.name!r}: layer(s) {unusable} do not output (C, H, W) or (C,) tensors at "
+            f"{image_size[0]}×{image_size[1]} input (None = not run or not a tensor); pick conv blocks or linear "
+            "layers (see `repdissect layers`)"
+        )
+
+
+def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = None) -> Plan:
+    """Build every node of ``config``'s run. Builds the dataset once (cheap) for its digest and shapes.
+
+    Each model is also built once and run on a dummy batch (:func:`_check_model`) — unless ``is_cached`` says
+    every one of its extraction nodes is already in the cache, so a fully cached rerun never loads torch.
+    """
     from ._stage import _dataset_for
     from ._hashing import canonical_json
 
@@ -92,6 +122,7 @@ def build_plan(config: Config) -> Plan:
     nodes: list[Node] = []
     instances: list[Instance] = []
     extract_of: dict[str, Node] = {}
+    checks: list[tuple[ModelConfig, int | None]] = []
 
     for model in config.models:
         if model.num_classes:
@@ -102,6 +133,7 @@ def build_plan(config: Config) -> Plan:
             classes = len(dataset.class_names) or None
         arch = {"architecture": model.architecture, "arch": dict(model.arch), "input_mean": list(model.input_mean),
                 "input_std": list(model.input_std), "num_classes": classes}
+        checks.append((model, classes))
         for seed in model.seeds:
             variants = [model.init] + (["random"] if model.random_baseline and model.init != "random" else [])
             for init in variants:
@@ -169,5 +201,9 @@ def build_plan(config: Config) -> Plan:
             nodes.append(_node("cka", {"a": a.name, "b": b.name, "kind": kind},
                                {"layers_a": list(a.model.layers), "layers_b": list(b.model.layers)},
                                upstream={"a": ea, "b": eb}))
+    for model, classes in checks:
+        extracts = [extract_of[i.name] for i in instances if i.model is model]
+        if is_cached is None or not all(is_cached(node) for node in extracts):
+            _check_model(model, classes, dataset.image_size)
     return Plan(config=config, dataset_spec=dataset_spec, dataset_digest=ds_digest, nodes=nodes,
                 instances=instances, pairs=pairs)

@@ -32,11 +32,15 @@ import pyarrow.parquet as pq
 
 from ._errors import PipelineError
 from ._stage import Context, Node, ShardedStage, StageOutput, get_stage
-from ._store import CacheStore, Entry, write_parquet_atomic
+from ._hashing import canonical_json
+from ._store import CacheStore, Entry, write_bytes_atomic, write_parquet_atomic
 
 __all__ = ["Executor", "NodeResult", "environment_info", "connect"]
 
 log = logging.getLogger("repdissect.executor")
+
+#: file in a node's staging directory recording the shard layout its staged parts belong to
+_LAYOUT = "_layout.json"
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,6 +105,20 @@ def task_publish(ctx: Context, merged: pa.Table | None, started: float) -> dict[
     if existing is not None:  # a racing run published it meanwhile: first publisher wins
         store.discard_staging(ctx.node.stage, ctx.node.key)
         return {"key": ctx.node.key, "seconds": 0.0, "published": False}
+    try:
+        return _finalize_and_publish(ctx, merged, started)
+    except Exception:
+        # A racing run may have published this key and removed the shared staging directory under our
+        # feet: that is a lost race, not a failure (first publisher wins). Anything else is re-raised.
+        if store.get(ctx.node.stage, ctx.node.key) is None:
+            raise
+        log.info("%s: another run published this entry first; keeping theirs", ctx.node.node_id)
+        store.discard_staging(ctx.node.stage, ctx.node.key)
+        return {"key": ctx.node.key, "seconds": 0.0, "published": False}
+
+
+def _finalize_and_publish(ctx: Context, merged: pa.Table | None, started: float) -> dict[str, Any]:
+    store = ctx.store
     stage = get_stage(ctx.node.stage)
     t0 = time.time()
     output: StageOutput = stage.finalize(ctx, merged) if isinstance(stage, ShardedStage) else stage.run(ctx)
@@ -164,14 +182,25 @@ def connect(scheduler: str, *, workers: int, threads_per_worker: int, gpu: bool)
         except Exception as exc:  # noqa: BLE001
             raise PipelineError(f"could not start a local Dask cluster ({exc}); try --scheduler sync") from None
         return Client(cluster), cluster
+    fix = "start one with `dask scheduler` and workers with `dask worker ADDRESS`, or use --scheduler local / sync"
     try:
+        _probe_tcp(scheduler)
         client = Client(scheduler, timeout="10s")
     except Exception as exc:  # noqa: BLE001 - connection errors come in many types
         raise PipelineError(
-            f"cannot reach the Dask scheduler at {scheduler!r} ({type(exc).__name__}: {exc}); start one with "
-            "`dask scheduler` and workers with `dask worker ADDRESS`, or use --scheduler local / sync"
+            f"cannot reach the Dask scheduler at {scheduler!r} ({type(exc).__name__}: {exc}); {fix}"
         ) from None
     return client, None
+
+
+def _probe_tcp(address: str, timeout: float = 5.0) -> None:
+    """Fail at once on a refused TCP address (``Client`` would retry until its timeout); other schemes pass."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme == "tcp":
+        host, port = parse_host_port(location)
+        socket.create_connection((host, port), timeout=timeout).close()
 
 
 def _gpu_workers(client: Any) -> int:
@@ -179,6 +208,27 @@ def _gpu_workers(client: Any) -> int:
         return 0
     info = client.scheduler_info()
     return sum(1 for w in info.get("workers", {}).values() if w.get("resources", {}).get("GPU", 0) > 0)
+
+
+def _claim_staging(store: CacheStore, node: Node, shards: list[Any]) -> None:
+    """Keep a node's staged shards only if they were cut the same way as now.
+
+    ``shard_size`` is an execution setting, not part of the key, so a run resumed with another shard size
+    would otherwise reuse partials and parts of the old layout (shard ``i`` covering other images).
+    """
+    staging = store.staging_path(node.stage, node.key)
+    marker = staging / _LAYOUT
+    layout = canonical_json(shards)
+    try:
+        current = marker.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current == layout:
+        return
+    if staging.exists():
+        log.info("%s: discarding shards staged under another shard layout", node.node_id)
+        store.discard_staging(node.stage, node.key)
+    write_bytes_atomic(layout.encode("utf-8"), marker)
 
 
 @dataclass
@@ -218,6 +268,7 @@ class Executor:
             if not shards:
                 raise PipelineError(f"{node.node_id}: there are no shards to process (zero images?); "
                                     "check the dataset size and the upstream stage")
+            _claim_staging(self.store, node, shards)
             level = [self.client.submit(task_map, ctx, i, shard, key=f"{base}-map-{i}", resources=resources,
                                         retries=self.retries, pure=False) for i, shard in enumerate(shards)]
             depth = 0
@@ -250,6 +301,8 @@ class Executor:
                 progressed = True
                 entry = self.store.get(node.stage, node.key)
                 if entry is not None:
+                    # shards staged by a run killed between publish and clean-up are no longer needed
+                    self.store.discard_staging(node.stage, node.key)
                     self._done(NodeResult(node, hit=True, seconds=0.0, entry=entry))
                     continue
                 submitted[self._submit(node)] = (node, time.time())

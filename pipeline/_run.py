@@ -20,6 +20,7 @@ import pandas as pd
 
 from ._config import Config, load_config
 from ._dag import Plan, build_plan
+from ._hashing import digest
 from ._executor import Executor, NodeResult, connect, environment_info, _gpu_workers
 from ._store import CacheStore, Entry, write_bytes_atomic
 
@@ -109,14 +110,17 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
     started = time.time()
     store = CacheStore(cfg.run.cache_dir, verify_checksums=cfg.execution.verify_checksums)
     store.ensure_writable()
-    plan = build_plan(cfg)
+    plan = build_plan(cfg, is_cached=lambda node: store.get(node.stage, node.key) is not None)
     ex = cfg.execution
-    want_gpu = ex.device in ("auto", "cuda") and _cuda_available()
-    client, cluster = connect(ex.scheduler, workers=ex.workers, threads_per_worker=ex.threads_per_worker,
+    # Nothing to compute (a rerun): answer from the cache without starting a cluster or touching torch.
+    everything_cached = all(store.get(n.stage, n.key) is not None for n in plan.nodes)
+    want_gpu = not everything_cached and ex.device in ("auto", "cuda") and _cuda_available()
+    scheduler = "sync" if everything_cached else ex.scheduler
+    client, cluster = connect(scheduler, workers=ex.workers, threads_per_worker=ex.threads_per_worker,
                               gpu=want_gpu)
     try:
         gpu_workers = _gpu_workers(client)
-        if ex.device == "cuda" and not want_gpu and gpu_workers == 0:
+        if ex.device == "cuda" and not everything_cached and not want_gpu and gpu_workers == 0:
             from ._errors import PipelineError
 
             raise PipelineError("[execution].device = \"cuda\" but no CUDA device is visible here and no Dask worker "
@@ -125,7 +129,7 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
         resolved = "cuda" if (want_gpu or gpu_workers) and ex.device != "cpu" else "cpu"
         execution = {"batch_size": ex.batch_size, "shard_size": ex.shard_size, "resolved_device": resolved,
                      "gpu_resource": gpu_workers > 0 and resolved == "cuda",
-                     "torch_threads": ex.threads_per_worker if ex.scheduler != "sync" else ex.threads_per_worker}
+                     "torch_threads": ex.threads_per_worker}
         link = getattr(client, "dashboard_link", None)
         if link and print_summary:
             print(f"Dask dashboard: {link}", file=sys.stderr)
@@ -163,9 +167,16 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
     store.record_run(record)
     result = RunResult(plan=plan, results=results, out_dir=out_dir, seconds=seconds, record=record)
     if report:
-        from ..reports import write_report
+        # The report is a pure function of the entries and the config: skip it when an identical one exists.
+        stamp = digest({"keys": sorted(n.key for n in plan.nodes), "config": cfg.to_dict()})
+        stamp_file = out_dir / ".report-stamp"
+        current = (out_dir / "index.html").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp
+        if not current:
+            from ..reports import write_report
 
-        write_report(result)
+            stamp_file.unlink(missing_ok=True)
+            write_report(result)
+            write_bytes_atomic(stamp.encode(), stamp_file)
     return result
 
 

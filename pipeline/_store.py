@@ -234,59 +234,78 @@ class CacheStore:
         tmp = final.parent / f".tmp-{key[:16]}-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            table_files: dict[str, list[str]] = {}
-            file_info: dict[str, dict[str, Any]] = {}
-            for name, table in tables.items():
-                rel = f"{name}.parquet"
-                pq.write_table(table, tmp / rel, compression="zstd")
-                table_files[name] = [rel]
-                file_info[rel] = {"rows": table.num_rows}
-            for name, paths in (staged or {}).items():
-                (tmp / name).mkdir(parents=True, exist_ok=True)
-                rels = []
-                for i, src in enumerate(paths):
-                    rel = f"{name}/part-{i:05d}.parquet"
-                    shutil.copyfile(src, tmp / rel)
-                    rels.append(rel)
-                    file_info[rel] = {"rows": pq.ParquetFile(tmp / rel).metadata.num_rows}
-                table_files[name] = rels
-            for name, data in (files or {}).items():
-                (tmp / name).write_bytes(data)
-                file_info[name] = {}
-            for rel, info in file_info.items():
-                path = tmp / rel
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-                info["bytes"] = path.stat().st_size
-                info["sha256"] = sha256_file(path)
-            full = dict(manifest)
-            full.update({
-                "manifest_schema": MANIFEST_SCHEMA,
-                "stage": stage,
-                "key": key,
-                "tables": table_files,
-                "files": file_info,
-                "published_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-            })
-            write_bytes_atomic(json.dumps(full, indent=1, sort_keys=True).encode("utf-8"), tmp / MANIFEST)
-            _fsync_dir(tmp)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                # Lost the race (or a stale invalid dir is in the way): keep the winner if it is valid.
-                winner = self.get(stage, key)
-                if winner is not None:
-                    return winner
-                self.quarantine(final, "invalid entry in the way of a new publish")
-                os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            self._write_and_rename(stage, key, tmp, final, tables, staged, files, manifest)
+        except OSError:
+            # The winner of a race removes the losers' temp dirs (and the shared staging dir): a write that
+            # fails because its files vanished is a lost race when a valid entry is now in place.
+            winner = self.get(stage, key)
+            if winner is None:
+                raise
+            return winner
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        self._remove_stale_temps(final.parent, key)
         entry = self.get(stage, key, verify=False)
         if entry is None:  # pragma: no cover - would mean the filesystem lies about rename
             raise CacheError(f"published entry {final} failed validation right after publish")
         return entry
+
+    @staticmethod
+    def _remove_stale_temps(parent: Path, key: str) -> None:
+        """Temp dirs of ``key`` left by killed or losing publishers: garbage once the entry exists."""
+        for stale in parent.glob(f".tmp-{key[:16]}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _write_and_rename(self, stage: str, key: str, tmp: Path, final: Path, tables: Mapping[str, pa.Table],
+                          staged: Mapping[str, list[Path]] | None, files: Mapping[str, bytes] | None,
+                          manifest: Mapping[str, Any]) -> None:
+        """Write every file into ``tmp`` (fsynced, manifest last) and rename it to ``final``."""
+        table_files: dict[str, list[str]] = {}
+        file_info: dict[str, dict[str, Any]] = {}
+        for name, table in tables.items():
+            rel = f"{name}.parquet"
+            pq.write_table(table, tmp / rel, compression="zstd")
+            table_files[name] = [rel]
+            file_info[rel] = {"rows": table.num_rows}
+        for name, paths in (staged or {}).items():
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            rels = []
+            for i, src in enumerate(paths):
+                rel = f"{name}/part-{i:05d}.parquet"
+                shutil.copyfile(src, tmp / rel)
+                rels.append(rel)
+                file_info[rel] = {"rows": pq.ParquetFile(tmp / rel).metadata.num_rows}
+            table_files[name] = rels
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
+            file_info[name] = {}
+        for rel, info in file_info.items():
+            path = tmp / rel
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+            info["bytes"] = path.stat().st_size
+            info["sha256"] = sha256_file(path)
+        full = dict(manifest)
+        full.update({
+            "manifest_schema": MANIFEST_SCHEMA,
+            "stage": stage,
+            "key": key,
+            "tables": table_files,
+            "files": file_info,
+            "published_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        })
+        write_bytes_atomic(json.dumps(full, indent=1, sort_keys=True).encode("utf-8"), tmp / MANIFEST)
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Lost the race (or a stale invalid dir is in the way): keep the winner if it is valid.
+            if self.get(stage, key) is not None:
+                return
+            self.quarantine(final, "invalid entry in the way of a new publish")
+            os.rename(tmp, final)
+        _fsync_dir(final.parent)
 
     def discard_staging(self, stage: str, key: str) -> None:
         shutil.rmtree(self.staging_path(stage, key), ignore_errors=True)

@@ -16,10 +16,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-__all__ = ["RunData", "InstanceInfo", "ROLE_NAMES"]
-
-#: display names of instance roles and pair kinds
-ROLE_NAMES = {"trained": "trained", "random": "random init", "seeds": "seed pairs", "random_pairs": "trained vs random init"}
+__all__ = ["RunData", "InstanceInfo"]
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def top_images(summary_parts: Iterable[str], k: int) -> tuple[np.ndarray, np.nda
 def read_image_maps(activation_parts: Sequence[str], wanted: Iterable[int], batch_rows: int = 32) -> dict[int, np.ndarray]:
     """The ``(C, H, W)`` activation maps of the ``wanted`` images, streamed from activation parts.
 
-    Parts whose image range cannot contain a wanted image are skipped using the Parquet column statistics.
+    A part's small ``image`` column is read first; parts holding none of the wanted images are skipped.
     """
     want = set(int(i) for i in wanted)
     found: dict[int, np.ndarray] = {}
@@ -70,11 +70,9 @@ def read_image_maps(activation_parts: Sequence[str], wanted: Iterable[int], batc
         if len(found) == len(want):
             break
         pf = pq.ParquetFile(path)
-        stats = [pf.metadata.row_group(g).column(0).statistics for g in range(pf.metadata.num_row_groups)]
-        if all(s is not None and s.has_min_max for s in stats):
-            lo, hi = min(s.min for s in stats), max(s.max for s in stats)
-            if not any(lo <= i <= hi for i in want):
-                continue
+        ids = pf.read(columns=["image"]).column(0).to_numpy()
+        if not np.isin(ids, list(want)).any():
+            continue
         schema = pf.schema_arrow
         for batch in pf.iter_batches(batch_size=batch_rows, columns=["image", "activations"]):
             image = batch.column(0).to_numpy()

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 __all__ = [
@@ -292,13 +292,6 @@ def exemplar_grid(images: Sequence[Sequence[np.ndarray]], masks: Sequence[Sequen
     return fig
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except OSError:
-        return ImageFont.load_default()
-
-
 def exemplar_strip(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, cell: int = 96, gap: int = 3,
                    dim: float = 0.45, outline: tuple[int, int, int] = (255, 221, 0)) -> Image.Image:
     """One unit's top images side by side, outside-region dimmed and the region edge drawn (Pillow).
@@ -328,11 +321,6 @@ def exemplar_strip(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *,
         pixels[edge] = outline
         strip.paste(Image.fromarray(pixels.astype(np.uint8)), (i * (cell + gap), 0))
     return strip
-
-
-def bar_figure_height(n_groups: int) -> float:
-    """A readable height for a bar chart with ``n_groups`` groups."""
-    return max(2.0, min(3.2, 1.6 + 0.15 * n_groups))
 
 
 def grid_shape(n: int, max_cols: int = 4) -> tuple[int, int]:

@@ -88,8 +88,8 @@ def table_html(table: PaperTable, downloads: Mapping[str, str] | None = None) ->
     body = []
     rules = set(table.rules_after)
     for i, row in enumerate(table.rows):
-        cells = "".join(f'<td class="{"num" if num else ""}">{esc(table.cell_text(v))}</td>'
-                        for v, num in zip(row, numeric))
+        cells = "".join(f'<td class="{"num" if num else ""}">{esc(table.cell_text(v, j))}</td>'
+                        for j, (v, num) in enumerate(zip(row, numeric)))
         body.append(f'<tr class="rule">{cells}</tr>' if i in rules else f"<tr>{cells}</tr>")
     if not table.rows:
         body.append(f'<tr><td class="empty" colspan="{len(table.columns)}">no rows</td></tr>')

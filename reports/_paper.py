@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ._data import RunData
-from ._tables import MeanStd, PaperTable, mean_std
+from ._tables import PaperTable, mean_std
 
 __all__ = [
     "TableResult",
@@ -185,8 +185,8 @@ def location_instability(data: RunData) -> PaperTable | None:
                  f"unit's top images ({top_k}, by maximum activation, among images where the landmark is "
                  "visible) of the distance between the unit's peak and the landmark, divided by the image "
                  "diagonal; averaged over landmarks and over valid units (dead or constant units excluded). "
-                 "Image centre: a predictor that always points at the image centre, over all images where each "
-                 "landmark is visible. Mean ± std (n seeds)."),
+                 "Image centre: a predictor that always points at the image centre, over the same number of "
+                 "images per landmark drawn at random among those where it is visible. Mean ± std (n seeds)."),
         rules_after=_rules(groups),
     )
 
@@ -359,7 +359,8 @@ def concept_agreement(data: RunData) -> PaperTable | None:
         caption=("Among Hungarian-matched unit pairs where both units are interpretable, the fraction whose best "
                  "concept labels agree, against the fraction expected by chance from the two sides' label "
                  "frequencies (a random pairing of the same units), and split by the pair's correlation rank. "
-                 "Mean ± std (n network pairs with at least one such unit pair)."),
+                 "Mean ± std (n network pairs; the fractions only over network pairs with at least one such "
+                 "unit pair)."),
         rules_after=_rules(groups),
     )
 
@@ -393,6 +394,7 @@ def training_summary(data: RunData) -> PaperTable | None:
         columns=["Network", "Seed", "Epochs", "Final train accuracy", "Final val accuracy", "Time (s)"],
         rows=rows,
         caption="Accuracy on the dataset's class labels after the last epoch; time is the training stage's wall time.",
+        column_digits={"Time (s)": 1},
         rules_after=[len(finals) - 1] if len(finals) > 1 else [],
     )
 

@@ -7,7 +7,8 @@ skipped with the reason.
 
 Figures (file stems under ``<out>/figures/``): ``correlation_<model>`` (between-seed correlation matrix
 before/after sorting by the Hungarian matching), ``detectors`` (unique detectors per category per layer,
-stacked, with seed spread), ``svcca_curves``, ``cka_layers`` (layer × layer linear CKA), ``location_instability``,
+stacked, with seed spread), ``svcca_curves``, ``cka_layers`` (layer × layer linear CKA), ``regression_curves``
+(held-out loss against channels used per L1 strength), ``location_instability``,
 ``concept_agreement``, ``exemplars_<instance>_<layer>`` (top units' top images with regions outlined).
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as ticker
 import numpy as np
 import pandas as pd
 
@@ -193,15 +195,56 @@ def svcca_figure(data: RunData, fig_dir: Path) -> FigureResult:
                                                                       "random": "vs random init"}[kind],
                            "linestyle": style, "color": color})
         F.curves(ax, series, xlabel="SVCCA direction", ylabel="canonical corr." if idx % cols == 0 else "",
-                 title=data.layer_title(model, layer), ylim=(0, 1.02), legend=idx == 0)
+                 title=data.layer_title(model, layer), ylim=(0, 1.02), legend=False)
     for idx in range(len(layers), rows * cols):
         axes[idx // cols, idx % cols].axis("off")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside upper center", ncols=len(handles), frameon=False)
     path = fig_dir / f"{key}.png"
     F.save_figure(fig, path)
     return FigureResult(key, "SVCCA coefficient curves", path=path.name,
                         caption=("Canonical correlations of the SVD-reduced subspaces, sorted from highest to lowest, "
                                  "per layer. Solid: mean over trained seed pairs; dashed: each trained network "
                                  "against its random initialisation. Bands: ± std over pairs."))
+
+
+# ------------------------------------------------------------------------------------ regression
+def regression_figure(data: RunData, fig_dir: Path) -> FigureResult:
+    key = "regression_curves"
+    reg = data.table("compare", "regression")
+    if reg.empty:
+        return FigureResult(key, "Sparse prediction", skipped="no regression results in this run")
+    layers = [(m, l) for m, l in data.model_layers() if ((reg.model == m) & (reg.layer == l)).any()]
+    fig, ax = F.new_figure(F.COLUMN_INCHES + 0.6, 2.5)
+    for idx, (model, layer) in enumerate(layers):
+        color = F.PALETTE[idx % len(F.PALETTE)]
+        for kind, style in (("seeds", "-"), ("random", ":")):
+            sub = reg[(reg.model == model) & (reg.layer == layer) & (reg.kind == kind)]
+            if sub.empty:
+                continue
+            # Per pair and α the two directions averaged, then the mean over pairs (as table 5).
+            per_pair = sub.groupby(["a", "b", "alpha"], as_index=False)[["heldout_loss", "mean_nonzero"]].mean()
+            curve = per_pair.groupby("alpha")[["heldout_loss", "mean_nonzero"]].mean().sort_index()
+            ax.plot(curve["mean_nonzero"], curve["heldout_loss"], linestyle=style, marker="o", markersize=3,
+                    color=color, linewidth=1.2,
+                    label=data.layer_title(model, layer) if kind == "seeds" else None)
+    ax.plot([], [], linestyle=":", color="black", label="vs random init")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("input channels used per target")
+    ax.set_ylabel("held-out loss")
+    ax.set_ylim(bottom=0)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    path = fig_dir / f"{key}.png"
+    F.save_figure(fig, path)
+    return FigureResult(key, "Sparse prediction: loss against channels used", path=path.name,
+                        caption=("Predicting each channel of one network from the other's channels at the same layer: "
+                                 "held-out loss (1 = no information) against the mean number of input channels with "
+                                 "non-zero weight, one point per L1 strength α (Li et al. 2016). Solid: trained seed "
+                                 "pairs (mean over pairs and both directions); dotted: trained vs random init."))
 
 
 # ------------------------------------------------------------------------------------------- CKA
@@ -296,27 +339,49 @@ def agreement_figure(data: RunData, fig_dir: Path) -> FigureResult:
     if rows.empty:
         return FigureResult(key, "Concept agreement", skipped="needs both comparisons and IoU results")
     rows = rows[rows.kind == "seeds"]
-    groups = [data.layer_title(m, l) for m, l in data.model_layers()]
-    means = np.full((len(groups), 2), np.nan)
-    stds = np.full((len(groups), 2), np.nan)
-    for g, (model, layer) in enumerate(data.model_layers()):
+    layer_keys = list(data.model_layers())
+    groups = [data.layer_title(m, l) for m, l in layer_keys]
+    same = np.full(len(groups), np.nan)
+    same_std = np.full(len(groups), np.nan)
+    chance = np.full(len(groups), np.nan)
+    pairs = np.zeros(len(groups))
+    for g, (model, layer) in enumerate(layer_keys):
         sub = rows[(rows.model == model) & (rows.layer == layer)]
-        for c, col in enumerate(("same", "chance")):
-            vals = sub[col].dropna()
-            if len(vals):
-                means[g, c] = vals.mean()
-                stds[g, c] = vals.std(ddof=1) if len(vals) > 1 else np.nan
-    if not np.isfinite(means).any():
-        return FigureResult(key, "Concept agreement", skipped="no matched pair has two interpretable units")
+        pairs[g] = sub["pairs"].sum()
+        vals = sub["same"].dropna()
+        if len(vals):
+            same[g] = vals.mean()
+            same_std[g] = vals.std(ddof=1) if len(vals) > 1 else np.nan
+            chance[g] = sub["chance"].dropna().mean()
+    if rows.empty:
+        return FigureResult(key, "Concept agreement", skipped="no pairs of trained seeds")
     fig, ax = F.new_figure(F.COLUMN_INCHES, 2.3)
-    F.grouped_bars(ax, groups, ["same label", "chance"], means, stds=stds, ylabel="fraction of matched pairs",
-                   colors=[F.PALETTE[2], F.PALETTE[8]], ylim=(0, 1.05))
+    x = np.arange(len(groups))
+    ok = np.isfinite(same)
+    ax.bar(x[ok], same[ok], width=0.6, color=F.PALETTE[2], label="same label",
+           yerr=np.nan_to_num(same_std[ok]), capsize=2, error_kw={"elinewidth": 0.8})
+    ax.hlines(chance[ok], x[ok] - 0.36, x[ok] + 0.36, colors="black", linestyles="--", linewidth=1.2,
+              label="chance")
+    for g in range(len(groups)):
+        n = int(pairs[g])
+        text = f"{n} unit pair{'s' if n != 1 else ''}" if ok[g] else "no interpretable\nmatched pairs"
+        y = (same[g] + np.nan_to_num(same_std[g])) if ok[g] else 0.0
+        ax.text(x[g], y + 0.03, text, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, groups)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("fraction of matched pairs")
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i] != "same label")
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], frameon=False, loc="lower center",
+              bbox_to_anchor=(0.5, 1.0), ncols=2)
     path = fig_dir / f"{key}.png"
     F.save_figure(fig, path)
     return FigureResult(key, "Concept agreement of matched units", path=path.name,
                         caption=("Among Hungarian-matched pairs of interpretable units of two trained seeds, the "
-                                 "fraction with the same concept label, against chance from the label frequencies. "
-                                 "Mean ± std over seed pairs."))
+                                 "fraction with the same concept label (bars: mean ± std over seed pairs) against "
+                                 "the fraction expected by chance from the label frequencies (dashed); the label "
+                                 "above each bar is the number of such unit pairs summed over seed pairs."))
 
 
 # ------------------------------------------------------------------------------------- exemplars
@@ -415,7 +480,8 @@ def _unit_title(rec: pd.Series, unit: int) -> str:
 
 
 _BUILDERS: list[Callable[[RunData, Path], Any]] = [
-    correlation_figures, detectors_figure, svcca_figure, cka_figure, instability_figure, agreement_figure,
+    correlation_figures, detectors_figure, svcca_figure, cka_figure, regression_figure, instability_figure,
+    agreement_figure,
 ]
 
 

@@ -42,8 +42,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _rel(path: Path | str, root: Path) -> str:
-    p = Path(path)
-    return p.relative_to(root).as_posix() if p.is_absolute() else p.as_posix()
+    """``path`` relative to the (absolute) output folder, as a POSIX link target."""
+    return Path(path).absolute().relative_to(root).as_posix()
 
 
 def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
@@ -53,7 +53,7 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
         result: a finished run (``plan``, per-node cache entries, ``out_dir``).
         gallery_units: units per layer in the page's unit galleries (best IoU first; ``None`` = all).
     """
-    out = Path(result.out_dir)
+    out = Path(result.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     data = RunData(result)
     tables_dir, fig_dir, units_dir = out / "tables", out / "figures", out / "units"
@@ -109,11 +109,9 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
     cfg = data.config
     spec = data.plan.dataset_spec
     params = ", ".join(f"{k}={v}" for k, v in spec.get("params", {}).items())
-    record = getattr(result, "record", {}) or {}
-    created = record.get("created", _dt.datetime.now(_dt.timezone.utc).isoformat())
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     page = Page(title=f"repdissect report: {cfg.run.name}",
-                subtitle=[f"dataset {spec['kind']}" + (f" ({params})" if params else ""),
-                          f"generated {created[:19].replace('T', ' ')} UTC"])
+                subtitle=[f"dataset {spec['kind']}" + (f" ({params})" if params else ""), f"generated {created} UTC"])
 
     overview = page.section("overview", "Run overview")
     facts: list[tuple[str, Any]] = [("run", cfg.run.name), ("dataset", spec["kind"])]
@@ -123,14 +121,12 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
     facts += [("networks", ", ".join(i.name for i in data.instances)),
               ("network pairs", len(data.plan.pairs)), ("IoU threshold", data.iou_threshold),
               ("nodes", f"{len(result.results)} ({getattr(result, 'hits', 0)} from cache)")]
-    if (out / "run.json").is_file():
-        facts.append(("run record", "run.json"))
     overview.add(definition_list(facts))
     if (out / "run.json").is_file():
         overview.add(f'<p><a href="{link("run.json")}">run.json</a>: configuration, environment and the cache '
                      "key of every node.</p>")
-    overview.text("Every number below is read from the run's cache; regenerate with `repdissect report CONFIG`.",
-                  cls="caption")
+    overview.add('<p class="caption">Every number below is read from the run\'s cache; regenerate this page with '
+                 "<code>repdissect report CONFIG</code>.</p>")
 
     sec = page.section("tables", "Tables")
     for t in tables:
@@ -205,7 +201,8 @@ def summary_text(result: Any) -> str:
     stab = stability_summary(data)
     center = data.table("stability_center", "summary")
     cmp_ = data.table("compare", "summary")
-    head = ["layer", "interp.", "unique", "instab.", "instab.rnd", "hungarian", "within", "CKA", "CKA rnd"]
+    head = ["layer", "interp./units", "unique det.", "instab.", "instab. rnd", "hungarian r", "within r", "CKA",
+            "CKA rnd"]
     lines = []
     for model, layer in data.model_layers():
         def sel(frame: pd.DataFrame, **eq: str) -> pd.DataFrame:
@@ -234,6 +231,10 @@ def summary_text(result: Any) -> str:
             _fmt(mean_std(rnd.get("linear_cka", []))),
         ]
         lines.append(row)
+    # Columns the run has no data for (no landmarks, no comparisons) are left out.
+    keep = [0] + [i for i in range(1, len(head)) if any(r[i] != "–" for r in lines)]
+    head = [head[i] for i in keep]
+    lines = [[r[i] for i in keep] for r in lines]
     widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(head)]
     out = ["Summary (means over seeds / seed pairs; 'rnd' = random-init baseline):"]
     out.append("  " + "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))))
@@ -272,7 +273,8 @@ def report_from_cache(config: Any = None, *, cache_dir: str | Path | None = None
     from ..pipeline._executor import NodeResult
     from ..pipeline._run import resolve_config
 
-    cfg = resolve_config(config, cache_dir=cache_dir, out_dir=out_dir)
+    cfg = resolve_config(config, cache_dir=None if cache_dir is None else str(cache_dir),
+                         out_dir=None if out_dir is None else str(out_dir))
     store = CacheStore(cfg.run.cache_dir)
     plan = build_plan(cfg)
     results: dict[str, Any] = {}

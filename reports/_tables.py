@@ -156,7 +156,8 @@ class PaperTable:
 
     Cells are ``str``, numbers (``int``/``float``, NaN shown as ``–``), ``None`` (``–``) or :class:`MeanStd`.
     ``name`` is the file stem (``<name>.md``, ``.tex``, ``.csv``) and the LaTeX label (``tab:<name>``);
-    ``rules_after`` lists row indexes after which LaTeX draws a ``\\midrule`` (e.g. between layers).
+    ``rules_after`` lists row indexes after which LaTeX draws a ``\\midrule`` (e.g. between layers);
+    ``column_digits`` overrides ``digits`` for plain numbers of named columns (``MeanStd`` carries its own).
     """
 
     name: str
@@ -167,6 +168,7 @@ class PaperTable:
     notes: list[str] = field(default_factory=list)
     digits: int = 3
     rules_after: list[int] = field(default_factory=list)
+    column_digits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -177,11 +179,12 @@ class PaperTable:
                                  f"columns ({self.columns}); give one cell per column")
 
     # -- cell text ------------------------------------------------------------------------------
-    def cell_text(self, value: Any, *, pm: str = "±") -> str:
-        """Plain text of one cell (used by Markdown, HTML and the console summary)."""
+    def cell_text(self, value: Any, column: int | None = None) -> str:
+        """Plain text of one cell (Markdown, HTML, console); ``column`` selects a :attr:`column_digits` override."""
         if isinstance(value, MeanStd):
-            return value.text(pm=pm)
-        return format_number(value, self.digits)
+            return value.text()
+        digits = self.column_digits.get(self.columns[column], self.digits) if column is not None else self.digits
+        return format_number(value, digits)
 
     def numeric_columns(self) -> list[bool]:
         """Whether each column holds numbers (right-aligned) — true when every non-empty cell is numeric."""
@@ -200,7 +203,7 @@ class PaperTable:
         lines.append("| " + " | ".join(markdown_escape(c) for c in self.columns) + " |")
         lines.append("|" + "|".join("---:" if num else ":---" for num in numeric) + "|")
         for row in self.rows:
-            lines.append("| " + " | ".join(markdown_escape(self.cell_text(v)) for v in row) + " |")
+            lines.append("| " + " | ".join(markdown_escape(self.cell_text(v, j)) for j, v in enumerate(row)) + " |")
         if not self.rows:
             lines.append("| " + " | ".join("–" for _ in self.columns) + " |")
         for note in self.notes:
@@ -240,11 +243,11 @@ class PaperTable:
         rules = set(self.rules_after)
         for i, row in enumerate(self.rows):
             cells = []
-            for v in row:
+            for j, v in enumerate(row):
                 if isinstance(v, MeanStd):
                     cells.append(latex_escape(v.text(show_n=shared_n is None)))
                 else:
-                    cells.append(latex_escape(self.cell_text(v)))
+                    cells.append(latex_escape(self.cell_text(v, j)))
             out.append(" & ".join(cells) + r" \\")
             if i in rules and i != len(self.rows) - 1:
                 out.append(r"\midrule")
@@ -308,4 +311,4 @@ class PaperTable:
 
     def records(self) -> list[Mapping[str, str]]:
         """Rows as ``{column: display text}`` (for HTML and the console)."""
-        return [{c: self.cell_text(v) for c, v in zip(self.columns, row)} for row in self.rows]
+        return [{c: self.cell_text(v, j) for j, (c, v) in enumerate(zip(self.columns, row))} for row in self.rows]

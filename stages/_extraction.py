@@ -202,6 +202,15 @@ class Extractor:
         torch.from_numpy(out.max).copy_(values)
         torch.from_numpy(out.argmax).copy_(index)
         torch.from_numpy(out.mean).copy_(flat.mean(dim=2))
+        # Any NaN/inf in a map makes its mean NaN/±inf, so the small (N, C) summaries suffice to refuse
+        # non-finite activations here, before they reach the cache and every downstream statistic.
+        if not (np.isfinite(out.mean).all() and np.isfinite(out.max).all()):
+            bad_units = np.flatnonzero(~(np.isfinite(out.mean) & np.isfinite(out.max)).all(axis=0))
+            raise StageInputError(
+                f"layer {name!r} produced NaN/inf activations in {bad_units.size} of {c} units "
+                f"(e.g. units {bad_units[:5].tolist()}); check the weights (NaN/inf or overflowing parameters) "
+                "and the input normalisation (input_mean/input_std)"
+            )
 
     def run(self, images: np.ndarray | torch.Tensor, sink: Sink) -> None:
         """Forward one batch, handing each layer's output to ``sink(name, shape)``'s preallocated arrays."""

@@ -400,6 +400,8 @@ class IoUTally(StreamingStatistic):
         relevant = ((present.astype(np.int64) @ category_of) > 0).astype(np.int64)
 
         # Units (torch): evaluate only the quads with a corner near or above the threshold.
+        if not acts.flags.writeable:  # Arrow-backed shards are read-only; torch warns on sharing them
+            acts = np.array(acts, dtype=np.float32)
         x = torch.as_tensor(acts, device=dev).to(torch.float32)
         geometry = _QuadGeometry.build(ay, ax, dev)
         hot = x > torch.as_tensor(_prune_thresholds(thresholds), device=dev)[None, :, None, None]

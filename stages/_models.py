@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -213,7 +214,7 @@ def _factory_for(architecture: str) -> Callable[..., nn.Module]:
             close = difflib.get_close_matches(key, available, n=5)
             hint = f" (did you mean {', '.join(_TORCHVISION_PREFIX + c for c in close)}?)" if close else ""
             raise StageInputError(
-                f"unknown torchvision model {architecture!r}{hint}; `repdissect models` lists all "
+                f"unknown torchvision model {architecture!r}{hint}; `repdissect models 'torchvision:*'` lists all "
                 f"{len(available)} classification models"
             )
 
@@ -229,7 +230,7 @@ def _factory_for(architecture: str) -> Callable[..., nn.Module]:
         available = ", ".join(list_models(torchvision=False))
         raise StageInputError(
             f"unknown model architecture {architecture!r}; use {_ACCEPTED_FORMS} "
-            f"(built-in: {available}; torchvision names: `repdissect models`)"
+            f"(built-in: {available}; all names: `repdissect models`)"
         )
     try:
         target: Any = importlib.import_module(module_name)
@@ -256,6 +257,16 @@ def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return dict(state)
 
 
+def _load_failure(exc: BaseException) -> str:
+    """One line of ``torch.load``'s (multi-line, ANSI-coloured) error: the offending global when it names one."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
+    line = (named or lines or [type(exc).__name__])[0]
+    line = line.split("WeightsUnpickler error: ", 1)[-1].split(". Please use", 1)[0]  # never advise allow-listing
+    return f"{type(exc).__name__}: {line[:200]}"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file safely (``weights_only=True``) and return a plain ``name -> tensor`` dict.
 
@@ -269,7 +280,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise StageInputError(
-            f"model weights file {str(path)!r} cannot be read as a safe (weights_only) checkpoint: {exc}. "
+            f"model weights file {str(path)!r} cannot be read as a safe (weights_only) checkpoint "
+            f"({_load_failure(exc)}); only plain tensor state dicts are accepted, since unpickling anything else "
+            "could run code. "
             "Save it as a state dict: torch.save(model.state_dict(), path)"
         ) from exc
     if isinstance(obj, Mapping):
@@ -364,7 +377,8 @@ def build_model(
     if classes is not None:
         kwargs["num_classes"] = int(classes)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+        # Only the CPU generator: construction happens on the CPU, and CUDA RNG state stays untouched.
+        torch.default_generator.manual_seed(int(seed))
         try:
             net = factory(**kwargs)
         except TypeError as exc:

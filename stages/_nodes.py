@@ -32,34 +32,57 @@ Stages and their tables (``@<layer>`` marks one table per layer):
 
 from __future__ import annotations
 
+import importlib
 import io
 import time
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from ..pipeline._hashing import digest
 from ..pipeline._stage import Context, ShardedStage, Stage, StageOutput, register_stage
 from ._bundle import bundle, unbundle
-from ._extraction import PARQUET_OPTIONS, UnitMeans, cached_model, extract_shard
-from ._models import ModelSpec, build_model
-from ._training import TrainConfig, load_checkpoint, state_dict_digest, train_model
-from ._thresholds import RadixQuantile, TopQuantile, threshold_method
-from ._activations import table_to_arrays
 from ._errors import StageInputError
-from ._extraction import read_summaries
-from ._iou import IoUTally, iou_tables
-from ._stability import LandmarkTopK, center_baseline, stability_tables
-from .compare import JointMoments, MultiMoments, cka_matrix, compare_moments, samples_from_maps
+
+
+class _Lazy:
+    """A module imported on first attribute access.
+
+    Registering the stages must stay cheap: a fully cached rerun looks up keys and never needs torch or
+    scipy, so the science modules load only when a stage actually computes.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            self._module = importlib.import_module(self._name, __package__)
+        return getattr(self._module, attr)
+
+
+_activations = _Lazy("._activations")
+_extraction = _Lazy("._extraction")
+_models = _Lazy("._models")
+_training = _Lazy("._training")
+_thresholds = _Lazy("._thresholds")
+_iou = _Lazy("._iou")
+_stability = _Lazy("._stability")
+_compare = _Lazy(".compare")
+
+
+def _torch() -> ModuleType:
+    return importlib.import_module("torch")
 
 __all__ = ["TrainStage", "ExtractStage", "model_spec_from_params"]
 
 
 def model_spec_from_params(params: dict[str, Any], weights: str | None = None) -> ModelSpec:
-    return ModelSpec(architecture=params["architecture"], arch_kwargs=dict(params["arch"]),
+    return _models.ModelSpec(architecture=params["architecture"], arch_kwargs=dict(params["arch"]),
                      num_classes=params.get("num_classes"), weights=weights,
                      input_mean=tuple(params["input_mean"]), input_std=tuple(params["input_std"]))
 
@@ -75,35 +98,35 @@ class TrainStage(Stage):
     def run(self, ctx: Context) -> StageOutput:
         params = ctx.params
         spec = model_spec_from_params(params)
-        config = TrainConfig.from_dict(params["train"])
+        config = _training.TrainConfig.from_dict(params["train"])
         started = time.time()
         threads = int(ctx.execution.get("torch_threads") or 0) or None
-        state, history = train_model(spec, ctx.dataset(), seed=int(params["seed"]), config=config,
+        state, history = _training.train_model(spec, ctx.dataset(), seed=int(params["seed"]), config=config,
                                      device=ctx.device(), num_threads=threads)
         buffer = io.BytesIO()
-        torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
+        _torch().save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
         final = history.iloc[-1]
         return StageOutput(
             tables={"history": history},
             files={"model.pt": buffer.getvalue()},
-            extras={"weights_sha256": state_dict_digest(state), "final_val_acc": float(final["val_acc"]),
+            extras={"weights_sha256": _training.state_dict_digest(state), "final_val_acc": float(final["val_acc"]),
                     "final_train_acc": float(final["train_acc"]), "epochs": int(len(history)),
                     "train_seconds": time.time() - started},
         )
 
 
-def load_network(ctx: Context, activations_role: str | None = None) -> torch.nn.Module:
+def load_network(ctx: Context) -> Any:
     """The network an ``extract`` node describes, built once per worker process and reused."""
     params = ctx.params
     model_key = digest({k: v for k, v in params.items() if k not in ("layers", "storage_dtype")}
                        | {"upstream": {r: e.key for r, e in ctx.inputs.items()}})
 
-    def build() -> torch.nn.Module:
+    def build() -> Any:
         spec = model_spec_from_params(params, weights=params.get("weights_path"))
-        state = load_checkpoint(ctx.inputs["weights"].file("model.pt")) if "weights" in ctx.inputs else None
-        return build_model(spec, seed=int(params["seed"]), state_dict=state)
+        state = _training.load_checkpoint(ctx.inputs["weights"].file("model.pt")) if "weights" in ctx.inputs else None
+        return _models.build_model(spec, seed=int(params["seed"]), state_dict=state)
 
-    return cached_model(model_key, build)
+    return _extraction.cached_model(model_key, build)
 
 
 @register_stage
@@ -120,15 +143,15 @@ class ExtractStage(ShardedStage):
     def map(self, ctx: Context, shard_index: int, shard: Any) -> pa.Table:
         model = load_network(ctx)
         layers = list(ctx.params["layers"])
-        outputs = extract_shard(model, layers, ctx.dataset(), np.arange(shard[0], shard[1]),
+        outputs = _extraction.extract_shard(model, layers, ctx.dataset(), np.arange(shard[0], shard[1]),
                                 batch_size=int(ctx.execution["batch_size"]), device=ctx.device(),
                                 dtype=ctx.params["storage_dtype"])
         states = {}
         for layer, out in outputs.items():
             ctx.write_part(f"activations@{layer}", shard_index, out.activations,
-                           row_group_size=max(out.activations.num_rows, 1), **PARQUET_OPTIONS)
+                           row_group_size=max(out.activations.num_rows, 1), **_extraction.PARQUET_OPTIONS)
             ctx.write_part(f"summaries@{layer}", shard_index, out.summaries)
-            states[layer] = UnitMeans.from_summaries(out.summaries).to_table()
+            states[layer] = _extraction.UnitMeans.from_summaries(out.summaries).to_table()
         states["_shard"] = pa.table({"shard": [shard_index], "start": [shard[0]], "stop": [shard[1]]})
         return bundle(states)
 
@@ -139,7 +162,7 @@ class ExtractStage(ShardedStage):
             if name == "_shard":
                 merged[name] = pa.concat_tables([ta[name], tb[name]])
             else:
-                merged[name] = UnitMeans.from_table(ta[name]).merge(UnitMeans.from_table(tb[name])).to_table()
+                merged[name] = _extraction.UnitMeans.from_table(ta[name]).merge(_extraction.UnitMeans.from_table(tb[name])).to_table()
         return bundle(merged)
 
     def finalize(self, ctx: Context, merged: pa.Table) -> StageOutput:
@@ -147,7 +170,7 @@ class ExtractStage(ShardedStage):
         tables: dict[str, Any] = {}
         shapes = {}
         for layer in ctx.params["layers"]:
-            stat = UnitMeans.from_table(states[layer])
+            stat = _extraction.UnitMeans.from_table(states[layer])
             tables[f"units@{layer}"] = pd.DataFrame({
                 "unit": np.arange(len(stat.mean)), "mean": stat.mean, "mean_max": stat.mean_max,
                 "max": stat.max, "dead": stat.dead,
@@ -172,7 +195,7 @@ def _layer_parts(ctx: Context, role: str, kind: str = "activations") -> list:
 def _read_part(path) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow.parquet as pq
 
-    return table_to_arrays(pq.read_table(path))
+    return _activations.table_to_arrays(pq.read_table(path))
 
 
 @register_stage
@@ -187,12 +210,12 @@ class ThresholdsStage(ShardedStage):
         images = int(extract.extras["images"])
         shape = tuple(extract.extras["layer_shapes"][ctx.params["layer"]])
         budget = int(ctx.node.exec_params.get("memory_budget_mb", 256)) * 2**20
-        method = threshold_method(images, shape, "float32", float(ctx.params["quantile"]), budget)
+        method = _thresholds.threshold_method(images, shape, "float32", float(ctx.params["quantile"]), budget)
         return images, method, budget
 
     def _new(self, ctx: Context):
         images, method, budget = self._plan(ctx)
-        cls = TopQuantile if method == "topk" else RadixQuantile
+        cls = _thresholds.TopQuantile if method == "topk" else _thresholds.RadixQuantile
         return cls(images, float(ctx.params["quantile"]), budget)
 
     def shards(self, ctx: Context) -> list[Any]:
@@ -234,6 +257,13 @@ def heldout_mask(image_ids: np.ndarray, fraction: float) -> np.ndarray:
 
 def _aligned_part(ctx: Context, role: str, layer: str, ids: np.ndarray) -> np.ndarray:
     """Activations of ``layer`` in extract entry ``role`` for exactly the images ``ids`` (any part layout)."""
+    datasets = {r: e.manifest.get("digests", {}).get("dataset") for r, e in ctx.inputs.items()}
+    if len(set(datasets.values())) > 1:  # equal image counts would otherwise pair unrelated images silently
+        shown = ", ".join(f"{r}: {str(d)[:12]}" for r, d in sorted(datasets.items()))
+        raise StageInputError(
+            f"the compared models' activations come from different datasets (dataset digests {shown}); "
+            "compare models extracted from the same dataset"
+        )
     entry = ctx.inputs[role]
     shards = entry.table("shards").to_pandas()
     lo, hi = int(ids.min()), int(ids.max()) + 1
@@ -272,20 +302,20 @@ class MomentsStage(ShardedStage):
         held = heldout_mask(ids, float(p["holdout"]))
         states = {}
         for split, mask in (("train", ~held), ("heldout", held)):
-            stat = JointMoments(*self._channels(ctx))
+            stat = _compare.JointMoments(*self._channels(ctx))
             if mask.any():
-                a, b = samples_from_maps(acts_a[mask], acts_b[mask], mode=p["samples"], resize=p["resize"])
+                a, b = _compare.samples_from_maps(acts_a[mask], acts_b[mask], mode=p["samples"], resize=p["resize"])
                 stat.update(a, b)
             states[split] = stat.to_table()
         return bundle(states)
 
     def combine(self, ctx: Context, a: pa.Table, b: pa.Table) -> pa.Table:
         ta, tb = unbundle(a), unbundle(b)
-        return bundle({k: JointMoments.from_table(ta[k]).merge(JointMoments.from_table(tb[k])).to_table() for k in ta})
+        return bundle({k: _compare.JointMoments.from_table(ta[k]).merge(_compare.JointMoments.from_table(tb[k])).to_table() for k in ta})
 
     def finalize(self, ctx: Context, merged: pa.Table) -> StageOutput:
         states = unbundle(merged)
-        n = {k: JointMoments.from_table(v).n for k, v in states.items()}
+        n = {k: _compare.JointMoments.from_table(v).n for k, v in states.items()}
         if n["train"] < 2:
             raise StageInputError(
                 f"layer pair {ctx.params['layer_a']!r}/{ctx.params['layer_b']!r} has {n['train']} training samples; "
@@ -303,9 +333,9 @@ class CompareStage(Stage):
 
     def run(self, ctx: Context) -> StageOutput:
         p = ctx.params
-        train = JointMoments.from_table(ctx.inputs["moments"].table("train"))
-        heldout = JointMoments.from_table(ctx.inputs["moments"].table("heldout"))
-        tables = compare_moments(train, heldout, alphas=list(p["alphas"]), thresholds=list(p["match_thresholds"]),
+        train = _compare.JointMoments.from_table(ctx.inputs["moments"].table("train"))
+        heldout = _compare.JointMoments.from_table(ctx.inputs["moments"].table("heldout"))
+        tables = _compare.compare_moments(train, heldout, alphas=list(p["alphas"]), thresholds=list(p["match_thresholds"]),
                                  svcca_keep=float(p["svcca_keep"]))
         return StageOutput(tables=tables)
 
@@ -338,17 +368,17 @@ class CKAStage(ShardedStage):
             role, layer = name.split(":", 1)
             acts = _aligned_part(ctx, role, layer, ids)
             blocks.append(acts.astype(np.float32).mean(axis=(2, 3)))
-        stat = MultiMoments(sizes, names)
+        stat = _compare.MultiMoments(sizes, names)
         stat.update(*blocks)
         return stat.to_table()
 
     def combine(self, ctx: Context, a: pa.Table, b: pa.Table) -> pa.Table:
-        return MultiMoments.from_table(a).merge(MultiMoments.from_table(b)).to_table()
+        return _compare.MultiMoments.from_table(a).merge(_compare.MultiMoments.from_table(b)).to_table()
 
     def finalize(self, ctx: Context, merged: pa.Table) -> StageOutput:
-        stat = MultiMoments.from_table(merged)
+        stat = _compare.MultiMoments.from_table(merged)
         names, _ = self._blocks(ctx)
-        table = cka_matrix(stat, [n for n in names if n.startswith("a:")], [n for n in names if n.startswith("b:")])
+        table = _compare.cka_matrix(stat, [n for n in names if n.startswith("a:")], [n for n in names if n.startswith("b:")])
         table["layer_a"] = table["layer_a"].str.slice(2)
         table["layer_b"] = table["layer_b"].str.slice(2)
         return StageOutput(tables={"cka": table}, extras={"samples": stat.n})
@@ -365,14 +395,14 @@ class IoUStage(ShardedStage):
     def shards(self, ctx: Context) -> list[Any]:
         return list(range(len(_layer_parts(ctx, "activations"))))
 
-    def _new(self, ctx: Context) -> IoUTally:
+    def _new(self, ctx: Context) -> _iou.IoUTally:
         dataset = ctx.dataset()
         if not dataset.concepts:
             raise StageInputError(
                 f"dataset kind {dataset.kind!r} has no concept labels, so units cannot be dissected; use a dataset "
                 "with masks (synthetic, broden) or disable dissection"
             )
-        return IoUTally(dataset.concepts, dataset.seg_size, device=ctx.device())
+        return _iou.IoUTally(dataset.concepts, dataset.seg_size, device=ctx.device())
 
     def map(self, ctx: Context, shard_index: int, shard: Any) -> pa.Table:
         ids, acts = _read_part(_layer_parts(ctx, "activations")[shard])
@@ -382,11 +412,11 @@ class IoUStage(ShardedStage):
         return tally.to_table()
 
     def combine(self, ctx: Context, a: pa.Table, b: pa.Table) -> pa.Table:
-        return IoUTally.from_table(a).merge(IoUTally.from_table(b)).to_table()
+        return _iou.IoUTally.from_table(a).merge(_iou.IoUTally.from_table(b)).to_table()
 
     def finalize(self, ctx: Context, merged: pa.Table) -> StageOutput:
-        tally = IoUTally.from_table(merged)
-        tables = iou_tables(tally, ctx.dataset().concepts, float(ctx.params["iou_threshold"]))
+        tally = _iou.IoUTally.from_table(merged)
+        tables = _iou.iou_tables(tally, ctx.dataset().concepts, float(ctx.params["iou_threshold"]))
         return StageOutput(tables=tables, extras={"images": int(tally.images)})
 
 
@@ -403,18 +433,18 @@ class StabilityStage(ShardedStage):
     def map(self, ctx: Context, shard_index: int, shard: Any) -> pa.Table:
         import pyarrow.parquet as pq
 
-        summaries = read_summaries(pq.read_table(_layer_parts(ctx, "activations", "summaries")[shard]))
+        summaries = _extraction.read_summaries(pq.read_table(_layer_parts(ctx, "activations", "summaries")[shard]))
         dataset = ctx.dataset()
-        stat = LandmarkTopK(dataset.image_size, int(ctx.params["top_k"]))
+        stat = _stability.LandmarkTopK(dataset.image_size, int(ctx.params["top_k"]))
         stat.update(summaries.max, summaries.argmax, summaries.shape[1:], dataset.load(summaries.image),
                     summaries.image)
         return stat.to_table()
 
     def combine(self, ctx: Context, a: pa.Table, b: pa.Table) -> pa.Table:
-        return LandmarkTopK.from_table(a).merge(LandmarkTopK.from_table(b)).to_table()
+        return _stability.LandmarkTopK.from_table(a).merge(_stability.LandmarkTopK.from_table(b)).to_table()
 
     def finalize(self, ctx: Context, merged: pa.Table) -> StageOutput:
-        return StageOutput(tables=stability_tables(LandmarkTopK.from_table(merged), ctx.dataset().landmark_names))
+        return StageOutput(tables=_stability.stability_tables(_stability.LandmarkTopK.from_table(merged), ctx.dataset().landmark_names))
 
 
 @register_stage
@@ -431,6 +461,6 @@ class StabilityCenterStage(Stage):
             batch = dataset.load(np.arange(rng.start, rng.stop))
             landmarks.append(batch.landmarks)
             visible.append(batch.landmark_visible)
-        tables = center_baseline(np.concatenate(landmarks), np.concatenate(visible), dataset.image_size,
+        tables = _stability.center_baseline(np.concatenate(landmarks), np.concatenate(visible), dataset.image_size,
                                  dataset.landmark_names, sample_size=int(ctx.params["top_k"]), seed=0)
         return StageOutput(tables=tables)

@@ -228,7 +228,7 @@ def _deviation_tables(
 ) -> dict[str, pd.DataFrame]:
     """Tables from per (unit, landmark, slot) distances and a mask of the slots used."""
     c, p, _ = distances.shape
-    names = list(landmark_names) if landmark_names is not None else [str(k) for k in range(p)]
+    names = list(landmark_names) if landmark_names else [str(k) for k in range(p)]
     if len(names) != p:
         raise StageInputError(f"stability_tables: {len(names)} landmark names for {p} landmarks")
     images = used.sum(axis=2)
@@ -278,7 +278,7 @@ def stability_tables(stat: LandmarkTopK, landmark_names: Sequence[str] | None = 
 
     Args:
         stat: the merged :class:`LandmarkTopK` of the layer.
-        landmark_names: names of the P landmarks (default ``"0"``, ``"1"``, …).
+        landmark_names: names of the P landmarks (default, also when empty: ``"0"``, ``"1"``, …).
 
     Returns:
         ``unit_landmark``: ``unit, landmark, landmark_name, images, deviation, valid`` (deviation 0.0 when
@@ -319,7 +319,8 @@ def center_baseline(
         seed: seed of the sample.
 
     Returns:
-        The tables of :func:`stability_tables` for a single pseudo-unit 0 (never ``constant``).
+        The tables of :func:`stability_tables` for a single pseudo-unit 0 (never ``constant``); the summary's
+        ``top_k`` is the sample size (0 = all visible images).
     """
     landmarks = np.asarray(landmarks, dtype=np.float64)
     visible = np.asarray(visible, dtype=bool)

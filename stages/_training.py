@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from ._errors import StageInputError
+from ._train_config import TrainConfig
+from ._extraction import resolve_device
 from ._models import ModelSpec, build_model, read_state_dict, unwrap
 
 __all__ = [
@@ -47,67 +49,6 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l
 
 # Purposes for the per-seed numpy streams, so adding one never shifts another.
 _ORDER_STREAM, _AUGMENT_STREAM = 1, 2
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training hyperparameters (all of them change the result, so all of them belong in the cache key).
-
-    Attributes:
-        epochs: passes over the training split.
-        batch_size: images per step.
-        lr: peak learning rate.
-        momentum: SGD momentum (Adam's beta1 when ``optimizer="adam"``).
-        weight_decay: L2 penalty on conv/linear weights (not on BatchNorm parameters or biases).
-        optimizer: ``"sgd"`` (Nesterov) or ``"adam"`` (AdamW).
-        schedule: ``"onecycle"`` (linear warm-up from lr/25 over the first quarter of the steps, then cosine
-            down to 0), ``"cosine"`` (cosine from lr to 0) or ``"constant"``; updated every step.
-        label_smoothing: cross-entropy label smoothing.
-        augment_flip: random horizontal flips.
-        augment_shift: random translation by up to this many pixels (zero padding), 0 to disable.
-        eval_batch_size: images per forward pass in validation.
-    """
-
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    schedule: str = "onecycle"
-    label_smoothing: float = 0.05
-    augment_flip: bool = True
-    augment_shift: int = 4
-    eval_batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("epochs", self.epochs >= 1 if isinstance(self.epochs, int) else False, "an integer ≥ 1"),
-            ("batch_size", self.batch_size >= 2 if isinstance(self.batch_size, int) else False, "an integer ≥ 2"),
-            ("eval_batch_size", self.eval_batch_size >= 1 if isinstance(self.eval_batch_size, int) else False, "an integer ≥ 1"),
-            ("lr", self.lr > 0, "positive"),
-            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, "≥ 0"),
-            ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
-            ("schedule", self.schedule in ("onecycle", "cosine", "constant"), "'onecycle', 'cosine' or 'constant'"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("augment_shift", isinstance(self.augment_shift, int) and self.augment_shift >= 0, "an integer ≥ 0"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise StageInputError(f"training setting {name} must be {want}; got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_dict(cls, params: Mapping[str, Any]) -> TrainConfig:
-        """Build from a config table, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise StageInputError(f"unknown training setting(s) {unknown}; known settings: {sorted(known)}")
-        return cls(**dict(params))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -163,10 +104,15 @@ def _deterministic(device: torch.device, seed: int, num_threads: int | None) -> 
         torch.backends.cudnn.deterministic,
         torch.get_num_threads(),
     )
-    devices = [device.index or 0] if device.type == "cuda" else []
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    devices = [device.index] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)  # fork_rng restores this device's state afterwards
             torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
@@ -277,7 +223,7 @@ def train_model(
             labelled −1 are skipped.
         seed: the seed of initialisation, data order, augmentation and dropout.
         config: hyperparameters (``TrainConfig()`` when omitted).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …
+        device: ``"cpu"``, ``"auto"``, ``"cuda"``, ``"cuda:1"`` … (the CPU is the bit-reproducible one).
         progress: called after every epoch with that epoch's history row.
         num_threads: torch intra-op threads during training (restored after); pin it for bit-identical
             results across machines with different core counts.
@@ -289,7 +235,7 @@ def train_model(
         validation; ``lr`` is the rate at the epoch's last step; ``seconds`` is that epoch's wall time).
     """
     config = config or TrainConfig()
-    device = torch.device(device)
+    device = resolve_device(device)
     num_classes = spec.num_classes or len(dataset.class_names)
     if num_classes < 2:
         raise StageInputError(

@@ -162,7 +162,9 @@ def _cca(cov_ab: np.ndarray, side_a: _Spectrum, side_b: _Spectrum) -> tuple[np.n
     return _cca_on_bases(cov_ab, side_a.vectors[:, :ka], side_a.values[:ka], side_b.vectors[:, :kb], side_b.values[:kb])
 
 
-def _svcca(cov_ab: np.ndarray, side_a: _Spectrum, side_b: _Spectrum, keep: float, convention: str) -> CanonicalCorrelations:
+def _svcca(
+    cov_ab: np.ndarray, side_a: _Spectrum, side_b: _Spectrum, keep: float, convention: str
+) -> CanonicalCorrelations:
     ma = min(svcca_dims(side_a.values, keep, convention), side_a.rank)
     mb = min(svcca_dims(side_b.values, keep, convention), side_b.rank)
     corrs, _, _ = _cca_on_bases(

@@ -23,6 +23,18 @@ Tables of :func:`compare_moments` (only those of the requested metric groups are
 ``svcca``               index, corr — canonical correlations of the SVD-reduced subspaces           [svcca]
 ``metrics``             metric, value — every scalar below, long form (what the CLI prints)
 ``summary``             the same scalars as one wide row (columns = metric names)
+
+Scalars (float values; the group that produces them in brackets):
+
+* always: n_train, n_heldout, units_a, units_b, dead_units_a, dead_units_b
+* [correlation or matching]: within_a_mean_max_corr, within_b_mean_max_corr (Li et al.'s within-net baseline)
+* [matching]: semi_a_to_b_mean_corr, semi_b_to_a_mean_corr, hungarian_mean_corr, semi_hungarian_agreement
+  (fraction of A's units whose semi-matching partner is their Hungarian partner), bottleneck_threshold,
+  bottleneck_mean_corr, hk_matched_t<t> per threshold (e.g. hk_matched_t0.5)
+* [cca]: cca_mean, cca_dims_a, cca_dims_b — [svcca]: svcca_mean, svcca_dims_a, svcca_dims_b — [pwcca]: pwcca —
+  [linear_cka]: linear_cka
+* [regression], for <dir> in a_from_b, b_from_a: lstsq_heldout_loss_<dir>, lstsq_mean_nonzero_<dir> (α = 0) and
+  lasso_alpha<α>_heldout_loss_<dir>, lasso_alpha<α>_mean_nonzero_<dir> (e.g. lasso_alpha0.01_heldout_loss_a_from_b)
 """
 
 from __future__ import annotations
@@ -96,7 +108,7 @@ def compare_moments(
     eps: float = 1e-10,
     dead_tol: float = 1e-10,
     similarity_on: Literal["all", "train"] = "all",
-    lasso_tol: float = 1e-7,
+    lasso_tol: float = 1e-6,
     max_sweeps: int = 2000,
     correlation_tables: bool = True,
 ) -> dict[str, pd.DataFrame]:
@@ -170,9 +182,11 @@ def compare_moments(
         }
     )
 
-    if "correlation" in groups:
+    if {"correlation", "matching"} & set(groups):
+        # Li et al.'s within-net baseline: how well a unit is matched by another unit of its own net.
         scalars["within_a_mean_max_corr"] = float(within_a[~dead_a].mean()) if (~dead_a).any() else 0.0
         scalars["within_b_mean_max_corr"] = float(within_b[~dead_b].mean()) if (~dead_b).any() else 0.0
+    if "correlation" in groups:
         if correlation_tables:
             tables["correlation"] = pd.DataFrame(
                 {
@@ -184,7 +198,11 @@ def compare_moments(
             parts = []
             for net, block in (("a", corr[:ca, :ca]), ("b", corr[ca:, ca:])):
                 i, j = np.triu_indices(block.shape[0], k=1)
-                parts.append(pd.DataFrame({"net": net, "unit_i": i.astype(np.int64), "unit_j": j.astype(np.int64), "corr": block[i, j]}))
+                parts.append(
+                    pd.DataFrame(
+                        {"net": net, "unit_i": i.astype(np.int64), "unit_j": j.astype(np.int64), "corr": block[i, j]}
+                    )
+                )
             tables["within_correlation"] = pd.concat(parts, ignore_index=True)
 
     if "matching" in groups:
@@ -342,5 +360,13 @@ def compare_arrays(
     heldout_rows, train_rows = np.sort(order[:n_heldout]), np.sort(order[n_heldout:])
     train = _accumulate(a, b, train_rows)
     heldout = _accumulate(a, b, heldout_rows) if n_heldout else None
-    tables = compare_moments(train, heldout, metrics=groups, alphas=alphas, thresholds=thresholds, correlation_tables=False, **options)  # type: ignore[arg-type]
+    tables = compare_moments(
+        train,
+        heldout,
+        metrics=groups,
+        alphas=alphas,
+        thresholds=thresholds,
+        correlation_tables=False,
+        **options,  # type: ignore[arg-type]
+    )
     return tables["metrics"]

@@ -109,7 +109,9 @@ class MultiMoments(StreamingStatistic):
     def update(self, *blocks: Any) -> None:
         """Fold one batch in: ``blocks[i]`` is an (n, sizes[i]) array or tensor, all with the same n rows."""
         if len(blocks) != len(self.sizes):
-            raise StageInputError(f"update got {len(blocks)} blocks but this statistic has {len(self.sizes)} ({self.names})")
+            raise StageInputError(
+                f"update got {len(blocks)} blocks but this statistic has {len(self.sizes)} ({self.names})"
+            )
         rows = None
         for name, size, block in zip(self.names, self.sizes, blocks):
             shape = tuple(block.shape)
@@ -186,7 +188,9 @@ class MultiMoments(StreamingStatistic):
         stat._mean = arrays["mean"].astype(np.float64)
         stat._m2 = arrays["m2"].astype(np.float64)
         if stat._mean.shape != (stat.dim,) or stat._m2.shape != (stat.dim, stat.dim):
-            raise StageInputError(f"moment table is corrupt: mean {stat._mean.shape}, m2 {stat._m2.shape}, D={stat.dim}")
+            raise StageInputError(
+                f"moment table is corrupt: mean {stat._mean.shape}, m2 {stat._m2.shape}, D={stat.dim}"
+            )
         return stat
 
     # -------------------------------------------------------------------- read-outs

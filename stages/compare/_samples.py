@@ -106,5 +106,6 @@ def _pool_to(maps: Any, grid: tuple[int, int]) -> Any:
 def _positions(maps: Any) -> Any:
     n, c, h, w = maps.shape
     is_tensor = type(maps).__module__.split(".")[0] == "torch"
-    flat = maps.permute(0, 2, 3, 1).reshape(n * h * w, c) if is_tensor else maps.transpose(0, 2, 3, 1).reshape(n * h * w, c)
+    channels_last = maps.permute(0, 2, 3, 1) if is_tensor else maps.transpose(0, 2, 3, 1)
+    flat = channels_last.reshape(n * h * w, c)
     return _upcast(flat, is_tensor)

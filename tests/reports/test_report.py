@@ -15,7 +15,8 @@ from repdissect.reports import summary_text, write_report
 
 TABLES = ["1_dissection_summary", "2_top_units", "3_location_instability", "4_convergent_learning", "5_regression",
           "6_similarity", "7_concept_agreement", "8_training"]
-FIGURES = ["correlation_cnn", "detectors", "svcca_curves", "cka_layers", "location_instability", "concept_agreement",
+FIGURES = ["correlation_cnn", "detectors", "svcca_curves", "cka_layers", "regression_curves", "location_instability",
+           "concept_agreement",
            "exemplars_cnn_s0_conv1", "exemplars_cnn_s0_conv2"]
 
 
@@ -361,3 +362,26 @@ def test_latex_tables_compile(fake_run, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     log = (tmp_path / "doc.log").read_text(errors="replace")
     assert "Missing character" not in log
+
+
+def test_layers_without_valid_units_have_no_instability():
+    from repdissect.reports._paper import stability_summary
+
+    class Data:
+        def table(self, stage, name):
+            return pd.DataFrame({"instance": ["x", "y"], "layer": "L", "valid_units": [0, 3],
+                                 "instability": [0.0, 0.12]})
+
+    values = stability_summary(Data())["instability"]
+    assert math.isnan(values.iloc[0]) and values.iloc[1] == 0.12
+
+
+def test_relative_output_folder_gives_relative_links(fake_run, tmp_path, monkeypatch, inspect_html):
+    result, _ = fake_run
+    monkeypatch.chdir(tmp_path)
+    plan = dataclasses.replace(result.plan, nodes=[n for n in result.plan.nodes if n.stage in ("train", "compare")])
+    index = write_report(dataclasses.replace(result, plan=plan, out_dir="runs/rel"))
+    assert index == tmp_path / "runs" / "rel" / "index.html"
+    refs, _, _, unresolved = inspect_html(index)
+    assert unresolved == []
+    assert "figures/correlation_cnn.png" in {v for _, _, v in refs}

@@ -153,3 +153,11 @@ def test_wide_tables_span_both_columns(check_latex):
     tex = wide.to_latex()
     assert r"\begin{table*}" in tex and r"\end{table*}" in tex and r"\footnotesize" in tex
     assert check_latex(tex) == []
+
+
+def test_column_digits_override_plain_numbers_only():
+    table = PaperTable(name="d", title="d", columns=["acc", "time"], rows=[[0.12345, 12.345]],
+                       column_digits={"time": 1})
+    assert table.records() == [{"acc": "0.123", "time": "12.3"}]
+    assert "| 0.123 | 12.3 |" in table.to_markdown()
+    assert "0.123 & 12.3" in table.to_latex()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -164,7 +163,7 @@ def test_sharded_and_merged_equals_whole(sizes):
     assert merged.images == 12
 
 
-@pytest.mark.parametrize("chunk_images, block_pixels", [(1, 1), (4, 100), (64, 2**22)])
+@pytest.mark.parametrize("chunk_images, block_pixels", [(1, 400), (4, 100), (64, 2**22)])
 def test_execution_parameters_do_not_change_counts(chunk_images, block_pixels):
     rng = np.random.default_rng(4)
     acts, thresholds, batch = random_world(rng)

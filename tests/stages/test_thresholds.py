@@ -240,3 +240,15 @@ def test_radix_result_before_done_and_bad_quantile_raise():
 def test_merge_of_different_settings_raises():
     with pytest.raises(StageInputError, match="cannot be merged"):
         TopQuantile(10, 0.1).merge(TopQuantile(10, 0.2))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("quantile", [0.08, 0.1])  # interpolation weight 0.92 and 0.4 on 27 values
+def test_interpolation_rounds_like_numpy(method, quantile):
+    """Few, widely spaced float32 values per unit: numpy's two-sided lerp rounding must be reproduced exactly."""
+    acts = np.random.default_rng(11).standard_normal((3, 512, 3, 3)).astype(np.float32)
+    expected, counts = numpy_reference(acts, quantile)
+    extra = {"budget_bytes": 2**22} if method == "radix" else {}
+    table = METHODS[method](shards_of(acts, [1, 2]), 3, quantile, **extra)
+    assert np.array_equal(table["threshold"], expected.astype(np.float64))
+    np.testing.assert_array_equal(table["count"], counts)

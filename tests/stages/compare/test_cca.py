@@ -118,7 +118,10 @@ DEGENERATE = {
         np.c_[rng.standard_normal((200, 4)), np.zeros((200, 2)), np.full((200, 1), 3.0)],
         rng.standard_normal((200, 5)),
     ),
-    "duplicated-units": lambda rng: (np.repeat(rng.standard_normal((200, 3)), 3, axis=1), rng.standard_normal((200, 4))),
+    "duplicated-units": lambda rng: (
+        np.repeat(rng.standard_normal((200, 3)), 3, axis=1),
+        rng.standard_normal((200, 4)),
+    ),
     "units-exceed-samples": lambda rng: (rng.standard_normal((20, 50)), rng.standard_normal((20, 40))),
     "all-dead": lambda rng: (np.zeros((50, 3)), rng.standard_normal((50, 3))),
     "huge-scale": lambda rng: (rng.standard_normal((200, 4)) * 1e150, rng.standard_normal((200, 3))),

@@ -25,7 +25,8 @@ SCHEMAS = {
     "matches": ["method", "unit_a", "unit_b", "corr", "rank"],
     "hopcroft_karp": ["threshold", "matched", "max_possible", "fraction"],
     "regression": [
-        "alpha", "direction", "heldout_loss", "train_loss", "mean_nonzero", "n_targets", "n_inputs", "converged", "sweeps",
+        "alpha", "direction", "heldout_loss", "train_loss", "mean_nonzero",
+        "n_targets", "n_inputs", "converged", "sweeps",
     ],
     "cca": ["index", "corr", "pwcca_weight"],
     "svcca": ["index", "corr"],

@@ -56,7 +56,10 @@ def test_sharded_equals_whole(name, cuts, tree):
         shards = shards[::-1]
     if tree == "pairwise":
         while len(shards) > 1:
-            shards = [shards[i].merge(shards[i + 1]) if i + 1 < len(shards) else shards[i] for i in range(0, len(shards), 2)]
+            shards = [
+                shards[i].merge(shards[i + 1]) if i + 1 < len(shards) else shards[i]
+                for i in range(0, len(shards), 2)
+            ]
         merged = shards[0]
     else:
         merged = shards[0]
@@ -193,3 +196,11 @@ def test_update_rejects_nan_and_bad_merges():
         m.merge(JointMoments(2, 3))
     with pytest.raises(StageInputError, match="samples"):
         m.covariance()
+
+
+@pytest.mark.parametrize("n", [10, 5000])
+def test_state_size_is_independent_of_sample_count(n):
+    a, b = _data(seed=12, n=n)
+    table = _whole(a, b).to_table()
+    arrays = {name: len(table.column(name)[0]) for name in ("n", "mean", "m2")}
+    assert arrays == {"n": 1, "mean": 8, "m2": 64}
