@@ -141,6 +141,14 @@ class BrodenDataset(ConceptDataset):
         resize: what to do with an image (or row) of another size: ``"reject"`` raises a DatasetError
             naming the file and row; ``"resize"`` resizes images bilinearly and label maps by nearest
             neighbour.
+
+    Concepts are the labels listed in the selected categories' ``c_<category>.csv``, each with its primary
+    category (:attr:`primary_category`; per-category coverages in :attr:`category_coverage`); labels in
+    no selected category are left out. :attr:`layers` gives the label-map depth per category (the deepest
+    ``;`` list in index.csv; shallower rows are zero-padded). A category holding PNG paths appears in
+    ``Batch.pixel_labels``, one holding integers in ``Batch.image_labels`` (a mixed one in both). Label
+    values inside PNGs are checked against the largest number in label.csv. There are no landmarks or
+    class labels (``class_label`` is ``None``).
     """
 
     kind = "broden"
@@ -208,8 +216,9 @@ class BrodenDataset(ConceptDataset):
         order = {c: i for i, c in enumerate(self._selected)}
         self.primary_category: dict[int, str] = {}
         for number, by_category in self.category_coverage.items():
-            # Largest coverage wins; ties go to the earlier category in category.csv order.
-            self.primary_category[number] = max(by_category, key=lambda c: (by_category[c], -order[c]))
+            # Largest coverage wins; ties go to the later category in category.csv order, as in NetDissect's
+            # max over (coverage, category index).
+            self.primary_category[number] = max(by_category, key=lambda c: (by_category[c], order[c]))
         self._concepts = [
             Concept(number, self._label_names[number], category, self._layers[category] > 0)
             for number, category in sorted(self.primary_category.items())
@@ -479,7 +488,8 @@ def export_broden(
                         filled = [i for i in range(layers.shape[0]) if layers[i].any()]
                         count = filled[-1] + 1 if filled else 0
                         for i in range(count):
-                            name = f"{stem}_{category}.png" if layers.shape[0] == 1 else f"{stem}_{category}_{i + 1}.png"
+                            suffix = "" if layers.shape[0] == 1 else f"_{i + 1}"
+                            name = f"{stem}_{category}{suffix}.png"
                             _label_png(layers[i]).save(staging / "images" / name, compress_level=3)
                             items.append(name)
                         counts = np.bincount(layers.reshape(-1), minlength=top + 1)[: top + 1]

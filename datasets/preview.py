@@ -102,7 +102,8 @@ def contact_sheet(
 
     legend_items: list[tuple[tuple[int, int, int], str]] = [(colors[k], concepts[k].name) for k in category_labels]
     legend_items += [
-        (_LANDMARK_COLORS[i % len(_LANDMARK_COLORS)], f"landmark {name}") for i, name in enumerate(dataset.landmark_names)
+        (_LANDMARK_COLORS[i % len(_LANDMARK_COLORS)], f"landmark {name}")
+        for i, name in enumerate(dataset.landmark_names)
     ]
     sheet_w = columns * (tile_w + gap) + gap
     per_row = max(1, (sheet_w - gap) // 120)
@@ -131,7 +132,8 @@ def contact_sheet(
             edge[:, 1:] |= obj[:, :-1] != obj[:, 1:]
             overlay[edge & (obj > 0)] = 255
         left = Image.fromarray(image).resize((panel_w, panel_h), Image.Resampling.NEAREST)
-        right = Image.fromarray(np.clip(overlay, 0, 255).astype(np.uint8)).resize((panel_w, panel_h), Image.Resampling.NEAREST)
+        right = Image.fromarray(np.clip(overlay, 0, 255).astype(np.uint8))
+        right = right.resize((panel_w, panel_h), Image.Resampling.NEAREST)
         x0 = gap + (k % columns) * (tile_w + gap)
         y0 = gap + (k // columns) * (tile_h + gap)
         sheet.paste(left, (x0, y0))

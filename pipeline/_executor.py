@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._errors import PipelineError
+from ._errors import USER_ERRORS, PipelineError
 from ._stage import Context, Node, ShardedStage, StageOutput, get_stage
 from ._hashing import canonical_json
 from ._store import CacheStore, Entry, write_bytes_atomic, write_parquet_atomic
@@ -74,9 +74,45 @@ def _prepare_worker(ctx: Context) -> None:
             torch.set_num_threads(threads)
 
 
-def task_map(ctx: Context, shard_index: int, shard: Any) -> pa.Table:
+@dataclass(frozen=True)
+class UserFailure:
+    """A user error (bad data, weights, input) raised in a task, returned instead of raised.
+
+    Such errors are deterministic, so Dask must not retry them (``retries`` would repeat hours of work to
+    fail the same way), and the worker must not log a traceback; the client re-raises ``error``.
+    """
+
+    error: BaseException
+
+
+#: schema metadata marking the stand-in partial of a shard whose node another run published meanwhile
+_SUPERSEDED = b"repdissect.superseded"
+
+
+def _superseded() -> pa.Table:
+    return pa.table({}).replace_schema_metadata({_SUPERSEDED: b"1"})
+
+
+def _is_superseded(table: pa.Table | None) -> bool:
+    return table is not None and bool(table.schema.metadata) and _SUPERSEDED in table.schema.metadata
+
+
+def task_map(ctx: Context, shard_index: int, shard: Any) -> pa.Table | UserFailure:
     """One shard → partial state. Reuses a staged partial from an earlier (killed) attempt."""
     _prepare_worker(ctx)
+    try:
+        return _map_shard(ctx, shard_index, shard)
+    except USER_ERRORS as exc:
+        return UserFailure(exc)
+    except Exception:
+        # A racing run published this node and removed the shared staging dir while we wrote into it:
+        # the rest of this node's work is moot (task_publish keeps the winner). Anything else is re-raised.
+        if ctx.store.get(ctx.node.stage, ctx.node.key) is None:
+            raise
+        return _superseded()
+
+
+def _map_shard(ctx: Context, shard_index: int, shard: Any) -> pa.Table:
     staged = ctx.staging / "_partials" / f"part-{shard_index:05d}.parquet"
     if staged.is_file():
         try:
@@ -90,23 +126,38 @@ def task_map(ctx: Context, shard_index: int, shard: Any) -> pa.Table:
     return partial
 
 
-def task_combine(ctx: Context, a: pa.Table, b: pa.Table) -> pa.Table:
+def task_combine(ctx: Context, a: pa.Table | UserFailure, b: pa.Table | UserFailure) -> pa.Table | UserFailure:
+    for part in (a, b):
+        if isinstance(part, UserFailure):
+            return part
+    if _is_superseded(a) or _is_superseded(b):
+        return _superseded()
     _prepare_worker(ctx)
     stage = get_stage(ctx.node.stage)
     assert isinstance(stage, ShardedStage)
-    return stage.combine(ctx, a, b)
+    try:
+        return stage.combine(ctx, a, b)
+    except USER_ERRORS as exc:
+        return UserFailure(exc)
 
 
-def task_publish(ctx: Context, merged: pa.Table | None, started: float) -> dict[str, Any]:
+def task_publish(ctx: Context, merged: pa.Table | UserFailure | None, started: float) -> dict[str, Any] | UserFailure:
     """Finalize (sharded) or run (simple) the stage, then publish the entry atomically."""
+    if isinstance(merged, UserFailure):
+        return merged
     _prepare_worker(ctx)
     store = ctx.store
     existing = store.get(ctx.node.stage, ctx.node.key)
     if existing is not None:  # a racing run published it meanwhile: first publisher wins
         store.discard_staging(ctx.node.stage, ctx.node.key)
         return {"key": ctx.node.key, "seconds": 0.0, "published": False}
+    if _is_superseded(merged):
+        raise PipelineError(f"{ctx.node.node_id}: another run published this entry while it was computed here, "
+                            "but the entry is gone now (quarantined?); run again to recompute it")
     try:
         return _finalize_and_publish(ctx, merged, started)
+    except USER_ERRORS as exc:
+        return UserFailure(exc)
     except Exception:
         # A racing run may have published this key and removed the shared staging directory under our
         # feet: that is a lost race, not a failure (first publisher wins). Anything else is re-raised.
@@ -172,9 +223,15 @@ def connect(scheduler: str, *, workers: int, threads_per_worker: int, gpu: bool)
         return _SyncClient(), None
     from distributed import Client, LocalCluster
 
+    # Dask's INFO chatter (and workers' "Compute Failed" reports of errors the client re-raises anyway)
+    # would bury the one-line error message; ``--debug`` (root logger at DEBUG) keeps it.
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
+    if quiet:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     if scheduler == "local":
         kwargs: dict[str, Any] = {"n_workers": workers, "threads_per_worker": threads_per_worker,
-                                  "processes": True, "dashboard_address": ":0", "silence_logs": logging.ERROR}
+                                  "processes": True, "dashboard_address": ":0",
+                                  "silence_logs": logging.CRITICAL if quiet else logging.INFO}
         if gpu:
             kwargs["resources"] = {"GPU": 1}
         try:
@@ -228,7 +285,12 @@ def _claim_staging(store: CacheStore, node: Node, shards: list[Any]) -> None:
     if staging.exists():
         log.info("%s: discarding shards staged under another shard layout", node.node_id)
         store.discard_staging(node.stage, node.key)
-    write_bytes_atomic(layout.encode("utf-8"), marker)
+    try:
+        write_bytes_atomic(layout.encode("utf-8"), marker)
+    except OSError:
+        # A racing run that just published this node removes its staging dir; its entry makes ours moot.
+        if store.get(node.stage, node.key) is None:
+            write_bytes_atomic(layout.encode("utf-8"), marker)
 
 
 @dataclass
@@ -315,7 +377,9 @@ class Executor:
             for fut in done:
                 node, t0 = submitted.pop(fut)
                 try:
-                    fut.result()
+                    value = fut.result()
+                    if isinstance(value, UserFailure):
+                        raise value.error
                 except BaseException:
                     for other in submitted:
                         with contextlib.suppress(Exception):

@@ -61,6 +61,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _newest_mtime(path: Path) -> float:
+    """Latest modification time in a tree: a staging dir being filled for hours is not stale."""
+    newest = 0.0
+    for item in [path, *path.rglob("*")]:
+        try:
+            newest = max(newest, item.stat().st_mtime)
+        except OSError:  # removed meanwhile
+            continue
+    return newest
+
+
 def write_parquet_atomic(table: pa.Table, path: Path, **options: Any) -> None:
     """Write ``table`` to ``path`` through a temp sibling + fsync + rename (never a partial file).
 
@@ -184,7 +195,17 @@ class CacheStore:
                              f"is not {MANIFEST_SCHEMA}")
         if key is not None and manifest.get("key") != key:
             raise CacheError(f"{path}: manifest key {manifest.get('key')!r} does not match the directory")
-        for name, info in manifest.get("files", {}).items():
+        files, tables = manifest.get("files"), manifest.get("tables")
+        # A parseable but malformed manifest is as untrustworthy as a truncated one: never a KeyError later.
+        well_formed = (
+            isinstance(files, dict) and isinstance(tables, dict)
+            and all(isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+                    for i in files.values())
+            and all(isinstance(parts, list) and all(p in files for p in parts) for parts in tables.values())
+        )
+        if not well_formed:
+            raise CacheError(f"{path}: manifest.json is malformed (files/tables missing, or a table part not listed)")
+        for name, info in files.items():
             file = path / name
             try:
                 size = file.stat().st_size
@@ -372,7 +393,7 @@ class CacheStore:
                     continue
                 candidates = list(stage_dir.glob(".staging-*")) + list(stage_dir.glob("*/.tmp-*"))
                 for tmp in candidates:
-                    if now - tmp.stat().st_mtime > max_temp_age_s:
+                    if now - _newest_mtime(tmp) > max_temp_age_s:
                         removed.append(tmp)
         if not dry_run:
             for path in removed:

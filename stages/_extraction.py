@@ -61,9 +61,11 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _SHAPE_KEY = b"repdissect.shape"
 _SUMMARY_KEY = b"repdissect.summaries"
 
-#: Parquet writer options for activation parts: activations barely compress (and post-ReLU zeros are cheap
-#: for lz4), so a fast codec keeps the write a small fraction of the forward pass.
-PARQUET_OPTIONS: dict[str, Any] = {"compression": "lz4", "use_dictionary": False, "write_statistics": False}
+#: Parquet writer options for activation parts. Uncompressed: float activations shrink only to ~2/3 with
+#: lz4/snappy (post-ReLU zeros) at more than twice the write CPU time, and the write already costs more than
+#: a small CNN's forward pass (``benchmarks/bench_extraction.py``). Dictionaries and statistics are useless
+#: for dense floats.
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

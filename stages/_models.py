@@ -493,7 +493,7 @@ class ConvBlock(nn.Sequential):
 
 class SmallCNN(nn.Module):
     """The built-in CNN family: ``conv1 … convD`` blocks (conv→BN→ReLU), 2×2 max-pool between blocks, global
-    average pool and a linear head ``fc``.
+    pooling ``global_pool`` and a linear head ``fc``.
 
     Args:
         num_classes: outputs of ``fc``.
@@ -501,6 +501,8 @@ class SmallCNN(nn.Module):
         width: channels of ``conv1``; block i (0-based) has ``width · 2^i`` channels unless ``widths`` is given.
         widths: explicit channels per block (length ``depth``).
         kernel_size: odd kernel size of every conv.
+        head_pool: global pooling before ``fc``: ``"max"`` (default; detects a shape anywhere in clutter and
+            trains several times faster on the synthetic world than averaging) or ``"avg"``.
     """
 
     def __init__(
@@ -510,6 +512,7 @@ class SmallCNN(nn.Module):
         width: int = 32,
         widths: Sequence[int] | None = None,
         kernel_size: int = 3,
+        head_pool: str = "max",
     ) -> None:
         super().__init__()
         if not isinstance(depth, int) or depth < 1:
@@ -523,13 +526,15 @@ class SmallCNN(nn.Module):
             raise StageInputError(f"builtin:cnn widths must be {depth} positive integers (one per block); got {widths!r}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise StageInputError(f"builtin:cnn kernel_size must be odd and ≥ 1; got {kernel_size!r}")
+        if head_pool not in ("max", "avg"):
+            raise StageInputError(f"builtin:cnn head_pool must be 'max' or 'avg'; got {head_pool!r}")
         in_channels = 3
         for i, out_channels in enumerate(widths, start=1):
             self.add_module(f"conv{i}", ConvBlock(in_channels, out_channels, kernel_size))
             if i < depth:
                 self.add_module(f"pool{i}", nn.MaxPool2d(2))
             in_channels = out_channels
-        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.global_pool = nn.AdaptiveMaxPool2d(1) if head_pool == "max" else nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -321,6 +321,12 @@ class MomentsStage(ShardedStage):
                 f"layer pair {ctx.params['layer_a']!r}/{ctx.params['layer_b']!r} has {n['train']} training samples; "
                 "comparisons need at least 2 (use more images or a smaller [compare].holdout)"
             )
+        if n["heldout"] < 1:  # the regression metrics are scored on held-out images
+            raise StageInputError(
+                f"layer pair {ctx.params['layer_a']!r}/{ctx.params['layer_b']!r} has no held-out samples: none of "
+                f"the images fell into the [compare].holdout = {ctx.params['holdout']} split (drawn by a hash of "
+                "the image index); use more images or a larger [compare].holdout"
+            )
         return StageOutput(tables=states, extras={"samples": n})
 
 

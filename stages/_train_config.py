@@ -22,8 +22,9 @@ class TrainConfig:
         batch_size: images per step.
         lr: peak learning rate.
         momentum: SGD momentum (Adam's beta1 when ``optimizer="adam"``).
-        weight_decay: L2 penalty on conv/linear weights (not on BatchNorm parameters or biases).
-        optimizer: ``"sgd"`` (Nesterov) or ``"adam"`` (AdamW).
+        weight_decay: weight decay of conv/linear weights (not of BatchNorm parameters or biases); L2 for
+            SGD, decoupled for AdamW.
+        optimizer: ``"adam"`` (AdamW) or ``"sgd"`` (Nesterov momentum).
         schedule: ``"onecycle"`` (linear warm-up from lr/25 over the first quarter of the steps, then cosine
             down to 0), ``"cosine"`` (cosine from lr to 0) or ``"constant"``; updated every step.
         label_smoothing: cross-entropy label smoothing.
@@ -32,16 +33,18 @@ class TrainConfig:
         eval_batch_size: images per forward pass in validation.
     """
 
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 0.05
+    # Defaults: the built-in CNN reaches ≥ 95 % validation accuracy on the default synthetic world in 6 epochs
+    # (about a minute per seed on 2 CPU cores); SGD and average pooling needed several times longer.
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 2e-3
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
+    weight_decay: float = 1e-4
+    optimizer: str = "adam"
     schedule: str = "onecycle"
     label_smoothing: float = 0.05
     augment_flip: bool = True
-    augment_shift: int = 4
+    augment_shift: int = 0
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:

@@ -245,6 +245,11 @@ def train_model(
     _, val_images, val_labels = _labelled_split(dataset, "val", num_classes)
     if len(train_labels) < 2:
         raise StageInputError(f"dataset {dataset.kind!r} has {len(train_labels)} labelled training images; need ≥ 2")
+    if len(val_labels) == 0:  # validation loss/accuracy would be NaN in the history table
+        raise StageInputError(
+            f"dataset {dataset.kind!r} has {len(dataset)} images and none in its 'val' split, so validation loss "
+            "and accuracy are undefined; use more images (the built-in split holds out every 5th: at least 5)"
+        )
 
     history: list[dict[str, float]] = []
     with _deterministic(device, int(seed), num_threads):

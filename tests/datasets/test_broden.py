@@ -29,20 +29,25 @@ CATEGORIES = [("color", 1, 2), ("object", 3, 300), ("part", 4, 5), ("material", 
               ("texture", 8, 9)]
 
 
-def _maps() -> dict[str, dict[str, np.ndarray]]:
-    """Label maps per row stem (the expected decoded values)."""
-    rect = lambda value, r0, r1, c0, c1: _rect(value, r0, r1, c0, c1)  # noqa: E731
+def _layers() -> dict[str, dict[str, list[np.ndarray]]]:
+    """Label-map layers per row stem and category (the expected decoded values); every pixel category has
+    two layers in some row, and 'boat' (300 ≥ 256) exercises the G byte."""
+    red_with_blue = _rect(1, 0, 8, 0, 8)
+    red_with_blue[2:4, 2:4] = 2
     return {
         "a": {
-            "color": rect(1, 0, 8, 0, 8) + rect(1, 2, 4, 2, 4),  # all red-c except a blue-c square
-            "object": rect(3, 0, 4, 0, 8) + rect(300, 4, 8, 0, 8),  # car on top, boat (≥256: G byte) below
-            "part_1": rect(4, 0, 2, 0, 2),
-            "part_2": rect(5, 1, 3, 1, 3),  # overlaps layer 1: one pixel carries wheel and window
-            "material": rect(6, 5, 7, 5, 7),
+            "color": [red_with_blue],
+            "object": [_rect(3, 0, 4, 0, 8) + _rect(300, 4, 8, 0, 8), _rect(6, 5, 7, 5, 7)],  # car/boat + fabric
+            "part": [_rect(4, 0, 2, 0, 2), _rect(5, 1, 3, 1, 3)],  # overlap: one pixel is wheel and window
+            "material": [_rect(6, 5, 7, 5, 7)],
         },
-        "b": {"color": rect(1, 0, 8, 0, 8), "part_1": rect(4, 6, 8, 6, 8)},
-        "d": {"object": rect(3, 1, 2, 1, 2) + rect(6, 3, 4, 3, 4)},
+        "b": {"color": [_rect(1, 0, 8, 0, 8), _rect(2, 0, 1, 0, 8)], "part": [_rect(4, 6, 8, 6, 8)]},
+        "d": {"object": [_rect(3, 1, 2, 1, 2)], "material": [_rect(6, 3, 4, 3, 4), _rect(6, 0, 1, 0, 1)]},
     }
+
+
+SCALARS = {"a": {"scene": "7", "texture": "8;9"}, "b": {"texture": "8"}, "c": {}, "d": {}}
+SPLITS = {"a": "train", "b": "train", "c": "train", "d": "val"}  # c has no data at all: dropped
 
 
 def _rect(value, r0, r1, c0, c1):
@@ -63,31 +68,23 @@ def _image(seed: int) -> np.ndarray:
 
 def write_fixture(root: Path, columns: list[str] = SHUFFLED) -> Path:
     (root / "images" / "syn").mkdir(parents=True)
-    maps = _maps()
-    for stem, layers in maps.items():
-        for name, labels in layers.items():
-            labels = labels.copy()
-            if name == "color" and stem == "a":
-                labels[2:4, 2:4] = 2
-            _save_label(root / "images" / "syn" / f"{stem}_{name}.png", labels)
+    layers = _layers()
+    rows = []
     for k, stem in enumerate("abcd"):
         Image.fromarray(_image(k)).save(root / "images" / "syn" / f"{stem}.png")
-    rows = [
-        {"image": "syn/a.png", "split": "train", "color": "syn/a_color.png", "object": "syn/a_object.png",
-         "part": "syn/a_part_1.png;syn/a_part_2.png", "material": "syn/a_material.png", "scene": "7",
-         "texture": "8;9"},
-        {"image": "syn/b.png", "split": "train", "color": "syn/b_color.png", "object": "", "part": "syn/b_part_1.png",
-         "material": "", "scene": "", "texture": "8"},
-        {"image": "syn/c.png", "split": "train", "color": "", "object": "", "part": "", "material": "", "scene": "",
-         "texture": ""},  # no data at all: dropped, as NetDissect does
-        {"image": "syn/d.png", "split": "val", "color": "", "object": "syn/d_object.png", "part": "",
-         "material": "", "scene": "", "texture": ""},
-    ]
+        row = {"image": f"syn/{stem}.png", "split": SPLITS[stem], "ih": IH, "iw": IW, "sh": SH, "sw": SW}
+        for category in ("color", "object", "part", "material", "scene", "texture"):
+            row[category] = SCALARS[stem].get(category, "")
+        for category, maps in layers.get(stem, {}).items():
+            names = [f"syn/{stem}_{category}_{i + 1}.png" for i in range(len(maps))]
+            for name, labels in zip(names, maps):
+                _save_label(root / "images" / name, labels)
+            row[category] = ";".join(names)
+        rows.append(row)
     with open(root / "index.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "ih": IH, "iw": IW, "sh": SH, "sw": SW})
+        writer.writerows(rows)
     with open(root / "category.csv", "w", newline="") as handle:
         handle.write("name,first,last,count,frequency\n")
         for name, first, last in CATEGORIES:
@@ -117,22 +114,28 @@ def test_loader_decodes_layers_high_labels_and_whole_image_labels(tmp_path, colu
     data = BrodenDataset(write_fixture(tmp_path / "b", columns))
     assert len(data) == 3  # row c had no data
     assert data.image_size == (IH, IW) and data.seg_size == (SH, SW)
-    assert data.layers == {"color": 1, "object": 1, "part": 2, "material": 1, "scene": 0, "texture": 0}
+    assert data.layers == {"color": 2, "object": 2, "part": 2, "material": 2, "scene": 0, "texture": 0}
     batch = data.load(np.arange(3))
-    maps = _maps()
-    color_a = maps["a"]["color"].copy()
-    color_a[2:4, 2:4] = 2
-    assert np.array_equal(batch.pixel_labels["color"][:, 0], np.stack([color_a, maps["b"]["color"], _rect(0, 0, 0, 0, 0)]))
-    assert np.array_equal(batch.pixel_labels["object"][0, 0], maps["a"]["object"])
+    layers = _layers()
+    for k, stem in enumerate("abd"):
+        for category in ("color", "object", "part", "material"):
+            expected = np.zeros((2, SH, SW), np.int32)
+            for i, labels in enumerate(layers[stem].get(category, [])):
+                expected[i] = labels
+            assert np.array_equal(batch.pixel_labels[category][k], expected), (stem, category)
     assert (batch.pixel_labels["object"][0, 0] == 300).sum() == 32  # decoded through the G byte
-    assert np.array_equal(batch.pixel_labels["part"][0], np.stack([maps["a"]["part_1"], maps["a"]["part_2"]]))
-    assert np.array_equal(batch.pixel_labels["part"][1, 1], np.zeros((SH, SW)))  # padded missing layer
-    assert np.array_equal(batch.pixel_labels["object"][2, 0], maps["d"]["object"])
     assert batch.image_labels["scene"].tolist() == [[7], [0], [0]]
     assert batch.image_labels["texture"].tolist() == [[8, 9], [8, 0], [0, 0]]
     expected_images = np.stack([_image(0), _image(1), _image(3)]).transpose(0, 3, 1, 2)
     assert np.array_equal(batch.images, expected_images)
     assert batch.landmarks is None and batch.class_label is None
+
+
+def test_greyscale_images_are_expanded_to_rgb(fixture_root):
+    grey = np.arange(IH * IW, dtype=np.uint8).reshape(IH, IW)
+    Image.fromarray(grey, "L").save(fixture_root / "images" / "syn" / "b.png")
+    image = BrodenDataset(fixture_root).load(np.array([1])).images[0]
+    assert np.array_equal(image, np.stack([grey] * 3))
 
 
 def test_primary_category_is_the_one_with_largest_coverage(fixture_root):
@@ -177,7 +180,8 @@ def test_resize_option_scales_images_and_label_maps(fixture_root):
     assert data.image_size == (32, 32) and data.seg_size == (16, 16)
     batch = data.load(np.arange(3))
     assert batch.images.shape == (3, 3, 32, 32)
-    assert np.array_equal(batch.pixel_labels["object"][0, 0], np.kron(_maps()["a"]["object"], np.ones((2, 2), int)))
+    doubled = np.kron(_layers()["a"]["object"][0], np.ones((2, 2), int))
+    assert np.array_equal(batch.pixel_labels["object"][0, 0], doubled)
     with pytest.raises(DatasetError, match=r"index.csv, line 2: .*expected 32×32.*resize='resize'"):
         BrodenDataset(fixture_root, image_size=32)
 
@@ -271,11 +275,11 @@ def _corrupt_image(root: Path) -> None:
 
 
 def _grey_label(root: Path) -> None:
-    Image.fromarray(np.zeros((SH, SW), np.uint8), "L").save(root / "images" / "syn" / "b_color.png")
+    Image.fromarray(np.zeros((SH, SW), np.uint8), "L").save(root / "images" / "syn" / "b_color_1.png")
 
 
 def _small_label(root: Path) -> None:
-    _save_label(root / "images" / "syn" / "b_color.png", np.ones((SH - 1, SW), np.int32))
+    _save_label(root / "images" / "syn" / "b_color_1.png", np.ones((SH - 1, SW), np.int32))
 
 
 def _big_image(root: Path) -> None:
@@ -283,7 +287,7 @@ def _big_image(root: Path) -> None:
 
 
 def _unknown_png_label(root: Path) -> None:
-    _save_label(root / "images" / "syn" / "b_color.png", np.full((SH, SW), 301, np.int32))
+    _save_label(root / "images" / "syn" / "b_color_1.png", np.full((SH, SW), 301, np.int32))
 
 
 def _escape_symlink(root: Path) -> None:
@@ -316,8 +320,8 @@ ERRORS = [
     (lambda r: _rewrite_index(r, 1, "scene", "12"), False, ["index.csv, line 3", "label 12"]),
     (lambda r: _rewrite_index(r, 1, "object", "syn/b.jpg"), False, ["index.csv, line 3", "syn/b.jpg"]),
     (lambda r: _rewrite_index(r, 1, "sh", "4"), False, ["index.csv, line 3", "resize='resize'"]),
-    (_grey_label, True, ["index.csv, line 3", "b_color.png", "mode 'L'"]),
-    (_small_label, True, ["index.csv, line 3", "b_color.png", "7×8"]),
+    (_grey_label, True, ["index.csv, line 3", "b_color_1.png", "mode 'L'"]),
+    (_small_label, True, ["index.csv, line 3", "b_color_1.png", "7×8"]),
     (_unknown_png_label, True, ["index.csv, line 3", "label 301"]),
     (_big_image, True, ["index.csv, line 3", "b.png", "18×16"]),
     (lambda r: os.remove(r / "c_part.csv"), False, ["c_part.csv", "missing"]),

@@ -146,7 +146,8 @@ def test_errors_name_the_file_and_line(cub_root, mutate, needs_load, fragments):
 
 
 @pytest.mark.parametrize(
-    "params, fragment", [({"parts": "wing"}, "'wing' is not a part"), ({"size": 0}, "size=0"), ({"crop": "yes"}, "crop")]
+    "params, fragment",
+    [({"parts": "wing"}, "'wing' is not a part"), ({"size": 0}, "size=0"), ({"crop": "yes"}, "crop")],
 )
 def test_bad_parameters(cub_root, params, fragment):
     with pytest.raises(DatasetError, match=fragment):

@@ -156,8 +156,12 @@ def test_object_colours_are_exactly_the_drawn_palette_colour():
 
 def test_colour_pairs_keep_objects_visible(world):
     p = world.scene_parameters(np.arange(len(world)))
-    distance = syn._PALETTE_DISTANCE
-    assert (distance[p["color"], p["background"]] > 100).all()
+    palette = syn.PALETTE
+    assert (np.linalg.norm(palette[p["color"]] - palette[p["background"]], axis=1) > 100).all()
+    # The material tint (halfway to white or black) must stand out from the background too.
+    target = np.where(palette @ [0.299, 0.587, 0.114] < 128, 255.0, 0.0)
+    tinted = 0.5 * (palette[p["color"]] + target[p["color"], None])
+    assert (np.linalg.norm(tinted - palette[p["background"]], axis=1) > 60).all()
     assert (p["background"] != p["background2"]).all()
 
 
@@ -215,7 +219,8 @@ def test_parts_rim_is_a_band_along_the_outline_and_corners_sit_at_vertices():
     obj = batch.pixel_labels["object"][:, 0] > 0
     # A core pixel never touches the background (4-neighbourhood); every outline pixel is rim.
     padded = np.pad(obj, ((0, 0), (1, 1), (1, 1)), constant_values=False)
-    touches_background = obj & ~(padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:])
+    interior = padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:]
+    touches_background = obj & ~interior
     assert not (core & touches_background).any()
     assert rim[touches_background].all()
     assert core.sum() > 0.3 * obj.sum()
@@ -241,6 +246,16 @@ def test_other_image_sizes_render(size):
     batch = world.load(np.arange(20))
     assert batch.images.shape == (20, 3, size, size)
     assert (batch.pixel_labels["object"] > 0).mean() > 0.05
+
+
+def test_rotation_bounds_the_main_object_only():
+    upright = SyntheticWorld(images=200, seed=1, rotation=0).scene_parameters(np.arange(200))
+    assert (upright["theta"] == 0).all()
+    assert np.ptp(upright["distractor_theta"][upright["distractor_active"]]) > 5  # distractors turn freely
+    tilted = SyntheticWorld(images=200, seed=1, rotation=30).scene_parameters(np.arange(200))["theta"]
+    assert np.abs(tilted).max() <= np.radians(30) and np.abs(tilted).max() > np.radians(25)
+    free = SyntheticWorld(images=200, seed=1, rotation=180).scene_parameters(np.arange(200))["theta"]
+    assert np.abs(free).max() > np.radians(170)
 
 
 # ------------------------------------------------------------------------------------------------- landmarks
@@ -333,6 +348,7 @@ def test_registry_builds_the_world_and_splits_partition_it():
         ({"distractors": -1}, "distractors=-1"),
         ({"noise": -1.0}, "noise=-1.0"),
         ({"noise": "lots"}, "noise='lots'"),
+        ({"rotation": 200}, "rotation=200"),
     ],
 )
 def test_bad_parameters_name_the_parameter_and_value(params, fragment):

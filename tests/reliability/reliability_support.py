@@ -189,7 +189,7 @@ def cli_command(*args: Any) -> list[str]:
 def start_run(config: Path, cache: Path, out: Path, *extra: str) -> subprocess.Popen:
     """Start ``repdissect run`` in its own process (stdout/stderr to files next to ``out``)."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(
         cli_command("run", config, "--cache", cache, "--out", out, "--no-report", "--no-progress", *extra),
         stdout=open(out / "stdout.txt", "wb"), stderr=open(out / "stderr.txt", "wb"), env=env,
@@ -209,17 +209,30 @@ def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def code_fingerprint() -> str:
+    """sha256 over the package's source files: results are only comparable between runs of the same code."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for path in sorted(p for d in ("pipeline", "stages", "datasets") for p in (root / d).rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 @dataclass
 class Reference:
     config: Path
     tables: dict
     seconds: float  # from the cache directory's appearance to exit
     publishing: tuple[float, float]  # first and last entry's appearance, same clock
+    fingerprint: str  # code_fingerprint() when the run started
 
 
 def reference_run(directory: Path, config: Path) -> Reference:
     """An uninterrupted run of the real command: its tables, and how long it works once its cache exists."""
     cache, out = directory / "cache", directory / "out"
+    fingerprint = code_fingerprint()
     proc = start_run(config, cache, out)
     try:
         assert wait_for(lambda: cache.is_dir() or proc.poll() is not None, timeout=300), "the run never started"
@@ -237,4 +250,4 @@ def reference_run(directory: Path, config: Path) -> Reference:
     assert code == 0, (out / "stderr.txt").read_text()[-2000:]
     assert leftovers(cache) == []
     return Reference(config=config, tables=cache_tables(cache), seconds=seconds,
-                     publishing=(published[0], published[-1]) if published else (0.0, seconds))
+                     publishing=(published[0], published[-1]) if published else (0.0, seconds), fingerprint=fingerprint)

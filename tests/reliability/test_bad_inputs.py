@@ -334,6 +334,26 @@ def test_image_folder_without_images(tmp_path, capsys):
     _expect_user_error(capsys, _run_argv(_config(tmp_path, edit)), "no images found", cache=tmp_path / "cache")
 
 
+def test_too_few_images_for_a_validation_split(tmp_path, capsys):
+    def edit(d: dict[str, Any]) -> None:
+        d["dataset"]["params"]["images"] = 4
+        d["models"][0]["init"] = "trained"
+
+    _expect_user_error(capsys, _run_argv(_config(tmp_path, edit)), "4 images", "'val' split", "at least 5",
+                       cache=tmp_path / "cache")
+
+
+def test_too_few_images_for_a_held_out_split(tmp_path, capsys):
+    def edit(d: dict[str, Any]) -> None:
+        d["dataset"]["params"]["images"] = 3
+        d["models"][0]["seeds"] = [0, 1]
+        d["compare"] = {"pairs": "seeds", "cka_layers": False}
+
+    message = _expect_user_error(capsys, _run_argv(_config(tmp_path, edit)), "no held-out samples",
+                                 "[compare].holdout = 0.2")
+    assert not any(name.startswith(("moments/", "compare/")) for name in entry_names(tmp_path / "cache")), message
+
+
 # ------------------------------------------------------------------------------------------------ compare CLI
 def _npy(path: Path, array: np.ndarray) -> Path:
     np.save(path, array)
@@ -439,4 +459,37 @@ def test_console_script_exit_code_two(tmp_path, case):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("error: ") == 1
+    assert entry_names(tmp_path / "cache") == []
+
+
+def test_user_errors_in_tasks_are_returned_not_raised(tmp_path):
+    """Deterministic user errors must not be retried by Dask (``retries`` would redo hours of work)."""
+    from repdissect.pipeline._executor import UserFailure, task_combine, task_map, task_publish
+    from repdissect.pipeline._stage import Context, Node
+    from repdissect.stages import StageInputError
+
+    node = Node(stage="thresholds", label={}, params={"layer": "conv1", "quantile": 0.01}, version=1)
+    ctx = Context(node=node, cache_root=str(tmp_path), inputs={}, dataset_spec={}, execution={})
+
+    class BadInputs(dict):
+        def __getitem__(self, key):
+            raise StageInputError("the activations of layer 'conv1' are unusable; recompute them")
+
+    ctx.inputs = BadInputs()
+    failure = task_map(ctx, 0, 0)
+    assert isinstance(failure, UserFailure) and "conv1" in str(failure.error)
+    assert task_combine(ctx, failure, None) is failure
+    assert task_publish(ctx, failure, 0.0) is failure
+
+
+@pytest.mark.slow
+def test_bad_input_on_a_local_cluster_is_one_line(tmp_path, broden):
+    image = broden / "images" / _first_cell(broden, "image", row=2)
+    image.write_bytes(b"not a png")
+    proc = subprocess.run(cli_command("run", _broden_config(tmp_path, broden), "--no-report", "--no-progress",
+                                      "--scheduler", "local"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "index.csv, line 3" in errors[0] and "cannot decode" in errors[0]
+    assert "Traceback" not in proc.stderr and "Compute Failed" not in proc.stderr and "INFO" not in proc.stderr
     assert entry_names(tmp_path / "cache") == []

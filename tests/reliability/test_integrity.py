@@ -60,6 +60,21 @@ def _manifest_foreign_key(path: Path) -> None:
     manifest.write_text(json.dumps(data))
 
 
+def _manifest_without_sizes(path: Path) -> None:
+    manifest = path.parent / MANIFEST
+    data = json.loads(manifest.read_text())
+    for info in data["files"].values():
+        del info["bytes"]
+    manifest.write_text(json.dumps(data))
+
+
+def _manifest_unlisted_part(path: Path) -> None:
+    manifest = path.parent / MANIFEST
+    data = json.loads(manifest.read_text())
+    del data["files"][path.name]  # the table still names the file, but nothing vouches for it
+    manifest.write_text(json.dumps(data))
+
+
 # (damage, file it hits, needs sha256 to be seen, what the quarantine reason says)
 CASES: list[tuple[Callable[[Path], None], str, bool, str]] = [
     (_truncate, "train:model.pt", False, "truncated"),
@@ -73,6 +88,8 @@ CASES: list[tuple[Callable[[Path], None], str, bool, str]] = [
     (_manifest_garbage, "cka:cka.parquet", False, "unreadable"),
     (_manifest_missing, "stability:units.parquet", False, "manifest.json is missing"),
     (_manifest_foreign_key, "stability_center:summary.parquet", False, "does not match"),
+    (_manifest_without_sizes, "thresholds:thresholds.parquet", False, "malformed"),
+    (_manifest_unlisted_part, "iou:summary.parquet", False, "malformed"),
 ]
 
 
@@ -135,3 +152,28 @@ def test_verify_command_finds_a_flipped_byte(tiny_reference, tmp_path, capsys):
     result = run(config, report=False)
     assert [r.node.stage for r in result.results.values() if not r.hit] == [stage]
     assert_same_results(tiny_reference.tables, cache_tables(cache), context="after verify")
+
+
+def test_clean_removes_only_stale_temp_and_staging_dirs(tiny_reference, tmp_path):
+    import os
+    import time
+
+    config = _copy_cache(tiny_reference.config, tmp_path)
+    cache = tmp_path / "cache"
+    store = CacheStore(cache)
+    run(config, report=False)  # records a run, so clean keeps every entry
+    stage, key, path = _entry_file(cache, "thresholds:thresholds.parquet")
+    old_tmp = path.parent.parent / f".tmp-{key[:16]}-old"
+    old_staging = cache / "iou" / ".staging-old"
+    busy_staging = cache / "iou" / ".staging-busy"  # started long ago, still being written
+    for directory in (old_tmp, old_staging, busy_staging / "activations"):
+        directory.mkdir(parents=True)
+        (directory / "part-00000.parquet").write_bytes(b"x")
+    hour_ago = time.time() - 7200
+    for item in [old_tmp, old_staging, busy_staging, *old_tmp.rglob("*"), *old_staging.rglob("*")]:
+        os.utime(item, (hour_ago, hour_ago))
+    os.utime(busy_staging, (hour_ago, hour_ago))  # only its newest file is recent
+    removed = store.clean()
+    assert set(removed) == {old_tmp, old_staging}
+    assert busy_staging.exists() and not old_tmp.exists() and not old_staging.exists()
+    assert_same_results(tiny_reference.tables, cache_tables(cache), context="after clean")

@@ -69,7 +69,7 @@ def test_builtin_block_output_is_post_relu():
 
 @pytest.mark.parametrize(
     "kwargs, fragment",
-    [({"depth": 0}, "depth"), ({"width": 0}, "width"), ({"depth": 2, "widths": [4]}, "widths"), ({"kernel_size": 2}, "kernel_size")],
+    [({"depth": 0}, "depth"), ({"width": 0}, "width"), ({"depth": 2, "widths": [4]}, "widths"), ({"kernel_size": 2}, "kernel_size"), ({"head_pool": "sum"}, "head_pool")],
 )
 def test_builtin_cnn_rejects_bad_shapes(kwargs, fragment):
     with pytest.raises(StageInputError, match=fragment):

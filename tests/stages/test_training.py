@@ -205,3 +205,27 @@ def test_adam_and_constant_schedule_run(toy):
     state, history = train_model(TINY_SPEC, toy, seed=0, config=config)
     assert history["lr"].iloc[0] == pytest.approx(1e-3)
     assert all(torch.isfinite(v.float()).all() for v in state.values())
+
+
+def _synthetic_world(**params):
+    datasets = pytest.importorskip("repdissect.datasets")
+    if "synthetic" not in datasets.list_datasets():
+        pytest.skip("the synthetic world is not registered")
+    return datasets.create_dataset("synthetic", **params)
+
+
+def test_default_cnn_is_bit_reproducible_with_two_threads():
+    """The real model size, so that the intra-op parallel kernels are the ones exercised."""
+    world = _synthetic_world(images=80, size=32, seed=0)
+    config = TrainConfig(epochs=1, batch_size=16)
+    first, _ = train_model(ModelSpec(), world, seed=0, config=config, num_threads=2)
+    second, _ = train_model(ModelSpec(), world, seed=0, config=config, num_threads=2)
+    assert _weights_equal(first, second)
+
+
+@pytest.mark.slow
+def test_demo_training_reaches_ninety_percent():
+    """Acceptance: the default CNN and TrainConfig on the default 4000-image world (minutes on a CPU)."""
+    world = _synthetic_world(images=4000, size=64, seed=0)
+    _, history = train_model(ModelSpec(), world, seed=0)
+    assert history["val_acc"].iloc[-1] >= 0.9
