@@ -6,7 +6,7 @@ mistake must be caught before a single task runs — with a message naming the k
 the value received and what is allowed. Free-form sub-tables exist only where a registry validates them
 (dataset parameters, architecture keyword arguments).
 
-Sections: ``[run]``, ``[dataset]``, ``[[models]]`` (with ``[models.train]``), ``[thresholds]``, ``[iou]``,
+Sections: ``[run]``, ``[dataset]``, ``[[models]]`` (with ``[models.train]``), ``[extract]``, ``[thresholds]``, ``[iou]``,
 ``[stability]``, ``[compare]``, ``[execution]``.
 """
 
@@ -31,6 +31,7 @@ __all__ = [
     "DatasetConfig",
     "TrainConfig",
     "ModelConfig",
+    "ExtractConfig",
     "ThresholdsConfig",
     "IoUConfig",
     "StabilityConfig",
@@ -126,6 +127,17 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ExtractConfig:
+    """Activation extraction: ``dtype`` is the storage type of cached activations (float16 halves the cache
+    and I/O; thresholds are then exact quantiles of the float16 values)."""
+
+    dtype: Literal["float32", "float16"] = "float32"
+
+    def validate(self, key: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class ThresholdsConfig:
     """Per-unit activation threshold: the top ``quantile`` fraction of all values lies above it."""
 
@@ -218,6 +230,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     iou: IoUConfig = field(default_factory=IoUConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
@@ -227,6 +240,7 @@ class Config:
     def validate(self, key: str = "") -> None:
         self.run.validate("[run]")
         self.dataset.validate("[dataset]")
+        self.extract.validate("[extract]")
         self.thresholds.validate("[thresholds]")
         self.iou.validate("[iou]")
         self.stability.validate("[stability]")

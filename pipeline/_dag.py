@@ -8,6 +8,9 @@ Shape (one node per box; keys chain through ``upstream``)::
                                          └──► cka[pair]                          (layer × layer, pooled)
     stability_center[dataset]                                                    (image-centre baseline)
 
+Dissection nodes (thresholds, iou) exist only for datasets with concept masks, stability nodes only for
+datasets with landmarks; comparison nodes for every dataset.
+
 An *instance* is a model at one seed: trained (``cnn@s0``), untrained with the same seed
 (``cnn@s0-random``, the null baseline) or loaded from a weights file. Pairs are every two trained seeds
 of a model plus each trained seed against its own random init. What goes into ``params`` is exactly what
@@ -140,7 +143,7 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                 inst = Instance(model, seed, init)
                 instances.append(inst)
                 upstream: dict[str, Node] = {}
-                params = dict(arch, seed=seed, init=init, layers=sorted(model.layers), storage_dtype="float32")
+                params = dict(arch, seed=seed, init=init, layers=sorted(model.layers), storage_dtype=config.extract.dtype)
                 if init == "trained":
                     if not dataset.class_names:
                         raise ConfigError(
@@ -167,7 +170,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                     iou = _node("iou", label, {"layer": layer, "iou_threshold": config.iou.threshold},
                                 upstream={"activations": extract, "thresholds": thr}, digests=digests,
                                 exec_params=exec_common)
-                    nodes += [thr, iou]
+                    if dataset.concepts:  # a dataset without concept masks (ImageFolder) is compared, not dissected
+                        nodes += [thr, iou]
                     if config.stability.enabled and dataset.landmark_names:
                         nodes.append(_node("stability", label, {"layer": layer, "top_k": config.stability.top_k},
                                            upstream={"activations": extract}, digests=digests))

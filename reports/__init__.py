@@ -12,10 +12,11 @@ Building blocks: :class:`PaperTable` (Markdown / LaTeX booktabs / CSV), :func:`m
 escaping HTML builders in ``_html``.
 """
 
-from ._report import report_from_cache, summary_text, write_report
+from ._report import REPORT_VERSION, report_from_cache, summary_text, write_report
 from ._tables import MeanStd, PaperTable, aggregate, latex_escape, markdown_escape, mean_std
 
 __all__ = [
+    "REPORT_VERSION",
     "write_report",
     "summary_text",
     "report_from_cache",

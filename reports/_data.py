@@ -90,13 +90,14 @@ class RunData:
             frame = pd.DataFrame()
             if self.has_stage(stage):
                 frame = self.result.tables(stage, table)
+            info = {i.name: i for i in self.instances}
+            # Label-derived columns go right after the node labels (the stage's own columns win on a clash).
             if not frame.empty and "instance" in frame.columns:
-                info = {i.name: i for i in self.instances}
-                frame.insert(1, "model", [info[n].model if n in info else "" for n in frame["instance"]])
-                frame.insert(2, "seed", [info[n].seed if n in info else -1 for n in frame["instance"]])
-                frame.insert(3, "role", [info[n].role if n in info else "" for n in frame["instance"]])
-            if not frame.empty and "a" in frame.columns and "kind" in frame.columns:
-                info = {i.name: i for i in self.instances}
+                for pos, (col, get) in enumerate((("model", lambda i: i.model), ("seed", lambda i: i.seed),
+                                                  ("role", lambda i: i.role)), 1):
+                    if col not in frame.columns:
+                        frame.insert(pos, col, [get(info[n]) if n in info else None for n in frame["instance"]])
+            if not frame.empty and "a" in frame.columns and "kind" in frame.columns and "model" not in frame.columns:
                 frame.insert(0, "model", [info[n].model if n in info else "" for n in frame["a"]])
             self._cache[key] = frame
         return self._cache[key]

@@ -281,8 +281,8 @@ def exemplar_grid(images: Sequence[Sequence[np.ndarray]], masks: Sequence[Sequen
                 ax.imshow(shown, interpolation="bilinear")
                 if mask.any() and not mask.all():
                     # A dark halo under the bright line keeps the outline visible on light and dark images.
-                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=["black"], linewidths=2.0)
-                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=[outline_color], linewidths=1.0)
+                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=["black"], linewidths=1.3)
+                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=[outline_color], linewidths=0.6)
                 if col_labels is not None and c < len(col_labels[r]):
                     ax.set_title(col_labels[r][c], fontsize=6, pad=1.5)
                 if c == 0:

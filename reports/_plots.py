@@ -101,7 +101,9 @@ def correlation_figures(data: RunData, fig_dir: Path) -> list[FigureResult]:
             out.append(FigureResult(key, "Correlation matrices", skipped="no correlation tables cached"))
             continue
         n = len(panels)
-        fig, axes = F.new_figure(min(7.0, 1.75 * n + 0.6), 3.9, nrows=2, ncols=n, squeeze=False)
+        width = min(7.0, 1.75 * n + 1.0)
+        panel = (width - 1.0) / n
+        fig, axes = F.new_figure(width, 2 * panel + 0.8, nrows=2, ncols=n, squeeze=False)
         image = None
         for j, (layer, before, after) in enumerate(panels):
             for i, (mat, what) in enumerate(((before, "unsorted"), (after, "sorted by matching"))):
@@ -110,7 +112,7 @@ def correlation_figures(data: RunData, fig_dir: Path) -> list[FigureResult]:
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if i == 0:
-                    ax.set_title(f"{layer} ({mat.shape[0]}×{mat.shape[1]})")
+                    ax.set_title(f"{layer}\n{mat.shape[0]}×{mat.shape[1]} units", fontsize=8)
                 if j == 0:
                     ax.set_ylabel(f"{what}\nunits of {a}")
                 if i == 1:

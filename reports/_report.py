@@ -27,7 +27,11 @@ from ._paper import TableResult, build_tables, stability_summary
 from ._plots import FigureResult, build_figures, exemplar_figures, safe_name
 from ._tables import mean_std
 
-__all__ = ["write_report", "summary_text", "report_from_cache"]
+__all__ = ["REPORT_VERSION", "write_report", "summary_text", "report_from_cache"]
+
+#: bumped whenever the report's content or layout changes, so callers that skip an up-to-date report
+#: (same cache keys, same config) know to write it again.
+REPORT_VERSION = 1
 
 log = logging.getLogger("repdissect.reports")
 
@@ -291,7 +295,9 @@ def report_from_cache(config: Any = None, *, cache_dir: str | Path | None = None
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         where = f" in cache {cfg.run.cache_dir}"
         raise PipelineError(f"cannot build the report: {len(missing)} of {len(plan.nodes)} nodes are not cached"
-                            f"{where} ({shown}); run `repdissect run CONFIG` first with the same config and --cache")
+                            f"{where} ({shown}); run `repdissect run CONFIG` first with the same config and --cache "
+                            "(if it already ran, the config or the code changed since: `repdissect status CONFIG` "
+                            "says why)")
     out = cfg.run.out_path
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {}

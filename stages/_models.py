@@ -321,7 +321,7 @@ def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor] | str | P
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        f"{k} (weights {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]

@@ -210,7 +210,8 @@ class ThresholdsStage(ShardedStage):
         images = int(extract.extras["images"])
         shape = tuple(extract.extras["layer_shapes"][ctx.params["layer"]])
         budget = int(ctx.node.exec_params.get("memory_budget_mb", 256)) * 2**20
-        method = _thresholds.threshold_method(images, shape, "float32", float(ctx.params["quantile"]), budget)
+        dtype = extract.manifest["params"].get("storage_dtype", "float32")
+        method = _thresholds.threshold_method(images, shape, dtype, float(ctx.params["quantile"]), budget)
         return images, method, budget
 
     def _new(self, ctx: Context):

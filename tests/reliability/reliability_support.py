@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -203,10 +202,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, poll: float = 0.02) 
             return True
         time.sleep(poll)
     return predicate()
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def code_fingerprint() -> str:

@@ -10,7 +10,6 @@ A few cases also run the real console script in a subprocess to prove exit code 
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import subprocess
 from pathlib import Path

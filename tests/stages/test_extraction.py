@@ -64,6 +64,15 @@ class NoiseImages(ConceptDataset):
 CNN_LAYERS = ["conv1", "conv2.bn", "conv3", "fc"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Single-threaded torch: results here do not depend on it, and a loaded machine slows threads badly."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def cnn() -> NormalizedModel:
     return build_model(ModelSpec("builtin:cnn", {"depth": 3, "width": 6}), seed=0, num_classes=4)
@@ -227,6 +236,20 @@ def test_float16_overflow_is_refused():
     with Extractor(wrapper, ["huge"], device="cpu", dtype="float16") as extractor:
         with pytest.raises(StageInputError, match="float16"):
             extractor(np.full((1, 3, 2, 2), 255, np.uint8))
+
+
+def test_non_finite_activations_are_refused():
+    class Broken(nn.Module):
+        def forward(self, x):
+            out = x.clone()
+            out[:, 1] = float("nan")
+            return out
+
+    wrapper = nn.Sequential()
+    wrapper.add_module("broken", Broken())
+    with Extractor(wrapper, ["broken"], device="cpu") as extractor:
+        with pytest.raises(StageInputError, match=r"NaN/inf activations in 1 of 3 units \(e\.g\. units \[1\]\)"):
+            extractor(np.zeros((2, 3, 2, 2), np.uint8))
 
 
 # --------------------------------------------------------------------------------------------- tables

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,6 +18,15 @@ from repdissect.stages._models import (
     register_model,
     resolve_layers,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Single-threaded torch: results here do not depend on it, and a loaded machine slows threads badly."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -221,7 +229,7 @@ def test_mismatched_weights_name_missing_and_unexpected_keys(tmp_path):
 def test_shape_mismatch_lists_the_shapes(tmp_path, resnet):
     path = tmp_path / "resnet5.pt"
     torch.save(resnet.net.state_dict(), path)
-    with pytest.raises(StageInputError, match=r"shape mismatches \(2\): fc\.weight \(file \(5, 512\), model \(10, 512\)\)"):
+    with pytest.raises(StageInputError, match=r"shape mismatches \(2\): fc\.weight \(weights \(5, 512\), model \(10, 512\)\)"):
         build_model(ModelSpec("torchvision:resnet18", num_classes=10, weights=str(path)), seed=0)
 
 
