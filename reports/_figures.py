@@ -154,7 +154,7 @@ def stacked_bars(ax: Axes, groups: Sequence[str], stacks: Sequence[str], means: 
     top = float(bottom.max()) if len(bottom) else 0.0
     if total_std is not None:
         err = np.asarray(total_std, dtype=float)
-        ok = np.isfinite(err)
+        ok = np.isfinite(err) & (err > 0)  # a zero spread would draw a stray cap
         if ok.any():
             ax.errorbar(x[ok], bottom[ok], yerr=err[ok], fmt="none", ecolor="black", elinewidth=0.8, capsize=2.5)
             top = max(top, float((bottom[ok] + err[ok]).max()))

@@ -54,7 +54,8 @@ figcaption { color: var(--muted); font-size: 13.5px; margin-top: 4px; max-width:
 .card img { width: 100%; height: auto; display: block; image-rendering: auto; }
 .card .title { font-weight: 600; font-size: 13.5px; }
 .card .meta { color: var(--muted); font-size: 12.5px; }
-.card.dim { opacity: 0.65; }
+.card.dim { background: #fff; border-style: dashed; }
+.card.dim .title { color: var(--muted); font-weight: 500; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; font-size: 14px; margin: 8px 0; }
 dl.facts dt { color: var(--muted); } dl.facts dd { margin: 0; }
 .empty { color: var(--muted); font-style: italic; }

@@ -169,7 +169,7 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
         units_total = len(data.node_table("iou", "units", instance=instance, layer=layer))
         interpretable = sum(c["interpretable"] for c in cards)
         sec.text(f"{len(cards)} of {units_total} units, best IoU first; {interpretable} of them are interpretable "
-                 f"(IoU > {data.iou_threshold:g}), the others are greyed. Each card shows the unit's top images by "
+                 f"(IoU > {data.iou_threshold:g}); the others have dashed frames. Each card shows the unit's top images by "
                  "maximum activation; the outline marks where its upsampled activation exceeds its threshold.",
                  cls="caption")
         sec.add(gallery_html([

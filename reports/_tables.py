@@ -138,6 +138,20 @@ def latex_escape(text: Any) -> str:
     return _LATEX_RE.sub(lambda m: _LATEX_SPECIALS[m.group(0)], str(text).replace("\n", " "))
 
 
+#: widths (in characters of table text) of one column of a two-column paper and of the full text width
+_ONE_COLUMN_CHARS = 52
+_TEXT_WIDTH_CHARS = 118
+
+
+def _header_lines(header: str, limit: int = 12) -> list[str]:
+    """A column header as one line, or two lines split at the space nearest the middle when it is long."""
+    if len(header) <= limit or " " not in header:
+        return [header]
+    spaces = [i for i, ch in enumerate(header) if ch == " "]
+    cut = min(spaces, key=lambda i: abs(i - len(header) / 2))
+    return [header[:cut], header[cut + 1:]]
+
+
 _MARKDOWN_RE = re.compile(r"([\\|<>*_`\[\]])")
 
 
@@ -216,16 +230,35 @@ class PaperTable:
         return counts.pop() if len(counts) == 1 else None
 
     def to_latex(self) -> str:
-        """LaTeX booktabs table. Paper typography: when every mean ± std shares one count it is stated once
-        in a note instead of in every cell; tables with more than seven columns span both columns
-        (``table*``) in a smaller font."""
+        r"""LaTeX booktabs table, laid out for a paper.
+
+        When every mean ± std shares one count it is stated once in a note instead of in every cell; long
+        headers break onto two lines (``\shortstack``, no extra package); a table too wide for one column of
+        a two-column paper becomes ``table*`` in a smaller font, and one too wide even for the full text
+        width is scaled down with ``\resizebox`` (``graphicx``).
+        """
         numeric = self.numeric_columns()
         spec = "".join("r" if num else "l" for num in numeric)
-        wide = len(self.columns) > 7
-        env = "table*" if wide else "table"
         shared_n = self.uniform_count()
+        header = [_header_lines(c) for c in self.columns]
+        body = []
+        for row in self.rows:
+            cells = []
+            for j, v in enumerate(row):
+                if isinstance(v, MeanStd):
+                    cells.append(v.text(show_n=shared_n is None))
+                else:
+                    cells.append(self.cell_text(v, j))
+            body.append(cells)
+        # Width estimate in characters: each column's widest header line or cell, plus the column gap.
+        chars = sum(max([len(line) for line in header[j]] + [len(r[j]) for r in body]) + 2
+                    for j in range(len(self.columns)))
+        wide = chars > _ONE_COLUMN_CHARS
+        scale = chars > _TEXT_WIDTH_CHARS
+        env = "table*" if wide else "table"
+        packages = "booktabs" + (", graphicx" if scale else "")
         out = [
-            f"% {self.name}: requires \\usepackage{{booktabs}}",
+            f"% {self.name}: requires \\usepackage{{{packages}}}",
             f"\\begin{{{env}}}[t]",
             r"\centering",
             r"\footnotesize" if wide else r"\small",
@@ -235,24 +268,23 @@ class PaperTable:
         out += [
             f"\\caption{{{latex_escape(self.title)}{'. ' + latex_escape(self.caption) if self.caption else ''}}}",
             f"\\label{{tab:{self.name}}}",
-            f"\\begin{{tabular}}{{{spec}}}",
-            r"\toprule",
-            " & ".join(latex_escape(c) for c in self.columns) + r" \\",
-            r"\midrule",
         ]
+        if scale:
+            out.append(r"\resizebox{\textwidth}{!}{%")
+        out += [f"\\begin{{tabular}}{{{spec}}}", r"\toprule"]
+        heads = []
+        for lines, num in zip(header, numeric):
+            escaped = [latex_escape(line) for line in lines]
+            align = "r" if num else "l"
+            heads.append(escaped[0] if len(escaped) == 1
+                         else f"\\shortstack[{align}]{{" + r" \\ ".join(escaped) + "}")
+        out += [" & ".join(heads) + r" \\", r"\midrule"]
         rules = set(self.rules_after)
-        for i, row in enumerate(self.rows):
-            cells = []
-            for j, v in enumerate(row):
-                if isinstance(v, MeanStd):
-                    cells.append(latex_escape(v.text(show_n=shared_n is None)))
-                else:
-                    cells.append(latex_escape(self.cell_text(v, j)))
-            out.append(" & ".join(cells) + r" \\")
-            if i in rules and i != len(self.rows) - 1:
+        for i, cells in enumerate(body):
+            out.append(" & ".join(latex_escape(c) for c in cells) + r" \\")
+            if i in rules and i != len(body) - 1:
                 out.append(r"\midrule")
-        out.append(r"\bottomrule")
-        out.append(r"\end{tabular}")
+        out += [r"\bottomrule", r"\end{tabular}" + ("}" if scale else "")]
         notes = list(self.notes)
         if shared_n is not None:
             notes.insert(0, f"Every mean ± std is over n = {shared_n}.")

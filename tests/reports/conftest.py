@@ -15,13 +15,16 @@ _UNESCAPED_TEXT = set("_^#~<>")
 def latex_problems(source: str) -> list[str]:
     """Problems that would break (or silently corrupt) a LaTeX table; empty when the source is valid.
 
-    Checks: balanced ``\\begin``/``\\end`` with matching names, balanced braces (escaped ``\\{ \\}``
-    excluded), paired ``$``, no unescaped ``_ ^ # ~ < >`` in text mode, no ``%`` except whole-line
-    comments, ``&`` only inside ``tabular`` with the column count of its spec.
+    Checks: balanced ``\\begin``/``\\end`` with matching names, braces balanced over the document and never
+    closed before they open (escaped ``\\{ \\}`` excluded), paired ``$`` per line, no unescaped
+    ``_ ^ # ~ < >`` in text mode, ``%`` only as a whole-line comment or the last character of a line (a
+    ``%`` from data would comment out the rest of its row), ``&`` only inside ``tabular`` with the column
+    count of its spec.
     """
     problems: list[str] = []
     envs: list[str] = []
     columns: list[int] = []
+    depth = 0
     for lineno, raw in enumerate(source.splitlines(), 1):
         if raw.lstrip().startswith("%"):
             continue
@@ -42,7 +45,6 @@ def latex_problems(source: str) -> list[str]:
                     envs.pop()
                     if name == "tabular":
                         columns.pop()
-        depth = 0
         in_math = False
         ampersands = 0
         i = 0
@@ -62,6 +64,8 @@ def latex_problems(source: str) -> list[str]:
                     depth = 0
             elif ch == "$":
                 in_math = not in_math
+            elif ch == "%" and i == len(line) - 1:
+                pass  # an end-of-line comment marker (suppresses the line break's space)
             elif ch == "%":
                 problems.append(f"line {lineno}: unescaped % comments out the rest of the line: {raw!r}")
             elif ch == "&":
@@ -71,14 +75,14 @@ def latex_problems(source: str) -> list[str]:
             elif ch in _UNESCAPED_TEXT and not in_math:
                 problems.append(f"line {lineno}: unescaped {ch!r} in text mode: {raw!r}")
             i += 1
-        if depth != 0:
-            problems.append(f"line {lineno}: unbalanced braces ({depth:+d}): {raw!r}")
         if in_math:
             problems.append(f"line {lineno}: unpaired $: {raw!r}")
         if ampersands and columns and ampersands != columns[-1] - 1:
             problems.append(f"line {lineno}: {ampersands + 1} cells but the tabular has {columns[-1]} columns")
     if envs:
         problems.append(f"unclosed environments: {envs}")
+    if depth != 0:
+        problems.append(f"unbalanced braces at the end ({depth:+d} open)")
     return problems
 
 

@@ -79,6 +79,8 @@ def test_latex_checker_catches_broken_sources(check_latex):
     assert check_latex(good.replace(r"\end{tabular}", ""))
     assert check_latex(good.replace(r"R\&D", "R&D"))
     assert check_latex(good.replace(r"\{set\}", "{set"))
+    assert check_latex(good.replace(r"\{set\}", "set}"))
+    assert check_latex(good.replace(r"50\%", "50% "))
 
 
 @pytest.mark.parametrize("text", NASTY)
@@ -148,11 +150,17 @@ def test_latex_states_a_shared_count_once_and_keeps_mixed_counts(check_latex):
     assert "(2)" in tex and "(3)" in tex and "4.000 (1)" in tex and "n = " not in tex
 
 
-def test_wide_tables_span_both_columns(check_latex):
-    wide = PaperTable(name="w", title="w", columns=[f"c{i}" for i in range(9)], rows=[list(range(9))])
-    tex = wide.to_latex()
-    assert r"\begin{table*}" in tex and r"\end{table*}" in tex and r"\footnotesize" in tex
-    assert check_latex(tex) == []
+@pytest.mark.parametrize("ncols, env, scaled", [(3, "table", False), (6, "table*", False), (12, "table*", True)])
+def test_table_width_picks_the_layout(ncols, env, scaled, check_latex):
+    stat = mean_std([0.25, 0.5, 1.0])
+    table = PaperTable(name="w", title="w", columns=["Layer"] + [f"Long column name {i}" for i in range(ncols - 1)],
+                       rows=[["conv1"] + [stat] * (ncols - 1)])
+    tex = table.to_latex()
+    assert check_latex(tex) == [], check_latex(tex)
+    assert f"\\begin{{{env}}}" in tex and f"\\end{{{env}}}" in tex
+    assert (r"\resizebox{\textwidth}{!}{%" in tex) == scaled
+    assert (r"\usepackage{booktabs, graphicx}" in tex) == scaled
+    assert r"\shortstack[r]{Long column \\ name 1}" in tex
 
 
 def test_column_digits_override_plain_numbers_only():
