@@ -117,7 +117,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     result = report_from_cache(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir)
     print(summary_text(result))
-    print(f"report written to {result.out_dir / 'index.html'}")
     return 0
 
 

@@ -168,7 +168,10 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
     result = RunResult(plan=plan, results=results, out_dir=out_dir, seconds=seconds, record=record)
     if report:
         # The report is a pure function of the entries and the config: skip it when an identical one exists.
-        stamp = digest({"keys": sorted(n.key for n in plan.nodes), "config": cfg.to_dict()})
+        from ..reports._version import REPORT_VERSION
+
+        stamp = digest({"keys": sorted(n.key for n in plan.nodes), "config": cfg.to_dict(),
+                        "report_version": REPORT_VERSION})
         stamp_file = out_dir / ".report-stamp"
         current = (out_dir / "index.html").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp
         if not current:

@@ -16,11 +16,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 
 from ..stages._activations import table_to_arrays
-from ..stages._extraction import read_summaries
+from ..stages._activations import read_summaries
 
 __all__ = ["UnitExemplars", "top_images", "read_image_maps", "region_masks", "layer_exemplars"]
 
@@ -88,6 +86,9 @@ def read_image_maps(activation_parts: Sequence[str], wanted: Iterable[int], batc
 
 def region_masks(maps: np.ndarray, threshold: float, size: tuple[int, int]) -> np.ndarray:
     """Upsample ``(K, H, W)`` maps bilinearly (``align_corners=False``) to ``size`` and binarise ``> threshold``."""
+    import torch  # only the figure path needs it; `summary_text` on a cached run must not load torch
+    import torch.nn.functional as F
+
     x = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
     up = F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[:, 0]
     return (up > float(threshold)).numpy()

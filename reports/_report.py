@@ -24,14 +24,14 @@ from PIL import Image
 from ._data import RunData
 from ._html import Page, UnitCard, definition_list, esc, figure_html, gallery_html, link, table_html
 from ._paper import TableResult, build_tables, stability_summary
-from ._plots import FigureResult, build_figures, exemplar_figures, safe_name
 from ._tables import mean_std
+
+from ._version import REPORT_VERSION
 
 __all__ = ["REPORT_VERSION", "write_report", "summary_text", "report_from_cache"]
 
 #: bumped whenever the report's content or layout changes, so callers that skip an up-to-date report
 #: (same cache keys, same config) know to write it again.
-REPORT_VERSION = 1
 
 log = logging.getLogger("repdissect.reports")
 
@@ -61,6 +61,8 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     data = RunData(result)
     tables_dir, fig_dir, units_dir = out / "tables", out / "figures", out / "units"
+
+    from ._plots import build_figures, exemplar_figures  # matplotlib/torch load only when figures are drawn
 
     tables = build_tables(data)
     table_files: dict[str, dict[str, str]] = {}
@@ -108,7 +110,7 @@ def _prune_previous(out: Path, keep: set[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ page
 def _page(data: RunData, result: Any, tables: list[TableResult], table_files: dict[str, dict[str, str]],
-          figures: list[FigureResult], exemplars: list[FigureResult],
+          figures: list[Any], exemplars: list[Any],
           galleries: dict[tuple[str, str], list[dict[str, Any]]], out: Path) -> str:
     cfg = data.config
     spec = data.plan.dataset_spec
@@ -165,6 +167,8 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
     for (instance, layer), cards in galleries.items():
         info = data.instance(instance)
         title = data.layer_title(info.model if info else "", layer)
+        from ._plots import safe_name
+
         sec = page.section(f"units-{safe_name(instance)}-{safe_name(layer)}", f"Units of {title} ({instance})")
         units_total = len(data.node_table("iou", "units", instance=instance, layer=layer))
         interpretable = sum(c["interpretable"] for c in cards)

@@ -6,11 +6,18 @@ per-row copy. A ``fixed_size_list<float32|float16>[C·H·W]`` column is exactly 
 ``reshape`` on its child values is free. Shape and storage dtype live in the schema metadata.
 
 Columns: ``image`` (int64, the dataset index of the image) and ``activations``.
+
+Beside each activation part, extraction stores a *summary* part (the per-unit summaries the reports and the
+location-stability stage read without touching the activations): ``image`` int64; ``max``
+fixed_size_list<float32>[C] (spatial max per unit); ``argmax`` fixed_size_list<int32>[C] (flat index
+``row · W + col`` of the first maximum at the layer's H×W); ``mean`` fixed_size_list<float32>[C]. Schema
+metadata: ``repdissect.shape`` = ``[C, H, W]``, ``repdissect.summaries`` = ``"1"``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -18,15 +25,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._errors import StageInputError
+
 __all__ = [
     "activations_table",
     "activation_shape",
     "table_to_arrays",
     "read_activations",
     "iter_activation_parts",
+    "summaries_table",
+    "UnitSummaries",
+    "read_summaries",
 ]
 
 _SHAPE_KEY = b"repdissect.shape"
+_SUMMARY_KEY = b"repdissect.summaries"
 _DTYPE_KEY = b"repdissect.dtype"
 _STORAGE = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
@@ -102,3 +115,69 @@ def iter_activation_parts(paths: Iterable[str | Path]) -> Iterator[tuple[np.ndar
     """Yield ``(image_ids, activations)`` per part file: the streaming access path of downstream stages."""
     for path in paths:
         yield table_to_arrays(pq.read_table(path))
+
+
+def summaries_table(
+    image_ids: np.ndarray, max_values: np.ndarray, argmax: np.ndarray, mean: np.ndarray, shape: Sequence[int]
+) -> pa.Table:
+    """Per-image per-unit summaries as an Arrow table (schema in the module docstring).
+
+    Args:
+        image_ids: ``(N,)`` dataset indexes.
+        max_values: ``(N, C)`` spatial max per unit.
+        argmax: ``(N, C)`` flat spatial index of the max at the layer's ``H×W``.
+        mean: ``(N, C)`` spatial mean per unit.
+        shape: the layer's ``(C, H, W)``.
+    """
+    ids = np.asarray(image_ids, dtype=np.int64)
+    c, h, w = (int(v) for v in shape)
+    columns = {"max": (max_values, np.float32), "argmax": (argmax, np.int32), "mean": (mean, np.float32)}
+    arrays = [pa.array(ids)]
+    fields = [pa.field("image", pa.int64())]
+    for name, (values, dtype) in columns.items():
+        values = np.ascontiguousarray(values, dtype=dtype)
+        if values.shape != (len(ids), c):
+            raise StageInputError(f"summary {name!r} has shape {values.shape}; expected {(len(ids), c)}")
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), c))
+        fields.append(pa.field(name, pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), c)))
+    metadata = {_SHAPE_KEY: json.dumps([c, h, w]).encode(), _SUMMARY_KEY: b"1"}
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=metadata))
+
+
+@dataclass
+class UnitSummaries:
+    """Summaries of a set of images as arrays: ``image (N,)``, ``max``/``argmax``/``mean`` ``(N, C)``, ``shape``."""
+
+    image: np.ndarray
+    max: np.ndarray
+    argmax: np.ndarray
+    mean: np.ndarray
+    shape: tuple[int, int, int]
+
+    def argmax_rowcol(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(row, col)`` of each maximum on the layer's ``H×W`` grid, each ``(N, C)``."""
+        return np.divmod(self.argmax, self.shape[2])
+
+
+def _fixed_list_values(column: pa.ChunkedArray, width: int, dtype: type) -> np.ndarray:
+    column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, width), dtype)
+    values = column.values.to_numpy(zero_copy_only=False)
+    start = column.offset * width
+    return values[start : start + len(column) * width].reshape(len(column), width)
+
+
+def read_summaries(table: pa.Table) -> UnitSummaries:
+    """Arrays of a summary table (from :func:`summaries_table`, possibly concatenated or read from Parquet)."""
+    meta = table.schema.metadata or {}
+    if _SUMMARY_KEY not in meta or _SHAPE_KEY not in meta:
+        raise StageInputError("this table is not a unit-summary table (no 'repdissect.summaries' metadata)")
+    c, h, w = json.loads(meta[_SHAPE_KEY])
+    return UnitSummaries(
+        image=table.column("image").to_numpy().astype(np.int64, copy=False),
+        max=_fixed_list_values(table.column("max"), c, np.float32),
+        argmax=_fixed_list_values(table.column("argmax"), c, np.int32),
+        mean=_fixed_list_values(table.column("mean"), c, np.float32),
+        shape=(int(c), int(h), int(w)),
+    )

@@ -402,7 +402,7 @@ class IoUTally(StreamingStatistic):
         # Units (torch): evaluate only the quads with a corner near or above the threshold.
         if not acts.flags.writeable:  # Arrow-backed shards are read-only; torch warns on sharing them
             acts = np.array(acts, dtype=np.float32)
-        x = torch.as_tensor(acts, device=dev).to(torch.float32)
+        x = torch.tensor(acts, dtype=torch.float32, device=dev)  # a copy: Arrow-backed arrays are read-only
         geometry = _QuadGeometry.build(ay, ax, dev)
         hot = x > torch.as_tensor(_prune_thresholds(thresholds), device=dev)[None, :, None, None]
         # A quad's corners are its lower cell and the next one (the last cell is its own upper corner).
