@@ -59,3 +59,33 @@ def write_tiny_config(directory: Path, *, images: int = 96, layers: tuple[str, .
                                 iou=iou, shard=shard))
     return path
 
+
+
+# Process targets for multiprocessing tests: spawned children import them by module name, so they live in this
+# importable module (``tests/`` is on the path) rather than in a test file.
+KEY = "ab" + "0" * 62
+
+
+def race_publisher(root: str, barrier, n: int) -> None:
+    """Wait for every racer, then publish the same key."""
+    import pyarrow as pa
+
+    from repdissect.pipeline._store import CacheStore
+
+    barrier.wait()
+    table = pa.table({"unit": list(range(n)), "value": [float(i) for i in range(n)]})
+    CacheStore(root).publish("thresholds", KEY, {"result": table}, manifest={})
+
+
+def slow_publisher(root: str, started) -> None:
+    """Publish big entries in a loop (removing each again) until killed."""
+    import pyarrow as pa
+
+    from repdissect.pipeline._store import CacheStore
+
+    store = CacheStore(root)
+    big = pa.table({"x": list(range(2_000_000))})
+    started.set()
+    while True:
+        store.publish("thresholds", KEY, {"a": big, "b": big, "c": big}, manifest={})
+        CacheStore(root).clean()  # no run records: removes the entry so the loop publishes again

@@ -9,6 +9,8 @@ import time
 import pyarrow as pa
 import pytest
 
+from helpers import race_publisher, slow_publisher
+
 from repdissect.pipeline._store import MANIFEST, CacheStore, write_parquet_atomic
 
 KEY = "ab" + "0" * 62
@@ -93,16 +95,10 @@ def test_first_publisher_wins(tmp_path):
     assert leftovers == []
 
 
-def _race_worker(root, barrier, n):
-    store = CacheStore(root)
-    barrier.wait()
-    store.publish("thresholds", KEY, {"result": _table(n=n)}, manifest={})
-
-
 def test_concurrent_publishers_leave_one_valid_entry(tmp_path):
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(4)
-    procs = [ctx.Process(target=_race_worker, args=(str(tmp_path), barrier, 4)) for _ in range(4)]
+    procs = [ctx.Process(target=race_publisher, args=(str(tmp_path), barrier, 4)) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:
@@ -112,20 +108,15 @@ def test_concurrent_publishers_leave_one_valid_entry(tmp_path):
     assert entry is not None and entry.table("result").num_rows == 4
 
 
-def _slow_publisher(root):
-    store = CacheStore(root)
-    big = pa.table({"x": list(range(2_000_000))})
-    while True:
-        store.publish("thresholds", KEY, {"a": big, "b": big, "c": big}, manifest={})
-        CacheStore(root).clean()  # no run records: removes the entry so the loop publishes again
-
-
 def test_publish_killed_half_way_is_never_seen(tmp_path):
     ctx = mp.get_context("spawn")
-    for delay in (0.6, 1.0, 1.4):
-        proc = ctx.Process(target=_slow_publisher, args=(str(tmp_path),))
+    for delay in (0.3, 0.7, 1.1):
+        started = ctx.Event()
+        proc = ctx.Process(target=slow_publisher, args=(str(tmp_path), started))
         proc.start()
+        assert started.wait(60), "the publisher process did not start"
         time.sleep(delay)
+        assert proc.is_alive(), f"the publisher died on its own (exit code {proc.exitcode})"
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         store = CacheStore(tmp_path)
