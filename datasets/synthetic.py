@@ -271,7 +271,6 @@ def _render_objects(p: dict, x0: np.ndarray, y0: np.ndarray, window: int) -> dic
     ``corner`` masks (all false outside the object).
     """
     f32 = np.float32
-    n = p["shape"].shape[0]
     col = lambda a: np.asarray(a, dtype=f32)[:, None, None]  # noqa: E731 — per-image scalar → broadcastable
     steps = np.arange(window)
     xs = ((x0[:, None] + steps).astype(f32) + f32(0.5))[:, None, :]

@@ -20,12 +20,10 @@ import platform
 import socket
 import sys
 import time
-import traceback
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as cf_wait
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq

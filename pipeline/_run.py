@@ -6,7 +6,6 @@ gives one DataFrame over every (model, layer) with the node's labels as leading 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import logging

@@ -14,14 +14,13 @@ Stages do no cache I/O themselves: they read upstream entries through :class:`Co
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import functools
 import hashlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import pandas as pd
 import pyarrow as pa
@@ -222,8 +221,3 @@ def _dataset_for(spec_json: str):
 
     spec = json.loads(spec_json)
     return create_dataset(spec["kind"], **spec["params"])
-
-
-def stage_dataclass_params(obj: Any, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A config dataclass as a params dict, minus execution-only fields."""
-    return {k: v for k, v in dataclasses.asdict(obj).items() if k not in exclude}

@@ -27,7 +27,6 @@ fixed_size_list<int32>[C] (flat index ``row · W + col`` of the first maximum at
 from __future__ import annotations
 
 import collections
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path

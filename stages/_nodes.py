@@ -81,7 +81,7 @@ def _torch() -> ModuleType:
 __all__ = ["TrainStage", "ExtractStage", "model_spec_from_params"]
 
 
-def model_spec_from_params(params: dict[str, Any], weights: str | None = None) -> ModelSpec:
+def model_spec_from_params(params: dict[str, Any], weights: str | None = None) -> Any:
     return _models.ModelSpec(architecture=params["architecture"], arch_kwargs=dict(params["arch"]),
                      num_classes=params.get("num_classes"), weights=weights,
                      input_mean=tuple(params["input_mean"]), input_std=tuple(params["input_std"]))
