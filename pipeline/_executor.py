@@ -311,6 +311,8 @@ class Executor:
     retries: int = 2
     on_done: Callable[[NodeResult], None] | None = None
     results: dict[str, NodeResult] = field(default_factory=dict)
+    #: entries the caller already looked up and validated this run (key → entry), so hits are not re-read
+    known: dict[str, Entry] = field(default_factory=dict)
 
     def _context(self, node: Node) -> Context:
         inputs = {role: self.results[up.key].entry for role, up in node.upstream.items()}
@@ -359,7 +361,7 @@ class Executor:
                     continue
                 del pending[key]
                 progressed = True
-                entry = self.store.get(node.stage, node.key)
+                entry = self.known.get(node.key) or self.store.get(node.stage, node.key)
                 if entry is not None:
                     # shards staged by a run killed between publish and clean-up are no longer needed
                     self.store.discard_staging(node.stage, node.key)

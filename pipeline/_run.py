@@ -109,10 +109,18 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
     started = time.time()
     store = CacheStore(cfg.run.cache_dir, verify_checksums=cfg.execution.verify_checksums)
     store.ensure_writable()
-    plan = build_plan(cfg, is_cached=lambda node: store.get(node.stage, node.key) is not None)
+    found: dict[str, Entry] = {}  # each node is looked up (and validated) once per run
+
+    def lookup(node) -> Entry | None:
+        entry = found.get(node.key) or store.get(node.stage, node.key)
+        if entry is not None:
+            found[node.key] = entry
+        return entry
+
+    plan = build_plan(cfg, is_cached=lambda node: lookup(node) is not None)
     ex = cfg.execution
     # Nothing to compute (a rerun): answer from the cache without starting a cluster or touching torch.
-    everything_cached = all(store.get(n.stage, n.key) is not None for n in plan.nodes)
+    everything_cached = all([lookup(n) is not None for n in plan.nodes])
     want_gpu = not everything_cached and ex.device in ("auto", "cuda") and _cuda_available()
     scheduler = "sync" if everything_cached else ex.scheduler
     client, cluster = connect(scheduler, workers=ex.workers, threads_per_worker=ex.threads_per_worker,
@@ -134,7 +142,7 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
             print(f"Dask dashboard: {link}", file=sys.stderr)
         progress = _Progress(plan, enabled=ex.progress and sys.stderr.isatty())
         executor = Executor(store=store, client=client, dataset_spec=plan.dataset_spec, execution=execution,
-                            on_done=progress)
+                            known=found, on_done=progress)
         try:
             results = executor.run(plan.nodes)
         finally:
