@@ -18,16 +18,21 @@ fixed float32 formula, so results are the same on CPU and GPU; it agrees with ``
 rounding (a pixel within an ulp of ``T`` can differ).
 
 The constraint that shaped it: the reference loops over images and units in Python and upsamples every map;
-here everything is vectorised in torch (on the GPU when given one) and upsampling is *sparse*. A bilinear
-pixel is a convex combination of the 2×2 cells around it, so it can only exceed ``T`` when one of those cells
-does: only such "quads" are evaluated (a 2⁻¹⁸ relative safety margin makes the pruning exact), which at the
-usual top-0.5 % threshold skips ~98 % of the pixels. A quad whose pixels all carry one label (in a layer)
-adds its on-count to that label; only mixed quads look up labels per on-pixel, and those counts are a
-``bincount`` over (unit, label). Per-image on-areas are scatter-added. All counts are int64 and merge by
-addition, exactly.
+here upsampling is *sparse* and the counting runs in one of two kernels that count the same pixels. A
+bilinear pixel is a convex combination of the 2×2 cells around it, so it can only exceed ``T`` when one of
+those cells does: only such "quads" are evaluated (a 2⁻¹⁸ relative safety margin makes the pruning exact),
+which at the usual top-0.5 % threshold skips ~98 % of the pixels. A quad whose pixels all carry one label (in
+a layer) adds its on-count to that label; only mixed quads look up labels per on-pixel. All counts are int64
+and merge by addition, exactly.
 
-Execution note: the work is many medium-sized tensor operations, so torch intra-op threads help little
-and, on an oversubscribed CPU, hurt badly; run CPU workers with ``torch.set_num_threads(1)``.
+* ``compiled`` (the CPU default, ``_iou_kernels``): Numba loops that read each activation once, visit only
+  the quads around cells above the bound, skip (or take whole) quad rows whose two ends are below (or
+  safely above) ``T``, and increment the counters in place; one core, no temporaries per pixel.
+* ``torch`` (GPUs): the same quads as index tensors — hot-quad ``nonzero``, gathered corners, a bincount
+  over (unit, label) for mixed quads, scatter-adds — in blocks of ``block_pixels``. On a CPU it is several
+  times slower than the compiled loops (it materialises every evaluated pixel); the tests hold the two to
+  exact equality. Its many medium-sized tensor operations gain little from intra-op threads and suffer on
+  an oversubscribed CPU; CPU workers run with ``torch.set_num_threads(1)``.
 
 Public: :class:`IoUTally` (the mergeable statistic), :func:`iou_tables` (unit_label / units / summary
 tables), :func:`upsample_bilinear` (the upsampling the tally thresholds).
@@ -151,6 +156,20 @@ def _prune_thresholds(thresholds: np.ndarray) -> np.ndarray:
     return np.nextafter(lower, np.float32(-np.inf))
 
 
+def _full_thresholds(thresholds: np.ndarray) -> np.ndarray:
+    """float32 bound above each threshold ``T ≥ 0``: a quad row whose two ends are ≥ it is on at every pixel.
+
+    Every term is non-negative there, so float32 rounding (three roundings, relative 2⁻²⁴ each, weights
+    summing to ≥ 1 − 2⁻²⁴) keeps a convex combination above ``bound · (1 − 2⁻²²)``, far above ``T`` given the
+    2⁻¹⁸ margin. Negative thresholds get +inf (no shortcut): their rounding error is not relative to ``T``.
+    """
+    t = thresholds.astype(np.float64)
+    upper = np.nextafter((t + np.abs(t) * _PRUNE_MARGIN).astype(np.float32), np.float32(np.inf))
+    # Above float32's normal range floor, so no product of a value and its larger weight underflows.
+    upper = np.maximum(upper, np.float32(2.0**-100))
+    return np.where(t >= 0, upper, np.float32(np.inf)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class _QuadGeometry:
     """Segment-quad layout of one (H, W) → (sh, sw) upsampling, as tensors on the counting device."""
@@ -226,6 +245,17 @@ class _QuadGeometry:
             pair_counts += torch.bincount(torch.cat(keys), minlength=pair_counts.numel())
 
 
+@lru_cache(maxsize=64)
+def _segment_runs(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    axis = _axis(n_in, n_out)
+    return axis.seg_pixels[:, 0].copy(), (~np.isnan(axis.seg_w_lo)).sum(axis=1)
+
+
+def _segments(axis: _Axis) -> tuple[np.ndarray, np.ndarray]:
+    """First pixel and length of each segment (segments are consecutive pixel runs)."""
+    return _segment_runs(len(axis.upper), len(axis.base))
+
+
 def _uniform_quads(pixel: np.ndarray, ay: _Axis, ax: _Axis) -> np.ndarray:
     """``(N, layers, Sy, Sx)``: each quad's label column when the whole quad carries one label, else −1."""
     rows, cols = ay.seg_pixels[:, 0], ax.seg_pixels[:, 0]  # segments are consecutive runs
@@ -252,6 +282,10 @@ def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray
     return labels[order], label_category, categories
 
 
+def _nonfinite_error() -> StageInputError:
+    return StageInputError("IoUTally.update: activations contain NaN/inf values; fix the extraction")
+
+
 class IoUTally(StreamingStatistic):
     """Integer counts ``I (C, L)``, ``A (C, categories)``, ``G (L,)`` of Network Dissection, mergeable.
 
@@ -262,8 +296,12 @@ class IoUTally(StreamingStatistic):
         concepts: the dataset's concepts (label numbers ≥ 1, one category each).
         seg_size: ``(sh, sw)`` of the pixel label maps (the dataset's ``seg_size``); maps are upsampled to it.
         device: torch device for the counting (``"cpu"``, ``"cuda"``); execution only, not part of the state.
-        chunk_images: images per vectorised step (memory ∝ chunk · (C·H·W + layers·sh·sw)).
-        block_pixels: upper bound on pixel evaluations held at once (float32 + bool each).
+        chunk_images: torch kernel: images per step (memory ∝ chunk · (C·H·W + layers·sh·sw)). The compiled
+            kernel takes a batch at once (extra memory: a float32 copy of non-float32 activations and an int32
+            copy of the labels).
+        block_pixels: torch kernel: upper bound on pixel evaluations held at once (float32 + bool each).
+        kernel: ``"compiled"`` (the Numba loops of ``_iou_kernels``, CPU only), ``"torch"`` (vectorised torch,
+            any device) or ``"auto"``: compiled on the CPU, torch on a GPU. Both count the same pixels.
     """
 
     def __init__(
@@ -273,6 +311,7 @@ class IoUTally(StreamingStatistic):
         device: str | torch.device = "cpu",
         chunk_images: int = 32,
         block_pixels: int = 2**22,
+        kernel: str = "auto",
     ):
         self.labels, self.label_category, self.categories = _check_concepts(concepts)
         sh, sw = (int(s) for s in seg_size)
@@ -280,6 +319,13 @@ class IoUTally(StreamingStatistic):
             raise StageInputError(f"IoUTally: seg_size must be two positive sizes; got {seg_size}")
         self.seg_size = (sh, sw)
         self.device = torch.device(device)
+        if kernel not in ("auto", "compiled", "torch"):
+            raise StageInputError(f"IoUTally: kernel must be 'auto', 'compiled' or 'torch'; got {kernel!r}")
+        if kernel == "compiled" and self.device.type != "cpu":
+            raise StageInputError(
+                f"IoUTally: the compiled kernel runs on the CPU, not on {self.device}; use kernel='torch' or 'auto'"
+            )
+        self.kernel = kernel if kernel != "auto" else ("compiled" if self.device.type == "cpu" else "torch")
         self.chunk_images = max(1, int(chunk_images))
         self.block_pixels = max(1, int(block_pixels))
         self.num_units: int | None = None
@@ -322,8 +368,9 @@ class IoUTally(StreamingStatistic):
                 f"IoUTally.update: activations must be float (N, C, H, W) or (N, C); got {acts.dtype} {acts.shape}"
             )
         n, c = acts.shape[:2]
-        if not np.isfinite(acts).all():
-            raise StageInputError("IoUTally.update: activations contain NaN/inf values; fix the extraction")
+        # The compiled kernel checks while it reads the values (one memory pass instead of two).
+        if self.kernel != "compiled" and not np.isfinite(acts).all():
+            raise _nonfinite_error()
         thresholds = np.asarray(thresholds, dtype=np.float64)
         if thresholds.shape != (c,) or not np.isfinite(thresholds).all():
             raise StageInputError(
@@ -339,7 +386,7 @@ class IoUTally(StreamingStatistic):
             self.activation = np.zeros((c, len(self.categories)), dtype=np.int64)
         elif c != self.num_units:
             raise StageInputError(f"IoUTally.update: this batch has {c} units, earlier batches {self.num_units}")
-        layers = []
+        pixel_maps = []
         for category, maps in batch.pixel_labels.items():
             maps = np.asarray(maps)
             if maps.ndim != 4 or maps.shape[0] != n or tuple(maps.shape[2:]) != self.seg_size:
@@ -347,13 +394,16 @@ class IoUTally(StreamingStatistic):
                     f"IoUTally.update: pixel labels of {category!r} must be (N={n}, L, {self.seg_size[0]}, "
                     f"{self.seg_size[1]}); got {maps.shape} (is seg_size the dataset's?)"
                 )
-            layers.append(self._columns(maps, f"pixel_labels[{category!r}]"))
-        pixel = np.concatenate(layers, axis=1) if layers else np.zeros((n, 0, *self.seg_size), np.int32)
+            if maps.dtype.kind not in "iu":
+                raise StageInputError(
+                    f"IoUTally: pixel_labels[{category!r}] labels must be integers; got dtype {maps.dtype}"
+                )
+            pixel_maps.append((category, maps))
         scalar = [
             self._columns(np.asarray(v).reshape(n, -1), f"image_labels[{k!r}]") for k, v in batch.image_labels.items()
         ]
         scalar = np.concatenate(scalar, axis=1).astype(np.int64) if scalar else np.zeros((n, 0), np.int64)
-        return acts, thresholds, pixel, scalar
+        return acts, thresholds, pixel_maps, scalar
 
     # -- protocol
     def update(
@@ -367,42 +417,95 @@ class IoUTally(StreamingStatistic):
             batch: the dataset batch of the same N images (pixel and whole-image labels are read).
             image_ids: optional ``(N,)`` ids of the activation rows, checked against ``batch.index``.
         """
-        acts, thresholds, pixel, scalar = self._prepare(acts, thresholds, batch, image_ids)
-        for start in range(0, acts.shape[0], self.chunk_images):
-            stop = min(acts.shape[0], start + self.chunk_images)
-            self._count_chunk(acts[start:stop], thresholds, pixel[start:stop], scalar[start:stop])
+        acts, thresholds, pixel_maps, scalar = self._prepare(acts, thresholds, batch, image_ids)
+        if self.kernel == "compiled":
+            self._update_compiled(acts, thresholds, pixel_maps, scalar)
+        else:
+            # Every label is mapped (and checked) before the first count: a bad batch leaves the tally unchanged.
+            (pixel,) = self._torch_labels(pixel_maps, acts.shape)
+            for start in range(0, acts.shape[0], self.chunk_images):
+                stop = min(acts.shape[0], start + self.chunk_images)
+                self._count_torch(acts[start:stop], thresholds, pixel[start:stop], scalar[start:stop])
         self.images += acts.shape[0]
 
-    def _count_chunk(self, acts: np.ndarray, thresholds: np.ndarray, pixel: np.ndarray, scalar: np.ndarray) -> None:
-        dev = self.device
-        n, c, h, w = acts.shape
-        sh, sw = self.seg_size
-        num_pixels, num_labels = sh * sw, len(self.labels)
-        layers = pixel.shape[1]
-        width = num_labels + 1  # the extra column collects label 0
-        ay, ax = _axis(h, sh), _axis(w, sw)
-
-        # Labels (numpy): per-image histograms give G and which labels, hence categories, each image has.
-        per_image = np.zeros((n, width), dtype=np.int64)
-        if layers:
-            keys = np.arange(n, dtype=np.int64)[:, None, None, None] * width + pixel
-            per_image += np.bincount(keys.reshape(-1), minlength=n * width).reshape(n, width)
+    def _count_labels(self, per_image: np.ndarray, scalar: np.ndarray):
+        """Add G; return the whole-image label (rows, columns) and the (N, categories) relevance of each image."""
+        n = len(per_image)
+        num_pixels, num_labels = self.seg_size[0] * self.seg_size[1], len(self.labels)
         scalar_rows = np.repeat(np.arange(n), scalar.shape[1])
         scalar_cols = scalar.reshape(-1)
         keep = scalar_cols < num_labels
         scalar_rows, scalar_cols = scalar_rows[keep], scalar_cols[keep]
-        scalar_count = np.zeros((n, width), dtype=np.int64)
+        scalar_count = np.zeros((n, num_labels + 1), dtype=np.int64)
         np.add.at(scalar_count, (scalar_rows, scalar_cols), 1)
         self.truth += per_image[:, :num_labels].sum(axis=0) + num_pixels * scalar_count[:, :num_labels].sum(axis=0)
         present = (per_image[:, :num_labels] + scalar_count[:, :num_labels]) > 0
         category_of = np.zeros((num_labels, len(self.categories)), dtype=np.int64)
         category_of[np.arange(num_labels), self.label_category] = 1
         relevant = ((present.astype(np.int64) @ category_of) > 0).astype(np.int64)
+        return scalar_rows, scalar_cols, relevant
+
+    def _add_units(self, on_count: np.ndarray, scalar_rows, scalar_cols, relevant) -> None:
+        """Whole-image labels intersect every on-pixel of their image; A sums on-pixels over relevant images."""
+        np.add.at(self.intersection.T, scalar_cols, on_count[scalar_rows])
+        self.activation += on_count.T @ relevant
+
+    def _update_compiled(self, acts: np.ndarray, thresholds: np.ndarray, pixel_maps, scalar: np.ndarray) -> None:
+        """The whole batch in one pass of each compiled kernel; checks come first, the state changes last."""
+        from ._iou_kernels import count_quads, prepare_labels
+
+        n, c, h, w = acts.shape
+        sh, sw = self.seg_size
+        ay, ax = _axis(h, sh), _axis(w, sw)
+        layers = sum(maps.shape[1] for _, maps in pixel_maps)
+        columns = np.empty((n, layers, sh, sw), np.int32)
+        uniform = np.empty((n, layers, len(ay.seg_base), len(ax.seg_base)), np.int32)
+        per_image = np.zeros((n, len(self.labels) + 1), np.int64)
+        first = 0
+        for category, maps in pixel_maps:
+            unknown = prepare_labels(
+                maps, self._lookup, *_segments(ay), *_segments(ax), columns, per_image, uniform, first
+            )
+            if unknown:
+                self._columns(maps, f"pixel_labels[{category!r}]")  # raises, naming the unknown numbers
+            first += maps.shape[1]
+
+        on_count = np.zeros((n, c), np.int64)
+        nonfinite = count_quads(
+            np.ascontiguousarray(acts, dtype=np.float32), thresholds.astype(np.float32),
+            _prune_thresholds(thresholds), _full_thresholds(thresholds),
+            ay.seg_base, ay.upper[ay.seg_base], *_segments(ay), ay.w_lo, ay.w_hi,
+            ax.seg_base, ax.upper[ax.seg_base], *_segments(ax), ax.w_lo, ax.w_hi,
+            columns, uniform, on_count, self.intersection,
+        )
+        if nonfinite:
+            raise _nonfinite_error()
+        scalar_rows, scalar_cols, relevant = self._count_labels(per_image, scalar)
+        self._add_units(on_count, scalar_rows, scalar_cols, relevant)
+
+    def _torch_labels(self, pixel_maps, shape) -> list[np.ndarray]:
+        """Label columns ``(N, layers, sh, sw)`` of every pixel category, concatenated."""
+        layers = [self._columns(maps, f"pixel_labels[{category!r}]") for category, maps in pixel_maps]
+        return [np.concatenate(layers, axis=1) if layers else np.zeros((shape[0], 0, *self.seg_size), np.int32)]
+
+    def _count_torch(self, acts: np.ndarray, thresholds: np.ndarray, pixel: np.ndarray, scalar: np.ndarray) -> None:
+        dev = self.device
+        n, c, h, w = acts.shape
+        sh, sw = self.seg_size
+        num_pixels, num_labels = sh * sw, len(self.labels)
+        width = num_labels + 1  # the extra column collects label 0
+        ay, ax = _axis(h, sh), _axis(w, sw)
+        layers = pixel.shape[1]
+
+        # Labels (numpy): per-image histograms give G and which labels, hence categories, each image has.
+        per_image = np.zeros((n, width), dtype=np.int64)
+        if layers:
+            keys = np.arange(n, dtype=np.int64)[:, None, None, None] * width + pixel
+            per_image += np.bincount(keys.reshape(-1), minlength=n * width).reshape(n, width)
+        scalar_rows, scalar_cols, relevant = self._count_labels(per_image, scalar)
 
         # Units (torch): evaluate only the quads with a corner near or above the threshold.
-        if not acts.flags.writeable:  # Arrow-backed shards are read-only; torch warns on sharing them
-            acts = np.array(acts, dtype=np.float32)
-        x = torch.tensor(acts, dtype=torch.float32, device=dev)  # a copy: Arrow-backed arrays are read-only
+        x = torch.tensor(np.asarray(acts, dtype=np.float32), device=dev)  # a copy: Arrow-backed arrays are read-only
         geometry = _QuadGeometry.build(ay, ax, dev)
         hot = x > torch.as_tensor(_prune_thresholds(thresholds), device=dev)[None, :, None, None]
         # A quad's corners are its lower cell and the next one (the last cell is its own upper corner).
@@ -426,11 +529,8 @@ class IoUTally(StreamingStatistic):
             step = max(1, self.block_pixels // geometry.quad_size)
             for begin in range(0, len(quads), step):
                 geometry.count(quads[begin : begin + step], x, t, cols_by_layer, uniform, width, on_count, pair_counts)
-        on_count = on_count.reshape(n, c).cpu().numpy()
         self.intersection += pair_counts.reshape(c, width)[:, :num_labels].cpu().numpy()
-        # A whole-image label intersects every on-pixel of its image.
-        np.add.at(self.intersection.T, scalar_cols, on_count[scalar_rows])
-        self.activation += on_count.T @ relevant
+        self._add_units(on_count.reshape(n, c).cpu().numpy(), scalar_rows, scalar_cols, relevant)
 
     def merge(self, other: Self) -> Self:
         if (

@@ -108,20 +108,25 @@ def assert_same_counts(tally, inter, act, truth):
     np.testing.assert_array_equal(tally.truth, truth)
 
 
-def test_equals_loop_with_torch_interpolate_on_exact_data():
+KERNELS = ["compiled", "torch"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_equals_loop_with_torch_interpolate_on_exact_data(kernel):
     rng = np.random.default_rng(0)
     acts, thresholds, batch = random_world(rng, feature=(4, 5), seg=(16, 20), dyadic=True)
-    tally = tally_of(acts, thresholds, batch, (16, 20))
+    tally = tally_of(acts, thresholds, batch, (16, 20), kernel=kernel)
     assert_same_counts(tally, *loop_tally(acts, thresholds, batch, CONCEPTS, (16, 20), torch_interpolate((16, 20))))
     assert tally.intersection.sum() > 0 and tally.activation.sum() > 0
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("seg", [(23, 31), (5, 6), (4, 3), (1, 1)], ids=str)
-def test_equals_loop_on_random_data(seg):
+def test_equals_loop_on_random_data(seg, kernel):
     """Any scale (up, identity, down): the sparse quad evaluation equals the dense upsampling, count for count."""
     rng = np.random.default_rng(1)
     acts, thresholds, batch = random_world(rng, seg=seg)
-    tally = tally_of(acts, thresholds, batch, seg, block_pixels=64)
+    tally = tally_of(acts, thresholds, batch, seg, block_pixels=64, kernel=kernel)
     assert_same_counts(tally, *loop_tally(acts, thresholds, batch, CONCEPTS, seg, our_upsample(seg)))
 
 
@@ -133,28 +138,30 @@ def test_upsampling_matches_torch_interpolate():
         torch.testing.assert_close(ours, theirs, rtol=0, atol=4e-6)
 
 
-def test_thresholds_equal_to_activation_values():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_thresholds_equal_to_activation_values(kernel):
     """Ties (T equal to cell values, as a quantile of quantised data gives): pruning must not change anything."""
     rng = np.random.default_rng(2)
     acts, _, batch = random_world(rng, seg=(17, 13))
     acts = np.round(acts * 3) / 3
     thresholds = acts[0, :, 1, 1].astype(np.float64)
-    tally = tally_of(acts, thresholds, batch, (17, 13))
+    tally = tally_of(acts, thresholds, batch, (17, 13), kernel=kernel)
     assert_same_counts(tally, *loop_tally(acts, thresholds, batch, CONCEPTS, (17, 13), our_upsample((17, 13))))
 
 
 SHARDINGS = [[12], [5, 7], [1, 1, 10], [3, 3, 3, 3]]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("sizes", SHARDINGS, ids=str)
-def test_sharded_and_merged_equals_whole(sizes):
+def test_sharded_and_merged_equals_whole(sizes, kernel):
     rng = np.random.default_rng(3)
     acts, thresholds, batch = random_world(rng)
     whole = tally_of(acts, thresholds, batch, (23, 31))
     bounds = np.cumsum([0, *sizes])
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        part = tally_of(acts[a:b], thresholds, slice_batch(batch, slice(a, b)), (23, 31), chunk_images=2)
+        part = tally_of(acts[a:b], thresholds, slice_batch(batch, slice(a, b)), (23, 31), chunk_images=2, kernel=kernel)
         parts.append(IoUTally.from_table(part.to_table()))
     merged = parts[-1]
     for part in reversed(parts[:-1]):
@@ -163,12 +170,15 @@ def test_sharded_and_merged_equals_whole(sizes):
     assert merged.images == 12
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("chunk_images, block_pixels", [(1, 400), (4, 100), (64, 2**22)])
-def test_execution_parameters_do_not_change_counts(chunk_images, block_pixels):
+def test_execution_parameters_do_not_change_counts(chunk_images, block_pixels, kernel):
     rng = np.random.default_rng(4)
     acts, thresholds, batch = random_world(rng)
     reference = tally_of(acts, thresholds, batch, (23, 31))
-    other = tally_of(acts, thresholds, batch, (23, 31), chunk_images=chunk_images, block_pixels=block_pixels)
+    other = tally_of(
+        acts, thresholds, batch, (23, 31), chunk_images=chunk_images, block_pixels=block_pixels, kernel=kernel
+    )
     assert_same_counts(other, reference.intersection, reference.activation, reference.truth)
 
 
@@ -290,15 +300,79 @@ def test_layer_without_interpretable_units_and_dead_units():
     assert not any(t.isna().any().any() for t in tables.values())
 
 
-def test_fully_connected_layer_maps_are_constant():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fully_connected_layer_maps_are_constant(kernel):
     rng = np.random.default_rng(10)
     _, _, batch = random_world(rng)
     acts = rng.standard_normal((12, 3)).astype(np.float32)
-    tally = tally_of(acts, np.zeros(3), batch, (23, 31))
+    tally = tally_of(acts, np.zeros(3), batch, (23, 31), kernel=kernel)
     on_images = (acts > 0).sum(0)
     has_scene = (batch.image_labels["scene"] > 0).any(1)
     np.testing.assert_array_equal(tally.activation[:, 2], ((acts > 0) & has_scene[:, None]).sum(0) * 23 * 31)
     assert (tally.activation[:, 0] <= on_images * 23 * 31).all()
+
+
+def hard_maps(rng, n, c, h, w):
+    """Maps where float32 rounding decides: plateaus exactly at T, T = 0 under ReLU zeros, float16 steps,
+    subnormals, negative thresholds, values a few ulps either side of T, huge next to tiny."""
+    acts = np.maximum(rng.standard_normal((n, c, h, w)), 0).astype(np.float16).astype(np.float32)
+    thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(c, -1), 0.9, axis=1)
+    thresholds[0] = 0.0  # ReLU zeros everywhere below: on-pixels are exactly the positive ones
+    acts[:, 1] = np.float32(thresholds[1])  # a plateau at T: T·w_lo + T·w_hi may round either side of T
+    acts[:, 1, ::2, 1::2] = np.nextafter(np.float32(thresholds[1]), np.float32(np.inf))
+    thresholds[2] = -0.75
+    acts[:, 2] -= 1.0  # negative values and threshold
+    acts[:, 3] = rng.choice(np.array([0, 1e-45, 1e-40, 2e-38], np.float32), (n, h, w))  # subnormals
+    thresholds[3] = 1e-45
+    steps = rng.integers(-3, 4, (n, h, w)).astype(np.float32)
+    acts[:, 4] = np.float32(thresholds[4]) + steps * np.spacing(np.float32(thresholds[4]))  # ulps around T
+    acts[:, 5, :, : w // 2] = 1e30  # huge next to tiny
+    thresholds[5] = 1e-3
+    return acts, thresholds
+
+
+@pytest.mark.parametrize("feature, seg", [((5, 6), (23, 31)), ((7, 7), (112, 112)), ((6, 5), (6, 5)), ((9, 8), (4, 3))], ids=str)
+def test_kernels_agree_where_rounding_decides(feature, seg):
+    """The compiled loops and the torch path count the same pixels as the dense upsampling, bit for bit,
+    including where a value lands within an ulp of the threshold (pruning and full-row shortcuts are exact)."""
+    rng = np.random.default_rng(13)
+    _, _, batch = random_world(rng, n=6, feature=feature, seg=seg)
+    acts, thresholds = hard_maps(rng, 6, 7, *feature)
+    reference = loop_tally(acts, thresholds, batch, CONCEPTS, seg, our_upsample(seg))
+    for kernel in KERNELS:
+        assert_same_counts(tally_of(acts, thresholds, batch, seg, kernel=kernel), *reference)
+    assert reference[1].sum() > 0 and reference[0].sum() > 0
+    if seg[0] > feature[0]:
+        assert reference[1][1].sum() > 0  # the plateau unit fires between its T cells and their neighbours
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_failed_update_leaves_the_tally_unchanged(kernel):
+    rng = np.random.default_rng(14)
+    acts, thresholds, batch = random_world(rng)
+    tally = tally_of(acts[:4], thresholds, slice_batch(batch, slice(0, 4)), (23, 31), kernel=kernel, chunk_images=2)
+    before = IoUTally.from_table(tally.to_table())
+    bad = slice_batch(batch, slice(None))
+    bad.pixel_labels["part"] = bad.pixel_labels["part"].copy()
+    bad.pixel_labels["part"][-1, 1, -1, -1] = 99  # in the last chunk: earlier chunks must not have been counted
+    with pytest.raises(StageInputError, match=r"\[99\]"):
+        tally.update(acts, thresholds, bad)
+    acts = acts.copy()
+    acts[-1, -1, -1, -1] = np.inf  # in the last map read
+    with pytest.raises(StageInputError, match="NaN/inf"):
+        tally.update(acts, thresholds, batch)
+    assert_same_counts(tally, before.intersection, before.activation, before.truth)
+    assert tally.images == 4
+
+
+def test_kernel_choice():
+    assert IoUTally(CONCEPTS, (4, 4)).kernel == "compiled"
+    assert IoUTally(CONCEPTS, (4, 4), kernel="torch").kernel == "torch"
+    assert IoUTally(CONCEPTS, (4, 4), device="meta").kernel == "torch"
+    with pytest.raises(StageInputError, match="kernel must be"):
+        IoUTally(CONCEPTS, (4, 4), kernel="numba")
+    with pytest.raises(StageInputError, match="runs on the CPU"):
+        IoUTally(CONCEPTS, (4, 4), device="meta", kernel="compiled")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
