@@ -40,6 +40,7 @@ tables), :func:`upsample_bilinear` (the upsampling the tally thresholds).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence, Self
@@ -301,7 +302,8 @@ class IoUTally(StreamingStatistic):
             copy of the labels).
         block_pixels: torch kernel: upper bound on pixel evaluations held at once (float32 + bool each).
         kernel: ``"compiled"`` (the Numba loops of ``_iou_kernels``, CPU only), ``"torch"`` (vectorised torch,
-            any device) or ``"auto"``: compiled on the CPU, torch on a GPU. Both count the same pixels.
+            any device) or ``"auto"``: compiled on the CPU (torch where Numba is not installed), torch on a
+            GPU. Both count the same pixels.
     """
 
     def __init__(
@@ -325,7 +327,11 @@ class IoUTally(StreamingStatistic):
             raise StageInputError(
                 f"IoUTally: the compiled kernel runs on the CPU, not on {self.device}; use kernel='torch' or 'auto'"
             )
-        self.kernel = kernel if kernel != "auto" else ("compiled" if self.device.type == "cpu" else "torch")
+        if kernel == "auto":
+            # Numba is a dependency; a platform without a wheel for it still counts, on the slower torch path.
+            compiled = self.device.type == "cpu" and importlib.util.find_spec("numba") is not None
+            kernel = "compiled" if compiled else "torch"
+        self.kernel = kernel
         self.chunk_images = max(1, int(chunk_images))
         self.block_pixels = max(1, int(block_pixels))
         self.num_units: int | None = None

@@ -7,8 +7,8 @@ bool masks for every evaluated pixel and pays several memory passes per pixel; c
 pixel once, skip a whole row of a quad when its two row ends are below the pruning bound, and increment the
 (unit, label) counters in place. On one CPU core that is about an order of magnitude faster.
 
-Both kernels are Numba ``njit`` functions (compiled on first use, cached on disk when the package directory
-or Numba's user cache is writable). Arithmetic is plain IEEE float32 without fast-math, so every bilinear value
+Both kernels are Numba ``njit`` functions, compiled on first use (a few seconds) and cached on disk in the
+package directory or Numba's user cache; where neither is writable they are compiled once per process. Arithmetic is plain IEEE float32 without fast-math, so every bilinear value
 is bit-identical to the torch path's ``_bilinear`` (same operations in the same order, no fused multiply-add)
 and both paths count the same pixels; the tests hold them to exact equality.
 
@@ -24,8 +24,16 @@ from numba import njit
 __all__ = ["prepare_labels", "count_quads"]
 
 
+def _compiled(function):
+    """``njit`` with an on-disk cache when Numba finds a writable place for one, else without."""
+    try:
+        return njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # "no locator available": a read-only install and no writable user cache directory
+        return njit(nogil=True)(function)
 
-@njit(cache=True, nogil=True)
+
+
+@_compiled
 def prepare_labels(
     pixel, lookup, y_start, y_count, x_start, x_count, columns, per_image, uniform, first_layer
 ):  # pragma: no cover - compiled
@@ -86,7 +94,7 @@ def prepare_labels(
     return unknown
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _column(value, lookup, unlabelled):  # pragma: no cover - compiled
     """The column of a label number, −1 when it is not a concept's."""
     if value >= 0 and value < len(lookup):
@@ -94,7 +102,7 @@ def _column(value, lookup, unlabelled):  # pragma: no cover - compiled
     return -1
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def count_quads(
     acts, thresholds, bounds, full_bounds,
     y_lower, y_upper, y_start, y_count, wy_lo, wy_hi,
@@ -251,7 +259,7 @@ def count_quads(
     return 0
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def _touching(lower, upper, cells):  # pragma: no cover - compiled
     """CSR lists of the segments each cell is a corner of: ``segments[start[a]:start[a + 1]]`` for cell ``a``."""
     counts = np.zeros(cells + 1, np.int64)

@@ -365,7 +365,7 @@ def test_failed_update_leaves_the_tally_unchanged(kernel):
     assert tally.images == 4
 
 
-def test_kernel_choice():
+def test_kernel_choice(monkeypatch):
     assert IoUTally(CONCEPTS, (4, 4)).kernel == "compiled"
     assert IoUTally(CONCEPTS, (4, 4), kernel="torch").kernel == "torch"
     assert IoUTally(CONCEPTS, (4, 4), device="meta").kernel == "torch"
@@ -373,6 +373,11 @@ def test_kernel_choice():
         IoUTally(CONCEPTS, (4, 4), kernel="numba")
     with pytest.raises(StageInputError, match="runs on the CPU"):
         IoUTally(CONCEPTS, (4, 4), device="meta", kernel="compiled")
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real_find_spec(name, *a))
+    assert IoUTally(CONCEPTS, (4, 4)).kernel == "torch"  # no Numba on this platform: the torch path counts
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -407,3 +412,31 @@ def test_bad_inputs_raise_stage_input_error():
         tally.merge(IoUTally(CONCEPTS[:-1], (23, 31)))
     with pytest.raises(StageInputError, match="concept"):
         IoUTally([], (23, 31))
+
+
+def test_compiled_kernel_works_without_a_writable_cache(tmp_path):
+    """Where Numba finds no writable cache location (read-only install), the kernels compile per process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numpy as np\n"
+        "from repdissect.datasets import Batch, Concept\n"
+        "from repdissect.stages._iou import IoUTally\n"
+        "t = IoUTally([Concept(1, 'a', 'object', True)], (8, 8))\n"
+        "b = Batch(index=np.arange(2), images=np.zeros((2, 3, 1, 1), np.uint8),\n"
+        "          pixel_labels={'object': np.ones((2, 1, 8, 8), np.int32)}, image_labels={})\n"
+        "t.update(np.arange(32, dtype=np.float32).reshape(2, 1, 4, 4), np.array([20.0]), b)\n"
+        "print(t.intersection[0, 0], t.activation[0, 0])\n"
+    )
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, NUMBA_CACHE_LOCATOR_CLASSES="helpers.NoCacheLocator",
+               PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    reference = tally_of(np.arange(32, dtype=np.float32).reshape(2, 1, 4, 4), np.array([20.0]),
+                         Batch(index=np.arange(2), images=np.zeros((2, 3, 1, 1), np.uint8),
+                               pixel_labels={"object": np.ones((2, 1, 8, 8), np.int32)}, image_labels={}), (8, 8))
+    assert proc.stdout.split() == [str(reference.intersection[0, 0]), str(reference.activation[0, 0])]
