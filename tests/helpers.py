@@ -89,3 +89,11 @@ def slow_publisher(root: str, started) -> None:
     while True:
         store.publish("thresholds", KEY, {"a": big, "b": big, "c": big}, manifest={})
         CacheStore(root).clean()  # no run records: removes the entry so the loop publishes again
+
+
+class NoCacheLocator:
+    """A Numba cache locator that never finds a place: what a read-only install without a home looks like."""
+
+    @classmethod
+    def from_function(cls, py_func, source_path):
+        return None
