@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ._errors import CacheError, PipelineError
 
-__all__ = ["CacheStore", "Entry", "MANIFEST", "MANIFEST_SCHEMA"]
+__all__ = ["CacheStore", "Entry", "MANIFEST", "MANIFEST_SCHEMA", "AtomicParquetWriter"]
 
 log = logging.getLogger("repdissect.cache")
 
@@ -87,6 +87,68 @@ def write_parquet_atomic(table: pa.Table, path: Path, **options: Any) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class AtomicParquetWriter:
+    """Streaming counterpart of :func:`write_parquet_atomic`: row groups appended one call at a time.
+
+    Everything goes to a hidden temp sibling of ``path``; :meth:`close` publishes it (footer, fsync, rename)
+    and :meth:`abort` removes it, so ``path`` never shows a partial file. Used as a context manager, an
+    exception in the block aborts. ``options`` go to ``pyarrow.parquet.ParquetWriter`` (default: zstd).
+    Not thread-safe: one thread writes a given part (another may create it first and hand it over).
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema, **options: Any) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+        self._done = False
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, schema, **{"compression": "zstd", **options})
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Append ``table`` as one row group (more when it exceeds the writer's maximum row-group length)."""
+        if self._done:
+            raise ValueError(f"{self.path}: write after close/abort")
+        self._writer.write(table)
+
+    def close(self) -> Path:
+        """Finish the file and move it into place; on failure nothing is left behind."""
+        if self._done:
+            raise ValueError(f"{self.path}: already closed or aborted")
+        self._done = True
+        try:
+            self._writer.close()
+            with open(self._tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self._tmp, self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the unfinished file (idempotent; a no-op after :meth:`close`)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - the file is discarded anyway
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AtomicParquetWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> None:

@@ -1,20 +1,34 @@
 """Activation extraction: forward hooks on named layers, per-unit summaries on the fly, Arrow tables per shard.
 
 Public names: :func:`resolve_device`, :class:`Extractor`, :func:`extract_shard`, :class:`LayerOutput`,
-:func:`summaries_table`, :class:`UnitSummaries`, :func:`read_summaries`, :class:`UnitMeans`,
-:func:`cached_model`, :func:`clear_model_cache`, :func:`write_table`.
+:class:`PartWriter`, :func:`summaries_table`, :class:`UnitSummaries`, :func:`read_summaries`,
+:class:`UnitMeans`, :func:`cached_model`, :func:`clear_model_cache`, :func:`write_table`.
 
 The constraint that shaped it: extraction is the only stage that touches the network, and everything
-downstream streams over what it writes, so it must add as little as possible to a bare forward pass. Hence
-one forward pass feeds every requested layer; each hook copies its layer's output exactly once, straight into a
-preallocated shard buffer of the storage dtype (the copy is also what protects the values from later
-in-place ReLUs), and computes the per-unit summaries (spatial max, its flat index, spatial mean) in float32
-on the device while the data is hot; the forward pass stops as soon as the last hooked layer has fired; and
-the Arrow tables wrap those buffers without another copy. Hooks only record calls from the thread that
-registered them, so one cached model can serve several Dask worker threads. What remains is memory traffic
-proportional to the stored volume: negligible for ResNet-18 at 224 px (+1–2 % over the bare forward pass),
-but for the demo CNN (≈1 MB of activations per 64×64 image) copying and summarising cost ~70 % of its cheap
-forward pass, and Parquet's encoding of the long list column costs more again
+downstream streams over what it writes, so it must add as little as possible to a bare forward pass. Hence:
+
+* one forward pass feeds every requested layer, and it stops as soon as the last hooked layer has fired;
+* each hook copies its layer's output once, straight into a preallocated shard buffer of the storage dtype
+  (the copy is also what protects the values from later in-place ReLUs; float16 storage of a channels-last
+  output takes a float32 layout copy first);
+* the per-unit summaries (spatial max, its flat index, spatial mean) are computed in float32 while the data
+  is hot — on the CPU with numpy's ``argmax`` (several times faster than torch's ``max(dim)``) plus one
+  ``mean`` — and the float16 overflow check uses the per-unit extremes rather than a pass over the values;
+* the Arrow tables wrap those buffers without another copy;
+* with ``write_parts`` (the extract stage), a background thread per layer writes the rows to that layer's
+  Parquet part, a row group per batch or more: while the next batches run when a core is free for it
+  (always on an accelerator), so that the encoding overlaps the forward passes, else once extraction is
+  done, all layers in parallel.
+
+Hooks only record calls from the thread that registered them, so one cached model can serve several Dask
+worker threads.
+
+What remains is proportional to the stored volume: copying channels-last outputs into C×H×W order (a
+transpose, most of it) and summarising cost ~40–60 % of the demo CNN's cheap forward pass (≈0.1–1 MB of
+activations per 64×64 image) and a few % of ResNet-18's at 224 px; Parquet's encoding of the long list
+column (~10 ns per value whatever the dtype: pyarrow writes ``fixed_size_list`` with per-value repetition
+and definition levels, and float16 as 2-byte fixed-length values) costs more CPU than the demo CNN's
+forward pass, which overlapping hides from the wall clock only where a core is idle
 (``benchmarks/bench_extraction.py``).
 
 Summary table (one per shard and layer), columns:
@@ -27,10 +41,12 @@ fixed_size_list<int32>[C] (flat index ``row · W + col`` of the first maximum at
 from __future__ import annotations
 
 import collections
+import os
+import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +54,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from ._activations import UnitSummaries, activations_table, read_summaries, summaries_table
+from ._activations import UnitSummaries, activations_schema, activations_table, read_summaries, summaries_table
 from ._errors import StageInputError
 from ._models import NormalizedModel, resolve_layers
 from ._streaming import StreamingStatistic, pack_arrays, unpack_arrays
@@ -57,6 +73,8 @@ __all__ = [
     "clear_model_cache",
     "write_table",
     "PARQUET_OPTIONS",
+    "PartWriter",
+    "ROW_GROUP_MIN_BYTES",
 ]
 
 _STORAGE = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16)}
@@ -66,7 +84,10 @@ _SHAPE_KEY = b"repdissect.shape"
 #: Parquet writer options for activation parts. Uncompressed: float activations shrink only to ~2/3 with
 #: lz4/snappy (post-ReLU zeros) at more than twice the write CPU time, and the write already costs more than
 #: a small CNN's forward pass (``benchmarks/bench_extraction.py``). Dictionaries and statistics are useless
-#: for dense floats. float16 storage halves the bytes on disk but pyarrow writes it more slowly than float32.
+#: for dense floats. Measured without effect on the write time (within ±10 %): data page sizes from 64 KiB
+#: to 16 MiB, data page v2, format version 1.0, ``write_batch_size``, byte_stream_split (slower), page
+#: checksums/index off (the defaults). float16 storage halves the bytes but not the time: pyarrow encodes
+#: per value, and float16 as 2-byte fixed-length values is no faster per value than float32.
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
@@ -110,6 +131,30 @@ class BatchActivations:
 Sink = Callable[[str, tuple[int, int, int, int]], BatchActivations]
 
 
+def _summarise_cpu(flat: torch.Tensor, out: BatchActivations, *, want_min: bool) -> np.ndarray | None:
+    """Per-unit max, its first flat index and the mean of a float32 CPU ``(N, C, H·W)`` tensor, into ``out``.
+
+    Two passes over the values: numpy's ``argmax`` (several times faster than torch's ``max(dim)`` on the
+    CPU for these shapes; both return the first maximum) and torch's ``mean``; the maxima are gathered at the
+    indices. Returns the per-unit minimum when ``want_min`` (the float16 overflow check), else ``None``.
+    """
+    values = flat.numpy()
+    index = values.argmax(axis=2)
+    out.argmax[...] = index
+    out.max[...] = np.take_along_axis(values, index[:, :, None], axis=2)[:, :, 0]
+    torch.mean(flat, dim=2, out=torch.from_numpy(out.mean))
+    return flat.amin(dim=2).numpy() if want_min else None
+
+
+def _summarise_device(flat: torch.Tensor, out: BatchActivations, *, want_min: bool) -> np.ndarray | None:
+    """:func:`_summarise_cpu` for a float32 tensor on any device: torch reductions there, small results copied back."""
+    values, index = flat.max(dim=2)
+    torch.from_numpy(out.max).copy_(values)
+    torch.from_numpy(out.argmax).copy_(index)
+    torch.from_numpy(out.mean).copy_(flat.mean(dim=2))
+    return flat.amin(dim=2).cpu().numpy() if want_min else None
+
+
 class Extractor:
     """Forward hooks on named layers of a model; ``extractor(images)`` returns each layer's activations.
 
@@ -138,6 +183,7 @@ class Extractor:
         if dtype not in _STORAGE:
             raise StageInputError(f"activation storage dtype {dtype!r} is not supported; use 'float32' or 'float16'")
         self.device = resolve_device(device)
+        self._host = self.device.type == "cpu"  # CPU: numpy summaries; elsewhere torch reductions on the device
         self.dtype = dtype
         if not isinstance(model, NormalizedModel):
             model = NormalizedModel(model, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -189,23 +235,34 @@ class Extractor:
         assert self._sink is not None
         out = self._sink(name, (n, c, h, w))
         dest = torch.from_numpy(out.activations)
-        if self.device.type == "cpu" and self.dtype == "float32" and t.dtype == torch.float32:
-            # One pass: layout conversion into the shard buffer; summaries then read the contiguous copy.
-            dest.copy_(t)
-            flat = dest.view(n, c, h * w)
+        if t.dtype != torch.float32:
+            t = t.to(torch.float32)
+        half = self.dtype == "float16"
+        if self._host:
+            if half:
+                # Summaries come from the float32 values in C×H×W order (a layout copy for channels-last
+                # outputs, so that they equal the float32 path's bit for bit), then one cast into the buffer.
+                work = t.contiguous()
+                low = _summarise_cpu(work.view(n, c, h * w), out, want_min=True)
+                dest.copy_(work)
+            else:
+                # The one copy (layout conversion into the shard buffer, which also protects the values from
+                # later in-place ops); the summaries then read that contiguous copy.
+                dest.copy_(t)
+                low = _summarise_cpu(dest.view(n, c, h * w), out, want_min=False)
         else:
-            flat = t.to(torch.float32).reshape(n, c, h * w)
-            dest.copy_(flat.view(n, c, h, w))
-            if self.dtype == "float16" and bool(torch.isinf(dest).any()):
-                peak = float(flat.abs().max())
+            low = _summarise_device(t.reshape(n, c, h * w), out, want_min=half)
+            dest.copy_(t.to(_STORAGE[self.dtype][1]))  # cast on the device: fewer bytes cross the bus
+        if half:
+            # The cast is monotonic, so a map overflows float16 exactly when its max or min does: checking the
+            # (N, C) extremes replaces a pass over the stored values.
+            assert low is not None
+            peak = np.maximum(np.abs(out.max), np.abs(low))
+            if bool(torch.isinf(torch.from_numpy(peak).to(torch.float16)).any()):
                 raise StageInputError(
-                    f"layer {name!r} has activations up to {peak:.4g}, beyond float16's range (±{_FLOAT16_MAX:.0f}); "
-                    "store this model's activations as float32"
+                    f"layer {name!r} has activations up to {float(np.nanmax(peak)):.4g}, beyond float16's range "
+                    f"(±{_FLOAT16_MAX:.0f}); store this model's activations as float32"
                 )
-        values, index = flat.max(dim=2)
-        torch.from_numpy(out.max).copy_(values)
-        torch.from_numpy(out.argmax).copy_(index)
-        torch.from_numpy(out.mean).copy_(flat.mean(dim=2))
         # Any NaN/inf in a map makes its mean NaN/±inf, so the small (N, C) summaries suffice to refuse
         # non-finite activations here, before they reach the cache and every downstream statistic.
         if not (np.isfinite(out.mean).all() and np.isfinite(out.max).all()):
@@ -294,6 +351,120 @@ class _ShardBuffers:
         return BatchActivations(full.activations[self.start : stop], full.max[self.start : stop], full.argmax[self.start : stop], full.mean[self.start : stop])
 
 
+class PartWriter(Protocol):
+    """Where :func:`extract_shard` streams one layer's activation rows (e.g. ``AtomicParquetWriter``)."""
+
+    def write(self, table: pa.Table) -> None: ...
+    def close(self) -> Any: ...
+    def abort(self) -> None: ...
+
+
+#: ``open_part(layer, schema)``: a fresh part writer for one layer of one shard
+OpenPart = Callable[[str, pa.Schema], PartWriter]
+
+#: Row groups hold at least this many bytes and at least one batch: big enough that row-group overhead is
+#: nil, small enough that writing overlaps the forward passes (and that writer and reader stay in cache).
+ROW_GROUP_MIN_BYTES = 1 << 20
+
+_CLOSE, _ABORT = object(), object()
+
+
+def _spare_core(device: torch.device) -> bool:
+    """Whether writer threads can run beside the forward passes: on an accelerator, or with an idle core.
+
+    When torch's intra-op threads already occupy every core, a writer thread would preempt them mid
+    parallel region and slow the forward pass by more than the write it hides.
+    """
+    if device.type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
+
+
+class _PartStreamer:
+    """Writes the finished rows of each layer's shard buffer from a background thread per layer.
+
+    Rows handed over during extraction are written while the next batches run (pyarrow's Parquet writer
+    releases the GIL); rows handed over at the end are written by all layers' threads in parallel. Rows are
+    only read after the main thread handed them over and are never written again, so the buffers need no
+    lock. A writer's failure is re-raised in the main thread at the next hand-over or at :meth:`close`;
+    :meth:`abort` stops every writer, which removes its unfinished file; both join every thread.
+    """
+
+    def __init__(self, open_part: OpenPart, ids: np.ndarray, dtype: str, batch_size: int) -> None:
+        self._open_part, self._ids, self._dtype, self._batch = open_part, ids, dtype, batch_size
+        self._queues: dict[str, queue.SimpleQueue] = {}
+        self._threads: list[threading.Thread] = []
+        self._handed: dict[str, int] = {}
+        self._errors: list[BaseException] = []
+
+    def rows_ready(self, arrays: dict[str, BatchActivations], stop: int, *, last: bool = False) -> None:
+        """Rows ``[0, stop)`` of every layer are final: hand over those not handed yet if they fill a row
+        group, or all of them when ``last``."""
+        self.raise_error()
+        for name, full in arrays.items():
+            if name not in self._queues:
+                self._start(name, full.activations)
+            begin = self._handed[name]
+            if stop > begin and (last or (stop - begin) * full.activations[0].nbytes >= ROW_GROUP_MIN_BYTES):
+                self._queues[name].put((begin, stop))
+                self._handed[name] = stop
+
+    def _start(self, name: str, activations: np.ndarray) -> None:
+        self._queues[name] = queue.SimpleQueue()
+        self._handed[name] = 0
+        thread = threading.Thread(target=self._write, args=(name, activations, self._queues[name]),
+                                  name=f"extract-writer-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _write(self, name: str, activations: np.ndarray, todo: queue.SimpleQueue) -> None:
+        part: PartWriter | None = None
+        row_bytes = max(activations[0].nbytes, 1)
+        group = max(self._batch, -(-ROW_GROUP_MIN_BYTES // row_bytes))
+        try:
+            part = self._open_part(name, activations_schema(activations.shape[1:], self._dtype))
+            while (item := todo.get()) is not _ABORT:
+                if item is _CLOSE:
+                    part.close()
+                    part = None
+                    return
+                begin, stop = item
+                # Even row groups of at least `group` rows (one when fewer than two fit).
+                pieces = max((stop - begin) // group, 1)
+                bounds = [begin + i * (stop - begin) // pieces for i in range(pieces + 1)]
+                for lo, hi in zip(bounds[:-1], bounds[1:]):
+                    part.write(activations_table(self._ids[lo:hi], activations[lo:hi], self._dtype))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self._errors.append(exc)
+        finally:
+            if part is not None:
+                part.abort()
+
+    def raise_error(self) -> None:
+        if self._errors:
+            raise self._errors[0]
+
+    def close(self) -> None:
+        """Publish every part once its rows are written (hand the last ones over with ``last=True``); join."""
+        self._stop(_CLOSE)
+        self.raise_error()
+
+    def abort(self) -> None:
+        """Stop every writer and drop the unfinished parts (parts already closed stay); joins."""
+        self._stop(_ABORT)
+
+    def _stop(self, signal: object) -> None:
+        for todo in self._queues.values():
+            todo.put(signal)
+        for thread in self._threads:
+            thread.join()
+        self._queues, self._threads = {}, []
+
+
 def extract_shard(
     model: nn.Module,
     layers: Sequence[str],
@@ -303,6 +474,8 @@ def extract_shard(
     batch_size: int = 64,
     device: str | torch.device = "auto",
     dtype: str = "float32",
+    write_parts: OpenPart | None = None,
+    overlap: bool | None = None,
 ) -> dict[str, LayerOutput]:
     """Extract ``layers`` for the dataset items ``indices`` (one shard), in that order.
 
@@ -314,6 +487,14 @@ def extract_shard(
         batch_size: images per forward pass (an execution setting: results do not depend on it on the CPU).
         device: ``"auto"``/``"cpu"``/``"cuda[:N]"``.
         dtype: activation storage dtype, ``"float32"`` or ``"float16"``.
+        write_parts: when given, each layer's activation table is also written to a part:
+            ``write_parts(layer, schema)`` opens the layer's part (e.g. ``Context.open_part`` or an
+            ``AtomicParquetWriter``), a background thread per layer appends the rows in row groups of at
+            least one batch and :data:`ROW_GROUP_MIN_BYTES`, and closes the part at the end. Any error
+            aborts every unfinished part and is raised here; the threads are always joined.
+        overlap: with ``write_parts``, whether rows are written while later batches are extracted (else
+            all at the end, the layers in parallel). Default: when a core is free for it — always on an
+            accelerator, on the CPU when torch uses fewer threads than there are cores.
 
     Returns:
         ``{layer: LayerOutput}`` in the order of ``layers``; the activation table has one row per image
@@ -325,13 +506,26 @@ def extract_shard(
     if ids.size == 0:
         raise StageInputError("extract_shard got an empty shard; pass at least one dataset index")
     buffers = _ShardBuffers(len(ids), dtype)
-    with Extractor(model, layers, device=device, dtype=dtype) as extractor:
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start : start + batch_size]
-            images = dataset.load(chunk).images
-            buffers.start = start
-            extractor.run(images, buffers.sink)
-        names = extractor.layers
+    streamer = _PartStreamer(write_parts, ids, dtype, batch_size) if write_parts is not None else None
+    try:
+        with Extractor(model, layers, device=device, dtype=dtype) as extractor:
+            if overlap is None:
+                overlap = _spare_core(extractor.device)
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start : start + batch_size]
+                images = dataset.load(chunk).images
+                buffers.start = start
+                extractor.run(images, buffers.sink)
+                stop = start + len(chunk)
+                if streamer is not None and (overlap or stop == len(ids)):
+                    streamer.rows_ready(buffers.arrays, stop, last=stop == len(ids))
+            names = extractor.layers
+        if streamer is not None:
+            streamer.close()
+    except BaseException:
+        if streamer is not None:
+            streamer.abort()
+        raise
     outputs = {}
     for name in names:
         full = buffers.arrays[name]
@@ -343,7 +537,11 @@ def extract_shard(
 
 
 def write_table(table: pa.Table, path: str | Path) -> Path:
-    """Write an activation or summary table as Parquet with :data:`PARQUET_OPTIONS` (one row group)."""
+    """Write an activation or summary table as Parquet with :data:`PARQUET_OPTIONS` (one row group).
+
+    For tables already in memory (tests, tools); the extract stage streams activation parts instead
+    (``extract_shard(write_parts=...)``).
+    """
     path = Path(path)
     pq.write_table(table, path, row_group_size=max(table.num_rows, 1), **PARQUET_OPTIONS)
     return path

@@ -134,7 +134,7 @@ class ExtractStage(ShardedStage):
     """Forward hooks on the configured layers; activation parts + per-unit summaries per shard of images."""
 
     name = "extract"
-    version = 1
+    version = 2  # 2: non-null activation schema, row-group streamed parts, float16 summaries = float32 ones
     uses_device = True
 
     def shards(self, ctx: Context) -> list[Any]:
@@ -143,13 +143,17 @@ class ExtractStage(ShardedStage):
     def map(self, ctx: Context, shard_index: int, shard: Any) -> pa.Table:
         model = load_network(ctx)
         layers = list(ctx.params["layers"])
+
+        def open_part(layer: str, schema: pa.Schema) -> Any:
+            # Activation parts are written row group by row group from background threads, overlapping
+            # the next batches' forward passes when a core is free for it.
+            return ctx.open_part(f"activations@{layer}", shard_index, schema, **_extraction.PARQUET_OPTIONS)
+
         outputs = _extraction.extract_shard(model, layers, ctx.dataset(), np.arange(shard[0], shard[1]),
                                 batch_size=int(ctx.execution["batch_size"]), device=ctx.device(),
-                                dtype=ctx.params["storage_dtype"])
+                                dtype=ctx.params["storage_dtype"], write_parts=open_part)
         states = {}
         for layer, out in outputs.items():
-            ctx.write_part(f"activations@{layer}", shard_index, out.activations,
-                           row_group_size=max(out.activations.num_rows, 1), **_extraction.PARQUET_OPTIONS)
             ctx.write_part(f"summaries@{layer}", shard_index, out.summaries)
             states[layer] = _extraction.UnitMeans.from_summaries(out.summaries).to_table()
         states["_shard"] = pa.table({"shard": [shard_index], "start": [shard[0]], "stop": [shard[1]]})

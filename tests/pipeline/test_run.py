@@ -114,3 +114,22 @@ def test_local_cluster_equals_in_process(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].equals(b[key]), key
+
+
+def test_multi_row_group_activation_parts_do_not_change_results(tmp_path, monkeypatch):
+    """Downstream stages read streamed parts (one row group per batch) exactly like single-row-group ones."""
+    from repdissect.stages import _extraction
+
+    contents = []
+    for name, min_bytes in (("one", 1 << 40), ("many", 1)):
+        monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", min_bytes)
+        (tmp_path / name).mkdir()
+        run(write_tiny_config(tmp_path / name, shard=96), report=False)  # one shard, 3 batches of 32
+        contents.append(cache_contents(tmp_path / name / "cache"))
+        groups = [pq.ParquetFile(path).metadata.num_row_groups
+                  for path in (tmp_path / name / "cache" / "extract").rglob("activations@*/part-*.parquet")]
+        assert groups and set(groups) == ({1} if name == "one" else {3})
+    one, many = contents
+    assert one.keys() == many.keys()
+    for key in one:
+        assert one[key].equals(many[key]), key

@@ -12,9 +12,13 @@ import torch
 from torch import nn
 
 from repdissect.datasets import Batch, ConceptDataset
-from repdissect.stages._activations import read_activations, table_to_arrays
+from repdissect.pipeline._store import AtomicParquetWriter
+from repdissect.stages import _extraction
+from repdissect.stages._activations import iter_activation_parts, read_activations, table_to_arrays
 from repdissect.stages._errors import StageInputError
 from repdissect.stages._extraction import (
+    PARQUET_OPTIONS,
+    BatchActivations,
     Extractor,
     UnitMeans,
     cached_model,
@@ -238,6 +242,94 @@ def test_float16_overflow_is_refused():
             extractor(np.full((1, 3, 2, 2), 255, np.uint8))
 
 
+@pytest.mark.parametrize("value, refused", [(65519.0, False), (65520.0, True), (-65520.0, True), (-1e9, True)])
+def test_float16_overflow_is_judged_by_the_cast_of_each_extreme(value, refused):
+    """Overflow is detected from the per-unit max and min: negative and borderline values count too."""
+
+    class Spike(nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 2, 3, 3)
+            out[:, 1, 1, 2] = value
+            return out
+
+    wrapper = nn.Sequential()
+    wrapper.add_module("spike", Spike())
+    with Extractor(wrapper, ["spike"], device="cpu", dtype="float16") as extractor:
+        if refused:
+            with pytest.raises(StageInputError, match="beyond float16's range"):
+                extractor(np.zeros((2, 3, 4, 4), np.uint8))
+        else:
+            out = extractor(np.zeros((2, 3, 4, 4), np.uint8))["spike"]
+            assert np.isfinite(out.activations).all() and out.activations.max() == np.float16(value)
+
+
+def test_float16_summaries_equal_the_float32_ones_bit_for_bit(cnn, data):
+    """Summaries are computed from the float32 values in C×H×W order whatever the storage dtype."""
+    full = extract_shard(cnn, CNN_LAYERS, data, np.arange(12), batch_size=5, device="cpu")
+    half = extract_shard(cnn, CNN_LAYERS, data, np.arange(12), batch_size=5, device="cpu", dtype="float16")
+    for name in CNN_LAYERS:
+        a, b = read_summaries(full[name].summaries), read_summaries(half[name].summaries)
+        for field in ("max", "argmax", "mean"):
+            np.testing.assert_array_equal(getattr(b, field), getattr(a, field), err_msg=f"{name} {field}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_and_device_summaries_agree(channels_last):
+    """The numpy summaries of the CPU path equal the torch reductions used on accelerators (ties included)."""
+    rng = np.random.default_rng(5)
+    values = rng.integers(-3, 4, (6, 5, 7, 3)).astype(np.float32)  # small integers: many tied maxima
+    values[:, 2] = 0.0
+    t = torch.from_numpy(values)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = t.shape
+
+    def empty() -> BatchActivations:
+        return BatchActivations(np.empty(0), np.empty((n, c), np.float32), np.empty((n, c), np.int32),
+                                np.empty((n, c), np.float32))
+
+    cpu, device = empty(), empty()
+    low_cpu = _extraction._summarise_cpu(t.contiguous().view(n, c, h * w), cpu, want_min=True)
+    low_device = _extraction._summarise_device(t.reshape(n, c, h * w), device, want_min=True)
+    flat = values.reshape(n, c, h * w)
+    np.testing.assert_array_equal(cpu.argmax, flat.argmax(2))
+    np.testing.assert_array_equal(cpu.max, flat.max(2))
+    np.testing.assert_array_equal(low_cpu, flat.min(2))
+    for field in ("max", "argmax", "mean"):
+        np.testing.assert_array_equal(getattr(device, field), getattr(cpu, field), err_msg=field)
+    np.testing.assert_array_equal(low_device, low_cpu)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_accelerator_code_path_matches_the_cpu_one(cnn, dtype):
+    """The non-CPU branch of the hook (torch reductions, cast before the copy), run here on CPU tensors."""
+    images = np.random.default_rng(4).integers(0, 256, (5, 3, 24, 24), dtype=np.uint8)
+    with Extractor(cnn, CNN_LAYERS, device="cpu", dtype=dtype) as extractor:
+        host = extractor(images)
+        extractor._host = False
+        device = extractor(images)
+    for name in CNN_LAYERS:
+        np.testing.assert_array_equal(device[name].activations, host[name].activations)
+        np.testing.assert_array_equal(device[name].max, host[name].max)
+        np.testing.assert_array_equal(device[name].argmax, host[name].argmax)
+        np.testing.assert_allclose(device[name].mean, host[name].mean, rtol=1e-6, atol=1e-7)
+    wrapper = nn.Sequential()
+    wrapper.add_module("neg", _Scaled(-1e6))
+    with Extractor(wrapper, ["neg"], device="cpu", dtype="float16") as extractor:
+        extractor._host = False
+        with pytest.raises(StageInputError, match="float16"):
+            extractor(np.full((1, 3, 2, 2), 255, np.uint8))
+
+
+class _Scaled(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
 def test_non_finite_activations_are_refused():
     class Broken(nn.Module):
         def forward(self, x):
@@ -268,6 +360,157 @@ def test_parquet_round_trip(tmp_path, cnn, data):
         assert back.shape == reference.shape
         for field in ("image", "max", "argmax", "mean"):
             np.testing.assert_array_equal(getattr(back, field), getattr(reference, field))
+
+
+def _parquet_parts(directory):
+    def open_part(layer, schema):
+        return AtomicParquetWriter(directory / f"{layer}.parquet", schema, **PARQUET_OPTIONS)
+    return open_part
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("extract-writer-")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_streamed_parts_hold_one_row_group_per_batch_and_read_back_equal(tmp_path, cnn, data, monkeypatch, dtype):
+    monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 1)  # every batch its own row group
+    layers = ["conv1", "conv3", "fc"]
+    out = extract_shard(cnn, layers, data, np.arange(3, 33), batch_size=7, device="cpu", dtype=dtype,
+                        write_parts=_parquet_parts(tmp_path), overlap=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}.parquet" for name in layers)  # no temp left
+    assert not _writer_threads()
+    for name in layers:
+        path = tmp_path / f"{name}.parquet"
+        assert pq.ParquetFile(path).metadata.num_row_groups == 5  # 7 + 7 + 7 + 7 + 2 rows
+        table = pq.read_table(path)
+        assert table.column("activations").num_chunks == 5
+        assert table.schema.field("activations").type.value_type == (pa.float16() if dtype == "float16" else pa.float32())
+        assert table.schema.metadata == out[name].activations.schema.metadata
+        ids, acts = table_to_arrays(table)
+        expected_ids, expected = table_to_arrays(out[name].activations)
+        assert acts.dtype == np.dtype(dtype) and acts.flags.c_contiguous
+        np.testing.assert_array_equal(ids, np.arange(3, 33))
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_array_equal(acts, expected)
+        (streamed_ids, streamed), = iter_activation_parts([path])
+        np.testing.assert_array_equal(streamed, expected)
+    if dtype == "float16":  # and the stored values are the rounded float32 activations
+        full = extract_shard(cnn, ["conv3"], data, np.arange(3, 33), batch_size=7, device="cpu")
+        np.testing.assert_array_equal(read_activations(tmp_path / "conv3.parquet")[1],
+                                      table_to_arrays(full["conv3"].activations)[1].astype(np.float16))
+
+
+def test_parts_written_after_extraction_are_the_same(tmp_path, cnn, data, monkeypatch):
+    """Without overlap (no spare core) every layer is written at the end, in even row groups of ≥ 1 batch."""
+    monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 1)
+    out = extract_shard(cnn, ["conv2.bn", "fc"], data, np.arange(30), batch_size=7, device="cpu",
+                        write_parts=_parquet_parts(tmp_path), overlap=False)
+    assert not _writer_threads()
+    for name in ("conv2.bn", "fc"):
+        meta = pq.ParquetFile(tmp_path / f"{name}.parquet").metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [7, 8, 7, 8]
+        np.testing.assert_array_equal(read_activations(tmp_path / f"{name}.parquet")[1],
+                                      table_to_arrays(out[name].activations)[1])
+
+
+def test_overlap_needs_a_spare_core(monkeypatch):
+    monkeypatch.setattr(_extraction.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert not _extraction._spare_core(torch.device("cpu"))
+    assert _extraction._spare_core(torch.device("cuda", 0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert _extraction._spare_core(torch.device("cpu"))
+
+
+def test_row_groups_gather_small_batches(tmp_path, cnn, data, monkeypatch):
+    monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 10 * 4 * 4)  # ten fc rows (4 float32 units each)
+    extract_shard(cnn, ["fc"], data, np.arange(33), batch_size=4, device="cpu", write_parts=_parquet_parts(tmp_path),
+                  overlap=True)
+    meta = pq.ParquetFile(tmp_path / "fc.parquet").metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sizes == [12, 12, 9]  # hand-overs at 12 and 24 rows, the rest at the end
+
+
+class _FailingPart:
+    """Wraps a real part writer; its ``fail_at``-th write raises."""
+
+    def __init__(self, inner, fail_at):
+        self.inner, self.fail_at, self.writes = inner, fail_at, 0
+
+    def write(self, table):
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise OSError(28, "No space left on device")
+        self.inner.write(table)
+
+    def close(self):
+        return self.inner.close()
+
+    def abort(self):
+        self.inner.abort()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_failing_writer_thread_fails_the_shard_and_leaves_no_part(tmp_path, cnn, data, monkeypatch, overlap):
+    monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 1)
+    real = _parquet_parts(tmp_path)
+    calls = []
+
+    def open_part(layer, schema):
+        calls.append(layer)
+        return _FailingPart(real(layer, schema), fail_at=2) if layer == "conv3" else real(layer, schema)
+
+    with pytest.raises(OSError, match="No space left"):
+        extract_shard(cnn, ["conv1", "conv3"], data, np.arange(33), batch_size=4, device="cpu", write_parts=open_part,
+                      overlap=overlap)
+    assert sorted(calls) == ["conv1", "conv3"]
+    assert not _writer_threads()
+    # conv3's part was never completed; conv1's was aborted mid-shard (overlap) or may be complete (written
+    # in parallel at the end, like a layer written before a failure); no temp file is left either way
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left == [] if overlap else left in ([], ["conv1.parquet"])
+
+
+def test_an_extraction_error_aborts_the_parts_being_written(tmp_path, cnn, monkeypatch):
+    monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 1)
+
+    class BreaksLater(NoiseImages):
+        def load(self, indices):
+            if self.loads == 2:
+                raise RuntimeError("image 9 is unreadable")
+            return super().load(indices)
+
+    with pytest.raises(RuntimeError, match="unreadable"):
+        extract_shard(cnn, ["conv1", "conv2"], BreaksLater(), np.arange(20), batch_size=4, device="cpu",
+                      write_parts=_parquet_parts(tmp_path), overlap=True)
+    assert not _writer_threads()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_parquet_writer_publishes_on_close_only(tmp_path):
+    table = pa.table({"x": pa.array([1, 2, 3], pa.int64())})
+    path = tmp_path / "sub" / "part-00000.parquet"
+    with AtomicParquetWriter(path, table.schema) as writer:
+        writer.write(table)
+        writer.write(table.slice(1))
+        assert not path.exists()
+        assert len(list(path.parent.iterdir())) == 1  # the hidden temp file
+        assert not list(path.parent.glob("part-*.parquet"))  # invisible to the staged-part glob
+    assert pq.read_table(path).column("x").to_pylist() == [1, 2, 3, 2, 3]
+    assert pq.ParquetFile(path).metadata.num_row_groups == 2
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    with pytest.raises(ValueError, match="after close"):
+        writer.write(table)
+    writer.abort()  # a no-op after close
+    assert path.exists()
+
+    other = tmp_path / "other.parquet"
+    with pytest.raises(KeyError):
+        with AtomicParquetWriter(other, table.schema) as writer:
+            writer.write(table)
+            raise KeyError("boom")
+    assert list(tmp_path.iterdir()) == [tmp_path / "sub"]
 
 
 def test_summary_table_schema_and_row_col():
