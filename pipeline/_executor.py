@@ -22,6 +22,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as cf_wait
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -30,16 +31,12 @@ import pyarrow.parquet as pq
 
 from ._errors import USER_ERRORS, PipelineError
 from ._stage import Context, Node, ShardedStage, StageOutput, get_stage
-from ._hashing import canonical_json
-from ._store import CacheStore, Entry, write_bytes_atomic, write_parquet_atomic
+from ._hashing import canonical_json, digest
+from ._store import CacheStore, Entry, write_parquet_atomic
 
 __all__ = ["Executor", "NodeResult", "environment_info", "connect"]
 
 log = logging.getLogger("repdissect.executor")
-
-#: file in a node's staging directory recording the shard layout its staged parts belong to
-_LAYOUT = "_layout.json"
-
 
 @functools.lru_cache(maxsize=1)
 def environment_info() -> dict[str, Any]:
@@ -265,30 +262,9 @@ def _gpu_workers(client: Any) -> int:
     return sum(1 for w in info.get("workers", {}).values() if w.get("resources", {}).get("GPU", 0) > 0)
 
 
-def _claim_staging(store: CacheStore, node: Node, shards: list[Any]) -> None:
-    """Keep a node's staged shards only if they were cut the same way as now.
-
-    ``shard_size`` is an execution setting, not part of the key, so a run resumed with another shard size
-    would otherwise reuse partials and parts of the old layout (shard ``i`` covering other images).
-    """
-    staging = store.staging_path(node.stage, node.key)
-    marker = staging / _LAYOUT
-    layout = canonical_json(shards)
-    try:
-        current = marker.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        current = None
-    if current == layout:
-        return
-    if staging.exists():
-        log.info("%s: discarding shards staged under another shard layout", node.node_id)
-        store.discard_staging(node.stage, node.key)
-    try:
-        write_bytes_atomic(layout.encode("utf-8"), marker)
-    except OSError:
-        # A racing run that just published this node removes its staging dir; its entry makes ours moot.
-        if store.get(node.stage, node.key) is None:
-            write_bytes_atomic(layout.encode("utf-8"), marker)
+def _layout(shards: list[Any]) -> str:
+    """A short digest of how a node is cut into shards (the name of its staging directory)."""
+    return digest(shards)[:16]
 
 
 @dataclass
@@ -330,7 +306,7 @@ class Executor:
             if not shards:
                 raise PipelineError(f"{node.node_id}: there are no shards to process (zero images?); "
                                     "check the dataset size and the upstream stage")
-            _claim_staging(self.store, node, shards)
+            ctx = dataclasses.replace(ctx, layout=_layout(shards))
             level = [self.client.submit(task_map, ctx, i, shard, key=f"{base}-map-{i}", resources=resources,
                                         retries=self.retries, pure=False) for i, shard in enumerate(shards)]
             depth = 0

@@ -118,6 +118,40 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
         return entry
 
     plan = build_plan(cfg, is_cached=lambda node: lookup(node) is not None)
+    # Recorded before anything runs, so that a `clean` meanwhile keeps the entries this run reads and
+    # publishes; completed below. (Without key components: `status` explains from finished runs only.)
+    provisional = {
+        "name": cfg.run.name, "status": "running",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "nodes": [{"node": n.node_id, "stage": n.stage, "key": n.key} for n in plan.nodes],
+    }
+    record_path = store.record_run(provisional)
+    try:
+        result = _execute(cfg, store, plan, found, lookup, started, record_path, print_summary=print_summary)
+    except BaseException:
+        store.record_run({**provisional, "status": "failed"}, record_path)  # its published entries stay live
+        raise
+    out_dir = result.out_dir
+    if report:
+        # The report is a pure function of the entries and the config: skip it when an identical one exists.
+        from ..reports._version import REPORT_VERSION
+
+        stamp = digest({"keys": sorted(n.key for n in plan.nodes), "config": cfg.to_dict(),
+                        "report_version": REPORT_VERSION})
+        stamp_file = out_dir / ".report-stamp"
+        current = (out_dir / "index.html").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp
+        if not current:
+            from ..reports import write_report
+
+            stamp_file.unlink(missing_ok=True)
+            write_report(result)
+            write_bytes_atomic(stamp.encode(), stamp_file)
+    return result
+
+
+def _execute(cfg: Config, store: CacheStore, plan, found: dict[str, Entry], lookup, started: float,
+             record_path: Path, *, print_summary: bool) -> RunResult:
+    """Compute what is missing, write ``<out>/run.json`` and complete the run record."""
     ex = cfg.execution
     # Nothing to compute (a rerun): answer from the cache without starting a cluster or touching torch.
     everything_cached = all([lookup(n) is not None for n in plan.nodes])
@@ -156,6 +190,7 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
     seconds = time.time() - started
     record = {
         "name": cfg.run.name,
+        "status": "finished",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "seconds": seconds,
         "config": cfg.to_dict(),
@@ -171,22 +206,8 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
         ],
     }
     write_bytes_atomic(json.dumps(record, indent=1, sort_keys=True, default=str).encode(), out_dir / "run.json")
-    store.record_run(record)
+    store.record_run(record, record_path)
     result = RunResult(plan=plan, results=results, out_dir=out_dir, seconds=seconds, record=record)
-    if report:
-        # The report is a pure function of the entries and the config: skip it when an identical one exists.
-        from ..reports._version import REPORT_VERSION
-
-        stamp = digest({"keys": sorted(n.key for n in plan.nodes), "config": cfg.to_dict(),
-                        "report_version": REPORT_VERSION})
-        stamp_file = out_dir / ".report-stamp"
-        current = (out_dir / "index.html").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp
-        if not current:
-            from ..reports import write_report
-
-            stamp_file.unlink(missing_ok=True)
-            write_report(result)
-            write_bytes_atomic(stamp.encode(), stamp_file)
     return result
 
 

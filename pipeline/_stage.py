@@ -175,6 +175,8 @@ class Context:
     inputs: dict[str, Entry]
     dataset_spec: dict[str, Any]
     execution: dict[str, Any]
+    #: digest of a sharded node's shard layout; its staged shards live in their own directory per layout
+    layout: str = ""
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -186,7 +188,10 @@ class Context:
 
     @property
     def staging(self) -> Path:
-        return self.store.staging_path(self.node.stage, self.node.key)
+        """Where this node's shards are staged: one directory per shard layout (``shard_size`` is an
+        execution setting, not part of the key), so runs cutting one node differently never mix shards."""
+        base = self.store.staging_path(self.node.stage, self.node.key)
+        return base / f"layout-{self.layout}" if self.layout else base
 
     def dataset(self):
         """The configured dataset, built once per process."""

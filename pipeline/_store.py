@@ -421,9 +421,11 @@ class CacheStore:
         return report
 
     # -- run records (GC roots) -----------------------------------------------------------------
-    def record_run(self, record: Mapping[str, Any]) -> Path:
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        path = self.root / _RUNS / f"{stamp}-{record.get('name', 'run')}.json"
+    def record_run(self, record: Mapping[str, Any], path: Path | None = None) -> Path:
+        """Write a run record (a new file, or ``path`` to replace the one a run wrote when it started)."""
+        if path is None:
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            path = self.root / _RUNS / f"{stamp}-{record.get('name', 'run')}.json"
         write_bytes_atomic(json.dumps(record, indent=1, sort_keys=True, default=str).encode("utf-8"), path)
         return path
 

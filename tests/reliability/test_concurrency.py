@@ -3,7 +3,8 @@
 Equal keys mean equivalent results, so the store lets the first publisher win and every loser discard
 its copy — including a loser whose staged shards or temp directory the winner already removed. The
 end-to-end test (``slow``) races two real processes over the whole DAG (same cache, same output folder) at
-several start offsets; the fast tests below force the losing interleavings deterministically.
+several start offsets; the fast tests below force the losing interleavings deterministically, and a
+`clean` in the middle of a run (the run's record, written when it starts, keeps its entries live).
 """
 
 from __future__ import annotations
@@ -111,3 +112,51 @@ def test_race_loser_whose_staging_was_removed_returns_quietly(tiny_reference, tm
     assert (extract[1] / MANIFEST).read_bytes() == (winner / MANIFEST).read_bytes(), "the winner's entry is kept"
     assert_same_results(tiny_reference.tables, cache_tables(tmp_path / "cache"), context="lost race")
     assert leftovers(tmp_path / "cache") == []
+
+
+def test_clean_during_a_run_keeps_that_runs_entries(tiny_reference, tmp_path, monkeypatch):
+    """`repdissect clean` while a run computes: entries the run has published (and reads next) are live."""
+    from repdissect.pipeline import _run
+
+    config = write_config(tmp_path, TINY)
+    cache = tmp_path / "cache"
+    removed: list[list[Path]] = []
+    original = _run._Progress.__call__
+
+    def clean_after_first_computed_node(self, result):
+        if not result.hit and not removed:
+            removed.append(CacheStore(cache).clean())  # another shell runs `repdissect clean` now
+        return original(self, result)
+
+    monkeypatch.setattr(_run._Progress, "__call__", clean_after_first_computed_node)
+    result = run(config, report=False)
+    assert removed == [[]], f"clean removed entries of the running run: {removed}"
+    assert all(CacheStore(cache).get(n.stage, n.key) is not None for n in result.plan.nodes)
+    assert_same_results(tiny_reference.tables, cache_tables(cache), context="clean during a run")
+    records = CacheStore(cache).run_records()
+    assert [r["status"] for r in records] == ["finished"] and "key_components" in records[0]["nodes"][0]
+
+
+def test_a_failed_run_keeps_its_published_entries(tmp_path, monkeypatch):
+    """A run that stops half-way marks its record failed; what it published stays referenced (and reused)."""
+    from repdissect.pipeline import _executor
+
+    config = write_config(tmp_path, TINY)
+    cache = tmp_path / "cache"
+    original = _executor._finalize_and_publish
+
+    def fail_at_thresholds(ctx, merged, started):
+        if ctx.node.stage == "thresholds":
+            raise KeyboardInterrupt  # e.g. Ctrl-C while the first dissection node finalizes
+        return original(ctx, merged, started)
+
+    monkeypatch.setattr(_executor, "_finalize_and_publish", fail_at_thresholds)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, report=False, scheduler="sync")
+    store = CacheStore(cache)
+    assert [r["status"] for r in store.run_records()] == ["failed"]
+    published = [path for _, _, path in store.iter_entries()]
+    assert published and store.clean() == []
+    monkeypatch.setattr(_executor, "_finalize_and_publish", original)
+    rerun = run(config, report=False, scheduler="sync")
+    assert {r.node.stage for r in rerun.results.values() if r.hit} >= {"train", "extract"}

@@ -2,8 +2,9 @@
 
 A counting sharded stage (integers ``0..n-1`` summed per shard, each shard also staging a part file)
 runs through the real executor in-process. A "crash" in one shard leaves the earlier shards staged;
-the rerun must map only the missing shards, ignore an unreadable staged partial, and refuse shards
-staged under another shard layout (``shard_size`` is an execution setting, not part of the key).
+the rerun must map only the missing shards, ignore an unreadable staged partial, and never mix shards
+staged under another shard layout (``shard_size`` is an execution setting, not part of the key): each
+layout stages in its own directory, so two runs cutting one node differently cannot disturb each other.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def test_resume_maps_only_the_missing_shards(tmp_path):
 def test_unreadable_staged_partial_is_recomputed(tmp_path):
     store = CacheStore(tmp_path)
     _crash(store, shard_size=5, at=3)
-    partial = store.staging_path(NODE.stage, NODE.key) / "_partials" / "part-00001.parquet"
+    (partial,) = store.staging_path(NODE.stage, NODE.key).glob("layout-*/_partials/part-00001.parquet")
     partial.write_bytes(partial.read_bytes()[:20])  # e.g. a disk that lost the tail
     CountingSum.calls.clear()
     _run(store, shard_size=5)
@@ -114,6 +115,20 @@ def test_shards_staged_under_another_layout_are_not_reused(tmp_path):
     _run(store, shard_size=4)  # same key, other layout: [0,4) … [16,20)
     assert CountingSum.calls == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20)]
     _check(store)
+
+
+def test_layouts_stage_side_by_side(tmp_path):
+    """Two runs cutting the node differently (e.g. concurrent, with other shard sizes) keep separate shards:
+    neither discards nor reuses the other's, and each resumes its own."""
+    store = CacheStore(tmp_path)
+    _crash(store, shard_size=3, at=5)  # layout A: every shard but [15,18) staged
+    _crash(store, shard_size=4, at=2)  # layout B: every shard but [8,12) staged
+    assert len(list(store.staging_path(NODE.stage, NODE.key).glob("layout-*"))) == 2
+    CountingSum.calls.clear()
+    _run(store, shard_size=3)  # A resumes with only its missing shards, untouched by B
+    assert CountingSum.calls == [(15, 18)]
+    _check(store)
+    assert not store.staging_path(NODE.stage, NODE.key).exists(), "publishing removes every layout's staging"
 
 
 def test_a_cache_hit_removes_leftover_staging(tmp_path):
