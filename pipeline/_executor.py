@@ -95,6 +95,10 @@ def _is_superseded(table: pa.Table | None) -> bool:
 def task_map(ctx: Context, shard_index: int, shard: Any) -> pa.Table | UserFailure:
     """One shard → partial state. Reuses a staged partial from an earlier (killed) attempt."""
     _prepare_worker(ctx)
+    if ctx.store.get(ctx.node.stage, ctx.node.key) is not None:
+        # Published already (by a racing run, or by this run before Dask recomputes tasks a killed worker
+        # held): nothing to map, and staging nothing keeps the published node's staging dir gone.
+        return _superseded()
     try:
         return _map_shard(ctx, shard_index, shard)
     except USER_ERRORS as exc:

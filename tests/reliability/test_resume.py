@@ -140,3 +140,18 @@ def test_a_cache_hit_removes_leftover_staging(tmp_path):
     assert _run(store, shard_size=7).hit
     assert CountingSum.calls == []
     assert not store.staging_path(NODE.stage, NODE.key).exists()
+
+
+def test_a_map_task_rerun_after_publishing_stages_nothing(tmp_path):
+    """Dask recomputes tasks a killed worker held, even maps of a node already published: they must not
+    recreate the staging directory the publish removed."""
+    from repdissect.pipeline._executor import _is_superseded, task_map
+
+    store = CacheStore(tmp_path)
+    _run(store, shard_size=7)
+    CountingSum.calls.clear()
+    ctx = Context(node=NODE, cache_root=str(tmp_path), inputs={}, dataset_spec={}, execution={"shard_size": 7},
+                  layout="0123456789abcdef")
+    assert _is_superseded(task_map(ctx, 0, [0, 7]))
+    assert CountingSum.calls == []
+    assert not store.staging_path(NODE.stage, NODE.key).exists()
