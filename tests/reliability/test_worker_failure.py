@@ -59,6 +59,8 @@ def test_killing_a_busy_worker_still_completes(tiny_reference, tmp_path, prefix)
         assert not thread.is_alive(), "the run hung after the worker died"
         assert killed is not None, "no worker was ever busy with such a task"
         assert "error" not in outcome, f"the run failed after a worker died: {outcome.get('error')!r}"
+        # The nanny restarts the killed worker; a short run may finish before the new one registers.
+        client.wait_for_workers(2, timeout=120)
         assert len(client.scheduler_info()["workers"]) == 2, "the nanny replaced the killed worker"
     assert_same_results(tiny_reference.tables, cache_tables(tmp_path / "cache"), context=f"killed {killed}")
     assert leftovers(tmp_path / "cache") == []
