@@ -13,6 +13,7 @@ waits forever for a resource nobody has.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -22,7 +23,6 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as cf_wait
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -31,12 +31,13 @@ import pyarrow.parquet as pq
 
 from ._errors import USER_ERRORS, PipelineError
 from ._stage import Context, Node, ShardedStage, StageOutput, get_stage
-from ._hashing import canonical_json, digest
+from ._hashing import digest
 from ._store import CacheStore, Entry, write_parquet_atomic
 
 __all__ = ["Executor", "NodeResult", "environment_info", "connect"]
 
 log = logging.getLogger("repdissect.executor")
+
 
 @functools.lru_cache(maxsize=1)
 def environment_info() -> dict[str, Any]:

@@ -110,14 +110,7 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
     store = CacheStore(cfg.run.cache_dir, verify_checksums=cfg.execution.verify_checksums)
     store.ensure_writable()
     found: dict[str, Entry] = {}  # each node is looked up (and validated) once per run
-
-    def lookup(node) -> Entry | None:
-        entry = found.get(node.key) or store.get(node.stage, node.key)
-        if entry is not None:
-            found[node.key] = entry
-        return entry
-
-    plan = build_plan(cfg, is_cached=lambda node: lookup(node) is not None)
+    plan = build_plan(cfg, is_cached=lambda node: _look_up(store, found, node) is not None)
     # Recorded before anything runs, so that a `clean` meanwhile keeps the entries this run reads and
     # publishes; completed below. (Without key components: `status` explains from finished runs only.)
     provisional = {
@@ -127,7 +120,7 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
     }
     record_path = store.record_run(provisional)
     try:
-        result = _execute(cfg, store, plan, found, lookup, started, record_path, print_summary=print_summary)
+        result = _execute(cfg, store, plan, found, started, record_path, print_summary=print_summary)
     except BaseException:
         store.record_run({**provisional, "status": "failed"}, record_path)  # its published entries stay live
         raise
@@ -149,12 +142,24 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
     return result
 
 
-def _execute(cfg: Config, store: CacheStore, plan, found: dict[str, Entry], lookup, started: float,
+def _look_up(store: CacheStore, found: dict[str, Entry], node) -> Entry | None:
+    """The node's valid entry, read from the store at most once per run (``found`` remembers hits)."""
+    entry = found.get(node.key) or store.get(node.stage, node.key)
+    if entry is not None:
+        found[node.key] = entry
+    return entry
+
+
+def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry], started: float,
              record_path: Path, *, print_summary: bool) -> RunResult:
-    """Compute what is missing, write ``<out>/run.json`` and complete the run record."""
+    """Compute what is missing, write ``<out>/run.json`` and complete the run record.
+
+    ``found``: the entries looked up so far this run (filled here for every node), handed to the executor
+    so that no entry is read and validated twice.
+    """
     ex = cfg.execution
     # Nothing to compute (a rerun): answer from the cache without starting a cluster or touching torch.
-    everything_cached = all([lookup(n) is not None for n in plan.nodes])
+    everything_cached = all([_look_up(store, found, n) is not None for n in plan.nodes])  # every node, no short cut
     want_gpu = not everything_cached and ex.device in ("auto", "cuda") and _cuda_available()
     scheduler = "sync" if everything_cached else ex.scheduler
     client, cluster = connect(scheduler, workers=ex.workers, threads_per_worker=ex.threads_per_worker,

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..pipeline._hashing import digest
 from ..pipeline._stage import Context, ShardedStage, Stage, StageOutput, register_stage
@@ -182,11 +183,7 @@ class ExtractStage(ShardedStage):
         tables["shards"] = states["_shard"].sort_by("shard")
         for layer in ctx.params["layers"]:
             part = ctx.staging / f"activations@{layer}" / "part-00000.parquet"
-            import pyarrow.parquet as pq
-
-            from ._activations import activation_shape
-
-            shapes[layer] = list(activation_shape(pq.read_schema(part)))
+            shapes[layer] = list(_activations.activation_shape(pq.read_schema(part)))
         return StageOutput(tables=tables, extras={"layer_shapes": shapes, "images": int(sum(
             s[1] - s[0] for s in zip(tables["shards"].column("start").to_pylist(),
                                      tables["shards"].column("stop").to_pylist())))})
@@ -197,8 +194,6 @@ def _layer_parts(ctx: Context, role: str, kind: str = "activations") -> list:
 
 
 def _read_part(path) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow.parquet as pq
-
     return _activations.table_to_arrays(pq.read_table(path))
 
 
@@ -442,8 +437,6 @@ class StabilityStage(ShardedStage):
         return list(range(len(_layer_parts(ctx, "activations", "summaries"))))
 
     def map(self, ctx: Context, shard_index: int, shard: Any) -> pa.Table:
-        import pyarrow.parquet as pq
-
         summaries = _extraction.read_summaries(pq.read_table(_layer_parts(ctx, "activations", "summaries")[shard]))
         dataset = ctx.dataset()
         stat = _stability.LandmarkTopK(dataset.image_size, int(ctx.params["top_k"]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 
 TINY = """
 [run]
@@ -97,3 +99,15 @@ class NoCacheLocator:
     @classmethod
     def from_function(cls, py_func, source_path):
         return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Single-threaded torch for a test module (import it there): results do not depend on the thread count,
+    and on a loaded machine threads slow the tests badly."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

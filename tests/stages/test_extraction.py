@@ -31,6 +31,8 @@ from repdissect.stages._extraction import (
 )
 from repdissect.stages._models import ModelSpec, NormalizedModel, build_model
 
+from helpers import one_torch_thread  # noqa: F401 - an autouse fixture: torch runs single-threaded here
+
 
 class NoiseImages(ConceptDataset):
     """Deterministic random uint8 images; counts how often it is loaded."""
@@ -66,15 +68,6 @@ class NoiseImages(ConceptDataset):
 
 
 CNN_LAYERS = ["conv1", "conv2.bn", "conv3", "fc"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: results here do not depend on it, and a loaded machine slows threads badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from repdissect.stages._models import (
     resolve_layers,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: results here do not depend on it, and a loaded machine slows threads badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from helpers import one_torch_thread  # noqa: F401 - an autouse fixture: torch runs single-threaded here
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
