@@ -79,6 +79,8 @@ class _Axis:
     w_lo: np.ndarray  # (n_out,) float32 weight of the lower corner
     w_hi: np.ndarray  # (n_out,) float32 weight of the upper corner
     seg_base: np.ndarray  # (S,) lower corner cell of each segment
+    seg_start: np.ndarray  # (S,) first pixel of each segment (segments are consecutive pixel runs)
+    seg_count: np.ndarray  # (S,) pixels in each segment
     seg_pixels: np.ndarray  # (S, m) pixel indexes; padding repeats the segment's first pixel
     seg_w_lo: np.ndarray  # (S, m) float32 weights, NaN in padding (a NaN value is never "on")
     seg_w_hi: np.ndarray  # (S, m)
@@ -106,7 +108,7 @@ def _axis(n_in: int, n_out: int) -> _Axis:
     pixels = np.where(valid, starts[:, None] + position[None, :], starts[:, None])
     nan = np.float32(np.nan)
     return _Axis(
-        base, upper, w_lo, w_hi, base[starts], pixels,
+        base, upper, w_lo, w_hi, base[starts], starts, counts, pixels,
         np.where(valid, w_lo[pixels], nan), np.where(valid, w_hi[pixels], nan),
     )
 
@@ -246,20 +248,9 @@ class _QuadGeometry:
             pair_counts += torch.bincount(torch.cat(keys), minlength=pair_counts.numel())
 
 
-@lru_cache(maxsize=64)
-def _segment_runs(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    axis = _axis(n_in, n_out)
-    return axis.seg_pixels[:, 0].copy(), (~np.isnan(axis.seg_w_lo)).sum(axis=1)
-
-
-def _segments(axis: _Axis) -> tuple[np.ndarray, np.ndarray]:
-    """First pixel and length of each segment (segments are consecutive pixel runs)."""
-    return _segment_runs(len(axis.upper), len(axis.base))
-
-
 def _uniform_quads(pixel: np.ndarray, ay: _Axis, ax: _Axis) -> np.ndarray:
     """``(N, layers, Sy, Sx)``: each quad's label column when the whole quad carries one label, else −1."""
-    rows, cols = ay.seg_pixels[:, 0], ax.seg_pixels[:, 0]  # segments are consecutive runs
+    rows, cols = ay.seg_start, ax.seg_start
     low = np.minimum.reduceat(np.minimum.reduceat(pixel, cols, axis=3), rows, axis=2)
     high = np.maximum.reduceat(np.maximum.reduceat(pixel, cols, axis=3), rows, axis=2)
     return np.where(low == high, low, -1).astype(np.int64)
@@ -428,7 +419,7 @@ class IoUTally(StreamingStatistic):
             self._update_compiled(acts, thresholds, pixel_maps, scalar)
         else:
             # Every label is mapped (and checked) before the first count: a bad batch leaves the tally unchanged.
-            (pixel,) = self._torch_labels(pixel_maps, acts.shape)
+            pixel = self._torch_labels(pixel_maps, acts.shape)
             for start in range(0, acts.shape[0], self.chunk_images):
                 stop = min(acts.shape[0], start + self.chunk_images)
                 self._count_torch(acts[start:stop], thresholds, pixel[start:stop], scalar[start:stop])
@@ -470,7 +461,8 @@ class IoUTally(StreamingStatistic):
         first = 0
         for category, maps in pixel_maps:
             unknown = prepare_labels(
-                maps, self._lookup, *_segments(ay), *_segments(ax), columns, per_image, uniform, first
+                maps, self._lookup, ay.seg_start, ay.seg_count, ax.seg_start, ax.seg_count,
+                columns, per_image, uniform, first,
             )
             if unknown:
                 self._columns(maps, f"pixel_labels[{category!r}]")  # raises, naming the unknown numbers
@@ -480,8 +472,8 @@ class IoUTally(StreamingStatistic):
         nonfinite = count_quads(
             np.ascontiguousarray(acts, dtype=np.float32), thresholds.astype(np.float32),
             _prune_thresholds(thresholds), _full_thresholds(thresholds),
-            ay.seg_base, ay.upper[ay.seg_base], *_segments(ay), ay.w_lo, ay.w_hi,
-            ax.seg_base, ax.upper[ax.seg_base], *_segments(ax), ax.w_lo, ax.w_hi,
+            ay.seg_base, ay.upper[ay.seg_base], ay.seg_start, ay.seg_count, ay.w_lo, ay.w_hi,
+            ax.seg_base, ax.upper[ax.seg_base], ax.seg_start, ax.seg_count, ax.w_lo, ax.w_hi,
             columns, uniform, on_count, self.intersection,
         )
         if nonfinite:
@@ -489,10 +481,10 @@ class IoUTally(StreamingStatistic):
         scalar_rows, scalar_cols, relevant = self._count_labels(per_image, scalar)
         self._add_units(on_count, scalar_rows, scalar_cols, relevant)
 
-    def _torch_labels(self, pixel_maps, shape) -> list[np.ndarray]:
+    def _torch_labels(self, pixel_maps, shape) -> np.ndarray:
         """Label columns ``(N, layers, sh, sw)`` of every pixel category, concatenated."""
         layers = [self._columns(maps, f"pixel_labels[{category!r}]") for category, maps in pixel_maps]
-        return [np.concatenate(layers, axis=1) if layers else np.zeros((shape[0], 0, *self.seg_size), np.int32)]
+        return np.concatenate(layers, axis=1) if layers else np.zeros((shape[0], 0, *self.seg_size), np.int32)
 
     def _count_torch(self, acts: np.ndarray, thresholds: np.ndarray, pixel: np.ndarray, scalar: np.ndarray) -> None:
         dev = self.device
