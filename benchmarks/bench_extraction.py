@@ -4,15 +4,15 @@ Ours (``extract+write``): what the ``extract`` stage does per shard — ``extrac
 requested layers, per-unit summaries) writing every layer's activation rows to a Parquet part from a
 background thread per layer (``write_parts``; atomic temp file, fsync, rename), while the next batches run
 when a core is free for it (``--threads`` below the core count), else after extraction with the layers in
-parallel (``--overlap`` forces either); then the summary tables written the same way. Baseline:
-``model(batch)`` under ``torch.inference_mode`` for the same batches, nothing kept. Other rows: ``extract``
-alone (no writes); ``extract, then write``: the same tables written one after the other once extraction is
-done (the previous way; no fsync), whose write time is also shown alone; ``extract+ipc``: those tables as
-Arrow IPC files instead (reference only, not the project format), to show how much of the cost is
-Parquet's encoding of long lists. Wall and process-CPU times are both reported: overlapping hides write
-time from the wall clock only where a core is free, while the CPU ratio counts all work; on a shared
-machine the CPU ratios are the steadier ones. The images are generated once and held in memory so that
-neither side pays for data generation. Target: overhead ≤ 15 %.
+parallel (``--overlap`` forces either); then the summary tables. The stage encodes with polars when it is
+installed. Baseline: ``model(batch)`` under ``torch.inference_mode`` for the same batches, nothing kept.
+Other rows: ``extract`` alone (no writes); ``extract+write pyarrow``: the same path with pyarrow's
+encoder; ``extract+raw bytes``: every buffer written as raw bytes and fsynced, all layers at once, after
+extraction — no format can persist the activations for less on this disk, so this row is the floor for
+any model whose activations outweigh its compute. Wall and process-CPU times (all threads) are both
+reported: overlapping hides write time from the wall clock only where a core is free, while the CPU ratio
+counts all work; on a shared machine the CPU ratios are the steadier ones. The images are generated once
+and held in memory so that neither side pays for data generation. Target: overhead ≤ 15 %.
 
 Run: ``python benchmarks/bench_extraction.py [--images 512] [--size 64] [--dtype float32] [--threads N]
 [--architecture builtin:cnn] [--arch width=16 depth=4] [--layers conv2 conv3] [--overlap auto|on|off]``.
@@ -21,8 +21,10 @@ Run: ``python benchmarks/bench_extraction.py [--images 512] [--size 64] [--dtype
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +32,10 @@ import pyarrow as pa
 import torch
 
 from repdissect.datasets import Batch, ConceptDataset
-from repdissect.pipeline._store import AtomicParquetWriter, write_parquet_atomic
-from repdissect.stages._extraction import PARQUET_OPTIONS, _spare_core, extract_shard, write_table
+from repdissect.pipeline._part_writers import open_part_writer, parquet_engine
+from repdissect.pipeline._store import write_parquet_atomic
+from repdissect.stages._activations import table_to_arrays
+from repdissect.stages._extraction import PARQUET_OPTIONS, _spare_core, extract_shard
 from repdissect.stages._models import ModelSpec, build_model, layer_shapes
 
 
@@ -90,42 +94,50 @@ def bare_forward(model: torch.nn.Module, data: InMemory, batch_size: int) -> Clo
     return clock
 
 
-def write_ipc(table: pa.Table, path: Path) -> Path:
-    """Reference writer (not the project format): the same table as an uncompressed Arrow IPC file."""
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return path
+def write_raw(array: np.ndarray, path: Path) -> None:
+    """The floor of any persistent format: the buffer's bytes as they are, fsynced (no encoding at all)."""
+    with open(path, "wb") as fh:
+        array.tofile(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def extraction(model, layers, data, batch_size, dtype, out_dir: Path | None, mode: str = "none",
-               overlap: bool | None = None) -> tuple[Clock, Clock, int]:
-    """Clocks of one whole-dataset shard (extraction plus writes) and of the writes after extraction, bytes.
+               overlap: bool | None = None) -> tuple[Clock, int]:
+    """Clock of one whole-dataset shard (extraction plus writes), and the bytes written.
 
-    ``mode``: ``none`` (no writes), ``stream`` (the extract stage's path: activation parts streamed during
-    extraction, then summaries), ``parquet`` or ``ipc`` (every table written after extraction).
+    ``mode``: ``none`` (no writes); ``polars`` or ``pyarrow`` (the extract stage's path with that Parquet
+    encoder: activation parts streamed during extraction, then the summaries); ``raw`` (every activation
+    and summary buffer written as raw bytes after extraction, all layers at once: the floor of any
+    format).
     """
-    written = 0
+    def open_part(layer: str, schema: pa.Schema, *, row_group_size: int):
+        return open_part_writer(out_dir / f"{layer}.parquet", schema, engine=mode, row_group_size=row_group_size,
+                                **PARQUET_OPTIONS)
 
-    def open_part(layer: str, schema: pa.Schema) -> AtomicParquetWriter:
-        return AtomicParquetWriter(out_dir / f"{layer}.parquet", schema, **PARQUET_OPTIONS)
-
+    streamed = mode in ("polars", "pyarrow")
     with Clock() as total:
         outputs = extract_shard(model, layers, data, np.arange(len(data)), batch_size=batch_size, device="cpu",
-                                dtype=dtype, write_parts=open_part if mode == "stream" else None, overlap=overlap)
-        with Clock() as write:
-            if mode == "stream":
-                for name, layer in outputs.items():
-                    write_parquet_atomic(layer.summaries, out_dir / f"{name}-summaries.parquet")
-            elif mode in ("parquet", "ipc"):
-                writer = write_table if mode == "parquet" else write_ipc
-                for name, layer in outputs.items():
-                    writer(layer.activations, out_dir / f"{name}.part")
-                    writer(layer.summaries, out_dir / f"{name}-summaries.part")
+                                dtype=dtype, write_parts=open_part if streamed else None, overlap=overlap)
+        if streamed:
+            for name, layer in outputs.items():
+                write_parquet_atomic(layer.summaries, out_dir / f"{name}-summaries.parquet")
+        elif mode == "raw":
+            def dump(name: str, layer) -> None:
+                write_raw(table_to_arrays(layer.activations)[1], out_dir / f"{name}.bin")
+                for column_name, column in zip(layer.summaries.column_names, layer.summaries.columns):
+                    values = column.combine_chunks()
+                    values = values.flatten() if pa.types.is_fixed_size_list(values.type) else values
+                    write_raw(values.to_numpy(), out_dir / f"{name}-{column_name}.bin")
+
+            with ThreadPoolExecutor(len(outputs)) as pool:  # every layer at once, like the stage's writers
+                list(pool.map(dump, outputs, outputs.values()))
+    written = 0
     if out_dir is not None:
         written = sum(f.stat().st_size for f in out_dir.iterdir())
         for f in out_dir.iterdir():
             f.unlink()
-    return total, write, written
+    return total, written
 
 
 def main() -> None:
@@ -160,9 +172,12 @@ def main() -> None:
     )
 
     bare_forward(model, data, args.batch_size)  # warm-up (allocator, oneDNN kernel selection)
-    rows = {"bare": None, "extract": "none", "extract+write": "stream", "extract, then write": "parquet",
-            "extract+ipc": "ipc"}
-    timings: dict[str, list[Clock]] = {name: [] for name in [*rows, "write"]}
+    rows = {"bare": None, "extract": "none", "extract+write": parquet_engine("auto"),
+            "extract+write pyarrow": "pyarrow", "extract+raw bytes": "raw"}
+    if rows["extract+write"] == "pyarrow":
+        print("(polars >= 2.1 is not installed: the stage writes with pyarrow)")
+        del rows["extract+write pyarrow"]
+    timings: dict[str, list[Clock]] = {name: [] for name in rows}
     written: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):
@@ -171,26 +186,25 @@ def main() -> None:
                 if mode is None:
                     timings[name].append(bare_forward(model, data, args.batch_size))
                     continue
-                total, write, written[name] = extraction(model, layers, data, args.batch_size, args.dtype,
-                                                         None if mode == "none" else Path(tmp), mode, overlap)
+                total, written[name] = extraction(model, layers, data, args.batch_size, args.dtype,
+                                                  None if mode == "none" else Path(tmp), mode, overlap)
                 timings[name].append(total)
-                if mode == "parquet":
-                    timings["write"].append(write)
     wall = {name: min(c.wall for c in clocks) for name, clocks in timings.items()}
     cpu = {name: min(c.cpu for c in clocks) for name, clocks in timings.items()}
-    print(f"{'':>20}  {'wall s':>8} {'img/s':>8} {'ratio':>6} {'overhead':>9}   {'cpu s':>8} {'ratio':>6} {'overhead':>9}")
+    print(f"{'':>22}  {'wall s':>8} {'img/s':>8} {'ratio':>6} {'overhead':>9}   {'cpu s':>8} {'ratio':>6} {'overhead':>9}")
     for name in rows:
         print(
-            f"{name:>20}  {wall[name]:8.3f} {args.images / wall[name]:8.1f} {wall[name] / wall['bare']:6.3f} "
+            f"{name:>22}  {wall[name]:8.3f} {args.images / wall[name]:8.1f} {wall[name] / wall['bare']:6.3f} "
             f"{100 * (wall[name] / wall['bare'] - 1):+8.1f}%   {cpu[name]:8.3f} {cpu[name] / cpu['bare']:6.3f} "
             f"{100 * (cpu[name] / cpu['bare'] - 1):+8.1f}%"
         )
-    size = written["extract+write"]
-    print(
-        f"{'parquet files':>20}  {size / 1e6:.1f} MB ({size / args.images / 1e3:.1f} kB/image); written after "
-        f"extraction they take {wall['write']:.3f} s wall, {cpu['write']:.3f} s cpu "
-        f"({written['extract, then write'] / wall['write'] / 1e6:.0f} MB/s)"
-    )
+    size, raw = written["extract+write"], written["extract+raw bytes"]
+    print(f"{'parquet files':>22}  {size / 1e6:.1f} MB ({size / args.images / 1e3:.1f} kB/image); raw bytes "
+          f"{raw / 1e6:.1f} MB, written and fsynced at {raw / max(wall['extract+raw bytes'] - wall['extract'], 1e-9) / 1e6:.0f} MB/s wall")
+    if "extract+write pyarrow" in rows:
+        print(f"{'polars vs pyarrow':>22}  {cpu['extract+write pyarrow'] / cpu['extract+write']:.2f}× less CPU, "
+              f"{wall['extract+write pyarrow'] / wall['extract+write']:.2f}× less wall for extract+write")
+
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ from typing import Any, Literal, Mapping
 from ..stages._errors import StageInputError
 from ..stages._train_config import TrainConfig
 from ._errors import ConfigError
+from ._part_writers import _polars_problem
 
 __all__ = [
     "Config",
@@ -202,7 +203,9 @@ class ExecutionConfig:
     """How work runs. None of these fields is part of any cache key: they change speed, not results.
 
     ``scheduler``: ``"local"`` (a LocalCluster), ``"sync"`` (in-process, for debugging) or a scheduler
-    address such as ``"tcp://10.0.0.5:8786"``.
+    address such as ``"tcp://10.0.0.5:8786"``. ``parquet_engine``: the encoder of activation parts —
+    ``"auto"`` (polars when installed, else pyarrow), ``"polars"`` or ``"pyarrow"``; the files read back
+    the same either way.
     """
 
     scheduler: str = "local"
@@ -213,6 +216,7 @@ class ExecutionConfig:
     shard_size: int = 512
     verify_checksums: bool = False
     progress: bool = True
+    parquet_engine: Literal["auto", "polars", "pyarrow"] = "auto"
 
     def validate(self, key: str) -> None:
         _check(bool(self.scheduler.strip()), f"{key}.scheduler", self.scheduler,
@@ -221,6 +225,10 @@ class ExecutionConfig:
         _check(self.threads_per_worker >= 1, f"{key}.threads_per_worker", self.threads_per_worker, "must be ≥ 1")
         _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "must be an integer ≥ 1")
         _check(self.shard_size >= 1, f"{key}.shard_size", self.shard_size, "must be an integer ≥ 1")
+        if self.parquet_engine == "polars":
+            problem = _polars_problem()
+            _check(problem is None, f"{key}.parquet_engine", self.parquet_engine,
+                   f"{problem}; install polars>=2.1 or use \"auto\" or \"pyarrow\"")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ import pandas as pd
 import pyarrow as pa
 
 from ._hashing import CACHE_FORMAT_VERSION, canonical_json, digest
-from ._store import AtomicParquetWriter, CacheStore, Entry, write_parquet_atomic
+from ._part_writers import PartWriter, open_part_writer
+from ._store import CacheStore, Entry, write_parquet_atomic
 
 __all__ = [
     "Stage",
@@ -209,14 +210,17 @@ class Context:
         write_parquet_atomic(table, path, **options)
         return path
 
-    def open_part(self, table_name: str, shard_index: int, schema: pa.Schema, **options: Any) -> AtomicParquetWriter:
+    def open_part(self, table_name: str, shard_index: int, schema: pa.Schema, *, engine: str = "pyarrow",
+                  row_group_size: int | None = None, **options: Any) -> PartWriter:
         """Stage one part of a big table row group by row group (e.g. from a writer thread as batches finish).
 
         The part appears, like one from :meth:`write_part`, only when the returned writer's ``close()``
-        succeeds; ``abort()`` (or an exception inside its ``with`` block) leaves nothing. ``options`` go to
-        the Parquet writer.
+        succeeds; ``abort()`` (or an exception inside its ``with`` block) leaves nothing. ``engine``
+        (``"pyarrow"``, ``"polars"`` or ``"auto"``) picks the encoder, see :func:`open_part_writer`;
+        ``options`` go to the Parquet writer.
         """
-        return AtomicParquetWriter(self.staging / table_name / f"part-{shard_index:05d}.parquet", schema, **options)
+        return open_part_writer(self.staging / table_name / f"part-{shard_index:05d}.parquet", schema,
+                                engine=engine, row_group_size=row_group_size, **options)
 
     def staged_parts(self) -> dict[str, list[Path]]:
         out: dict[str, list[Path]] = {}

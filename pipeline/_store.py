@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ._errors import CacheError, PipelineError
 
-__all__ = ["CacheStore", "Entry", "MANIFEST", "MANIFEST_SCHEMA", "AtomicParquetWriter"]
+__all__ = ["CacheStore", "Entry", "MANIFEST", "MANIFEST_SCHEMA", "AtomicPartFile", "AtomicParquetWriter"]
 
 log = logging.getLogger("repdissect.cache")
 
@@ -89,31 +89,30 @@ def write_parquet_atomic(table: pa.Table, path: Path, **options: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class AtomicParquetWriter:
-    """Streaming counterpart of :func:`write_parquet_atomic`: row groups appended one call at a time.
-
-    Everything goes to a hidden temp sibling of ``path``; :meth:`close` publishes it (footer, fsync, rename)
-    and :meth:`abort` removes it, so ``path`` never shows a partial file. Used as a context manager, an
-    exception in the block aborts. ``options`` go to ``pyarrow.parquet.ParquetWriter`` (default: zstd).
-    Not thread-safe: one thread writes a given part (another may create it first and hand it over).
+class AtomicPartFile:
+    """Life cycle shared by the streaming atomic writers: rows go to a hidden temp sibling of ``path``;
+    :meth:`close` finishes it (subclass ``_finish``), fsyncs and renames it into place, :meth:`abort`
+    stops the encoder (``_discard``) and removes it, so ``path`` never shows a partial file. Used as a
+    context manager, an exception in the block aborts.
     """
 
-    def __init__(self, path: str | Path, schema: pa.Schema, **options: Any) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
         self._done = False
-        try:
-            self._writer = pq.ParquetWriter(self._tmp, schema, **{"compression": "zstd", **options})
-        except BaseException:
-            self._tmp.unlink(missing_ok=True)
-            raise
 
-    def write(self, table: pa.Table | pa.RecordBatch) -> None:
-        """Append ``table`` as one row group (more when it exceeds the writer's maximum row-group length)."""
+    def _finish(self) -> None:
+        """Complete the temp file (footer written, file closed); raise if it cannot be."""
+        raise NotImplementedError
+
+    def _discard(self) -> None:
+        """Stop writing the temp file (it is removed afterwards); must not raise."""
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
         if self._done:
             raise ValueError(f"{self.path}: write after close/abort")
-        self._writer.write(table)
 
     def close(self) -> Path:
         """Finish the file and move it into place; on failure nothing is left behind."""
@@ -121,7 +120,7 @@ class AtomicParquetWriter:
             raise ValueError(f"{self.path}: already closed or aborted")
         self._done = True
         try:
-            self._writer.close()
+            self._finish()
             with open(self._tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(self._tmp, self.path)
@@ -135,13 +134,11 @@ class AtomicParquetWriter:
             return
         self._done = True
         try:
-            self._writer.close()
-        except Exception:  # noqa: BLE001 - the file is discarded anyway
-            pass
+            self._discard()
         finally:
             self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "AtomicParquetWriter":
+    def __enter__(self) -> Any:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -149,6 +146,37 @@ class AtomicParquetWriter:
             self.close()
         else:
             self.abort()
+
+
+class AtomicParquetWriter(AtomicPartFile):
+    """Streaming counterpart of :func:`write_parquet_atomic`: row groups appended one call at a time.
+
+    Publication as in :class:`AtomicPartFile`. ``options`` go to ``pyarrow.parquet.ParquetWriter``
+    (default: zstd). Not thread-safe: one thread writes a given part (another may create it first and hand
+    it over).
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema, **options: Any) -> None:
+        super().__init__(path)
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, schema, **{"compression": "zstd", **options})
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Append ``table`` as one row group (more when it exceeds the writer's maximum row-group length)."""
+        self._check_open()
+        self._writer.write(table)
+
+    def _finish(self) -> None:
+        self._writer.close()
+
+    def _discard(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - the file is discarded anyway
+            pass
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> None:

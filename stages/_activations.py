@@ -3,7 +3,9 @@
 The constraint: downstream stages (thresholds, IoU, moments, stability) stream over the same shards
 that extraction wrote, and must get a dense ``(N, C, H, W)`` numpy array back without a Python loop or a
 per-row copy. A ``fixed_size_list<float32|float16>[C·H·W]`` column is exactly one contiguous buffer, so
-``reshape`` on its child values is free. Shape and storage dtype live in the schema metadata.
+``reshape`` on its child values is free. Shape and storage dtype live in the schema metadata, and again in
+the ``activations`` field's metadata: writers that keep only field metadata (polars, which extraction
+uses for speed) still produce self-describing parts, and readers look in both places.
 
 Columns: ``image`` (int64, the dataset index of the image) and ``activations``, both declared non-null
 (:func:`activations_schema`). A part may hold several row groups (extraction streams one per finished batch);
@@ -33,6 +35,7 @@ __all__ = [
     "activations_table",
     "activations_schema",
     "activation_shape",
+    "activation_dtype",
     "table_to_arrays",
     "read_activations",
     "iter_activation_parts",
@@ -84,20 +87,34 @@ def activations_schema(shape: Sequence[int], dtype: str = "float32") -> pa.Schem
         raise ValueError(f"activation storage dtype {dtype!r} is not supported; use one of {sorted(_STORAGE)}")
     c, h, w = (int(v) for v in shape)
     element = pa.field("element", _STORAGE[dtype][1], nullable=False)
+    metadata = {_SHAPE_KEY: json.dumps([c, h, w]).encode(), _DTYPE_KEY: dtype.encode()}
     return pa.schema(
         [pa.field("image", pa.int64(), nullable=False),
-         pa.field("activations", pa.list_(element, c * h * w), nullable=False)],
-        metadata={_SHAPE_KEY: json.dumps([c, h, w]).encode(), _DTYPE_KEY: dtype.encode()},
+         pa.field("activations", pa.list_(element, c * h * w), nullable=False, metadata=metadata)],
+        metadata=metadata,
     )
 
 
+def _format_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
+    """The activation format's keys, from the ``activations`` field's metadata and the schema's (which wins)."""
+    field_meta: dict[bytes, bytes] = {}
+    if "activations" in schema.names:
+        field_meta = dict(schema.field("activations").metadata or {})
+    return {**field_meta, **(schema.metadata or {})}
+
+
 def activation_shape(schema: pa.Schema) -> tuple[int, int, int]:
-    """``(C, H, W)`` recorded in an activation table's schema."""
-    raw = (schema.metadata or {}).get(_SHAPE_KEY)
+    """``(C, H, W)`` recorded in an activation table's schema (or its ``activations`` field)."""
+    raw = _format_metadata(schema).get(_SHAPE_KEY)
     if raw is None:
         raise ValueError("this Parquet table is not an activation table (no 'repdissect.shape' metadata)")
     c, h, w = json.loads(raw)
     return int(c), int(h), int(w)
+
+
+def activation_dtype(schema: pa.Schema) -> str:
+    """Storage dtype name (``"float32"`` or ``"float16"``) recorded in an activation table's schema."""
+    return _format_metadata(schema).get(_DTYPE_KEY, b"float32").decode()
 
 
 def table_to_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +128,7 @@ def table_to_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     ids = table.column("image").to_numpy()
     column = table.column("activations").combine_chunks()
     if len(column) == 0:
-        dtype = _STORAGE[(table.schema.metadata or {}).get(_DTYPE_KEY, b"float32").decode()][0]
+        dtype = _STORAGE[activation_dtype(table.schema)][0]
         return ids.astype(np.int64), np.zeros((0, c, h, w), dtype=dtype)
     values = column.values.to_numpy(zero_copy_only=False)
     # A sliced fixed-size list keeps an offset into its child buffer.

@@ -18,18 +18,19 @@ downstream streams over what it writes, so it must add as little as possible to 
 * with ``write_parts`` (the extract stage), a background thread per layer writes the rows to that layer's
   Parquet part, a row group per batch or more: while the next batches run when a core is free for it
   (always on an accelerator), so that the encoding overlaps the forward passes, else once extraction is
-  done, all layers in parallel.
+  done, all layers in parallel. The stage encodes with polars where it is installed: pyarrow spends
+  ~10 ns per value on a long ``fixed_size_list`` column (per-value repetition and definition levels,
+  float16 as 2-byte fixed-length values), polars 2–7× less (``repdissect.pipeline._part_writers``).
 
 Hooks only record calls from the thread that registered them, so one cached model can serve several Dask
 worker threads.
 
 What remains is proportional to the stored volume: copying channels-last outputs into C×H×W order (a
-transpose, most of it) and summarising cost ~40–60 % of the demo CNN's cheap forward pass (≈0.1–1 MB of
-activations per 64×64 image) and a few % of ResNet-18's at 224 px; Parquet's encoding of the long list
-column (~10 ns per value whatever the dtype: pyarrow writes ``fixed_size_list`` with per-value repetition
-and definition levels, and float16 as 2-byte fixed-length values) costs more CPU than the demo CNN's
-forward pass, which overlapping hides from the wall clock only where a core is idle
-(``benchmarks/bench_extraction.py``).
+transpose, most of it), first-touch page faults of the shard buffers and summarising cost ~50 % of the
+demo CNN's cheap forward pass (≈0.1–1 MB of activations per 64×64 image) and a few % of ResNet-18's at
+224 px; persisting the bytes at all (page cache, fsync) costs about as much again for the demo CNN, which
+is why its extraction cannot come near a bare forward loop on any format (``benchmarks/bench_extraction.py``
+measures that floor beside the stage).
 
 Summary table (one per shard and layer), columns:
 ``image`` int64; ``max`` fixed_size_list<float32>[C] (spatial max per unit); ``argmax``
@@ -352,15 +353,23 @@ class _ShardBuffers:
 
 
 class PartWriter(Protocol):
-    """Where :func:`extract_shard` streams one layer's activation rows (e.g. ``AtomicParquetWriter``)."""
+    """Where :func:`extract_shard` streams one layer's activation rows (e.g. what ``Context.open_part``
+    returns). ``write`` may return before the rows are encoded; the rows' buffers stay untouched until
+    ``close`` returns."""
 
     def write(self, table: pa.Table) -> None: ...
     def close(self) -> Any: ...
     def abort(self) -> None: ...
 
 
-#: ``open_part(layer, schema)``: a fresh part writer for one layer of one shard
-OpenPart = Callable[[str, pa.Schema], PartWriter]
+class OpenPart(Protocol):
+    """``open_part(layer, schema, row_group_size=n)``: a fresh part writer for one layer of one shard.
+
+    ``row_group_size`` is the number of rows per row group :func:`extract_shard` aims at; writers that
+    regroup rows themselves (polars) use it, writers that take each ``write`` as a row group may ignore it.
+    """
+
+    def __call__(self, layer: str, schema: pa.Schema, *, row_group_size: int) -> PartWriter: ...
 
 #: Row groups hold at least this many bytes and at least one batch: big enough that row-group overhead is
 #: nil, small enough that writing overlaps the forward passes (and that writer and reader stay in cache).
@@ -426,7 +435,7 @@ class _PartStreamer:
         row_bytes = max(activations[0].nbytes, 1)
         group = max(self._batch, -(-ROW_GROUP_MIN_BYTES // row_bytes))
         try:
-            part = self._open_part(name, activations_schema(activations.shape[1:], self._dtype))
+            part = self._open_part(name, activations_schema(activations.shape[1:], self._dtype), row_group_size=group)
             while (item := todo.get()) is not _ABORT:
                 if item is _CLOSE:
                     part.close()

@@ -41,6 +41,8 @@ BAD = [
     ("[execution]\nworkers = 2.5\n", r"workers = 2\.5 has the wrong type: expected an integer"),
     ("[execution]\ndevice = 'tpu'\n", r"device = 'tpu' is invalid: choose one of 'auto', 'cpu', 'cuda'"),
     ("[execution]\nprogress = 'yes'\n", r"progress = 'yes' has the wrong type: expected true or false"),
+    ("[execution]\nparquet_engine = 'arrow'\n",
+     r"parquet_engine = 'arrow' is invalid: choose one of 'auto', 'polars', 'pyarrow'"),
     ("[[models]]\nseeds = []\n", r"\[\[models\]\]\[0\]\.seeds = \[\] is invalid: give at least one seed"),
     ("[[models]]\nseeds = [1, 1]\n", r"seeds must be distinct"),
     ("[[models]]\nlayers = 'conv1'\n", r"layers = 'conv1' has the wrong type: expected a list of a string"),
@@ -79,3 +81,13 @@ def test_overrides_are_validated():
     assert cfg.with_overrides(execution={"workers": 4}).execution.workers == 4
     with pytest.raises(ConfigError, match="workers = 0"):
         cfg.with_overrides(execution={"workers": 0})
+
+
+def test_an_unusable_polars_engine_is_refused_at_load(tmp_path, monkeypatch):
+    from repdissect.pipeline import _config
+
+    monkeypatch.setattr(_config, "_polars_problem", lambda: "polars is not importable (No module named 'polars')")
+    with pytest.raises(ConfigError, match=r"\[execution\]\.parquet_engine = 'polars' is invalid: polars is not "
+                                          r"importable .*install polars>=2\.1 or use \"auto\" or \"pyarrow\""):
+        _load(tmp_path, "[execution]\nparquet_engine = 'polars'\n")
+    assert _load(tmp_path, "[execution]\nparquet_engine = 'auto'\n").execution.parquet_engine == "auto"

@@ -11,6 +11,7 @@ import pytest
 
 from repdissect.pipeline import CacheStore, load_config, run, status
 from repdissect.pipeline._cli import main
+from repdissect.pipeline._part_writers import parquet_engine
 
 from helpers import write_tiny_config
 
@@ -114,6 +115,24 @@ def test_local_cluster_equals_in_process(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].equals(b[key]), key
+
+
+@pytest.mark.skipif(parquet_engine("auto") != "polars", reason="polars >= 2.1 is not installed")
+def test_parquet_engine_does_not_change_results(tmp_path):
+    """Activation parts encoded by polars or pyarrow: same keys, same tables downstream (an execution setting)."""
+    contents = {}
+    for engine in ("pyarrow", "polars"):
+        (tmp_path / engine).mkdir()
+        config = write_tiny_config(tmp_path / engine)
+        config.write_text(config.read_text() + f'parquet_engine = "{engine}"\n')
+        run(config, report=False)
+        contents[engine] = cache_contents(tmp_path / engine / "cache")
+        parts = list((tmp_path / engine / "cache" / "extract").rglob("activations@*/part-*.parquet"))
+        # pyarrow stores schema-level metadata, polars only the field's: proof of which encoder ran
+        assert parts and {pq.read_schema(p).metadata is None for p in parts} == {engine == "polars"}
+    assert contents["pyarrow"].keys() == contents["polars"].keys()
+    for key, table in contents["pyarrow"].items():
+        assert table.equals(contents["polars"][key]), key
 
 
 def test_multi_row_group_activation_parts_do_not_change_results(tmp_path, monkeypatch):

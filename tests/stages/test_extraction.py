@@ -14,7 +14,14 @@ from torch import nn
 from repdissect.datasets import Batch, ConceptDataset
 from repdissect.pipeline._store import AtomicParquetWriter
 from repdissect.stages import _extraction
-from repdissect.stages._activations import iter_activation_parts, read_activations, table_to_arrays
+from repdissect.pipeline._part_writers import open_part_writer, parquet_engine
+from repdissect.stages._activations import (
+    activation_dtype,
+    activation_shape,
+    iter_activation_parts,
+    read_activations,
+    table_to_arrays,
+)
 from repdissect.stages._errors import StageInputError
 from repdissect.stages._extraction import (
     PARQUET_OPTIONS,
@@ -355,22 +362,43 @@ def test_parquet_round_trip(tmp_path, cnn, data):
             np.testing.assert_array_equal(getattr(back, field), getattr(reference, field))
 
 
-def _parquet_parts(directory):
-    def open_part(layer, schema):
-        return AtomicParquetWriter(directory / f"{layer}.parquet", schema, **PARQUET_OPTIONS)
+def _parquet_parts(directory, engine="pyarrow"):
+    def open_part(layer, schema, *, row_group_size):
+        return open_part_writer(directory / f"{layer}.parquet", schema, engine=engine, row_group_size=row_group_size,
+                                **PARQUET_OPTIONS)
     return open_part
 
 
+#: both encoders of streamed parts must give the same tables back
+ENGINES = ["pyarrow", pytest.param("polars", marks=pytest.mark.skipif(
+    parquet_engine("auto") != "polars", reason="polars (>= 2.1) is not installed"))]
+
+
+def _row_groups(path) -> list[int]:
+    meta = pq.ParquetFile(path).metadata
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def _regrouped(sizes: list[int], engine: str) -> list[int]:
+    """pyarrow keeps each write as a row group; polars cuts the same rows every ``max(sizes)`` rows."""
+    if engine == "pyarrow":
+        return sizes
+    total, size = sum(sizes), max(sizes)
+    return [size] * (total // size) + ([total % size] if total % size else [])
+
+
 def _writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("extract-writer-")]
+    return [t for t in threading.enumerate() if t.name.startswith(("extract-writer-", "parquet-sink-"))]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_streamed_parts_hold_one_row_group_per_batch_and_read_back_equal(tmp_path, cnn, data, monkeypatch, dtype):
+def test_streamed_parts_hold_one_row_group_per_batch_and_read_back_equal(tmp_path, cnn, data, monkeypatch, dtype,
+                                                                         engine):
     monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 1)  # every batch its own row group
     layers = ["conv1", "conv3", "fc"]
     out = extract_shard(cnn, layers, data, np.arange(3, 33), batch_size=7, device="cpu", dtype=dtype,
-                        write_parts=_parquet_parts(tmp_path), overlap=True)
+                        write_parts=_parquet_parts(tmp_path, engine), overlap=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}.parquet" for name in layers)  # no temp left
     assert not _writer_threads()
     for name in layers:
@@ -379,7 +407,11 @@ def test_streamed_parts_hold_one_row_group_per_batch_and_read_back_equal(tmp_pat
         table = pq.read_table(path)
         assert table.column("activations").num_chunks == 5
         assert table.schema.field("activations").type.value_type == (pa.float16() if dtype == "float16" else pa.float32())
-        assert table.schema.metadata == out[name].activations.schema.metadata
+        written = out[name].activations.schema
+        assert table.schema.equals(written, check_metadata=False)  # types and non-null flags
+        assert table.schema.field("activations").metadata == written.field("activations").metadata
+        assert activation_shape(table.schema) == activation_shape(written)
+        assert activation_dtype(table.schema) == dtype
         ids, acts = table_to_arrays(table)
         expected_ids, expected = table_to_arrays(out[name].activations)
         assert acts.dtype == np.dtype(dtype) and acts.flags.c_contiguous
@@ -394,15 +426,16 @@ def test_streamed_parts_hold_one_row_group_per_batch_and_read_back_equal(tmp_pat
                                       table_to_arrays(full["conv3"].activations)[1].astype(np.float16))
 
 
-def test_parts_written_after_extraction_are_the_same(tmp_path, cnn, data, monkeypatch):
-    """Without overlap (no spare core) every layer is written at the end, in even row groups of ≥ 1 batch."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_parts_written_after_extraction_are_the_same(tmp_path, cnn, data, monkeypatch, engine):
+    """Without overlap (no spare core) every layer is written at the end, in row groups of ≥ 1 batch (pyarrow:
+    even ones; polars: cut every batch)."""
     monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 1)
     out = extract_shard(cnn, ["conv2.bn", "fc"], data, np.arange(30), batch_size=7, device="cpu",
-                        write_parts=_parquet_parts(tmp_path), overlap=False)
+                        write_parts=_parquet_parts(tmp_path, engine), overlap=False)
     assert not _writer_threads()
     for name in ("conv2.bn", "fc"):
-        meta = pq.ParquetFile(tmp_path / f"{name}.parquet").metadata
-        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [7, 8, 7, 8]
+        assert _row_groups(tmp_path / f"{name}.parquet") == ([7, 8, 7, 8] if engine == "pyarrow" else [7, 7, 7, 7, 2])
         np.testing.assert_array_equal(read_activations(tmp_path / f"{name}.parquet")[1],
                                       table_to_arrays(out[name].activations)[1])
 
@@ -416,13 +449,13 @@ def test_overlap_needs_a_spare_core(monkeypatch):
     assert _extraction._spare_core(torch.device("cpu"))
 
 
-def test_row_groups_gather_small_batches(tmp_path, cnn, data, monkeypatch):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_row_groups_gather_small_batches(tmp_path, cnn, data, monkeypatch, engine):
     monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 10 * 4 * 4)  # ten fc rows (4 float32 units each)
-    extract_shard(cnn, ["fc"], data, np.arange(33), batch_size=4, device="cpu", write_parts=_parquet_parts(tmp_path),
-                  overlap=True)
-    meta = pq.ParquetFile(tmp_path / "fc.parquet").metadata
-    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    assert sizes == [12, 12, 9]  # hand-overs at 12 and 24 rows, the rest at the end
+    extract_shard(cnn, ["fc"], data, np.arange(33), batch_size=4, device="cpu",
+                  write_parts=_parquet_parts(tmp_path, engine), overlap=True)
+    # pyarrow: hand-overs at 12 and 24 rows, the rest at the end; polars: every 10 rows (the aim)
+    assert _row_groups(tmp_path / "fc.parquet") == ([12, 12, 9] if engine == "pyarrow" else [10, 10, 10, 3])
 
 
 class _FailingPart:
@@ -444,15 +477,17 @@ class _FailingPart:
         self.inner.abort()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("overlap", [True, False])
-def test_a_failing_writer_thread_fails_the_shard_and_leaves_no_part(tmp_path, cnn, data, monkeypatch, overlap):
+def test_a_failing_writer_thread_fails_the_shard_and_leaves_no_part(tmp_path, cnn, data, monkeypatch, overlap, engine):
     monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 1)
-    real = _parquet_parts(tmp_path)
+    real = _parquet_parts(tmp_path, engine)
     calls = []
 
-    def open_part(layer, schema):
+    def open_part(layer, schema, *, row_group_size):
         calls.append(layer)
-        return _FailingPart(real(layer, schema), fail_at=2) if layer == "conv3" else real(layer, schema)
+        part = real(layer, schema, row_group_size=row_group_size)
+        return _FailingPart(part, fail_at=2) if layer == "conv3" else part
 
     with pytest.raises(OSError, match="No space left"):
         extract_shard(cnn, ["conv1", "conv3"], data, np.arange(33), batch_size=4, device="cpu", write_parts=open_part,
@@ -465,7 +500,8 @@ def test_a_failing_writer_thread_fails_the_shard_and_leaves_no_part(tmp_path, cn
     assert left == [] if overlap else left in ([], ["conv1.parquet"])
 
 
-def test_an_extraction_error_aborts_the_parts_being_written(tmp_path, cnn, monkeypatch):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_extraction_error_aborts_the_parts_being_written(tmp_path, cnn, monkeypatch, engine):
     monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", 1)
 
     class BreaksLater(NoiseImages):
@@ -476,7 +512,7 @@ def test_an_extraction_error_aborts_the_parts_being_written(tmp_path, cnn, monke
 
     with pytest.raises(RuntimeError, match="unreadable"):
         extract_shard(cnn, ["conv1", "conv2"], BreaksLater(), np.arange(20), batch_size=4, device="cpu",
-                      write_parts=_parquet_parts(tmp_path), overlap=True)
+                      write_parts=_parquet_parts(tmp_path, engine), overlap=True)
     assert not _writer_threads()
     assert list(tmp_path.iterdir()) == []
 
