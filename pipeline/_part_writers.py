@@ -79,6 +79,8 @@ def parquet_engine(engine: str = "auto") -> str:
     """
     if engine not in PARQUET_ENGINES:
         raise ValueError(f"unknown Parquet engine {engine!r}; use one of {list(PARQUET_ENGINES)}")
+    if engine == "pyarrow":  # never imports polars (the escape hatch where importing it is the problem)
+        return engine
     problem = _polars_problem()
     if engine == "auto":
         return "pyarrow" if problem else "polars"
