@@ -24,7 +24,7 @@ from typing import Any, Literal, Mapping
 from ..stages._errors import StageInputError
 from ..stages._train_config import TrainConfig
 from ._errors import ConfigError
-from ._part_writers import _polars_problem
+from ._part_writers import polars_unavailable_reason
 
 __all__ = [
     "Config",
@@ -226,7 +226,7 @@ class ExecutionConfig:
         _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "must be an integer ≥ 1")
         _check(self.shard_size >= 1, f"{key}.shard_size", self.shard_size, "must be an integer ≥ 1")
         if self.parquet_engine == "polars":
-            problem = _polars_problem()
+            problem = polars_unavailable_reason()
             _check(problem is None, f"{key}.parquet_engine", self.parquet_engine,
                    f"{problem}; install polars>=2.1 or use \"auto\" or \"pyarrow\"")
 

@@ -31,7 +31,8 @@ import pyarrow as pa
 
 from ._store import AtomicParquetWriter, AtomicPartFile
 
-__all__ = ["PartWriter", "PolarsParquetWriter", "open_part_writer", "parquet_engine", "PARQUET_ENGINES"]
+__all__ = ["PartWriter", "PolarsParquetWriter", "open_part_writer", "parquet_engine", "polars_unavailable_reason",
+           "PARQUET_ENGINES"]
 
 PARQUET_ENGINES = ("auto", "polars", "pyarrow")
 
@@ -59,7 +60,7 @@ class _Aborted(Exception):
 
 
 @functools.lru_cache(maxsize=1)
-def _polars_problem() -> str | None:
+def polars_unavailable_reason() -> str | None:
     """Why polars' streaming writer cannot be used here, or ``None`` when it can."""
     try:
         import polars as pl
@@ -81,7 +82,7 @@ def parquet_engine(engine: str = "auto") -> str:
         raise ValueError(f"unknown Parquet engine {engine!r}; use one of {list(PARQUET_ENGINES)}")
     if engine == "pyarrow":  # never imports polars (the escape hatch where importing it is the problem)
         return engine
-    problem = _polars_problem()
+    problem = polars_unavailable_reason()
     if engine == "auto":
         return "pyarrow" if problem else "polars"
     if engine == "polars" and problem:
@@ -120,7 +121,7 @@ class PolarsParquetWriter(AtomicPartFile):
     def __init__(self, path: str | Path, schema: pa.Schema, *, compression: str = "zstd",
                  write_statistics: bool = True, use_dictionary: bool | None = None,
                  row_group_size: int | None = None) -> None:
-        problem = _polars_problem()
+        problem = polars_unavailable_reason()
         if problem:
             raise ValueError(f"PolarsParquetWriter is unavailable: {problem}")
         if compression not in _COMPRESSION:

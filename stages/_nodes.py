@@ -150,7 +150,7 @@ class ExtractStage(ShardedStage):
         def open_part(layer: str, schema: pa.Schema, *, row_group_size: int) -> Any:
             # Activation parts are written row group by row group from background threads, overlapping
             # the next batches' forward passes when a core is free for it; polars encodes them when
-            # installed (3–7× less CPU than pyarrow on these long list columns, same files when read).
+            # installed (2–7× less CPU than pyarrow on these long list columns, same tables when read).
             return ctx.open_part(f"activations@{layer}", shard_index, schema,
                                  engine=ctx.execution.get("parquet_engine", "auto"),
                                  row_group_size=row_group_size, **_extraction.PARQUET_OPTIONS)

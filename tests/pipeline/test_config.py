@@ -86,7 +86,7 @@ def test_overrides_are_validated():
 def test_an_unusable_polars_engine_is_refused_at_load(tmp_path, monkeypatch):
     from repdissect.pipeline import _config
 
-    monkeypatch.setattr(_config, "_polars_problem", lambda: "polars is not importable (No module named 'polars')")
+    monkeypatch.setattr(_config, "polars_unavailable_reason", lambda: "polars is not importable (No module named 'polars')")
     with pytest.raises(ConfigError, match=r"\[execution\]\.parquet_engine = 'polars' is invalid: polars is not "
                                           r"importable .*install polars>=2\.1 or use \"auto\" or \"pyarrow\""):
         _load(tmp_path, "[execution]\nparquet_engine = 'polars'\n")

@@ -133,9 +133,9 @@ def test_concurrent_polars_parts_do_not_block_each_other(tmp_path):
 def test_engine_choice(monkeypatch):
     with pytest.raises(ValueError, match="unknown Parquet engine 'arrow'"):
         parquet_engine("arrow")
-    monkeypatch.setattr(_part_writers, "_polars_problem", lambda: pytest.fail("'pyarrow' must not probe polars"))
+    monkeypatch.setattr(_part_writers, "polars_unavailable_reason", lambda: pytest.fail("'pyarrow' must not probe polars"))
     assert parquet_engine("pyarrow") == "pyarrow"
-    monkeypatch.setattr(_part_writers, "_polars_problem", lambda: "polars is not importable (no module)")
+    monkeypatch.setattr(_part_writers, "polars_unavailable_reason", lambda: "polars is not importable (no module)")
     assert parquet_engine("auto") == "pyarrow"
     with pytest.raises(ValueError, match="'polars' is unavailable: polars is not importable.*use 'pyarrow'"):
         parquet_engine("polars")
