@@ -8,8 +8,8 @@ forward pass. polars' writer encodes the same schema at 0.8–1.3 GB/s, and pyar
 to the same arrays, types and nullability (``benchmarks/bench_extraction.py``; pyarrow 26, polars 2.1).
 
 Two differences from pyarrow's files, both absorbed by the readers: polars stores field-level metadata
-from the Arrow schema it is given but not schema-level metadata (so metadata readers need must also sit
-on a field), and it cuts row groups every ``row_group_size`` rows rather than one per ``write`` call.
+from the Arrow schema it is given but not schema-level metadata (so the metadata readers need must also
+sit on a field), and it cuts row groups every ``row_group_size`` rows rather than one per ``write`` call.
 
 Mechanics of :class:`PolarsParquetWriter`: polars' streaming engine pulls DataFrames from a Python
 generator (an IO-plugin source) and sinks them into a hidden temp file, on a thread of its own; ``write``
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import re
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,11 +66,18 @@ def polars_unavailable_reason() -> str | None:
     try:
         import polars as pl
         from polars.io.plugins import register_io_source  # noqa: F401
-    except ImportError as exc:
-        return f"polars is not importable ({exc})"
-    if not hasattr(pl, "Float16"):
-        return f"polars {pl.__version__} has no Float16 type (need polars >= 2.1)"
+    except Exception as exc:  # noqa: BLE001 - a broken build or an unsupported CPU fails beyond ImportError
+        return f"polars is not importable ({type(exc).__name__}: {exc})"
+    # 2.1 is the first version tested here with Float16 arrays and `arrow_schema` in `sink_parquet`
+    if _version_tuple(pl.__version__) < (2, 1):
+        return f"polars {pl.__version__} is too old (need polars >= 2.1)"
     return None
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``"2.1.0"`` or ``"2.10.0rc1"``; ``(0, 0)`` if unparseable."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 def parquet_engine(engine: str = "auto") -> str:

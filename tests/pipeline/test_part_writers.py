@@ -151,3 +151,24 @@ def test_polars_writer_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="row_group_size must be >= 1; got 0"):
         PolarsParquetWriter(tmp_path / "x.parquet", schema, row_group_size=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_polars_versions_are_compared_numerically(monkeypatch):
+    import sys
+    import types
+
+    assert _part_writers._version_tuple("2.10.0rc1") == (2, 10) > (2, 1)
+    assert _part_writers._version_tuple("dev") == (0, 0)
+    fake = types.ModuleType("polars")
+    fake.__version__ = "1.35.2"
+    monkeypatch.setitem(sys.modules, "polars", fake)
+    monkeypatch.setitem(sys.modules, "polars.io", types.ModuleType("polars.io"))
+    plugins = types.ModuleType("polars.io.plugins")
+    plugins.register_io_source = lambda **kwargs: None
+    monkeypatch.setitem(sys.modules, "polars.io.plugins", plugins)
+    _part_writers.polars_unavailable_reason.cache_clear()
+    try:
+        assert _part_writers.polars_unavailable_reason() == "polars 1.35.2 is too old (need polars >= 2.1)"
+        assert parquet_engine("auto") == "pyarrow"
+    finally:
+        _part_writers.polars_unavailable_reason.cache_clear()
