@@ -45,7 +45,11 @@ _COMPRESSION = {"none": "uncompressed", "uncompressed": "uncompressed", "snappy"
 
 
 class PartWriter(Protocol):
-    """One part file being written: ``write`` row groups, then ``close`` (publish) or ``abort``."""
+    """One part file being written: ``write`` row groups, then ``close`` (publish) or ``abort``.
+
+    ``write`` may return before the rows are encoded (polars); the rows' buffers must stay untouched until
+    ``close`` returns.
+    """
 
     path: Path
 

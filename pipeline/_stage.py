@@ -210,13 +210,13 @@ class Context:
         write_parquet_atomic(table, path, **options)
         return path
 
-    def open_part(self, table_name: str, shard_index: int, schema: pa.Schema, *, engine: str = "pyarrow",
+    def open_part(self, table_name: str, shard_index: int, schema: pa.Schema, *, engine: str = "auto",
                   row_group_size: int | None = None, **options: Any) -> PartWriter:
         """Stage one part of a big table row group by row group (e.g. from a writer thread as batches finish).
 
         The part appears, like one from :meth:`write_part`, only when the returned writer's ``close()``
         succeeds; ``abort()`` (or an exception inside its ``with`` block) leaves nothing. ``engine``
-        (``"pyarrow"``, ``"polars"`` or ``"auto"``) picks the encoder, see :func:`open_part_writer`;
+        (``"auto"``, ``"polars"`` or ``"pyarrow"``) picks the encoder, see :func:`open_part_writer`;
         ``options`` go to the Parquet writer.
         """
         return open_part_writer(self.staging / table_name / f"part-{shard_index:05d}.parquet", schema,

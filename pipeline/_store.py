@@ -75,18 +75,12 @@ def _newest_mtime(path: Path) -> float:
 def write_parquet_atomic(table: pa.Table, path: Path, **options: Any) -> None:
     """Write ``table`` to ``path`` through a temp sibling + fsync + rename (never a partial file).
 
-    ``options`` go to ``pyarrow.parquet.write_table`` (default: zstd compression).
+    ``options`` go to the Parquet writer (default: zstd compression); ``row_group_size`` caps the rows per
+    row group as in ``pyarrow.parquet.write_table``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    options = {"compression": "zstd", **options}
-    try:
-        pq.write_table(table, tmp, **options)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    row_group_size = options.pop("row_group_size", None)
+    with AtomicParquetWriter(path, table.schema, **options) as writer:
+        writer.write(table, row_group_size=row_group_size)
 
 
 class AtomicPartFile:
@@ -164,10 +158,10 @@ class AtomicParquetWriter(AtomicPartFile):
             self._tmp.unlink(missing_ok=True)
             raise
 
-    def write(self, table: pa.Table | pa.RecordBatch) -> None:
-        """Append ``table`` as one row group (more when it exceeds the writer's maximum row-group length)."""
+    def write(self, table: pa.Table | pa.RecordBatch, row_group_size: int | None = None) -> None:
+        """Append ``table`` as one row group (more when it exceeds ``row_group_size`` or the writer's maximum)."""
         self._check_open()
-        self._writer.write(table)
+        self._writer.write(table, row_group_size=row_group_size)
 
     def _finish(self) -> None:
         self._writer.close()

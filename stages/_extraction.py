@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from ..pipeline._part_writers import PartWriter
 from ._activations import UnitSummaries, activations_schema, activations_table, read_summaries, summaries_table
 from ._errors import StageInputError
 from ._models import NormalizedModel, resolve_layers
@@ -80,7 +81,6 @@ __all__ = [
 
 _STORAGE = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16)}
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-_SHAPE_KEY = b"repdissect.shape"
 
 #: Parquet writer options for activation parts. Uncompressed: float activations shrink only to ~2/3 with
 #: lz4/snappy (post-ReLU zeros) at more than twice the write CPU time, and the write already costs more than
@@ -352,16 +352,6 @@ class _ShardBuffers:
         return BatchActivations(full.activations[self.start : stop], full.max[self.start : stop], full.argmax[self.start : stop], full.mean[self.start : stop])
 
 
-class PartWriter(Protocol):
-    """Where :func:`extract_shard` streams one layer's activation rows (e.g. what ``Context.open_part``
-    returns). ``write`` may return before the rows are encoded; the rows' buffers stay untouched until
-    ``close`` returns."""
-
-    def write(self, table: pa.Table) -> None: ...
-    def close(self) -> Any: ...
-    def abort(self) -> None: ...
-
-
 class OpenPart(Protocol):
     """``open_part(layer, schema, row_group_size=n)``: a fresh part writer for one layer of one shard.
 
@@ -497,8 +487,8 @@ def extract_shard(
         device: ``"auto"``/``"cpu"``/``"cuda[:N]"``.
         dtype: activation storage dtype, ``"float32"`` or ``"float16"``.
         write_parts: when given, each layer's activation table is also written to a part:
-            ``write_parts(layer, schema)`` opens the layer's part (e.g. ``Context.open_part`` or an
-            ``AtomicParquetWriter``), a background thread per layer appends the rows in row groups of at
+            ``write_parts(layer, schema, row_group_size=n)`` opens the layer's part (see :class:`OpenPart`;
+            e.g. ``Context.open_part`` or ``open_part_writer``), a background thread per layer appends the rows in row groups of at
             least one batch and :data:`ROW_GROUP_MIN_BYTES`, and closes the part at the end. Any error
             aborts every unfinished part and is raised here; the threads are always joined.
         overlap: with ``write_parts``, whether rows are written while later batches are extracted (else

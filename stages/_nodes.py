@@ -36,7 +36,7 @@ import importlib
 import io
 import time
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,9 @@ from ..pipeline._hashing import digest
 from ..pipeline._stage import Context, ShardedStage, Stage, StageOutput, register_stage
 from ._bundle import bundle, unbundle
 from ._errors import StageInputError
+
+if TYPE_CHECKING:  # the module itself is imported lazily (it pulls in torch)
+    from ._models import ModelSpec
 
 
 class _Lazy:
@@ -82,7 +85,7 @@ def _torch() -> ModuleType:
 __all__ = ["TrainStage", "ExtractStage", "model_spec_from_params"]
 
 
-def model_spec_from_params(params: dict[str, Any], weights: str | None = None) -> Any:
+def model_spec_from_params(params: dict[str, Any], weights: str | None = None) -> ModelSpec:
     return _models.ModelSpec(architecture=params["architecture"], arch_kwargs=dict(params["arch"]),
                      num_classes=params.get("num_classes"), weights=weights,
                      input_mean=tuple(params["input_mean"]), input_std=tuple(params["input_std"]))

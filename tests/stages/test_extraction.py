@@ -379,14 +379,6 @@ def _row_groups(path) -> list[int]:
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
-def _regrouped(sizes: list[int], engine: str) -> list[int]:
-    """pyarrow keeps each write as a row group; polars cuts the same rows every ``max(sizes)`` rows."""
-    if engine == "pyarrow":
-        return sizes
-    total, size = sum(sizes), max(sizes)
-    return [size] * (total // size) + ([total % size] if total % size else [])
-
-
 def _writer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(("extract-writer-", "parquet-sink-"))]
 
