@@ -130,12 +130,20 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ExtractConfig:
     """Activation extraction: ``dtype`` is the storage type of cached activations (float16 halves the cache
-    and I/O; thresholds are then exact quantiles of the float16 values)."""
+    and I/O; thresholds are then exact quantiles of the float16 values).
+
+    ``batch_size`` is the number of images per forward pass, and it is part of the cache key: convolutions are
+    not bit-identical across batch sizes (oneDNN on the CPU picks its blocking by batch size, cuDNN its
+    algorithm), so the batch composition is fixed by the dataset, not by the shard layout. Image ``i`` is
+    always computed in batch ``i // batch_size``, and extraction shards are cut at multiples of
+    ``batch_size``, so ``[execution].shard_size`` and the number of workers never change a result.
+    """
 
     dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int = 64
 
     def validate(self, key: str) -> None:
-        pass
+        _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "must be an integer ≥ 1, e.g. 64")
 
 
 @dataclass(frozen=True)
@@ -212,7 +220,6 @@ class ExecutionConfig:
     workers: int = 2
     threads_per_worker: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = 128
     shard_size: int = 512
     verify_checksums: bool = False
     progress: bool = True
@@ -223,7 +230,6 @@ class ExecutionConfig:
                "use \"local\", \"sync\" or a scheduler address like \"tcp://host:8786\"")
         _check(self.workers >= 1, f"{key}.workers", self.workers, "must be an integer ≥ 1")
         _check(self.threads_per_worker >= 1, f"{key}.threads_per_worker", self.threads_per_worker, "must be ≥ 1")
-        _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "must be an integer ≥ 1")
         _check(self.shard_size >= 1, f"{key}.shard_size", self.shard_size, "must be an integer ≥ 1")
         if self.parquet_engine == "polars":
             problem = polars_unavailable_reason()
@@ -325,10 +331,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} at {key}")  # a bug in this module, not user input
 
 
+#: keys a past version accepted, with what to write instead
+_MOVED_KEYS = {
+    ("ExecutionConfig", "batch_size"): "the forward-pass batch size changes results, so it is now the keyed "
+                                       "[extract].batch_size; move the line there",
+}
+
+
 def _build(cls: type, data: Mapping[str, Any], key: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    moved = _MOVED_KEYS.get((cls.__name__, unknown[0])) if unknown else None
+    if moved:
+        raise ConfigError(f"config key {key}.{unknown[0]} = {data[unknown[0]]!r} has moved: {moved}")
     if unknown:
         where = key or "the top level"
         raise ConfigError(

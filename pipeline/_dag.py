@@ -121,7 +121,7 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
     ds_digest = dataset.digest()
     digests = {"dataset": ds_digest}
     ex = config.execution
-    exec_common = {"batch_size": ex.batch_size, "shard_size": ex.shard_size, "device": ex.device}
+    exec_common = {"shard_size": ex.shard_size, "device": ex.device}
     nodes: list[Node] = []
     instances: list[Instance] = []
     extract_of: dict[str, Node] = {}
@@ -143,7 +143,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                 inst = Instance(model, seed, init)
                 instances.append(inst)
                 upstream: dict[str, Node] = {}
-                params = dict(arch, seed=seed, init=init, layers=sorted(model.layers), storage_dtype=config.extract.dtype)
+                params = dict(arch, seed=seed, init=init, layers=sorted(model.layers), storage_dtype=config.extract.dtype,
+                              batch_size=config.extract.batch_size)
                 if init == "trained":
                     if not dataset.class_names:
                         raise ConfigError(

@@ -173,7 +173,7 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
                                 "advertises a GPU resource; use device = \"auto\" or \"cpu\", or start workers with "
                                 "--resources GPU=1")
         resolved = "cuda" if (want_gpu or gpu_workers) and ex.device != "cpu" else "cpu"
-        execution = {"batch_size": ex.batch_size, "shard_size": ex.shard_size, "resolved_device": resolved,
+        execution = {"shard_size": ex.shard_size, "resolved_device": resolved,
                      "gpu_resource": gpu_workers > 0 and resolved == "cuda",
                      "torch_threads": ex.threads_per_worker, "parquet_engine": ex.parquet_engine}
         link = getattr(client, "dashboard_link", None)

@@ -17,7 +17,7 @@ from . import _nodes  # noqa: F401  (registers the pipeline stages)
 _EXPORTS = {
     "_activations": ["activation_shape", "activations_table", "iter_activation_parts", "read_activations",
                      "table_to_arrays"],
-    "_extraction": ["Extractor", "UnitMeans", "extract_shard", "read_summaries", "resolve_device"],
+    "_extraction": ["Extractor", "UnitMeans", "extract_shard", "forward_batches", "read_summaries", "resolve_device"],
     "_models": ["ModelSpec", "build_model", "layer_shapes", "list_models", "load_weights", "register_model",
                 "resolve_layers"],
     "_training": ["TrainConfig", "state_dict_digest", "train_model"],

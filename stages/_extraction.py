@@ -365,7 +365,7 @@ class OpenPart(Protocol):
 #: nil, small enough that writing overlaps the forward passes (and that writer and reader stay in cache).
 ROW_GROUP_MIN_BYTES = 1 << 20
 
-_CLOSE, _ABORT = object(), object()
+_ABORT = object()
 
 
 def _spare_core(device: torch.device) -> bool:
@@ -390,7 +390,9 @@ class _PartStreamer:
     releases the GIL); rows handed over at the end are written by all layers' threads in parallel. Rows are
     only read after the main thread handed them over and are never written again, so the buffers need no
     lock. A writer's failure is re-raised in the main thread at the next hand-over or at :meth:`close`;
-    :meth:`abort` stops every writer, which removes its unfinished file; both join every thread.
+    :meth:`close` publishes the parts only when every layer's writer succeeded (the writers meet at a
+    barrier first, so which parts survive a failure never depends on thread timing); :meth:`abort` stops
+    every writer, which removes its unfinished file; both join every thread.
     """
 
     def __init__(self, open_part: OpenPart, ids: np.ndarray, dtype: str, batch_size: int) -> None:
@@ -422,22 +424,41 @@ class _PartStreamer:
 
     def _write(self, name: str, activations: np.ndarray, todo: queue.SimpleQueue) -> None:
         part: PartWriter | None = None
+        failed = False
         row_bytes = max(activations[0].nbytes, 1)
         group = max(self._batch, -(-ROW_GROUP_MIN_BYTES // row_bytes))
         try:
             part = self._open_part(name, activations_schema(activations.shape[1:], self._dtype), row_group_size=group)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self._errors.append(exc)
+            failed = True
+        try:
             while (item := todo.get()) is not _ABORT:
-                if item is _CLOSE:
+                if isinstance(item, threading.Barrier):
+                    # Publish only when every layer wrote all its rows: a failure in any layer drops them all.
+                    if failed:
+                        item.abort()
+                        return
+                    try:
+                        item.wait()
+                    except threading.BrokenBarrierError:
+                        return
                     part.close()
                     part = None
                     return
+                if failed:
+                    continue  # keep consuming until the close or abort signal
                 begin, stop = item
                 # Even row groups of at least `group` rows (one when fewer than two fit).
                 pieces = max((stop - begin) // group, 1)
                 bounds = [begin + i * (stop - begin) // pieces for i in range(pieces + 1)]
-                for lo, hi in zip(bounds[:-1], bounds[1:]):
-                    part.write(activations_table(self._ids[lo:hi], activations[lo:hi], self._dtype))
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                try:
+                    for lo, hi in zip(bounds[:-1], bounds[1:]):
+                        part.write(activations_table(self._ids[lo:hi], activations[lo:hi], self._dtype))
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    self._errors.append(exc)
+                    failed = True
+        except BaseException as exc:  # noqa: BLE001 - e.g. the close itself failed
             self._errors.append(exc)
         finally:
             if part is not None:
@@ -448,8 +469,9 @@ class _PartStreamer:
             raise self._errors[0]
 
     def close(self) -> None:
-        """Publish every part once its rows are written (hand the last ones over with ``last=True``); join."""
-        self._stop(_CLOSE)
+        """Publish every part once all layers' rows are written (hand the last ones over with ``last=True``);
+        if any layer's writer failed, no part of this shard is published. Joins."""
+        self._stop(threading.Barrier(len(self._queues)))
         self.raise_error()
 
     def abort(self) -> None:
@@ -462,6 +484,22 @@ class _PartStreamer:
         for thread in self._threads:
             thread.join()
         self._queues, self._threads = {}, []
+
+
+def forward_batches(ids: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of ``ids`` that form the forward batches: consecutive rows whose image ids
+    fall in the same cell ``id // batch_size`` of the dataset's batch grid (at most ``batch_size`` rows each
+    for distinct ids)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        return []
+    cell = ids // batch_size
+    cuts = np.flatnonzero(cell[1:] != cell[:-1]) + 1
+    bounds = np.concatenate([[0], cuts, [ids.size]])
+    ranges = []
+    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        ranges.extend((s, min(s + batch_size, stop)) for s in range(start, stop, batch_size))
+    return ranges
 
 
 def extract_shard(
@@ -483,7 +521,9 @@ def extract_shard(
         layers: layer names.
         dataset: a ``ConceptDataset``; only ``load(indices).images`` is used.
         indices: dataset indexes of the shard (e.g. one of ``dataset.shards(n)``).
-        batch_size: images per forward pass (an execution setting: results do not depend on it on the CPU).
+        batch_size: the forward-pass batch grid: image ``i`` is computed together with the other requested
+            images of ``i // batch_size``, so a contiguous shard cut at multiples of ``batch_size`` gives
+            exactly the bits of one whole pass (convolutions are not bit-identical across batch sizes).
         device: ``"auto"``/``"cpu"``/``"cuda[:N]"``.
         dtype: activation storage dtype, ``"float32"`` or ``"float16"``.
         write_parts: when given, each layer's activation table is also written to a part:
@@ -510,12 +550,10 @@ def extract_shard(
         with Extractor(model, layers, device=device, dtype=dtype) as extractor:
             if overlap is None:
                 overlap = _spare_core(extractor.device)
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start : start + batch_size]
-                images = dataset.load(chunk).images
+            for start, stop in forward_batches(ids, batch_size):
+                images = dataset.load(ids[start:stop]).images
                 buffers.start = start
                 extractor.run(images, buffers.sink)
-                stop = start + len(chunk)
                 if streamer is not None and (overlap or stop == len(ids)):
                     streamer.rows_ready(buffers.arrays, stop, last=stop == len(ids))
             names = extractor.layers

@@ -122,7 +122,7 @@ class TrainStage(Stage):
 def load_network(ctx: Context) -> Any:
     """The network an ``extract`` node describes, built once per worker process and reused."""
     params = ctx.params
-    model_key = digest({k: v for k, v in params.items() if k not in ("layers", "storage_dtype")}
+    model_key = digest({k: v for k, v in params.items() if k not in ("layers", "storage_dtype", "batch_size")}
                        | {"upstream": {r: e.key for r, e in ctx.inputs.items()}})
 
     def build() -> Any:
@@ -140,11 +140,15 @@ class ExtractStage(ShardedStage):
     name = "extract"
     # 2: non-null activation schema, row-group streamed parts, float16 summaries = float32 ones;
     # 3: shape/dtype also on the activations field (parts may be encoded by polars)
-    version = 3
+    # 4: forward batches fixed by the dataset (image i in batch i // batch_size), shards aligned to them
+    version = 4
     uses_device = True
 
     def shards(self, ctx: Context) -> list[Any]:
-        return [[r.start, r.stop] for r in ctx.dataset().shards(int(ctx.execution["shard_size"]))]
+        # Shards are whole numbers of forward batches, so the shard layout never changes a batch's images.
+        batch = int(ctx.params["batch_size"])
+        size = -(-int(ctx.execution["shard_size"]) // batch) * batch
+        return [[r.start, r.stop] for r in ctx.dataset().shards(size)]
 
     def map(self, ctx: Context, shard_index: int, shard: Any) -> pa.Table:
         model = load_network(ctx)
@@ -159,7 +163,7 @@ class ExtractStage(ShardedStage):
                                  row_group_size=row_group_size, **_extraction.PARQUET_OPTIONS)
 
         outputs = _extraction.extract_shard(model, layers, ctx.dataset(), np.arange(shard[0], shard[1]),
-                                batch_size=int(ctx.execution["batch_size"]), device=ctx.device(),
+                                batch_size=int(ctx.params["batch_size"]), device=ctx.device(),
                                 dtype=ctx.params["storage_dtype"], write_parts=open_part)
         states = {}
         for layer, out in outputs.items():

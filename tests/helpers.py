@@ -43,10 +43,12 @@ top_k = 10
 alphas = [0.0, 0.05]
 match_thresholds = [0.5]
 
+[extract]
+batch_size = 32
+
 [execution]
 scheduler = "sync"
 workers = 2
-batch_size = 32
 shard_size = {shard}
 progress = false
 """

@@ -42,7 +42,8 @@ TINY: dict[str, Any] = {
     "thresholds": {"quantile": 0.02},
     "stability": {"top_k": 8},
     "compare": {"alphas": [0.0, 0.1], "match_thresholds": [0.5]},
-    "execution": {"scheduler": "sync", "workers": 2, "batch_size": 16, "shard_size": 16, "progress": False},
+    "extract": {"batch_size": 16},
+    "execution": {"scheduler": "sync", "workers": 2, "shard_size": 16, "progress": False},
 }
 
 #: no training, no comparison, no stability: extraction → thresholds → iou of one random-init network
@@ -55,7 +56,8 @@ MINIMAL: dict[str, Any] = {
     }],
     "stability": {"enabled": False},
     "compare": {"pairs": "none", "cka_layers": False},
-    "execution": {"scheduler": "sync", "batch_size": 6, "shard_size": 6, "progress": False},
+    "extract": {"batch_size": 6},
+    "execution": {"scheduler": "sync", "shard_size": 6, "progress": False},
 }
 
 

@@ -82,7 +82,8 @@ CONFIG_CASES = [
     ("negative_seed", _set("models", "seeds", [-3]), ["seeds", "-3", "≥ 0"]),
     ("seeds_wrong_type", _set("models", "seeds", 3), ["seeds", "3", "expected a list"]),
     ("negative_workers", _set("execution", "workers", -2), ["[execution].workers", "-2", "≥ 1"]),
-    ("zero_batch_size", _set("execution", "batch_size", 0), ["[execution].batch_size", "0", "≥ 1"]),
+    ("zero_batch_size", _set("extract", "batch_size", 0), ["[extract].batch_size", "0", "≥ 1"]),
+    ("moved_batch_size", _set("execution", "batch_size", 64), ["[execution].batch_size", "64", "[extract].batch_size"]),
     ("holdout_out_of_range", _set("compare", "holdout", 1.0), ["[compare].holdout", "1.0", "strictly between 0 and 1"]),
     ("top_k_too_small", _set("stability", "top_k", 1), ["[stability].top_k", "1", "≥ 2"]),
     ("unknown_device", _set("execution", "device", "tpu"), ["[execution].device", "'tpu'", "'cpu'"]),
@@ -441,7 +442,7 @@ def test_models_over_different_datasets_are_not_compared(tmp_path):
     store = CacheStore(tmp_path / "cache")
     plan = build_plan(cfg)
     executor = Executor(store=store, client=_SyncClient(), dataset_spec=plan.dataset_spec,
-                        execution={"batch_size": 6, "shard_size": 6, "resolved_device": "cpu"})
+                        execution={"shard_size": 6, "resolved_device": "cpu"})
     with pytest.raises(StageInputError, match="different datasets"):
         executor.run([a, b, moments])
     assert store.get("moments", moments.key) is None

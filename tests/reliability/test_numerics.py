@@ -171,7 +171,8 @@ def test_pipeline_with_dead_units_and_few_images_has_no_nan(tmp_path):
     data["dataset"]["params"]["images"] = 10
     data["models"][0].update(init="weights", weights=weights.as_posix(), num_classes=8, layers=["conv1", "conv2"])
     data["stability"]["top_k"] = 3
-    data["execution"].update(shard_size=4, batch_size=4)
+    data["execution"].update(shard_size=4)
+    data["extract"] = {"batch_size": 4}
     result = run(write_config(tmp_path, data), report=False)
     store = CacheStore(tmp_path / "cache")
     bad = {}

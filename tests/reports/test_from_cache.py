@@ -44,9 +44,11 @@ top_k = 10
 alphas = [0.0, 0.1]
 match_thresholds = [0.3]
 
+[extract]
+batch_size = 48
+
 [execution]
 scheduler = "sync"
-batch_size = 48
 shard_size = 48
 """
 
