@@ -1,0 +1,34 @@
+"""Timing helpers shared by the benchmark scripts: interleaved runs, medians, ratios.
+
+Both sides of a race are timed the same way in the same process: the callables run in turn (A, B, A, B, …)
+so a drift in the machine's speed hits both, and the median of the repeats is what gets quoted.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], repeat: int = 3,
+                warmup: bool = True) -> tuple[dict[str, float], dict[str, object]]:
+    """Run every candidate ``repeat`` times in turn; returns ``(median seconds, last result)`` per name."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be ≥ 1, got {repeat}")
+    results: dict[str, object] = {}
+    if warmup:
+        for name, fn in candidates.items():
+            results[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeat):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
+
+
+def ratio_line(label: str, baseline: float, ours: float) -> str:
+    """``label  baseline/ours ×`` formatted like the other benchmark rows."""
+    return f"  {label:<40s} {baseline / ours:8.1f}×"
