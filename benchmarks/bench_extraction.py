@@ -32,8 +32,8 @@ import pyarrow as pa
 import torch
 
 from repdissect.datasets import Batch, ConceptDataset
-from repdissect.pipeline._part_writers import open_part_writer, parquet_engine
-from repdissect.pipeline._store import write_parquet_atomic
+from repdissect.core import open_part_writer, parquet_engine
+from repdissect.core import write_parquet_atomic
 from repdissect.stages._activations import table_to_arrays
 from repdissect.stages._extraction import PARQUET_OPTIONS, _spare_core, extract_shard
 from repdissect.stages._models import ModelSpec, build_model, layer_shapes

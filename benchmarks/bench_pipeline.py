@@ -21,7 +21,7 @@ from pathlib import Path
 
 def _run(config: str, cache: Path, out: Path, scheduler: str, workers: int) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "repdissect.pipeline", "run", config, "--cache", str(cache), "--out",
+    subprocess.run([sys.executable, "-m", "repdissect.cli", "run", config, "--cache", str(cache), "--out",
                     str(out), "--scheduler", scheduler, "--workers", str(workers), "--no-progress"],
                    check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started

@@ -5,6 +5,9 @@ Kinds (``create_dataset(kind, **params)``): ``synthetic`` (the procedural world,
 ``root/<class>/<image>`` folders). Tools: ``export_broden`` (any dataset → Broden layout),
 ``contact_sheet`` (a preview PNG with mask overlays), and the CLI helpers ``export_command`` /
 ``preview_command``.
+
+Layering: this package imports only :mod:`repdissect.core` (its error base and the dataset-factory hook it
+fills, so a running stage's ``ctx.dataset()`` can build a dataset without the core importing this package).
 """
 
 from ._base import Batch, Concept, ConceptDataset, DatasetError, create_dataset, list_datasets, register_dataset
@@ -14,6 +17,9 @@ from .cub import CUBDataset
 from .imagefolder import ImageFolderDataset
 from .preview import contact_sheet
 from .synthetic import SyntheticWorld
+from ..core import set_dataset_factory
+
+set_dataset_factory(create_dataset)
 
 __all__ = [
     "Batch",

@@ -25,6 +25,8 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from ..core import UserInputError
+
 __all__ = [
     "Concept",
     "Batch",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """Bad dataset input (missing file, malformed row, corrupt image, path escaping the root).
 
     The message names the file and row, the value received and the fix; the CLI turns it into exit code 2.

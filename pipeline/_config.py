@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from ..stages._errors import StageInputError
-from ..stages._train_config import TrainConfig
+from ..core import polars_unavailable_reason
+from ..stages import StageInputError, TrainConfig
 from ._errors import ConfigError
-from ._part_writers import polars_unavailable_reason
 
 __all__ = [
     "Config",

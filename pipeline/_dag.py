@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import stages as _stages  # noqa: F401  (importing the science registers the built-in stages)
+from ..core import Node, get_stage, load_dataset
 from ._config import Config, ModelConfig
 from ._errors import ConfigError
-from ._stage import Node, get_stage
 
 __all__ = ["Plan", "Instance", "build_plan"]
 
@@ -111,11 +112,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
     Each model is also built once and run on a dummy batch (:func:`_check_model`) — unless ``is_cached`` says
     every one of its extraction nodes is already in the cache, so a fully cached rerun never loads torch.
     """
-    from ._stage import _dataset_for
-    from ._hashing import canonical_json
-
     dataset_spec = {"kind": config.dataset.kind, "params": dict(config.dataset.params)}
-    dataset = _dataset_for(canonical_json(dataset_spec))
+    dataset = load_dataset(dataset_spec)
     if len(dataset) == 0:
         raise ConfigError(f"[dataset] {config.dataset.kind!r} has zero images; give a dataset with at least one image")
     ds_digest = dataset.digest()

@@ -29,10 +29,9 @@ from typing import Any, Callable, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._errors import USER_ERRORS, PipelineError
-from ._stage import Context, Node, ShardedStage, StageOutput, get_stage
-from ._hashing import digest
-from ._store import CacheStore, Entry, write_parquet_atomic
+from .. import stages as _stages  # noqa: F401  (a worker unpickling a task registers the built-in stages)
+from ..core import (USER_ERRORS, CacheStore, Context, Entry, Node, PipelineError, ShardedStage, StageOutput, digest,
+                    get_stage, write_parquet_atomic)
 
 __all__ = ["Executor", "NodeResult", "environment_info", "connect"]
 

@@ -1,6 +1,6 @@
 """The Python API: ``run(config) -> RunResult``, plus ``status`` (what is cached and why not).
 
-Used by the CLI and by notebooks alike: ``repdissect.pipeline.run("configs/quick.toml").tables("iou_units")``
+Used by the CLI and by notebooks alike: ``repdissect.pipeline.run("configs/quick.toml").tables("iou", "units")``
 gives one DataFrame over every (model, layer) with the node's labels as leading columns.
 """
 
@@ -17,11 +17,10 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from ..core import CacheStore, Entry, get_stage, write_bytes_atomic
 from ._config import Config, load_config
 from ._dag import Plan, build_plan
-from ._hashing import digest
 from ._executor import Executor, NodeResult, connect, environment_info, _gpu_workers
-from ._store import CacheStore, Entry, write_bytes_atomic
 
 __all__ = ["run", "status", "RunResult", "NodeStatus", "resolve_config"]
 
@@ -99,9 +98,11 @@ class _Progress:
             bar.close()
 
 
-def run(config: Config | str | Path | None = None, *, report: bool = True, print_summary: bool = False,
-        **overrides: Any) -> RunResult:
-    """Run (or fetch from the cache) every node of ``config`` and write ``<out>/run.json`` (and the report).
+def run(config: Config | str | Path | None = None, *, print_summary: bool = False, **overrides: Any) -> RunResult:
+    """Run (or fetch from the cache) every node of ``config`` and write ``<out>/run.json``.
+
+    The HTML report is the next floor's job: ``repdissect.reports.write_run_report(result)`` (the
+    ``repdissect run`` command calls it).
 
     Keyword overrides: ``cache_dir``, ``out_dir``, ``scheduler``, ``workers``, ``device``, ``progress``.
     """
@@ -124,21 +125,6 @@ def run(config: Config | str | Path | None = None, *, report: bool = True, print
     except BaseException:
         store.record_run({**provisional, "status": "failed"}, record_path)  # its published entries stay live
         raise
-    out_dir = result.out_dir
-    if report:
-        # The report is a pure function of the entries and the config: skip it when an identical one exists.
-        from ..reports._version import REPORT_VERSION
-
-        stamp = digest({"keys": sorted(n.key for n in plan.nodes), "config": cfg.to_dict(),
-                        "report_version": REPORT_VERSION})
-        stamp_file = out_dir / ".report-stamp"
-        current = (out_dir / "index.html").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp
-        if not current:
-            from ..reports import write_report
-
-            stamp_file.unlink(missing_ok=True)
-            write_report(result)
-            write_bytes_atomic(stamp.encode(), stamp_file)
     return result
 
 
@@ -274,8 +260,6 @@ def status(config: Config | str | Path | None = None, **overrides: Any) -> list[
         entry = store.get(node.stage, node.key)
         if entry is not None:
             reason = "cached"
-            from ._stage import get_stage
-
             src = type(get_stage(node.stage)).source_hash()
             if entry.manifest.get("source_hash") and src and entry.manifest["source_hash"] != src:
                 reason = "cached (warning: the stage's source changed but its version was not bumped)"

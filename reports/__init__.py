@@ -4,20 +4,26 @@ Public API::
 
     from repdissect.reports import write_report, summary_text, report_from_cache
     index = write_report(result)          # <out>/tables/*.{md,tex,csv}, <out>/figures/*.png, <out>/index.html
+    write_run_report(result)              # the same, skipped when an identical report is already there
     print(summary_text(result))           # compact per-layer headline numbers
     result = report_from_cache("configs/demo.toml")   # regenerate from the cache alone
 
 Building blocks: :class:`PaperTable` (Markdown / LaTeX booktabs / CSV), :func:`mean_std` and
 :func:`aggregate` (``mean ± std (n)`` over seeds), the matplotlib helpers in ``_figures`` and the
 escaping HTML builders in ``_html``.
+
+Layering: this package reads results through the public APIs of :mod:`repdissect.pipeline` (plans, run
+results), :mod:`repdissect.stages` (activation readers), :mod:`repdissect.datasets` and
+:mod:`repdissect.core` (the cache store); only the CLI sits above it.
 """
 
-from ._report import REPORT_VERSION, report_from_cache, summary_text, write_report
+from ._report import REPORT_VERSION, report_from_cache, summary_text, write_report, write_run_report
 from ._tables import MeanStd, PaperTable, aggregate, latex_escape, markdown_escape, mean_std
 
 __all__ = [
     "REPORT_VERSION",
     "write_report",
+    "write_run_report",
     "summary_text",
     "report_from_cache",
     "PaperTable",

@@ -17,8 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..stages._activations import table_to_arrays
-from ..stages._activations import read_summaries
+from ..stages import read_summaries, table_to_arrays
 
 __all__ = ["UnitExemplars", "top_images", "read_image_maps", "region_masks", "layer_exemplars"]
 

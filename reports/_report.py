@@ -276,10 +276,7 @@ def report_from_cache(config: Any = None, *, cache_dir: str | Path | None = None
     Raises:
         PipelineError: when any node of the plan is not in the cache (names them and the fix).
     """
-    from ..pipeline import CacheStore, PipelineError, RunResult
-    from ..pipeline._dag import build_plan
-    from ..pipeline._executor import NodeResult
-    from ..pipeline._run import resolve_config
+    from ..pipeline import CacheStore, NodeResult, PipelineError, RunResult, build_plan, resolve_config
 
     cfg = resolve_config(config, cache_dir=None if cache_dir is None else str(cache_dir),
                          out_dir=None if out_dir is None else str(out_dir))
@@ -312,3 +309,23 @@ def report_from_cache(config: Any = None, *, cache_dir: str | Path | None = None
     result = RunResult(plan=plan, results=results, out_dir=out, seconds=0.0, record=record)
     write_report(result)
     return result
+
+
+def write_run_report(result: Any) -> bool:
+    """Write ``result``'s report unless an identical one is already in its output folder.
+
+    The report is a pure function of the entries and the config, so a stamp (the nodes' keys, the config
+    and :data:`REPORT_VERSION`) next to ``index.html`` says whether it is current. Returns whether it wrote.
+    """
+    from ..core import digest, write_bytes_atomic
+
+    out_dir = result.out_dir
+    stamp = digest({"keys": sorted(n.key for n in result.plan.nodes), "config": result.plan.config.to_dict(),
+                    "report_version": REPORT_VERSION})
+    stamp_file = out_dir / ".report-stamp"
+    if (out_dir / "index.html").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return False
+    stamp_file.unlink(missing_ok=True)
+    write_report(result)
+    write_bytes_atomic(stamp.encode(), stamp_file)
+    return True

@@ -1,8 +1,12 @@
 """The science: models, training, extraction, dissection and comparison, plus their pipeline stages.
 
 Pure functions and streaming statistics live in private modules and are re-exported here lazily (PEP 562):
-importing the package registers the pipeline stages (``stages._nodes``) without loading torch or scipy,
+importing the package registers the pipeline stages (the ``_stage_*`` modules) without loading torch or scipy,
 so a fully cached pipeline run stays fast; the first use of a name imports its module.
+
+Layering: this package imports :mod:`repdissect.core` (stage contract, statistic protocol, store) and the
+public API of :mod:`repdissect.datasets`, nothing above them; the pipeline, reports and CLI use the names
+exported here, never the private modules.
 """
 
 from __future__ import annotations
@@ -10,19 +14,29 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .. import datasets as _datasets  # noqa: F401  (fills the core's dataset factory that ctx.dataset() uses)
+from ..core import StreamingStatistic, pack_arrays, unpack_arrays
 from ._errors import StageInputError
-from ._streaming import StreamingStatistic, pack_arrays, unpack_arrays
-from . import _nodes  # noqa: F401  (registers the pipeline stages)
+# The stage declarations (one module per family, next to the science they wrap) register on import.
+from . import _stage_compare, _stage_dissect, _stage_extract, _stage_stability, _stage_train  # noqa: F401
 
 _EXPORTS = {
-    "_activations": ["activation_shape", "activations_table", "iter_activation_parts", "read_activations",
-                     "table_to_arrays"],
-    "_extraction": ["Extractor", "UnitMeans", "extract_shard", "forward_batches", "read_summaries", "resolve_device"],
+    "_stage_train": ["model_spec_from_params"],
+    "_stage_compare": ["heldout_mask"],
+    "_activations": ["UnitSummaries", "activation_shape", "activations_table", "iter_activation_parts",
+                     "read_activations", "read_summaries", "summaries_table", "table_to_arrays"],
+    "_extraction": ["Extractor", "PARQUET_OPTIONS", "extract_shard", "forward_batches"],
+    "_device": ["resolve_device"],
+    "_unit_means": ["UnitMeans"],
+    "_model_cache": ["cached_model", "clear_model_cache"],
     "_models": ["ModelSpec", "build_model", "layer_shapes", "list_models", "load_weights", "register_model",
                 "resolve_layers"],
-    "_training": ["TrainConfig", "state_dict_digest", "train_model"],
+    "_train_config": ["TrainConfig"],
+    "_training": ["load_checkpoint", "state_dict_digest", "train_model"],
     "_thresholds": ["TopQuantile", "RadixQuantile", "threshold_method", "unit_thresholds"],
-    "_iou": ["IoUTally", "iou_tables", "upsample_bilinear"],
+    "_iou": ["IoUTally"],
+    "_iou_tables": ["DEFAULT_IOU_THRESHOLD", "iou_tables"],
+    "_iou_geometry": ["upsample_bilinear"],
     "_stability": ["LandmarkTopK", "argmax_locations", "center_baseline", "spatial_max_argmax", "stability_tables"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

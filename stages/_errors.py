@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..core import UserInputError
+
 __all__ = ["StageInputError"]
 
 
-class StageInputError(ValueError):
+class StageInputError(UserInputError):
     """Bad input to a stage or a math function: the message names the problem, the value and the fix."""

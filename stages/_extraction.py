@@ -1,8 +1,8 @@
 """Activation extraction: forward hooks on named layers, per-unit summaries on the fly, Arrow tables per shard.
 
-Public names: :func:`resolve_device`, :class:`Extractor`, :func:`extract_shard`, :class:`LayerOutput`,
-:class:`PartWriter`, :func:`summaries_table`, :class:`UnitSummaries`, :func:`read_summaries`,
-:class:`UnitMeans`, :func:`cached_model`, :func:`clear_model_cache`, :func:`write_table`.
+Public names: :class:`Extractor`, :func:`extract_shard`, :func:`forward_batches`, :class:`LayerOutput`,
+:func:`write_table`, :data:`PARQUET_OPTIONS`. The device choice lives in ``_device``, the per-unit
+statistic in ``_unit_means``, the per-process model LRU in ``_model_cache``.
 
 The constraint that shaped it: extraction is the only stage that touches the network, and everything
 downstream streams over what it writes, so it must add as little as possible to a bare forward pass. Hence:
@@ -20,7 +20,7 @@ downstream streams over what it writes, so it must add as little as possible to 
   (always on an accelerator), so that the encoding overlaps the forward passes, else once extraction is
   done, all layers in parallel. The stage encodes with polars where it is installed: pyarrow spends
   ~10 ns per value on a long ``fixed_size_list`` column (per-value repetition and definition levels,
-  float16 as 2-byte fixed-length values), polars 2–7× less (``repdissect.pipeline._part_writers``).
+  float16 as 2-byte fixed-length values), polars 2–7× less (``repdissect.core.open_part_writer``).
 
 Hooks only record calls from the thread that registered them, so one cached model can serve several Dask
 worker threads.
@@ -41,7 +41,6 @@ fixed_size_list<int32>[C] (flat index ``row · W + col`` of the first maximum at
 
 from __future__ import annotations
 
-import collections
 import os
 import queue
 import threading
@@ -55,27 +54,19 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from ..pipeline._part_writers import PartWriter
-from ._activations import UnitSummaries, activations_schema, activations_table, read_summaries, summaries_table
+from ..core import PartWriter
+from ._activations import activations_schema, activations_table, summaries_table
+from ._device import resolve_device
 from ._errors import StageInputError
 from ._models import NormalizedModel, resolve_layers
-from ._streaming import StreamingStatistic, pack_arrays, unpack_arrays
 
 __all__ = [
-    "resolve_device",
     "Extractor",
     "BatchActivations",
     "extract_shard",
     "LayerOutput",
-    "summaries_table",
-    "UnitSummaries",
-    "read_summaries",
-    "UnitMeans",
-    "cached_model",
-    "clear_model_cache",
     "write_table",
     "PARQUET_OPTIONS",
-    "PartWriter",
     "ROW_GROUP_MIN_BYTES",
 ]
 
@@ -90,29 +81,6 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 #: checksums/index off (the defaults). float16 storage halves the bytes but not the time: pyarrow encodes
 #: per value, and float16 as 2-byte fixed-length values is no faster per value than float32.
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "none", "use_dictionary": False, "write_statistics": False}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → the first CUDA device when available, else the CPU; other names are checked.
-
-    Raises:
-        StageInputError: for an unparseable name or a CUDA device this process cannot see.
-    """
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise StageInputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise StageInputError(f"device {device!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
-        count = torch.cuda.device_count()
-        if resolved.index is None:
-            resolved = torch.device("cuda", torch.cuda.current_device())
-        elif resolved.index >= count:
-            raise StageInputError(f"device {device!r} requested but only {count} CUDA device(s) are visible")
-    return resolved
 
 
 class _StopForward(Exception):
@@ -582,137 +550,3 @@ def write_table(table: pa.Table, path: str | Path) -> Path:
     path = Path(path)
     pq.write_table(table, path, row_group_size=max(table.num_rows, 1), **PARQUET_OPTIONS)
     return path
-
-
-class UnitMeans(StreamingStatistic):
-    """Dataset-wide per-unit activation level: mean activation, mean of per-image maxima, overall max.
-
-    State (float64 sums, exact to merge up to rounding): ``count`` images, ``sum_mean`` and ``sum_max`` over
-    images of the per-image spatial mean / max, ``max`` over images. Readouts: :attr:`mean`, :attr:`mean_max`,
-    :attr:`max`, :attr:`dead` (units never above zero — flagged, never divided by).
-    """
-
-    def __init__(self, num_units: int | None = None) -> None:
-        self.count = 0
-        self.sum_mean = None if num_units is None else np.zeros(num_units)
-        self.sum_max = None if num_units is None else np.zeros(num_units)
-        self.max_ = None if num_units is None else np.full(num_units, -np.inf)
-
-    def _ensure(self, num_units: int) -> None:
-        if self.sum_mean is None:
-            self.sum_mean, self.sum_max, self.max_ = np.zeros(num_units), np.zeros(num_units), np.full(num_units, -np.inf)
-        elif self.sum_mean.shape[0] != num_units:
-            raise StageInputError(f"UnitMeans holds {self.sum_mean.shape[0]} units but got a batch with {num_units}")
-
-    def update(self, mean: np.ndarray, max_values: np.ndarray) -> None:  # type: ignore[override]
-        """Fold per-image summaries ``mean``/``max_values`` ``(N, C)`` into the state."""
-        mean, max_values = np.asarray(mean, np.float64), np.asarray(max_values, np.float64)
-        if mean.ndim != 2 or mean.shape != max_values.shape:
-            raise StageInputError(f"UnitMeans.update needs two (N, C) arrays; got {mean.shape} and {max_values.shape}")
-        self._ensure(mean.shape[1])
-        self.count += mean.shape[0]
-        self.sum_mean += mean.sum(0)
-        self.sum_max += max_values.sum(0)
-        if mean.shape[0]:
-            np.maximum(self.max_, max_values.max(0), out=self.max_)
-
-    @classmethod
-    def from_summaries(cls, summaries: UnitSummaries | pa.Table) -> UnitMeans:
-        """A statistic over the images of one summary table."""
-        if isinstance(summaries, pa.Table):
-            summaries = read_summaries(summaries)
-        stat = cls(summaries.shape[0])
-        stat.update(summaries.mean, summaries.max)
-        return stat
-
-    def merge(self, other: UnitMeans) -> UnitMeans:
-        if other.sum_mean is None:
-            return self
-        self._ensure(other.sum_mean.shape[0])
-        self.count += other.count
-        self.sum_mean += other.sum_mean
-        self.sum_max += other.sum_max
-        np.maximum(self.max_, other.max_, out=self.max_)
-        return self
-
-    def _readout(self, sums: np.ndarray | None) -> np.ndarray:
-        if sums is None:
-            return np.zeros(0)
-        return sums / self.count if self.count else np.zeros_like(sums)
-
-    @property
-    def mean(self) -> np.ndarray:
-        """``(C,)`` mean activation per unit over images and positions (0 before any update)."""
-        return self._readout(self.sum_mean)
-
-    @property
-    def mean_max(self) -> np.ndarray:
-        """``(C,)`` mean over images of each unit's spatial max."""
-        return self._readout(self.sum_max)
-
-    @property
-    def max(self) -> np.ndarray:
-        """``(C,)`` largest activation of each unit (0 before any update)."""
-        if self.max_ is None:
-            return np.zeros(0)
-        return np.where(np.isfinite(self.max_), self.max_, 0.0)
-
-    @property
-    def dead(self) -> np.ndarray:
-        """``(C,)`` bool: the unit was never above zero on any image."""
-        return self.max <= 0 if self.max_ is not None else np.zeros(0, bool)
-
-    def to_table(self) -> pa.Table:
-        arrays = {} if self.sum_mean is None else {"sum_mean": self.sum_mean, "sum_max": self.sum_max, "max": self.max_}
-        return pack_arrays(arrays, {"count": self.count, "kind": "UnitMeans"})
-
-    @classmethod
-    def from_table(cls, table: pa.Table) -> UnitMeans:
-        arrays, attrs = unpack_arrays(table)
-        if attrs.get("kind") != "UnitMeans":
-            raise StageInputError(f"table holds a {attrs.get('kind')!r} state, not UnitMeans")
-        stat = cls()
-        stat.count = int(attrs["count"])
-        if arrays:
-            stat.sum_mean, stat.sum_max, stat.max_ = arrays["sum_mean"].copy(), arrays["sum_max"].copy(), arrays["max"].copy()
-        return stat
-
-
-# --------------------------------------------------------------------------------------------- model cache
-
-_CACHE: collections.OrderedDict[str, nn.Module] = collections.OrderedDict()
-_CACHE_LOCK = threading.Lock()
-_BUILD_LOCKS: dict[str, threading.Lock] = {}
-
-
-def cached_model(key: str, build: Callable[[], nn.Module], *, maxsize: int = 4) -> nn.Module:
-    """The model built by ``build()`` for ``key``, built once per process and reused (LRU of ``maxsize``).
-
-    ``key`` must identify the model completely (e.g. the training stage's cache key or the spec digest plus
-    the weights digest). Safe for concurrent Dask worker threads: each key is built by one thread only, and
-    :class:`Extractor` hooks ignore other threads' forward passes.
-    """
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-        build_lock = _BUILD_LOCKS.setdefault(key, threading.Lock())
-    with build_lock:
-        with _CACHE_LOCK:
-            if key in _CACHE:
-                return _CACHE[key]
-        model = build()
-        with _CACHE_LOCK:
-            _CACHE[key] = model
-            _CACHE.move_to_end(key)
-            while len(_CACHE) > maxsize:
-                old, _ = _CACHE.popitem(last=False)
-                _BUILD_LOCKS.pop(old, None)
-    return model
-
-
-def clear_model_cache() -> None:
-    """Forget every cached model (frees their memory once no caller holds them)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
-        _BUILD_LOCKS.clear()

@@ -34,15 +34,14 @@ and merge by addition, exactly.
   exact equality. Its many medium-sized tensor operations gain little from intra-op threads and suffer on
   an oversubscribed CPU; CPU workers run with ``torch.set_num_threads(1)``.
 
-Public: :class:`IoUTally` (the mergeable statistic), :func:`iou_tables` (unit_label / units / summary
-tables), :func:`upsample_bilinear` (the upsampling the tally thresholds).
+This module holds :class:`IoUTally`, the mergeable statistic; the upsampling and quad geometry live in
+``_iou_geometry``, the compiled kernel in ``_iou_kernels``, the result tables (:func:`iou_tables`) in
+``_iou_tables``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence, Self
 
 import numpy as np
@@ -50,213 +49,12 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from repdissect.datasets import Batch, Concept
-
+from ..core import StreamingStatistic, pack_arrays, unpack_arrays
+from ..datasets import Batch, Concept
 from ._errors import StageInputError
-from ._streaming import StreamingStatistic, pack_arrays, unpack_arrays
+from ._iou_geometry import _axis, _bilinear, _full_thresholds, _prune_thresholds, _QuadGeometry, _uniform_quads
 
-__all__ = ["DEFAULT_IOU_THRESHOLD", "IoUTally", "iou_tables", "upsample_bilinear"]
-
-DEFAULT_IOU_THRESHOLD = 0.04
-# Relative margin of the quad pre-filter: a float32 convex combination of corners ≤ T·(1 − 2⁻¹⁸) cannot exceed T.
-_PRUNE_MARGIN = 2.0**-18
-
-
-# ------------------------------------------------------------------------------------------- upsampling
-
-
-@dataclass(frozen=True)
-class _Axis:
-    """Bilinear geometry along one axis, ``n_in`` cells → ``n_out`` pixels (align_corners=False).
-
-    Pixels sharing a lower corner cell form runs; runs are cut into *segments* of at most
-    ⌈n_out / n_in⌉ pixels so that a padded (segments × slots) layout wastes little. A 2-D quad is a
-    (row segment, column segment) pair: its pixels depend on the 2×2 cells (lower, upper) of both.
-    """
-
-    base: np.ndarray  # (n_out,) lower corner cell of each pixel
-    upper: np.ndarray  # (n_in,) upper corner cell of a lower corner: min(a + 1, n_in − 1)
-    w_lo: np.ndarray  # (n_out,) float32 weight of the lower corner
-    w_hi: np.ndarray  # (n_out,) float32 weight of the upper corner
-    seg_base: np.ndarray  # (S,) lower corner cell of each segment
-    seg_start: np.ndarray  # (S,) first pixel of each segment (segments are consecutive pixel runs)
-    seg_count: np.ndarray  # (S,) pixels in each segment
-    seg_pixels: np.ndarray  # (S, m) pixel indexes; padding repeats the segment's first pixel
-    seg_w_lo: np.ndarray  # (S, m) float32 weights, NaN in padding (a NaN value is never "on")
-    seg_w_hi: np.ndarray  # (S, m)
-
-
-@lru_cache(maxsize=64)
-def _axis(n_in: int, n_out: int) -> _Axis:
-    # torch's area_pixel_compute_source_index: scale · (dst + 0.5) − 0.5, clamped at 0, in float32.
-    scale = np.float32(n_in) / np.float32(n_out)
-    source = scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
-    source = np.maximum(source, np.float32(0))
-    base = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
-    w_hi = np.clip(source - base.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
-    w_lo = (np.float32(1) - w_hi).astype(np.float32)
-    upper = np.minimum(np.arange(n_in) + 1, n_in - 1)
-    slots = -(-n_out // n_in)
-    # A new segment starts where the lower corner changes or the current one is full.
-    run_start = np.r_[True, base[1:] != base[:-1]]
-    run_id = np.cumsum(run_start) - 1
-    offset = np.arange(n_out) - np.flatnonzero(run_start)[run_id]
-    starts = np.flatnonzero(run_start | (offset % slots == 0))
-    counts = np.diff(np.r_[starts, n_out])
-    position = np.arange(slots)
-    valid = position[None, :] < counts[:, None]
-    pixels = np.where(valid, starts[:, None] + position[None, :], starts[:, None])
-    nan = np.float32(np.nan)
-    return _Axis(
-        base, upper, w_lo, w_hi, base[starts], starts, counts, pixels,
-        np.where(valid, w_lo[pixels], nan), np.where(valid, w_hi[pixels], nan),
-    )
-
-
-def _bilinear(lo_lo, hi_lo, lo_hi, hi_hi, wy_lo, wy_hi, wx_lo, wx_hi):
-    """The single float32 formula of the dense and the sparse path (same operations, hence the same bits).
-
-    Corners are named (row corner, column corner); rows are interpolated first, then columns.
-    """
-    left = lo_lo * wy_lo + hi_lo * wy_hi
-    right = lo_hi * wy_lo + hi_hi * wy_hi
-    return left * wx_lo + right * wx_hi
-
-
-def upsample_bilinear(maps: torch.Tensor | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of ``(..., H, W)`` maps to ``(..., sh, sw)``, exactly as the IoU tally sees them.
-
-    Geometry of ``F.interpolate(mode="bilinear", align_corners=False)`` (half-pixel centres, edge clamp),
-    computed in float32 by a fixed formula (equal to ``interpolate`` up to float rounding).
-
-    Args:
-        maps: ``(..., H, W)`` real array or tensor.
-        size: ``(sh, sw)``.
-
-    Returns:
-        float32 tensor ``(..., sh, sw)`` on the input's device.
-    """
-    x = torch.as_tensor(maps).to(torch.float32)
-    h, w = x.shape[-2:]
-    ay, ax = _axis(int(h), int(size[0])), _axis(int(w), int(size[1]))
-    dev = x.device
-
-    def t(a):
-        return torch.as_tensor(a, device=dev)
-
-    rows_lo, rows_hi = x[..., t(ay.base), :], x[..., t(ay.upper[ay.base]), :]
-    x_lo, x_hi = t(ax.base), t(ax.upper[ax.base])
-    return _bilinear(
-        rows_lo[..., x_lo], rows_hi[..., x_lo], rows_lo[..., x_hi], rows_hi[..., x_hi],
-        t(ay.w_lo)[:, None], t(ay.w_hi)[:, None], t(ax.w_lo), t(ax.w_hi),
-    )
-
-
-def _prune_thresholds(thresholds: np.ndarray) -> np.ndarray:
-    """float32 bound below each threshold: a cell at or under it cannot make a neighbouring pixel exceed T."""
-    t = thresholds.astype(np.float64)
-    lower = (t - np.abs(t) * _PRUNE_MARGIN).astype(np.float32)
-    return np.nextafter(lower, np.float32(-np.inf))
-
-
-def _full_thresholds(thresholds: np.ndarray) -> np.ndarray:
-    """float32 bound above each threshold ``T ≥ 0``: a quad row whose two ends are ≥ it is on at every pixel.
-
-    Every term is non-negative there, so float32 rounding (three roundings, relative 2⁻²⁴ each, weights
-    summing to ≥ 1 − 2⁻²⁴) keeps a convex combination above ``bound · (1 − 2⁻²²)``, far above ``T`` given the
-    2⁻¹⁸ margin. Negative thresholds get +inf (no shortcut): their rounding error is not relative to ``T``.
-    """
-    t = thresholds.astype(np.float64)
-    upper = np.nextafter((t + np.abs(t) * _PRUNE_MARGIN).astype(np.float32), np.float32(np.inf))
-    # Above float32's normal range floor, so no product of a value and its larger weight underflows.
-    upper = np.maximum(upper, np.float32(2.0**-100))
-    return np.where(t >= 0, upper, np.float32(np.inf)).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class _QuadGeometry:
-    """Segment-quad layout of one (H, W) → (sh, sw) upsampling, as tensors on the counting device."""
-
-    y_lo: torch.Tensor  # (Sy,) lower / upper corner row of each row segment
-    y_hi: torch.Tensor
-    x_lo: torch.Tensor  # (Sx,)
-    x_hi: torch.Tensor
-    wy_lo: torch.Tensor  # (Sy, my), NaN padded
-    wy_hi: torch.Tensor
-    wx_lo: torch.Tensor  # (Sx, mx), NaN padded
-    wx_hi: torch.Tensor
-    quad_pixels: torch.Tensor  # (Sy, Sx, my·mx) flat pixel index of each quad slot (padding: a real pixel)
-
-    @classmethod
-    def build(cls, ay: _Axis, ax: _Axis, dev: torch.device) -> "_QuadGeometry":
-        def t(a):
-            return torch.as_tensor(a, device=dev)
-
-        sw = len(ax.base)
-        quad_pixels = ay.seg_pixels[:, None, :, None] * sw + ax.seg_pixels[None, :, None, :]  # Sy, Sx, my, mx
-        return cls(
-            t(ay.seg_base), t(ay.upper[ay.seg_base]), t(ax.seg_base), t(ax.upper[ax.seg_base]),
-            t(ay.seg_w_lo), t(ay.seg_w_hi), t(ax.seg_w_lo), t(ax.seg_w_hi),
-            t(quad_pixels.reshape(len(ay.seg_base), len(ax.seg_base), -1)),
-        )
-
-    @property
-    def quad_size(self) -> int:
-        return self.quad_pixels.shape[2]
-
-    def count(self, quads, x, thresholds, cols_by_layer, uniform, width, on_count, pair_counts) -> None:
-        """Evaluate a block of quads, add on-pixel counts per (image, unit) and per (unit, label column)."""
-        n, c, h, w = x.shape
-        image, unit, sy, sx = quads.unbind(1)
-        flat = x.reshape(-1)
-        plane = (image * c + unit) * (h * w)
-        ylo, yhi, xlo, xhi = self.y_lo[sy] * w, self.y_hi[sy] * w, self.x_lo[sx], self.x_hi[sx]
-
-        def corner(offset):
-            return flat.index_select(0, plane + offset)[:, None, None]
-
-        values = _bilinear(
-            corner(ylo + xlo), corner(yhi + xlo), corner(ylo + xhi), corner(yhi + xhi),
-            self.wy_lo[sy][:, :, None], self.wy_hi[sy][:, :, None],
-            self.wx_lo[sx][:, None, :], self.wx_hi[sx][:, None, :],
-        )
-        on = (values > thresholds[unit][:, None, None]).reshape(len(quads), -1)  # NaN padding is never on
-        per_quad = on.view(torch.uint8).sum(dim=1, dtype=torch.int32).to(torch.int64)  # ≈6× faster than bool sum
-        on_count.index_add_(0, image * c + unit, per_quad)
-        if uniform is None:
-            return
-        # One-label quads: the on-count goes to that label, no per-pixel work.
-        label = uniform[image, :, sy, sx]  # (K, layers)
-        uniform_mask = label >= 0
-        keys = unit[:, None] * width + label
-        pair_counts.index_add_(0, keys[uniform_mask], per_quad[:, None].expand_as(keys)[uniform_mask])
-        # Mixed quads: per on-pixel labels, layer by layer (a quad is usually mixed in one layer only).
-        slots = self.quad_size
-        quad_base = (sy * self.quad_pixels.shape[1] + sx) * slots  # into the flat slot → pixel table
-        image_base = image * (cols_by_layer.shape[1] // n)  # rows of one image: its pixels
-        keys = []
-        for layer in range(cols_by_layer.shape[0]):
-            mixed = torch.nonzero(~uniform_mask[:, layer])[:, 0]
-            if not len(mixed):
-                continue
-            k, slot = torch.nonzero(on[mixed]).unbind(1)
-            k = mixed[k]
-            pixel = self.quad_pixels.reshape(-1)[quad_base[k] + slot]
-            labels = cols_by_layer[layer].index_select(0, image_base[k] + pixel)
-            keys.append(unit[k] * width + labels)
-        if keys:
-            pair_counts += torch.bincount(torch.cat(keys), minlength=pair_counts.numel())
-
-
-def _uniform_quads(pixel: np.ndarray, ay: _Axis, ax: _Axis) -> np.ndarray:
-    """``(N, layers, Sy, Sx)``: each quad's label column when the whole quad carries one label, else −1."""
-    rows, cols = ay.seg_start, ax.seg_start
-    low = np.minimum.reduceat(np.minimum.reduceat(pixel, cols, axis=3), rows, axis=2)
-    high = np.maximum.reduceat(np.maximum.reduceat(pixel, cols, axis=3), rows, axis=2)
-    return np.where(low == high, low, -1).astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------------- the tally
+__all__ = ["IoUTally"]
 
 
 def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -588,6 +386,10 @@ class IoUTally(StreamingStatistic):
         return stat
 
     # -- results
+    def result(self) -> np.ndarray:
+        """The read-out: ``(C, L)`` float64 IoU (:meth:`iou`); the tables are :func:`iou_tables`."""
+        return self.iou()
+
     def iou(self) -> np.ndarray:
         """``(C, L)`` float64 IoU, 0 where the union is empty."""
         if self.num_units is None:
@@ -597,93 +399,3 @@ class IoUTally(StreamingStatistic):
         return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def _best(iou: np.ndarray, columns: np.ndarray):
-    """Per unit, the column (of ``columns``) with the highest IoU (first on ties) and that IoU."""
-    sub = iou[:, columns]
-    pick = np.argmax(sub, axis=1)
-    return columns[pick], sub[np.arange(len(sub)), pick]
-
-
-def iou_tables(
-    tally: IoUTally, concepts: Sequence[Concept], iou_threshold: float = DEFAULT_IOU_THRESHOLD
-) -> dict[str, pd.DataFrame]:
-    """Result tables of one layer.
-
-    Definitions: a unit's best label overall is its highest-IoU label (ties: smaller label number); per
-    category, the best among that category's labels. A unit with IoU 0 for every label of a scope has label 0
-    and empty name/category there. A unit is *interpretable* when its best IoU is ``> iou_threshold``
-    (strict, as the paper's figures). Detectors of category ``c``: interpretable units whose best category
-    is ``c``; unique detectors: their distinct best labels (the total is over all categories).
-
-    Args:
-        tally: the merged tally of the layer.
-        concepts: the dataset's concepts (for names; must cover the tally's labels).
-        iou_threshold: the interpretability cut (0.04 in the paper).
-
-    Returns:
-        ``unit_label``: one row per (unit, label) — ``unit, label, name, category, intersection, activation,
-        truth, iou``. ``units``: one row per unit — ``unit, label, name, category, iou, interpretable`` then
-        ``<cat>_label, <cat>_name, <cat>_iou`` per category. ``summary``: one row — ``units,
-        interpretable_units, unique_detectors_total, iou_threshold`` then ``detectors_<cat>,
-        unique_detectors_<cat>`` per category.
-    """
-    by_label = {c.label: c for c in concepts}
-    missing = [int(l) for l in tally.labels if int(l) not in by_label]
-    if missing:
-        raise StageInputError(f"iou_tables: concepts lack labels {missing[:8]} that the tally counted")
-    iou = tally.iou()
-    num_units, num_labels = iou.shape
-    names = np.array([by_label[int(l)].name for l in tally.labels], dtype=object)
-    cats = np.array(tally.categories, dtype=object)[tally.label_category]
-
-    unit_label = pd.DataFrame(
-        {
-            "unit": np.repeat(np.arange(num_units, dtype=np.int64), num_labels),
-            "label": np.tile(tally.labels, num_units),
-            "name": np.tile(names, num_units),
-            "category": np.tile(cats, num_units),
-            "intersection": tally.intersection.reshape(-1),
-            "activation": tally.activation[:, tally.label_category].reshape(-1),
-            "truth": np.tile(tally.truth, num_units),
-            "iou": iou.reshape(-1),
-        }
-    )
-
-    def describe(columns: np.ndarray):
-        col, score = _best(iou, columns)
-        found = score > 0
-        label = np.where(found, tally.labels[col], 0)
-        name = np.where(found, names[col], "")
-        category = np.where(found, cats[col], "")
-        return label, name, category, score
-
-    label, name, category, score = describe(np.arange(num_labels))
-    interpretable = score > iou_threshold
-    units = {
-        "unit": np.arange(num_units, dtype=np.int64),
-        "label": label.astype(np.int64),
-        "name": name,
-        "category": category,
-        "iou": score,
-        "interpretable": interpretable,
-    }
-    summary = {
-        "units": num_units,
-        "interpretable_units": int(interpretable.sum()),
-        "unique_detectors_total": int(len(np.unique(label[interpretable]))),
-        "iou_threshold": float(iou_threshold),
-    }
-    for index, cat in enumerate(tally.categories):
-        columns = np.flatnonzero(tally.label_category == index)
-        if len(columns):
-            c_label, c_name, _, c_score = describe(columns)
-        else:
-            c_label, c_name = np.zeros(num_units, np.int64), np.full(num_units, "", object)
-            c_score = np.zeros(num_units)
-        units[f"{cat}_label"] = c_label.astype(np.int64)
-        units[f"{cat}_name"] = c_name
-        units[f"{cat}_iou"] = c_score
-        detectors = interpretable & (category == cat)
-        summary[f"detectors_{cat}"] = int(detectors.sum())
-        summary[f"unique_detectors_{cat}"] = int(len(np.unique(label[detectors])))
-    return {"unit_label": unit_label, "units": pd.DataFrame(units), "summary": pd.DataFrame([summary])}

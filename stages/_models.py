@@ -1,8 +1,9 @@
-"""Model registry: build any network from a :class:`ModelSpec`, load its weights, name and shape its layers.
+"""Building networks: any network from a :class:`ModelSpec`, with its weights; naming and shaping its layers.
 
-Public names: :class:`ModelSpec`, :func:`build_model`, :func:`load_weights`, :func:`register_model`,
-:func:`list_models`, :class:`NormalizedModel`, :func:`unwrap`, :func:`layer_shapes`, :func:`resolve_layers`
-and the built-in family :class:`SmallCNN` (``builtin:cnn``).
+Public names: :class:`ModelSpec`, :func:`build_model`, :func:`load_weights`, :class:`NormalizedModel`,
+:func:`unwrap`, :func:`layer_shapes`, :func:`resolve_layers`; re-exported for convenience:
+:func:`register_model`, :func:`list_models` (the registry, ``_model_registry``), :func:`read_state_dict`
+(``_checkpoints``) and the built-in family :class:`SmallCNN` (``builtin:cnn``, ``_cnn``).
 
 The constraint that shaped it: three kinds of network (the built-in CNN family, torchvision classifiers by name,
 any ``nn.Module`` factory given as an import string) must look identical to training, extraction and the
@@ -25,18 +26,19 @@ Architecture strings:
 from __future__ import annotations
 
 import difflib
-import fnmatch
-import importlib
 import re
-from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
+from . import _cnn  # noqa: F401  (registers builtin:cnn)
+from ._checkpoints import _short_list, _strip_prefix, read_state_dict
+from ._cnn import SmallCNN
 from ._errors import StageInputError
+from ._model_registry import _ACCEPTED_FORMS, _factory_for, list_models, register_model
 
 __all__ = [
     "ModelSpec",
@@ -56,9 +58,6 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_BUILTIN_PREFIX = "builtin:"
-_TORCHVISION_PREFIX = "torchvision:"
-_ACCEPTED_FORMS = "'builtin:<name>', 'torchvision:<name>' or an import string 'package.module:factory'"
 
 
 @dataclass(frozen=True)
@@ -161,147 +160,6 @@ class NormalizedModel(nn.Module):
 def unwrap(model: nn.Module) -> nn.Module:
     """The network whose module names are the layer names: ``model.net`` for a :class:`NormalizedModel`."""
     return model.net if isinstance(model, NormalizedModel) else model
-
-
-# --------------------------------------------------------------------------------------------- registry
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a built-in architecture factory as ``builtin:<name>``; a duplicate name raises.
-
-    The factory is called with the spec's ``arch_kwargs`` plus ``num_classes`` when one is known.
-    """
-    key = name[len(_BUILTIN_PREFIX) :] if name.startswith(_BUILTIN_PREFIX) else name
-    if not key or ":" in key:
-        raise ValueError(f"register_model: invalid model name {name!r}; use a plain name such as 'cnn'")
-
-    def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if key in _REGISTRY:
-            raise ValueError(f"model {_BUILTIN_PREFIX}{key} is already registered ({_REGISTRY[key]!r})")
-        _REGISTRY[key] = factory
-        return factory
-
-    return decorate
-
-
-def _torchvision_models() -> list[str]:
-    import torchvision.models
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def list_models(pattern: str = "*", *, torchvision: bool = True) -> list[str]:
-    """Architecture strings matching a glob: the registered ``builtin:*`` ones, then ``torchvision:*`` classifiers."""
-    names = [_BUILTIN_PREFIX + k for k in sorted(_REGISTRY)]
-    if torchvision:
-        names += [_TORCHVISION_PREFIX + k for k in _torchvision_models()]
-    return [n for n in names if fnmatch.fnmatch(n, pattern)]
-
-
-def _factory_for(architecture: str) -> Callable[..., nn.Module]:
-    if architecture.startswith(_BUILTIN_PREFIX):
-        key = architecture[len(_BUILTIN_PREFIX) :]
-        if key not in _REGISTRY:
-            available = ", ".join(_BUILTIN_PREFIX + k for k in sorted(_REGISTRY))
-            raise StageInputError(f"unknown built-in model {architecture!r}; available: {available}")
-        return _REGISTRY[key]
-    if architecture.startswith(_TORCHVISION_PREFIX):
-        key = architecture[len(_TORCHVISION_PREFIX) :]
-        available = _torchvision_models()
-        if key not in available:
-            close = difflib.get_close_matches(key, available, n=5)
-            hint = f" (did you mean {', '.join(_TORCHVISION_PREFIX + c for c in close)}?)" if close else ""
-            raise StageInputError(
-                f"unknown torchvision model {architecture!r}{hint}; `repdissect models 'torchvision:*'` lists all "
-                f"{len(available)} classification models"
-            )
-
-        def torchvision_factory(**kwargs: Any) -> nn.Module:
-            import torchvision.models
-
-            # weights=None: never download; trained weights come from ModelSpec.weights.
-            return torchvision.models.get_model(key, weights=None, **kwargs)
-
-        return torchvision_factory
-    module_name, colon, attr_path = architecture.partition(":")
-    if not colon or not module_name or not attr_path:
-        available = ", ".join(list_models(torchvision=False))
-        raise StageInputError(
-            f"unknown model architecture {architecture!r}; use {_ACCEPTED_FORMS} "
-            f"(built-in: {available}; all names: `repdissect models`)"
-        )
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise StageInputError(
-            f"model architecture {architecture!r}: cannot import module {module_name!r} ({exc}); "
-            "make the package importable (installed or on PYTHONPATH)"
-        ) from exc
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise StageInputError(f"model architecture {architecture!r}: module {module_name!r} has no attribute {attr_path!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise StageInputError(f"model architecture {architecture!r}: {attr_path!r} is not callable (got {type(target).__name__})")
-    return target
-
-
-# --------------------------------------------------------------------------------------------- weights
-
-
-def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return dict(state)
-
-
-def _load_failure(exc: BaseException) -> str:
-    """One line of ``torch.load``'s (multi-line, ANSI-coloured) error: the offending global when it names one."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    named = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
-    line = (named or lines or [type(exc).__name__])[0]
-    line = line.split("WeightsUnpickler error: ", 1)[-1].split(". Please use", 1)[0]  # never advise allow-listing
-    return f"{type(exc).__name__}: {line[:200]}"
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weights file safely (``weights_only=True``) and return a plain ``name -> tensor`` dict.
-
-    Accepts a raw state dict or a checkpoint dict holding it under ``state_dict``/``model``/
-    ``model_state_dict``; strips the ``module.`` prefix that ``DataParallel`` adds.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise StageInputError(f"model weights file {str(path)!r} does not exist; check ModelSpec.weights")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise StageInputError(
-            f"model weights file {str(path)!r} cannot be read as a safe (weights_only) checkpoint "
-            f"({_load_failure(exc)}); only plain tensor state dicts are accepted, since unpickling anything else "
-            "could run code. "
-            "Save it as a state dict: torch.save(model.state_dict(), path)"
-        ) from exc
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        kind = type(obj).__name__ if not isinstance(obj, Mapping) else f"dict with keys {sorted(obj)[:8]}"
-        raise StageInputError(
-            f"model weights file {str(path)!r} holds a {kind}, not a state dict of tensors "
-            "(nor a checkpoint dict with a 'state_dict' or 'model' entry)"
-        )
-    return _strip_prefix(obj, "module.")
-
-
-def _short_list(names: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(names[:limit])
-    return f"{shown}, … ({len(names) - limit} more)" if len(names) > limit else shown
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor] | str | Path, *, source: str = "") -> nn.Module:
@@ -475,77 +333,3 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Modul
     return {n: modules[n] for n in names}
 
 
-# --------------------------------------------------------------------------------------------- builtin CNN
-
-
-class ConvBlock(nn.Sequential):
-    """``conv → bn → relu``; hooking the block gives its post-ReLU feature map."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
-        super().__init__(
-            OrderedDict(
-                conv=nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-                bn=nn.BatchNorm2d(out_channels),
-                relu=nn.ReLU(inplace=True),
-            )
-        )
-
-
-class SmallCNN(nn.Module):
-    """The built-in CNN family: ``conv1 … convD`` blocks (conv→BN→ReLU), 2×2 max-pool between blocks, global
-    pooling ``global_pool`` and a linear head ``fc``.
-
-    Args:
-        num_classes: outputs of ``fc``.
-        depth: number of conv blocks D ≥ 1 (the input must survive D − 1 halvings).
-        width: channels of ``conv1``; block i (0-based) has ``width · 2^i`` channels unless ``widths`` is given.
-        widths: explicit channels per block (length ``depth``).
-        kernel_size: odd kernel size of every conv.
-        head_pool: global pooling before ``fc``: ``"max"`` (default; detects a shape anywhere in clutter and
-            trains several times faster on the synthetic world than averaging) or ``"avg"``.
-    """
-
-    def __init__(
-        self,
-        num_classes: int = 10,
-        depth: int = 4,
-        width: int = 32,
-        widths: Sequence[int] | None = None,
-        kernel_size: int = 3,
-        head_pool: str = "max",
-    ) -> None:
-        super().__init__()
-        if not isinstance(depth, int) or depth < 1:
-            raise StageInputError(f"builtin:cnn depth must be an integer ≥ 1; got {depth!r}")
-        if widths is None:
-            if not isinstance(width, int) or width < 1:
-                raise StageInputError(f"builtin:cnn width must be an integer ≥ 1; got {width!r}")
-            widths = [width * 2**i for i in range(depth)]
-        widths = [int(w) for w in widths]
-        if len(widths) != depth or min(widths) < 1:
-            raise StageInputError(f"builtin:cnn widths must be {depth} positive integers (one per block); got {widths!r}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise StageInputError(f"builtin:cnn kernel_size must be odd and ≥ 1; got {kernel_size!r}")
-        if head_pool not in ("max", "avg"):
-            raise StageInputError(f"builtin:cnn head_pool must be 'max' or 'avg'; got {head_pool!r}")
-        in_channels = 3
-        for i, out_channels in enumerate(widths, start=1):
-            self.add_module(f"conv{i}", ConvBlock(in_channels, out_channels, kernel_size))
-            if i < depth:
-                self.add_module(f"pool{i}", nn.MaxPool2d(2))
-            in_channels = out_channels
-        self.global_pool = nn.AdaptiveMaxPool2d(1) if head_pool == "max" else nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name, module in self.named_children():
-            if name == "fc":
-                x = torch.flatten(x, 1)
-            x = module(x)
-        return x
-
-
-@register_model("cnn")
-def small_cnn(**kwargs: Any) -> SmallCNN:
-    """``builtin:cnn``: :class:`SmallCNN` with the given keyword arguments."""
-    return SmallCNN(**kwargs)

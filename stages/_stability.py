@@ -33,10 +33,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from repdissect.datasets import Batch
+from ..datasets import Batch
 
 from ._errors import StageInputError
-from ._streaming import StreamingStatistic, pack_arrays, unpack_arrays
+from ..core import StreamingStatistic, pack_arrays, unpack_arrays
 
 __all__ = [
     "DEFAULT_TOP_K",

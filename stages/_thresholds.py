@@ -39,7 +39,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ._errors import StageInputError
-from ._streaming import StreamingStatistic, pack_arrays, unpack_arrays
+from ..core import StreamingStatistic, pack_arrays, unpack_arrays
 
 __all__ = [
     "DEFAULT_QUANTILE",

@@ -31,8 +31,9 @@ from torch import nn
 
 from ._errors import StageInputError
 from ._train_config import TrainConfig
-from ._extraction import resolve_device
-from ._models import ModelSpec, build_model, read_state_dict, unwrap
+from ._device import resolve_device
+from ._checkpoints import read_state_dict
+from ._models import ModelSpec, build_model, unwrap
 
 __all__ = [
     "TrainConfig",

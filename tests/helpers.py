@@ -74,7 +74,7 @@ def race_publisher(root: str, barrier, n: int) -> None:
     """Wait for every racer, then publish the same key."""
     import pyarrow as pa
 
-    from repdissect.pipeline._store import CacheStore
+    from repdissect.core import CacheStore
 
     barrier.wait()
     table = pa.table({"unit": list(range(n)), "value": [float(i) for i in range(n)]})
@@ -85,7 +85,7 @@ def slow_publisher(root: str, started) -> None:
     """Publish big entries in a loop (removing each again) until killed."""
     import pyarrow as pa
 
-    from repdissect.pipeline._store import CacheStore
+    from repdissect.core import CacheStore
 
     store = CacheStore(root)
     big = pa.table({"x": list(range(2_000_000))})

@@ -1,11 +1,16 @@
-"""The distribution claims only the ``repdissect`` import name (no top-level ``datasets`` & co.)."""
+"""The distribution claims only the ``repdissect`` import name (no top-level ``datasets`` & co.), and the
+default install (without the ``fast`` extra: Numba, polars) runs the whole pipeline."""
 
 import importlib
 import importlib.metadata as md
+import subprocess
+import sys
 
 import pytest
 
-GENERIC = ("datasets", "pipeline", "stages", "reports", "configs")
+from helpers import write_tiny_config
+
+GENERIC = ("datasets", "pipeline", "stages", "reports", "configs", "core", "cli")
 
 
 def _installed_distribution() -> md.Distribution:
@@ -31,7 +36,7 @@ def test_distribution_provides_no_generic_top_level_module():
         assert "repdissect" not in provided.get(name, []), f"top-level {name!r} is provided by repdissect"
 
 
-@pytest.mark.parametrize("sub", GENERIC[:4])
+@pytest.mark.parametrize("sub", [g for g in GENERIC if g != "configs"])
 def test_namespace_subpackages_import(sub):
     module = importlib.import_module(f"repdissect.{sub}")
     assert module.__name__ == f"repdissect.{sub}"
@@ -39,4 +44,35 @@ def test_namespace_subpackages_import(sub):
 
 def test_console_script_is_declared():
     eps = _installed_distribution().entry_points
-    assert any(ep.name == "repdissect" and ep.value == "repdissect.pipeline._cli:main" for ep in eps)
+    assert any(ep.name == "repdissect" and ep.value == "repdissect.cli:main" for ep in eps)
+
+
+#: runs the CLI with Numba and polars absent: not importable, and unknown to ``importlib.util.find_spec``
+_WITHOUT_FAST_EXTRA = """
+import importlib.abc, importlib.util, sys
+ABSENT = {"numba", "polars"}
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Absent())
+real_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *args: None if name.split(".")[0] in ABSENT else real_find_spec(name, *args)
+from repdissect.cli import main
+code = main(sys.argv[1:])
+loaded = sorted(ABSENT & set(sys.modules))
+assert not loaded, loaded
+sys.exit(code)
+"""
+
+
+def test_pipeline_runs_without_the_fast_extra(tmp_path):
+    config = write_tiny_config(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_FAST_EXTRA, "run", str(config), "--no-report"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "computed" in proc.stdout
+    assert list((tmp_path / "cache" / "iou").rglob("manifest.json")), "no IoU entry was published"

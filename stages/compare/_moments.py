@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from .._errors import StageInputError
-from .._streaming import StreamingStatistic, pack_arrays, unpack_arrays
+from ...core import StreamingStatistic, pack_arrays, unpack_arrays
 
 __all__ = ["MultiMoments", "JointMoments"]
 
@@ -208,6 +208,10 @@ class MultiMoments(StreamingStatistic):
     def comoment(self) -> np.ndarray:
         """(D, D) centred co-moment ``Σ (x − mean)(x − mean)ᵀ`` (a view: do not modify)."""
         return self._m2
+
+    def result(self) -> np.ndarray:
+        """The read-out: the ``(D, D)`` sample covariance of all blocks (:meth:`covariance`, ``ddof=1``)."""
+        return self.covariance()
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """(D, D) covariance ``M2 / (n − ddof)``."""

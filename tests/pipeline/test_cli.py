@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from repdissect.pipeline import CacheStore
-from repdissect.pipeline._cli import main
+from repdissect.cli import main
 
 
 def test_run_then_verify_detects_a_flipped_byte(tiny_config, capsys, tmp_path):
@@ -76,7 +76,7 @@ def test_dataset_export_and_preview(tmp_path, capsys):
 
 
 def test_python_dash_m_and_exit_code_2():
-    proc = subprocess.run([sys.executable, "-m", "repdissect.pipeline", "run", "no/such/config.toml"],
+    proc = subprocess.run([sys.executable, "-m", "repdissect.cli", "run", "no/such/config.toml"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: config file 'no/such/config.toml' does not exist")

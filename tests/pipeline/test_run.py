@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from repdissect.pipeline import CacheStore, load_config, run, status
-from repdissect.pipeline._cli import main
-from repdissect.pipeline._part_writers import parquet_engine
+from repdissect.cli import main
+from repdissect.core import parquet_engine
 
 from helpers import write_tiny_config
 
@@ -33,12 +33,12 @@ def cache_contents(root: Path) -> dict[tuple[str, str, str], object]:
 
 
 def test_rerun_is_all_hits_and_run_record(tiny_config):
-    first = run(tiny_config, report=False)
+    first = run(tiny_config)
     assert first.misses == len(first.results) and first.hits == 0
     stages = {n.stage for n in first.plan.nodes}
     assert stages == {"train", "extract", "thresholds", "iou", "stability", "stability_center", "moments",
                       "compare", "cka"}
-    second = run(tiny_config, report=False)
+    second = run(tiny_config)
     assert second.misses == 0 and second.hits == len(first.results)
     record = json.loads((second.out_dir / "run.json").read_text())
     assert all(node["hit"] for node in record["nodes"])
@@ -49,7 +49,7 @@ def test_rerun_is_all_hits_and_run_record(tiny_config):
 
 def test_param_change_reruns_that_stage_and_descendants_only(tmp_path):
     config = write_tiny_config(tmp_path)
-    base = run(config, report=False)
+    base = run(config)
     changed = write_tiny_config(tmp_path, quantile=0.02)
     reasons = {s.node_id: s for s in status(changed)}
     for s in reasons.values():
@@ -61,7 +61,7 @@ def test_param_change_reruns_that_stage_and_descendants_only(tmp_path):
     assert "param quantile: 0.01 → 0.02" in thr.reason
     iou = next(s for s in reasons.values() if s.stage == "iou")
     assert iou.reason == "upstream thresholds changed"
-    rerun = run(changed, report=False)
+    rerun = run(changed)
     recomputed = {r.node.stage for r in rerun.results.values() if not r.hit}
     assert recomputed == {"thresholds", "iou"}
     assert rerun.misses == len(base.plan.by_stage("thresholds")) + len(base.plan.by_stage("iou"))
@@ -72,14 +72,14 @@ def test_status_cli_explains(tmp_path, capsys):
     assert main(["status", str(config)]) == 0
     out = capsys.readouterr().out
     assert "MISSING" in out and "never computed" in out
-    run(config, report=False)
+    run(config)
     assert main(["status", str(config)]) == 0
     out = capsys.readouterr().out
     assert "MISSING" not in out and out.strip().endswith("nodes cached")
 
 
 def test_tables_api_adds_labels(tiny_config):
-    result = run(tiny_config, report=False)
+    result = run(tiny_config)
     units = result.tables("iou", "units")
     assert list(units.columns[:2]) == ["instance", "layer"]
     assert set(units["instance"]) == {"cnn@s0", "cnn@s1", "cnn@s0-random", "cnn@s1-random"}
@@ -92,7 +92,7 @@ def test_sharding_does_not_change_results(tmp_path):
     contents = []
     for name, shard in (("whole", 96), ("split", 25)):
         (tmp_path / name).mkdir()
-        run(write_tiny_config(tmp_path / name, shard=shard), report=False)
+        run(write_tiny_config(tmp_path / name, shard=shard))
         # extraction parts and shard tables differ in layout by design; every other table must be equal
         contents.append({k: v for k, v in cache_contents(tmp_path / name / "cache").items() if k[0] != "extract"})
     whole, split = contents
@@ -108,8 +108,8 @@ def test_local_cluster_equals_in_process(tmp_path):
     (tmp_path / "dask").mkdir()
     sync_cfg = write_tiny_config(tmp_path / "sync")
     dask_cfg = write_tiny_config(tmp_path / "dask")
-    run(sync_cfg, report=False)
-    run(dask_cfg, report=False, scheduler="local", workers=2)
+    run(sync_cfg)
+    run(dask_cfg, scheduler="local", workers=2)
     a = cache_contents(tmp_path / "sync" / "cache")
     b = cache_contents(tmp_path / "dask" / "cache")
     assert a.keys() == b.keys()
@@ -125,7 +125,7 @@ def test_parquet_engine_does_not_change_results(tmp_path):
         (tmp_path / engine).mkdir()
         config = write_tiny_config(tmp_path / engine)
         config.write_text(config.read_text() + f'parquet_engine = "{engine}"\n')
-        run(config, report=False)
+        run(config)
         contents[engine] = cache_contents(tmp_path / engine / "cache")
         parts = list((tmp_path / engine / "cache" / "extract").rglob("activations@*/part-*.parquet"))
         # pyarrow stores schema-level metadata, polars only the field's: proof of which encoder ran
@@ -143,7 +143,7 @@ def test_multi_row_group_activation_parts_do_not_change_results(tmp_path, monkey
     for name, min_bytes in (("one", 1 << 40), ("many", 1)):
         monkeypatch.setattr(_extraction, "ROW_GROUP_MIN_BYTES", min_bytes)
         (tmp_path / name).mkdir()
-        run(write_tiny_config(tmp_path / name, shard=96), report=False)  # one shard, 3 batches of 32
+        run(write_tiny_config(tmp_path / name, shard=96))  # one shard, 3 batches of 32
         contents.append(cache_contents(tmp_path / name / "cache"))
         groups = [pq.ParquetFile(path).metadata.num_row_groups
                   for path in (tmp_path / name / "cache" / "extract").rglob("activations@*/part-*.parquet")]

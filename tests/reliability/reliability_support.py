@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from repdissect.pipeline import CacheStore
-from repdissect.pipeline._cli import main as cli_main
+from repdissect.cli import main as cli_main
 
 #: wall-clock columns are records of a run, not results (train history's ``seconds``)
 TIMING_COLUMNS = ("seconds",)
@@ -183,8 +183,8 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 
 def cli_command(*args: Any) -> list[str]:
-    """The real console entry point in a fresh interpreter (``python -m repdissect.pipeline ARGS``)."""
-    return [sys.executable, "-m", "repdissect.pipeline", *[str(a) for a in args]]
+    """The real console entry point in a fresh interpreter (``python -m repdissect.cli ARGS``)."""
+    return [sys.executable, "-m", "repdissect.cli", *[str(a) for a in args]]
 
 
 def start_run(config: Path, cache: Path, out: Path, *extra: str) -> subprocess.Popen:

@@ -1,6 +1,6 @@
 """Bad-input catalogue: every mistake a researcher can make ends as one actionable line and exit code 2.
 
-Each case drives the real CLI in-process (``repdissect.pipeline._cli.main``) and checks the contract of
+Each case drives the real CLI in-process (``repdissect.cli.main``) and checks the contract of
 the issue: exit code 2, one ``error:`` line naming the problem, the value received and the fix, no
 traceback (unless ``--debug``), and no entry in the cache — config and plan errors stop before any task;
 errors inside tasks (corrupt images, NaN activations, unknown weights) must not publish the failing node.
@@ -418,7 +418,7 @@ def test_models_over_different_datasets_are_not_compared(tmp_path):
     from repdissect.pipeline import CacheStore, load_config, run
     from repdissect.pipeline._dag import build_plan
     from repdissect.pipeline._executor import Executor, _SyncClient
-    from repdissect.pipeline._stage import Node
+    from repdissect.core import Node
     from repdissect.stages import StageInputError
 
     def random_pair(seed: int):
@@ -431,7 +431,7 @@ def test_models_over_different_datasets_are_not_compared(tmp_path):
     extracts = []
     for seed in (0, 1):
         cfg = load_config(random_pair(seed))
-        result = run(cfg, report=False)
+        result = run(cfg)
         extracts.append(next(n for n in result.plan.nodes if n.stage == "extract"))
     a, b = extracts
     assert a.digests["dataset"] != b.digests["dataset"]
@@ -465,7 +465,7 @@ def test_console_script_exit_code_two(tmp_path, case):
 def test_user_errors_in_tasks_are_returned_not_raised(tmp_path):
     """Deterministic user errors must not be retried by Dask (``retries`` would redo hours of work)."""
     from repdissect.pipeline._executor import UserFailure, task_combine, task_map, task_publish
-    from repdissect.pipeline._stage import Context, Node
+    from repdissect.core import Context, Node
     from repdissect.stages import StageInputError
 
     node = Node(stage="thresholds", label={}, params={"layer": "conv1", "quantile": 0.01}, version=1)

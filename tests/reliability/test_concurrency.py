@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from repdissect.pipeline import CacheStore, run
-from repdissect.pipeline._store import MANIFEST
+from repdissect.core import MANIFEST
 
 from reliability_support import TINY, assert_same_results, cache_tables, leftovers, start_run, write_config
 
@@ -107,7 +107,7 @@ def test_race_loser_whose_staging_was_removed_returns_quietly(tiny_reference, tm
         return original(ctx, merged, started)
 
     monkeypatch.setattr(_executor, "_finalize_and_publish", lose_the_race)
-    result = run(config, report=False)
+    result = run(config)
     assert [r.node.stage for r in result.results.values() if not r.hit] == ["extract"]
     assert (extract[1] / MANIFEST).read_bytes() == (winner / MANIFEST).read_bytes(), "the winner's entry is kept"
     assert_same_results(tiny_reference.tables, cache_tables(tmp_path / "cache"), context="lost race")
@@ -129,7 +129,7 @@ def test_clean_during_a_run_keeps_that_runs_entries(tiny_reference, tmp_path, mo
         return original(self, result)
 
     monkeypatch.setattr(_run._Progress, "__call__", clean_after_first_computed_node)
-    result = run(config, report=False)
+    result = run(config)
     assert removed == [[]], f"clean removed entries of the running run: {removed}"
     assert all(CacheStore(cache).get(n.stage, n.key) is not None for n in result.plan.nodes)
     assert_same_results(tiny_reference.tables, cache_tables(cache), context="clean during a run")
@@ -152,11 +152,11 @@ def test_a_failed_run_keeps_its_published_entries(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_executor, "_finalize_and_publish", fail_at_thresholds)
     with pytest.raises(KeyboardInterrupt):
-        run(config, report=False, scheduler="sync")
+        run(config, scheduler="sync")
     store = CacheStore(cache)
     assert [r["status"] for r in store.run_records()] == ["failed"]
     published = [path for _, _, path in store.iter_entries()]
     assert published and store.clean() == []
     monkeypatch.setattr(_executor, "_finalize_and_publish", original)
-    rerun = run(config, report=False, scheduler="sync")
+    rerun = run(config, scheduler="sync")
     assert {r.node.stage for r in rerun.results.values() if r.hit} >= {"train", "extract"}

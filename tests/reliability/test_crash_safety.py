@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from repdissect.pipeline import CacheStore
-from repdissect.pipeline._store import MANIFEST
+from repdissect.core import MANIFEST
 
 from reliability_support import (Reference, assert_same_results, cache_tables, code_fingerprint, entry_names, leftovers,
                                  reference_run, start_run, wait_for)

@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 
 from repdissect.pipeline import CacheStore, run
-from repdissect.pipeline._store import MANIFEST
+from repdissect.core import MANIFEST
 
 from reliability_support import TINY, assert_same_results, cache_tables, entry_names, run_cli, write_config
 
@@ -119,7 +119,7 @@ def test_damaged_entry_is_quarantined_and_recomputed(tiny_reference, tmp_path, c
     caplog.set_level("WARNING", logger="repdissect.cache")
 
     # a same-size flip passes the size check: only the sha256 check ([execution].verify_checksums) sees it
-    result = run(_with_checksums(config) if needs_sha else config, report=False)
+    result = run(_with_checksums(config) if needs_sha else config)
 
     recomputed = sorted(f"{r.node.stage}/{k}" for k, r in result.results.items() if not r.hit)
     assert recomputed == [f"{stage}/{key}"], "exactly the damaged node is recomputed"
@@ -149,7 +149,7 @@ def test_verify_command_finds_a_flipped_byte(tiny_reference, tmp_path, capsys):
     assert code == 1
     assert f"CORRUPT  {stage}/{key[:16]}" in out and "sha256" in out and "1 corrupt" in out
     assert f"{stage}/{key}" not in entry_names(cache)
-    result = run(config, report=False)
+    result = run(config)
     assert [r.node.stage for r in result.results.values() if not r.hit] == [stage]
     assert_same_results(tiny_reference.tables, cache_tables(cache), context="after verify")
 
@@ -161,7 +161,7 @@ def test_clean_removes_only_stale_temp_and_staging_dirs(tiny_reference, tmp_path
     config = _copy_cache(tiny_reference.config, tmp_path)
     cache = tmp_path / "cache"
     store = CacheStore(cache)
-    run(config, report=False)  # records a run, so clean keeps every entry
+    run(config)  # records a run, so clean keeps every entry
     stage, key, path = _entry_file(cache, "thresholds:thresholds.parquet")
     old_tmp = path.parent.parent / f".tmp-{key[:16]}-old"
     old_staging = cache / "iou" / ".staging-old"

@@ -20,7 +20,7 @@ import torch
 
 from repdissect.datasets import Batch, Concept
 from repdissect.pipeline import CacheStore, run
-from repdissect.stages._iou import IoUTally, iou_tables
+from repdissect.stages import IoUTally, iou_tables
 from repdissect.stages._stability import LandmarkTopK, spatial_max_argmax, stability_tables
 from repdissect.stages._thresholds import RadixQuantile, TopQuantile
 from repdissect.stages.compare import JointMoments, compare_arrays, compare_moments
@@ -173,7 +173,7 @@ def test_pipeline_with_dead_units_and_few_images_has_no_nan(tmp_path):
     data["stability"]["top_k"] = 3
     data["execution"].update(shard_size=4)
     data["extract"] = {"batch_size": 4}
-    result = run(write_config(tmp_path, data), report=False)
+    result = run(write_config(tmp_path, data))
     store = CacheStore(tmp_path / "cache")
     bad = {}
     for stage, key, path in store.iter_entries():

@@ -16,7 +16,8 @@ import pytest
 
 from repdissect.pipeline import CacheStore
 from repdissect.pipeline._executor import Executor, _SyncClient
-from repdissect.pipeline._stage import _REGISTRY, Context, Node, ShardedStage, StageOutput, register_stage
+from repdissect.core import Context, Node, ShardedStage, StageOutput, register_stage
+from repdissect.core._stage import _REGISTRY
 
 
 class SimulatedCrash(RuntimeError):

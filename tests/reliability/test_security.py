@@ -126,7 +126,7 @@ def test_checkpoint_readers_refuse_code(tmp_path):
 
 
 def test_compare_cli_refuses_pickled_arrays(tmp_path):
-    from repdissect.pipeline._cli import main
+    from repdissect.cli import main
 
     marker = tmp_path / "PWNED"
     path = tmp_path / "a.npy"
@@ -200,6 +200,7 @@ class _Scripts(HTMLParser):
 def test_hostile_concept_names_are_escaped_in_the_report(tmp_path, broden_template):
     """Concept names come from the dataset's label.csv: they reach tables, the page and LaTeX escaped."""
     from repdissect.pipeline import run
+    from repdissect.reports import write_run_report
     from reliability_support import MINIMAL, write_config
 
     root = tmp_path / "data"
@@ -216,7 +217,8 @@ def test_hostile_concept_names_are_escaped_in_the_report(tmp_path, broden_templa
         d["dataset"] = {"kind": "broden", "params": {"root": root.as_posix()}}
         d["iou"] = {"threshold": 0.0}  # every unit gets a (hostile) label
 
-    result = run(write_config(tmp_path, MINIMAL, edit=edit), report=True)
+    result = run(write_config(tmp_path, MINIMAL, edit=edit))
+    write_run_report(result)
     labels = result.tables("iou", "units")["name"].tolist()
     assert labels and all(HOSTILE in name for name in labels), "the hostile names reached the results"
     page = (result.out_dir / "index.html").read_text(encoding="utf-8")

@@ -48,7 +48,7 @@ def test_killing_a_busy_worker_still_completes(tiny_reference, tmp_path, prefix)
 
         def target() -> None:
             try:
-                outcome["result"] = run(config, report=False, scheduler=cluster.scheduler_address)
+                outcome["result"] = run(config, scheduler=cluster.scheduler_address)
             except BaseException as exc:  # noqa: BLE001 - handed to the test thread
                 outcome["error"] = exc
 

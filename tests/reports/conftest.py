@@ -187,9 +187,9 @@ def build_fake_run(root: Path, *, seeds=(0, 1, 2), images=24, size=32, evil=True
     from repdissect.pipeline._config import config_from_dict
     from repdissect.pipeline._dag import Instance, Plan
     from repdissect.pipeline._executor import NodeResult
-    from repdissect.pipeline._stage import Node
+    from repdissect.core import Node
     from repdissect.stages._activations import activations_table
-    from repdissect.stages._extraction import summaries_table
+    from repdissect.stages import summaries_table
     from repdissect.stages.compare import JointMoments, compare_moments
 
     rng = np.random.default_rng(7)

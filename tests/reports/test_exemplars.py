@@ -7,7 +7,7 @@ import pytest
 
 from repdissect.reports._exemplars import read_image_maps, region_masks, top_images
 from repdissect.stages._activations import activations_table
-from repdissect.stages._extraction import summaries_table
+from repdissect.stages import summaries_table
 
 
 def _parts(tmp_path, acts, sizes=(5, 4, 3)):
@@ -53,7 +53,7 @@ def test_read_image_maps_returns_exact_maps_from_any_part(tmp_path):
 
 
 def test_regions_match_the_iou_tally_upsampling():
-    from repdissect.stages._iou import upsample_bilinear
+    from repdissect.stages import upsample_bilinear
 
     maps = np.random.default_rng(2).gamma(1.0, 1.0, size=(5, 7, 6)).astype(np.float32)
     threshold = float(np.quantile(maps, 0.9))

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from repdissect.datasets import Batch, ConceptDataset
-from repdissect.pipeline._store import AtomicParquetWriter
+from repdissect.core import AtomicParquetWriter
 from repdissect.stages import _extraction
-from repdissect.pipeline._part_writers import open_part_writer, parquet_engine
+from repdissect.core import open_part_writer, parquet_engine
 from repdissect.stages._activations import (
     activation_dtype,
     activation_shape,
@@ -23,18 +23,13 @@ from repdissect.stages._activations import (
     table_to_arrays,
 )
 from repdissect.stages._errors import StageInputError
+from repdissect.stages import UnitMeans, cached_model, clear_model_cache, read_summaries, resolve_device, summaries_table
 from repdissect.stages._extraction import (
     PARQUET_OPTIONS,
     BatchActivations,
     Extractor,
-    UnitMeans,
-    cached_model,
-    clear_model_cache,
     extract_shard,
     forward_batches,
-    read_summaries,
-    resolve_device,
-    summaries_table,
     write_table,
 )
 from repdissect.stages._models import ModelSpec, NormalizedModel, build_model

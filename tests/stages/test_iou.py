@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from repdissect.datasets import Batch, Concept
 from repdissect.stages._errors import StageInputError
-from repdissect.stages._iou import IoUTally, iou_tables, upsample_bilinear
+from repdissect.stages import IoUTally, iou_tables, upsample_bilinear
 
 CONCEPTS = (
     [Concept(l, f"obj{l}", "object", True) for l in range(1, 7)]

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Self
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["StreamingStatistic", "pack_arrays", "unpack_arrays"]
+__all__ = ["StreamingStatistic", "ShardRanges", "pack_arrays", "unpack_arrays"]
 
 _META_KEY = b"repdissect.arrays"
 
@@ -47,6 +47,55 @@ class StreamingStatistic(abc.ABC):
     @abc.abstractmethod
     def from_table(cls, table: pa.Table) -> Self:
         """Rebuild a statistic from ``to_table``'s output."""
+
+    def result(self) -> Any:
+        """The statistic's read-out (a table or an array; each statistic documents which)."""
+        raise NotImplementedError(f"{type(self).__name__} has no single read-out; use its named accessors")
+
+    # Multi-pass statistics (exact radix selection) override the two below. Protocol: once every shard of a
+    # pass is merged and the state is not ``done``, ``next_pass()`` resolves that pass; what it returns is
+    # either ``done`` (it holds the answer) or the empty state of another pass, which every shard updates
+    # again. The driver (:class:`~repdissect.core.StatisticStage`) runs that loop.
+    @property
+    def done(self) -> bool:
+        """Whether the state holds the final answer (single-pass statistics: always)."""
+        return True
+
+    def next_pass(self) -> Self:
+        """Resolve this fully merged pass: a finished state, or the empty state of the next pass."""
+        raise NotImplementedError(f"{type(self).__name__} is a single-pass statistic")
+
+
+class ShardRanges(StreamingStatistic):
+    """Which image range each shard covered: rows ``shard, start, stop`` (int64); merge = concatenation.
+
+    Bounded by the number of shards, not images. :meth:`result` is the table sorted by shard.
+    """
+
+    def __init__(self) -> None:
+        self._tables: list[pa.Table] = []
+
+    def update(self, shard: int, start: int, stop: int) -> None:  # type: ignore[override]
+        self._tables.append(pa.table({"shard": [int(shard)], "start": [int(start)], "stop": [int(stop)]}))
+
+    def merge(self, other: Self) -> Self:
+        self._tables.extend(other._tables)
+        return self
+
+    def to_table(self) -> pa.Table:
+        if not self._tables:
+            return pa.table({name: pa.array([], pa.int64()) for name in ("shard", "start", "stop")})
+        return pa.concat_tables(self._tables)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> Self:
+        stat = cls()
+        if table.num_rows:
+            stat._tables.append(table)
+        return stat
+
+    def result(self) -> pa.Table:
+        return self.to_table().sort_by("shard")
 
 
 def pack_arrays(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> pa.Table:

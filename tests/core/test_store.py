@@ -11,7 +11,7 @@ import pytest
 
 from helpers import race_publisher, slow_publisher
 
-from repdissect.pipeline._store import MANIFEST, CacheStore, write_parquet_atomic
+from repdissect.core import MANIFEST, CacheStore, write_parquet_atomic
 
 KEY = "ab" + "0" * 62
 

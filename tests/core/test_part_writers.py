@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from repdissect.pipeline import _part_writers
-from repdissect.pipeline._part_writers import PolarsParquetWriter, open_part_writer, parquet_engine
+from repdissect.core import _part_writers
+from repdissect.core import PolarsParquetWriter, open_part_writer, parquet_engine
 
 HAVE_POLARS = parquet_engine("auto") == "polars"
 ENGINES = ["pyarrow", pytest.param("polars", marks=pytest.mark.skipif(not HAVE_POLARS, reason="polars >= 2.1 missing"))]

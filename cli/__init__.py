@@ -1,5 +1,8 @@
 """``repdissect`` command line: run, status, verify, clean, report, models, layers, dataset, compare.
 
+The top floor of the package order (core ← datasets ← stages ← pipeline ← reports ← cli): it may import
+every package's public API and nothing imports it. ``python -m repdissect.cli`` is the same command.
+
 Every user error ends as one line on stderr — what is wrong, the value, the fix — and exit code 2, with
 no traceback unless ``--debug``. Genuine bugs keep their traceback (exit 1).
 """
@@ -12,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ._errors import USER_ERRORS
+from ..core import USER_ERRORS
 
 __all__ = ["main", "build_parser"]
 
@@ -86,22 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ._run import run
+    from ..pipeline import run
 
     result = run(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir, scheduler=args.scheduler,
                  workers=args.workers, device=args.device, progress=False if args.no_progress else None,
-                 report=not args.no_report, print_summary=True)
+                 print_summary=True)
     print(f"{len(result.results)} nodes: {result.misses} computed, {result.hits} from cache "
           f"in {result.seconds:.1f}s; run record {result.out_dir / 'run.json'}")
     if not args.no_report:
-        from ..reports import summary_text
+        from ..reports import summary_text, write_run_report
 
+        write_run_report(result)
         print(summary_text(result))
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ._run import status
+    from ..pipeline import status
 
     rows = status(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir)
     width = max(len(r.node_id) for r in rows)
@@ -121,8 +125,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _store_for(args: argparse.Namespace):
-    from ._run import resolve_config
-    from ._store import CacheStore
+    from ..core import CacheStore
+    from ..pipeline import resolve_config
 
     cfg = resolve_config(args.config, cache_dir=args.cache_dir)
     return CacheStore(cfg.run.cache_dir)
@@ -173,7 +177,7 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
         print(f"wrote {args.images} images in {args.fmt} layout to {out}")
         return 0
     from ..datasets import create_dataset, preview_command
-    from ._run import resolve_config
+    from ..pipeline import resolve_config
 
     cfg = resolve_config(args.config)
     dataset = create_dataset(cfg.dataset.kind, **cfg.dataset.params)
@@ -185,7 +189,7 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..stages._errors import StageInputError
+    from ..stages import StageInputError
     from ..stages.compare import compare_arrays
 
     arrays = []

@@ -16,7 +16,7 @@ generator (an IO-plugin source) and sinks them into a hidden temp file, on a thr
 only enqueues the table (no copy: the DataFrame wraps the Arrow buffers), so the caller goes on at once.
 ``close`` ends the stream, waits for the sink, fsyncs and renames; ``abort`` makes the generator raise,
 waits, and removes the temp file. Either way ``path`` never shows a partial file, as with
-:class:`~._store.AtomicParquetWriter`.
+:class:`~._atomic.AtomicParquetWriter`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from ._store import AtomicParquetWriter, AtomicPartFile
+from ._atomic import AtomicParquetWriter, AtomicPartFile
 
 __all__ = ["PartWriter", "PolarsParquetWriter", "open_part_writer", "parquet_engine", "polars_unavailable_reason",
            "PARQUET_ENGINES"]

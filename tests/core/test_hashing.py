@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 
-from repdissect.pipeline._hashing import UnhashableValueError, canonical_json, digest, normalize
+from repdissect.core import UnhashableValueError, canonical_json, digest, normalize
 
 
 class Color(enum.Enum):
@@ -71,7 +71,7 @@ def test_canonical_json_is_compact_and_sorted():
 def test_stable_across_processes_and_hash_seeds():
     value = {"stage": "iou", "params": {"layer": "conv3", "q": 0.005, "alphas": [0.0, 1e-3]}, "up": ["k1", "k2"]}
     code = (
-        "from repdissect.pipeline._hashing import digest;"
+        "from repdissect.core import digest;"
         "print(digest({'stage':'iou','params':{'layer':'conv3','q':0.005,'alphas':[0.0,1e-3]},'up':['k1','k2']}))"
     )
     outs = set()

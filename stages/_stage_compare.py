@@ -1,0 +1,143 @@
+"""The comparison stages between two networks: ``moments`` → ``compare`` per layer pair, ``cka`` per pair.
+
+* ``moments`` — ``train`` and ``heldout``: serialised :class:`~repdissect.stages.compare.JointMoments`
+  (n, means, centred co-moments in float64) of two nets' channels at one layer pair; images are split by a
+  hash of their index (``holdout`` fraction held out).
+* ``compare`` — the tables of :func:`~repdissect.stages.compare.compare_moments`: ``units``, ``correlation``,
+  ``within_correlation``, ``matches``, ``hopcroft_karp``, ``regression``, ``cca``, ``svcca``, ``metrics``,
+  ``summary``.
+* ``cka`` — ``cka`` (layer_a, layer_b, linear_cka): layer × layer linear CKA of pooled (one per image) samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..core import Context, Stage, StageOutput, StatisticStage, register_stage
+from ._errors import StageInputError
+from ._lazy import LazyModule
+from ._stage_inputs import aligned_part, read_part
+
+__all__ = ["MomentsStage", "CompareStage", "CKAStage", "heldout_mask"]
+
+_compare = LazyModule(".compare")
+
+
+def heldout_mask(image_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Deterministic per-image split: True for held-out images (a splitmix64 hash of the index < fraction)."""
+    x = np.asarray(image_ids, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+_SPLITS = ("train", "heldout")
+
+
+@register_stage
+class MomentsStage(StatisticStage):
+    """Streaming joint first/second moments of two nets' channels (train and held-out image splits)."""
+
+    name = "moments"
+    version = 1
+
+    def _channels(self, ctx: Context) -> tuple[int, int]:
+        ca = ctx.inputs["a"].extras["layer_shapes"][ctx.params["layer_a"]][0]
+        cb = ctx.inputs["b"].extras["layer_shapes"][ctx.params["layer_b"]][0]
+        return int(ca), int(cb)
+
+    def shards(self, ctx: Context) -> list[Any]:
+        return list(range(len(ctx.inputs["a"].parts(f"activations@{ctx.params['layer_a']}"))))
+
+    def new_statistic(self, ctx: Context) -> dict[str, Any]:
+        return {split: _compare.JointMoments(*self._channels(ctx)) for split in _SPLITS}
+
+    def statistic_types(self, ctx: Context) -> dict[str, type]:
+        return {split: _compare.JointMoments for split in _SPLITS}
+
+    def update(self, ctx: Context, stat: dict[str, Any], shard_index: int, shard: Any) -> None:
+        p = ctx.params
+        ids, acts_a = read_part(ctx.inputs["a"].parts(f"activations@{p['layer_a']}")[shard])
+        acts_b = aligned_part(ctx, "b", p["layer_b"], ids)
+        held = heldout_mask(ids, float(p["holdout"]))
+        for split, mask in (("train", ~held), ("heldout", held)):
+            if mask.any():
+                a, b = _compare.samples_from_maps(acts_a[mask], acts_b[mask], mode=p["samples"], resize=p["resize"])
+                stat[split].update(a, b)
+
+    def publish(self, ctx: Context, stat: dict[str, Any]) -> StageOutput:
+        n = {split: s.n for split, s in stat.items()}
+        if n["train"] < 2:
+            raise StageInputError(
+                f"layer pair {ctx.params['layer_a']!r}/{ctx.params['layer_b']!r} has {n['train']} training samples; "
+                "comparisons need at least 2 (use more images or a smaller [compare].holdout)"
+            )
+        if n["heldout"] < 1:  # the regression metrics are scored on held-out images
+            raise StageInputError(
+                f"layer pair {ctx.params['layer_a']!r}/{ctx.params['layer_b']!r} has no held-out samples: none of "
+                f"the images fell into the [compare].holdout = {ctx.params['holdout']} split (drawn by a hash of "
+                "the image index); use more images or a larger [compare].holdout"
+            )
+        return StageOutput(tables={split: s.to_table() for split, s in stat.items()}, extras={"samples": n})
+
+
+@register_stage
+class CompareStage(Stage):
+    """Correlation, matching, regression, SVCCA/PWCCA/CKA of one layer pair from its moments."""
+
+    name = "compare"
+    version = 1
+
+    def run(self, ctx: Context) -> StageOutput:
+        p = ctx.params
+        train = _compare.JointMoments.from_table(ctx.inputs["moments"].table("train"))
+        heldout = _compare.JointMoments.from_table(ctx.inputs["moments"].table("heldout"))
+        tables = _compare.compare_moments(train, heldout, alphas=list(p["alphas"]),
+                                          thresholds=list(p["match_thresholds"]), svcca_keep=float(p["svcca_keep"]))
+        return StageOutput(tables=tables)
+
+
+@register_stage
+class CKAStage(StatisticStage):
+    """Layer × layer linear CKA between two models from one joint statistic of pooled samples."""
+
+    name = "cka"
+    version = 1
+
+    def _blocks(self, ctx: Context) -> tuple[list[str], list[int]]:
+        names, sizes = [], []
+        for role, key in (("a", "layers_a"), ("b", "layers_b")):
+            shapes = ctx.inputs[role].extras["layer_shapes"]
+            for layer in ctx.params[key]:
+                names.append(f"{role}:{layer}")
+                sizes.append(int(shapes[layer][0]))
+        return names, sizes
+
+    def shards(self, ctx: Context) -> list[Any]:
+        return list(range(len(ctx.inputs["a"].parts(f"activations@{ctx.params['layers_a'][0]}"))))
+
+    def new_statistic(self, ctx: Context) -> Any:
+        names, sizes = self._blocks(ctx)
+        return _compare.MultiMoments(sizes, names)
+
+    def statistic_types(self, ctx: Context) -> type:
+        return _compare.MultiMoments
+
+    def update(self, ctx: Context, stat: Any, shard_index: int, shard: Any) -> None:
+        ids, _ = read_part(ctx.inputs["a"].parts(f"activations@{ctx.params['layers_a'][0]}")[shard])
+        blocks = []
+        for name in stat.names:
+            role, layer = name.split(":", 1)
+            blocks.append(aligned_part(ctx, role, layer, ids).astype(np.float32).mean(axis=(2, 3)))
+        stat.update(*blocks)
+
+    def publish(self, ctx: Context, stat: Any) -> StageOutput:
+        names = stat.names
+        table = _compare.cka_matrix(stat, [n for n in names if n.startswith("a:")], [n for n in names if n.startswith("b:")])
+        table["layer_a"] = table["layer_a"].str.slice(2)
+        table["layer_b"] = table["layer_b"].str.slice(2)
+        return StageOutput(tables={"cka": table}, extras={"samples": stat.n})

@@ -1,0 +1,55 @@
+"""How stage declarations read their upstream ``extract`` entries: a layer's parts, one part, aligned parts.
+
+Activation parts are Parquet files of ``(image, activations)`` rows, one per extraction shard; the stages
+downstream of ``extract`` shard over those parts, so these readers are shared by all of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..core import Context
+from ._errors import StageInputError
+from ._lazy import LazyModule
+
+__all__ = ["layer_parts", "read_part", "aligned_part"]
+
+_activations = LazyModule("._activations")
+
+
+def layer_parts(ctx: Context, role: str, kind: str = "activations") -> list[Path]:
+    """The parts of table ``<kind>@<ctx.params['layer']>`` of upstream entry ``role``, in shard order."""
+    return ctx.inputs[role].parts(f"{kind}@{ctx.params['layer']}")
+
+
+def read_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(image ids (N,), activations (N, C, H, W) or (N, C))`` of one activation part."""
+    return _activations.table_to_arrays(pq.read_table(path))
+
+
+def aligned_part(ctx: Context, role: str, layer: str, ids: np.ndarray) -> np.ndarray:
+    """Activations of ``layer`` in extract entry ``role`` for exactly the images ``ids`` (any part layout)."""
+    datasets = {r: e.manifest.get("digests", {}).get("dataset") for r, e in ctx.inputs.items()}
+    if len(set(datasets.values())) > 1:  # equal image counts would otherwise pair unrelated images silently
+        shown = ", ".join(f"{r}: {str(d)[:12]}" for r, d in sorted(datasets.items()))
+        raise StageInputError(
+            f"the compared models' activations come from different datasets (dataset digests {shown}); "
+            "compare models extracted from the same dataset"
+        )
+    entry = ctx.inputs[role]
+    shards = entry.table("shards").to_pandas()
+    lo, hi = int(ids.min()), int(ids.max()) + 1
+    chosen = [i for i, (start, stop) in enumerate(zip(shards["start"], shards["stop"])) if start < hi and stop > lo]
+    parts = entry.parts(f"activations@{layer}")
+    got_ids, got = zip(*(read_part(parts[i]) for i in chosen)) if chosen else ((), ())
+    all_ids = np.concatenate(got_ids) if got_ids else np.zeros(0, np.int64)
+    rows = np.searchsorted(all_ids, ids)
+    if rows.size and (rows.max() >= len(all_ids) or not np.array_equal(all_ids[rows], ids)):
+        raise StageInputError(
+            f"the two models' activations do not cover the same images (layer {layer!r}); compare models "
+            "extracted from the same dataset"
+        )
+    return np.concatenate(got)[rows]
