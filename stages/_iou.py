@@ -116,10 +116,15 @@ class IoUTally(StreamingStatistic):
             raise StageInputError(
                 f"IoUTally: the compiled kernel runs on the CPU, not on {self.device}; use kernel='torch' or 'auto'"
             )
+        have_numba = importlib.util.find_spec("numba") is not None
+        if kernel == "compiled" and not have_numba:
+            raise StageInputError(
+                "IoUTally: kernel='compiled' needs Numba, which is not installed; "
+                "install the [fast] extra (pip install \"repdissect[fast]\") or use kernel='auto' or 'torch'"
+            )
         if kernel == "auto":
-            # Numba is a dependency; a platform without a wheel for it still counts, on the slower torch path.
-            compiled = self.device.type == "cpu" and importlib.util.find_spec("numba") is not None
-            kernel = "compiled" if compiled else "torch"
+            # Numba is optional ([fast]); without it the torch path counts the same pixels, more slowly.
+            kernel = "compiled" if self.device.type == "cpu" and have_numba else "torch"
         self.kernel = kernel
         self.chunk_images = max(1, int(chunk_images))
         self.block_pixels = max(1, int(block_pixels))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -108,7 +110,10 @@ def assert_same_counts(tally, inter, act, truth):
     np.testing.assert_array_equal(tally.truth, truth)
 
 
-KERNELS = ["compiled", "torch"]
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+NO_NUMBA = "Numba (the optional [fast] extra) is not installed; the torch path is tested instead"
+KERNELS = [pytest.param("compiled", marks=pytest.mark.skipif(not HAS_NUMBA, reason=NO_NUMBA)), "torch"]
+AVAILABLE_KERNELS = ["compiled", "torch"] if HAS_NUMBA else ["torch"]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -339,7 +344,7 @@ def test_kernels_agree_where_rounding_decides(feature, seg):
     _, _, batch = random_world(rng, n=6, feature=feature, seg=seg)
     acts, thresholds = hard_maps(rng, 6, 7, *feature)
     reference = loop_tally(acts, thresholds, batch, CONCEPTS, seg, our_upsample(seg))
-    for kernel in KERNELS:
+    for kernel in AVAILABLE_KERNELS:
         assert_same_counts(tally_of(acts, thresholds, batch, seg, kernel=kernel), *reference)
     assert reference[1].sum() > 0 and reference[0].sum() > 0
     if seg[0] > feature[0]:
@@ -366,7 +371,7 @@ def test_failed_update_leaves_the_tally_unchanged(kernel):
 
 
 def test_kernel_choice(monkeypatch):
-    assert IoUTally(CONCEPTS, (4, 4)).kernel == "compiled"
+    assert IoUTally(CONCEPTS, (4, 4)).kernel == ("compiled" if HAS_NUMBA else "torch")
     assert IoUTally(CONCEPTS, (4, 4), kernel="torch").kernel == "torch"
     assert IoUTally(CONCEPTS, (4, 4), device="meta").kernel == "torch"
     with pytest.raises(StageInputError, match="kernel must be"):
@@ -378,6 +383,8 @@ def test_kernel_choice(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real_find_spec(name, *a))
     assert IoUTally(CONCEPTS, (4, 4)).kernel == "torch"  # no Numba on this platform: the torch path counts
+    with pytest.raises(StageInputError, match=r"kernel='compiled' needs Numba"):
+        IoUTally(CONCEPTS, (4, 4), kernel="compiled")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -414,6 +421,7 @@ def test_bad_inputs_raise_stage_input_error():
         IoUTally([], (23, 31))
 
 
+@pytest.mark.skipif(not HAS_NUMBA, reason=NO_NUMBA)
 def test_compiled_kernel_works_without_a_writable_cache(tmp_path):
     """Where Numba finds no writable cache location (read-only install), the kernels compile per process."""
     import os
