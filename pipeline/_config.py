@@ -185,6 +185,11 @@ class CompareConfig:
     ``pairs``: ``"seeds"`` = every pair of seeds of each model plus each trained seed against its random-init
     baseline; ``"none"`` disables comparisons. ``samples``: ``"positions"`` (image × position samples,
     grids resized per ``resize``) or ``"pooled"`` (one spatially averaged sample per image).
+
+    ``lasso_tol`` and ``lasso_max_sweeps`` are the L1 regression's coordinate-descent stopping rule (stop when
+    every target's duality gap ≤ ``lasso_tol`` · its squared norm, scikit-learn's criterion, or after
+    ``lasso_max_sweeps`` full sweeps). Both are keyed; a fit that hits the sweep limit is reported as not
+    converged in the run summary and the report.
     """
 
     pairs: Literal["seeds", "none"] = "seeds"
@@ -195,6 +200,8 @@ class CompareConfig:
     match_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
     svcca_keep: float = 0.99
     cka_layers: bool = True
+    lasso_tol: float = 1e-6
+    lasso_max_sweeps: int = 2000
 
     def validate(self, key: str) -> None:
         _check(0 < self.holdout < 1, f"{key}.holdout", self.holdout, "must be strictly between 0 and 1, e.g. 0.2")
@@ -203,6 +210,10 @@ class CompareConfig:
         _check(all(-1 <= t <= 1 for t in self.match_thresholds), f"{key}.match_thresholds", self.match_thresholds,
                "correlation thresholds must lie in [-1, 1]")
         _check(0 < self.svcca_keep <= 1, f"{key}.svcca_keep", self.svcca_keep, "must be in (0, 1], e.g. 0.99")
+        _check(0 < self.lasso_tol < 1, f"{key}.lasso_tol", self.lasso_tol,
+               "must be strictly between 0 and 1, e.g. 1e-6 (relative duality gap)")
+        _check(self.lasso_max_sweeps >= 1, f"{key}.lasso_max_sweeps", self.lasso_max_sweeps,
+               "must be an integer ≥ 1, e.g. 2000")
 
 
 @dataclass(frozen=True)

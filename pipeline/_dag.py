@@ -197,7 +197,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                                            "resize": cc.resize, "holdout": cc.holdout},
                         upstream={"a": ea, "b": eb})
             cmp_ = _node("compare", label, {"alphas": list(cc.alphas), "match_thresholds": list(cc.match_thresholds),
-                                            "svcca_keep": cc.svcca_keep},
+                                            "svcca_keep": cc.svcca_keep, "lasso_tol": cc.lasso_tol,
+                                            "lasso_max_sweeps": cc.lasso_max_sweeps},
                          upstream={"moments": mom})
             nodes += [mom, cmp_]
         if cc.cka_layers:

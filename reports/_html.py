@@ -59,6 +59,7 @@ figcaption { color: var(--muted); font-size: 13.5px; margin-top: 4px; max-width:
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; font-size: 14px; margin: 8px 0; }
 dl.facts dt { color: var(--muted); } dl.facts dd { margin: 0; }
 .empty { color: var(--muted); font-style: italic; }
+.warning { color: #9a3412; font-weight: 600; }
 """
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from ._convergence import convergence_lines
 from ._data import RunData
 from ._html import Page, UnitCard, definition_list, esc, figure_html, gallery_html, link, table_html
 from ._paper import TableResult, build_tables, stability_summary
@@ -131,6 +132,8 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
     if (out / "run.json").is_file():
         overview.add(f'<p><a href="{link("run.json")}">run.json</a>: configuration, environment and the cache '
                      "key of every node.</p>")
+    for i, line in enumerate(convergence_lines(data)):
+        overview.text(line.strip(), cls="warning" if i == 0 else "caption")
     overview.add('<p class="caption">Every number below is read from the run\'s cache; regenerate this page with '
                  "<code>repdissect report CONFIG</code>.</p>")
 
@@ -257,6 +260,7 @@ def summary_text(result: Any) -> str:
     if train:
         acc = mean_std(train)
         out.append(f"  final val accuracy: {acc.text()} over seeds")
+    out += [f"  {line}" for line in convergence_lines(data)]
     out.append(f"  report: {Path(result.out_dir) / 'index.html'}")
     return "\n".join(out)
 

@@ -97,7 +97,8 @@ class CompareStage(Stage):
         train = _compare.JointMoments.from_table(ctx.inputs["moments"].table("train"))
         heldout = _compare.JointMoments.from_table(ctx.inputs["moments"].table("heldout"))
         tables = _compare.compare_moments(train, heldout, alphas=list(p["alphas"]),
-                                          thresholds=list(p["match_thresholds"]), svcca_keep=float(p["svcca_keep"]))
+                                          thresholds=list(p["match_thresholds"]), svcca_keep=float(p["svcca_keep"]),
+                                          lasso_tol=float(p["lasso_tol"]), max_sweeps=int(p["lasso_max_sweeps"]))
         return StageOutput(tables=tables)
 
 
