@@ -159,9 +159,17 @@ class ThresholdsConfig:
 
 @dataclass(frozen=True)
 class IoUConfig:
-    """IoU tally; a unit is interpretable when its best IoU exceeds ``threshold``."""
+    """IoU tally; a unit is interpretable when its best IoU exceeds ``threshold``.
+
+    ``union``: which images a unit's on-pixels count in for a category's union (keyed).
+    ``"category-images"`` (the original NetDissect ``makeresult.py``, which produced Bau et al.'s CVPR 2017
+    numbers): every image containing a label of the category. ``"lite"`` (NetDissect-Lite): only images where
+    the unit's on-pixels touch a label of the category, so IoUs are higher or equal. Pick the one of the
+    numbers you compare with; see ``repdissect.stages.IoUTally``.
+    """
 
     threshold: float = 0.04
+    union: Literal["category-images", "lite"] = "category-images"
 
     def validate(self, key: str) -> None:
         _check(0 <= self.threshold < 1, f"{key}.threshold", self.threshold, "must be in [0, 1), e.g. 0.04")

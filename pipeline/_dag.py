@@ -166,7 +166,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                     thr = _node("thresholds", label, {"layer": layer, "quantile": config.thresholds.quantile},
                                 upstream={"activations": extract},
                                 exec_params={"memory_budget_mb": config.thresholds.memory_budget_mb})
-                    iou = _node("iou", label, {"layer": layer, "iou_threshold": config.iou.threshold},
+                    iou = _node("iou", label, {"layer": layer, "iou_threshold": config.iou.threshold,
+                                              "union": config.iou.union},
                                 upstream={"activations": extract, "thresholds": thr}, digests=digests,
                                 exec_params=exec_common)
                     if dataset.concepts:  # a dataset without concept masks (ImageFolder) is compared, not dissected

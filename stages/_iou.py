@@ -6,9 +6,24 @@ unit's threshold (``> T``, strict as in the reference), and counted against the 
 
 * ``I[u, l]`` (intersection): on-pixels of ``u`` carrying label ``l``, summed over every label layer of every
   pixel-level category; a whole-image label counts every on-pixel of the image (a full mask).
-* ``A[u, c]`` (activation): on-pixels of ``u`` over the images *relevant* to category ``c`` — those where any
-  label whose category (``Concept.category``, its primary category) is ``c`` is present. This is the
-  original NetDissect / quick-netdissect rule, not NetDissect-Lite's intersection test.
+* ``A[u, c]`` (activation, the unit's side of the union): on-pixels of ``u`` summed over the images
+  *relevant* to category ``c``, by one of two conventions (``union``):
+
+  - ``"category-images"`` (the default): an image is relevant to ``c`` when any label whose category
+    (``Concept.category``, its primary category) is ``c`` is present in it. This is the rule of the original
+    NetDissect code (``makeresult.py``, ``count_act_with_labelcat``), which produced the published numbers of
+    Bau et al., CVPR 2017 (Caffe models), and of its successors quick-netdissect and GAN Dissection
+    (Bau et al., ICLR 2019).
+  - ``"lite"``: an image is relevant to ``c`` *for unit u* only when ``u``'s on-pixels in that image
+    intersect some label of ``c`` (a whole-image label intersects every on-pixel) — NetDissect-Lite's
+    ``tally_job`` (``tally_units_cat += len(indexes) * (tally_cat > 0)``). Lite is the PyTorch
+    re-implementation released after the paper; numbers from work that dissects models with it follow
+    this rule. Lite's loop reuses the
+    previous image's categories for an image with no pixel-level labels; this implements the rule, not that
+    slip.
+
+  ``A`` under ``"lite"`` is never larger, so Lite's IoUs are higher or equal (measured against Lite on a
+  Broden export: up to 1.3× for object, part and material concepts); intersections and label areas are identical.
 * ``G[l]`` (truth): pixels carrying ``l``; a whole-image label adds sh·sw per image. Label 0 is "unlabelled".
 * ``IoU[u, l] = I / (A[u, cat(l)] + G[l] − I)``, 0 where the union is empty (never NaN).
 
@@ -54,7 +69,10 @@ from ..datasets import Batch, Concept
 from ._errors import StageInputError
 from ._iou_geometry import _axis, _bilinear, _full_thresholds, _prune_thresholds, _QuadGeometry, _uniform_quads
 
-__all__ = ["IoUTally"]
+__all__ = ["IoUTally", "UNIONS"]
+
+#: the conventions for a unit's side of a category's union (see the module docstring)
+UNIONS = ("category-images", "lite")
 
 
 def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -93,6 +111,9 @@ class IoUTally(StreamingStatistic):
         kernel: ``"compiled"`` (the Numba loops of ``_iou_kernels``, CPU only), ``"torch"`` (vectorised torch,
             any device) or ``"auto"``: compiled on the CPU (torch where Numba is not installed), torch on a
             GPU. Both count the same pixels.
+        union: ``"category-images"`` (original NetDissect) or ``"lite"`` (NetDissect-Lite): which images a
+            unit's on-pixels count in for a category's union, see the module docstring. ``"lite"`` needs the
+            per-image intersections, so both kernels then count one image at a time (slower on a GPU).
     """
 
     def __init__(
@@ -103,8 +124,12 @@ class IoUTally(StreamingStatistic):
         chunk_images: int = 32,
         block_pixels: int = 2**22,
         kernel: str = "auto",
+        union: str = "category-images",
     ):
         self.labels, self.label_category, self.categories = _check_concepts(concepts)
+        if union not in UNIONS:
+            raise StageInputError(f"IoUTally: union must be one of {', '.join(map(repr, UNIONS))}; got {union!r}")
+        self.union = union
         sh, sw = (int(s) for s in seg_size)
         if sh < 1 or sw < 1:
             raise StageInputError(f"IoUTally: seg_size must be two positive sizes; got {seg_size}")
@@ -223,8 +248,9 @@ class IoUTally(StreamingStatistic):
         else:
             # Every label is mapped (and checked) before the first count: a bad batch leaves the tally unchanged.
             pixel = self._torch_labels(pixel_maps, acts.shape)
-            for start in range(0, acts.shape[0], self.chunk_images):
-                stop = min(acts.shape[0], start + self.chunk_images)
+            step = 1 if self.union == "lite" else self.chunk_images
+            for start in range(0, acts.shape[0], step):
+                stop = min(acts.shape[0], start + step)
                 self._count_torch(acts[start:stop], thresholds, pixel[start:stop], scalar[start:stop])
         self.images += acts.shape[0]
 
@@ -245,10 +271,26 @@ class IoUTally(StreamingStatistic):
         relevant = ((present.astype(np.int64) @ category_of) > 0).astype(np.int64)
         return scalar_rows, scalar_cols, relevant
 
-    def _add_units(self, on_count: np.ndarray, scalar_rows, scalar_cols, relevant) -> None:
-        """Whole-image labels intersect every on-pixel of their image; A sums on-pixels over relevant images."""
+    def _category_hits(self, pixel_intersection: np.ndarray) -> np.ndarray:
+        """``(C, categories)`` bool: which categories one image's ``(C, L)`` pixel intersections touch."""
+        category_of = np.zeros((len(self.labels), len(self.categories)), dtype=np.int64)
+        category_of[np.arange(len(self.labels)), self.label_category] = 1
+        return (pixel_intersection @ category_of) > 0
+
+    def _add_units(self, on_count: np.ndarray, scalar_rows, scalar_cols, relevant,
+                   unit_hits: np.ndarray | None = None) -> None:
+        """Whole-image labels intersect every on-pixel of their image; A sums on-pixels over relevant images.
+
+        ``unit_hits`` (``union="lite"``): ``(N, C, categories)`` whether each unit's on-pixels in each image
+        intersect a pixel label of each category; whole-image labels are added here.
+        """
         np.add.at(self.intersection.T, scalar_cols, on_count[scalar_rows])
-        self.activation += on_count.T @ relevant
+        if self.union == "category-images":
+            self.activation += on_count.T @ relevant
+            return
+        hits = unit_hits.copy()
+        hits[scalar_rows, :, self.label_category[scalar_cols]] = True  # a whole-image label meets every on-pixel
+        self.activation += np.einsum("nu,nuc->uc", on_count, hits.astype(np.int64))
 
     def _update_compiled(self, acts: np.ndarray, thresholds: np.ndarray, pixel_maps, scalar: np.ndarray) -> None:
         """The whole batch in one pass of each compiled kernel; checks come first, the state changes last."""
@@ -272,17 +314,27 @@ class IoUTally(StreamingStatistic):
             first += maps.shape[1]
 
         on_count = np.zeros((n, c), np.int64)
-        nonfinite = count_quads(
-            np.ascontiguousarray(acts, dtype=np.float32), thresholds.astype(np.float32),
-            _prune_thresholds(thresholds), _full_thresholds(thresholds),
-            ay.seg_base, ay.upper[ay.seg_base], ay.seg_start, ay.seg_count, ay.w_lo, ay.w_hi,
-            ax.seg_base, ax.upper[ax.seg_base], ax.seg_start, ax.seg_count, ax.w_lo, ax.w_hi,
-            columns, uniform, on_count, self.intersection,
-        )
-        if nonfinite:
-            raise _nonfinite_error()
+        values = np.ascontiguousarray(acts, dtype=np.float32)
+        args = (thresholds.astype(np.float32), _prune_thresholds(thresholds), _full_thresholds(thresholds),
+                ay.seg_base, ay.upper[ay.seg_base], ay.seg_start, ay.seg_count, ay.w_lo, ay.w_hi,
+                ax.seg_base, ax.upper[ax.seg_base], ax.seg_start, ax.seg_count, ax.w_lo, ax.w_hi)
+        unit_hits = None
+        if self.union == "category-images":
+            if count_quads(values, *args, columns, uniform, on_count, self.intersection):
+                raise _nonfinite_error()
+        else:  # one image at a time: the union needs each image's own intersections
+            unit_hits = np.zeros((n, c, len(self.categories)), np.bool_)
+            total = np.zeros_like(self.intersection)
+            for i in range(n):
+                mine = np.zeros_like(self.intersection)
+                if count_quads(values[i : i + 1], *args, columns[i : i + 1], uniform[i : i + 1],
+                               on_count[i : i + 1], mine):
+                    raise _nonfinite_error()
+                unit_hits[i] = self._category_hits(mine)
+                total += mine
+            self.intersection += total
         scalar_rows, scalar_cols, relevant = self._count_labels(per_image, scalar)
-        self._add_units(on_count, scalar_rows, scalar_cols, relevant)
+        self._add_units(on_count, scalar_rows, scalar_cols, relevant, unit_hits)
 
     def _torch_labels(self, pixel_maps, shape) -> np.ndarray:
         """Label columns ``(N, layers, sh, sw)`` of every pixel category, concatenated."""
@@ -330,8 +382,13 @@ class IoUTally(StreamingStatistic):
             step = max(1, self.block_pixels // geometry.quad_size)
             for begin in range(0, len(quads), step):
                 geometry.count(quads[begin : begin + step], x, t, cols_by_layer, uniform, width, on_count, pair_counts)
-        self.intersection += pair_counts.reshape(c, width)[:, :num_labels].cpu().numpy()
-        self._add_units(on_count.reshape(n, c).cpu().numpy(), scalar_rows, scalar_cols, relevant)
+        pixel_intersection = pair_counts.reshape(c, width)[:, :num_labels].cpu().numpy()
+        self.intersection += pixel_intersection
+        unit_hits = None
+        if self.union == "lite":  # update() hands this path one image at a time then
+            assert n == 1, "union='lite' counts one image per call"
+            unit_hits = self._category_hits(pixel_intersection)[None]
+        self._add_units(on_count.reshape(n, c).cpu().numpy(), scalar_rows, scalar_cols, relevant, unit_hits)
 
     def merge(self, other: Self) -> Self:
         if (
@@ -339,8 +396,11 @@ class IoUTally(StreamingStatistic):
             or not np.array_equal(self.label_category, other.label_category)
             or self.categories != other.categories
             or self.seg_size != other.seg_size
+            or self.union != other.union
         ):
-            raise StageInputError("IoUTally.merge: tallies over different concepts or seg sizes cannot be merged")
+            raise StageInputError(
+                "IoUTally.merge: tallies over different concepts, seg sizes or union conventions cannot be merged"
+            )
         if other.num_units is None:
             return self
         if self.num_units is None:
@@ -366,6 +426,7 @@ class IoUTally(StreamingStatistic):
             "seg_size": list(self.seg_size),
             "num_units": self.num_units,
             "images": self.images,
+            "union": self.union,
         }
         return pack_arrays(arrays, attrs)
 
@@ -380,7 +441,7 @@ class IoUTally(StreamingStatistic):
             Concept(int(label), str(label), categories[int(cat)], True)
             for label, cat in zip(arrays["labels"], arrays["label_category"])
         ]
-        stat = cls(concepts, tuple(attrs["seg_size"]), device=device)
+        stat = cls(concepts, tuple(attrs["seg_size"]), device=device, union=attrs.get("union", "category-images"))
         stat.categories = list(categories)  # keep the saved order even if a category has no label
         stat.label_category = arrays["label_category"]
         stat.truth = arrays["truth"]

@@ -7,7 +7,7 @@
 * ``iou`` — ``unit_label`` (unit, label, name, category, intersection, activation, truth, iou), ``units``
   (unit, label, name, category, iou, interpretable, then ``<cat>_label``/``<cat>_name``/``<cat>_iou``),
   ``summary`` (units, interpretable_units, unique_detectors_total, iou_threshold, ``detectors_<cat>``,
-  ``unique_detectors_<cat>``); extras ``images``.
+  ``unique_detectors_<cat>``, union); extras ``images``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class IoUStage(StatisticStage):
     """Network Dissection IoU tally of one layer: integer counts per shard, merged by addition."""
 
     name = "iou"
-    version = 1
+    # 2: [iou].union keyed (NetDissect's "category-images" or NetDissect-Lite's rule); summary has ``union``
+    version = 2
     uses_device = True
 
     def shards(self, ctx: Context) -> list[Any]:
@@ -77,7 +78,7 @@ class IoUStage(StatisticStage):
                 f"dataset kind {dataset.kind!r} has no concept labels, so units cannot be dissected; use a dataset "
                 "with masks (synthetic, broden) or disable dissection"
             )
-        return _iou.IoUTally(dataset.concepts, dataset.seg_size, device=ctx.device())
+        return _iou.IoUTally(dataset.concepts, dataset.seg_size, device=ctx.device(), union=ctx.params["union"])
 
     def statistic_types(self, ctx: Context) -> type:
         return _iou.IoUTally
@@ -89,4 +90,5 @@ class IoUStage(StatisticStage):
 
     def publish(self, ctx: Context, stat: Any) -> StageOutput:
         tables = _iou_tables.iou_tables(stat, ctx.dataset().concepts, float(ctx.params["iou_threshold"]))
+        tables["summary"]["union"] = stat.union
         return StageOutput(tables=tables, extras={"images": int(stat.images)})

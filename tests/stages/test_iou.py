@@ -448,3 +448,110 @@ def test_compiled_kernel_works_without_a_writable_cache(tmp_path):
                          Batch(index=np.arange(2), images=np.zeros((2, 3, 1, 1), np.uint8),
                                pixel_labels={"object": np.ones((2, 1, 8, 8), np.int32)}, image_labels={}), (8, 8))
     assert proc.stdout.split() == [str(reference.intersection[0, 0]), str(reference.activation[0, 0])]
+
+
+# ------------------------------------------------------------------ union conventions (NetDissect-Lite)
+def lite_loop(acts, thresholds, batch, concepts, seg):
+    """NetDissect-Lite's tally, image by image and unit by unit (``feature_operation.py``, ``tally_job``).
+
+    Per image: the pixel label layers of every category stacked, the whole-image ("scalar") labels listed;
+    ``tally_labels`` gets every pixel label and sh·sw per scalar label. Per unit whose map exceeds its
+    threshold somewhere: the upsampled map's on-pixels (``indexes``), a bincount of the labels under them
+    (label 0 zeroed) added to ``tally_both``, the categories those labels belong to (``tally_cat``), every
+    scalar label intersecting all on-pixels; ``tally_units_cat`` adds the on-count to each category that was
+    touched — the categories of the touched pixel labels and of the image's scalar labels.
+    """
+    labels = sorted(c.label for c in concepts)
+    column = {l: i for i, l in enumerate(labels)}
+    categories = list(dict.fromkeys(c.category for c in concepts))
+    labelcat = np.zeros((max(labels) + 1, len(categories)), np.int64)  # label number → one-hot category
+    for c in concepts:
+        labelcat[c.label, categories.index(c.category)] = 1
+    n, units = acts.shape[:2]
+    tally_both = np.zeros((units, max(labels) + 1), np.int64)
+    tally_units_cat = np.zeros((units, len(categories)), np.int64)
+    tally_labels = np.zeros(max(labels) + 1, np.int64)
+    for i in range(n):
+        pixels = np.concatenate([v[i] for v in batch.pixel_labels.values()])
+        scalars = [int(l) for v in batch.image_labels.values() for l in v[i] if l]
+        for scalar in scalars:
+            tally_labels[scalar] += seg[0] * seg[1]
+        tally_label = np.bincount(pixels.ravel(), minlength=len(tally_labels))
+        tally_label[0] = 0
+        tally_labels += tally_label
+        for unit in range(units):
+            feature_map = acts[i, unit]
+            if feature_map.max() > thresholds[unit]:
+                mask = upsample_bilinear(feature_map, seg).numpy()
+                indexes = np.argwhere(mask > np.float32(thresholds[unit]))
+                tally_bt = np.bincount(pixels[:, indexes[:, 0], indexes[:, 1]].ravel(), minlength=len(tally_labels))
+                tally_bt[0] = 0
+                tally_cat = tally_bt[None, :] @ labelcat
+                tally_cat = tally_cat[0] + sum((labelcat[s] for s in scalars), np.zeros(len(categories), np.int64))
+                tally_both[unit] += tally_bt
+                for scalar in scalars:
+                    tally_both[unit, scalar] += len(indexes)
+                tally_units_cat[unit] += len(indexes) * (tally_cat > 0)
+    cols = [column[l] for l in labels]
+    return tally_both[:, labels][:, np.argsort(cols)], tally_units_cat, tally_labels[labels]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("seg", [(23, 31), (5, 6), (4, 3)], ids=str)
+def test_lite_equals_netdissect_lite_loop(seg, kernel):
+    rng = np.random.default_rng(7)
+    acts, thresholds, batch = random_world(rng, seg=seg)
+    tally = IoUTally(CONCEPTS, seg, kernel=kernel, union="lite", block_pixels=64)
+    tally.update(acts, thresholds, batch)
+    inter, act, truth = lite_loop(acts, thresholds, batch, CONCEPTS, seg)
+    np.testing.assert_array_equal(tally.intersection, inter)
+    np.testing.assert_array_equal(tally.activation, act)
+    np.testing.assert_array_equal(tally.truth, truth)
+    assert act.sum() > 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_lite_never_exceeds_category_images_and_shares_intersections(kernel):
+    rng = np.random.default_rng(3)
+    acts, thresholds, batch = random_world(rng, n=16)
+    for maps in batch.pixel_labels.values():  # small labelled patches: many on-pixels miss a category
+        maps[:, :, 6:, :] = 0
+        maps[:, :, :, 8:] = 0
+    tallies = {}
+    for union in ("category-images", "lite"):
+        tallies[union] = IoUTally(CONCEPTS, (23, 31), kernel=kernel, union=union)
+        tallies[union].update(acts, thresholds, batch)
+    full, lite = tallies["category-images"], tallies["lite"]
+    np.testing.assert_array_equal(full.intersection, lite.intersection)
+    np.testing.assert_array_equal(full.truth, lite.truth)
+    assert (lite.activation <= full.activation).all() and (lite.activation < full.activation).any()
+    assert (lite.iou() >= full.iou()).all()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_lite_sharded_and_merged_equals_whole(kernel):
+    rng = np.random.default_rng(4)
+    acts, thresholds, batch = random_world(rng, n=12)
+    whole = IoUTally(CONCEPTS, (23, 31), kernel=kernel, union="lite")
+    whole.update(acts, thresholds, batch)
+    merged = IoUTally(CONCEPTS, (23, 31), kernel=kernel, union="lite")
+    for sl in (slice(0, 5), slice(5, 12)):
+        part = IoUTally(CONCEPTS, (23, 31), kernel=kernel, union="lite")
+        part.update(acts[sl], thresholds, slice_batch(batch, sl))
+        merged.merge(part)
+    np.testing.assert_array_equal(merged.activation, whole.activation)
+    np.testing.assert_array_equal(merged.intersection, whole.intersection)
+
+
+def test_union_round_trips_and_conventions_do_not_mix():
+    rng = np.random.default_rng(5)
+    acts, thresholds, batch = random_world(rng, n=4)
+    lite = IoUTally(CONCEPTS, (23, 31), kernel="torch", union="lite")
+    lite.update(acts, thresholds, batch)
+    back = IoUTally.from_table(lite.to_table())
+    assert back.union == "lite"
+    np.testing.assert_array_equal(back.activation, lite.activation)
+    with pytest.raises(StageInputError, match="union conventions cannot be merged"):
+        IoUTally(CONCEPTS, (23, 31), union="category-images").merge(back)
+    with pytest.raises(StageInputError, match="union must be one of 'category-images', 'lite'; got 'lit'"):
+        IoUTally(CONCEPTS, (23, 31), union="lit")
