@@ -26,6 +26,7 @@ from ._hashing import CACHE_FORMAT_VERSION, UnhashableValueError, canonical_json
 from ._node import Node
 from ._part_writers import (PARQUET_ENGINES, PartWriter, PolarsParquetWriter, open_part_writer, parquet_engine,
                             polars_unavailable_reason)
+from ._source import source_fingerprint
 from ._stage import ShardedStage, Stage, StageOutput, get_stage, list_stages, register_stage
 from ._statistic import ShardRanges, StreamingStatistic, pack_arrays, unpack_arrays
 from ._statistic_stage import StatisticStage, StatisticState
@@ -37,6 +38,6 @@ __all__ = [
     "PolarsParquetWriter", "ShardRanges", "ShardedStage", "Stage", "StageOutput", "StatisticStage", "StatisticState", "StreamingStatistic", "USER_ERRORS",
     "UnhashableValueError", "UserInputError", "bundle", "canonical_json", "digest", "get_stage",
     "list_stages", "load_dataset", "normalize", "open_part_writer", "pack_arrays", "parquet_engine",
-    "polars_unavailable_reason", "register_stage", "sha256_file", "set_dataset_factory", "unbundle",
+    "polars_unavailable_reason", "register_stage", "sha256_file", "set_dataset_factory", "source_fingerprint", "unbundle",
     "unpack_arrays", "write_bytes_atomic", "write_parquet_atomic",
 ]

@@ -8,6 +8,12 @@ sharded stage over one mergeable statistic does not write that quartet: it decla
 (:class:`~repdissect.core.StatisticStage`). Which parameters affect the result is declared by the DAG
 when it builds a :class:`~repdissect.core.Node`.
 
+A stage also declares ``depends_on``: the modules (relative to its own package, e.g. ``"._iou"``,
+``".compare._cca"``) its result depends on besides the module that declares it. Their docstring-free
+fingerprints (:func:`~repdissect.core.source_fingerprint`) are recorded in each entry's manifest, so
+``status`` can warn, naming the module, when science code changed under a cached entry but the stage's
+version was not bumped.
+
 Stages do no cache I/O themselves: they read upstream entries through :class:`~repdissect.core.Context`
 and return :class:`StageOutput`; the executor publishes. Stages register themselves by name
 (:func:`register_stage`, a duplicate raises); the orchestration layer looks them up (:func:`get_stage`).
@@ -16,10 +22,15 @@ and return :class:`StageOutput`; the executor publishes. Stages register themsel
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
-import inspect
+import json
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from ._source import source_fingerprint
 
 import pandas as pd
 import pyarrow as pa
@@ -55,18 +66,69 @@ class Stage:
     #: runs on an accelerator when one is configured (asks Dask for the ``GPU`` resource)
     uses_device: ClassVar[bool] = False
     sharded: ClassVar[bool] = False
+    #: modules, relative to the declaring module's package (``"._iou"``, ``".compare._cca"``), whose code the
+    #: stage's result depends on; the declaring module itself (without the other stages in it) always counts
+    depends_on: ClassVar[tuple[str, ...]] = ()
 
     def run(self, ctx: "Context") -> StageOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @classmethod
-    def source_hash(cls) -> str:
-        """sha256 of the stage's module source: recorded so ``status`` can warn "source changed, version not"."""
+    def source_files(cls, root: str | Path | None = None) -> dict[str, Path]:
+        """``{name: path}`` of the declaring module and every ``depends_on`` module; names are POSIX paths
+        relative to the declaring module's package directory, ``root`` stands in for that directory (a copy
+        of the sources, in tests)."""
+        module_file = Path(sys.modules[cls.__module__].__file__)
+        base = Path(root) if root is not None else module_file.parent
+        files = {module_file.name: base / module_file.name}
+        for name in cls.depends_on:
+            files[_module_relpath(base, name)] = base / _module_relpath(base, name)
+        return dict(sorted(files.items()))
+
+    @classmethod
+    def source_hashes(cls, root: str | Path | None = None) -> dict[str, str]:
+        """``{module: fingerprint}`` over :meth:`source_files`; empty when the sources cannot be read (then the
+        guard is off). The declaring module is fingerprinted without the other stages declared in it.
+
+        Without ``root`` the answer is computed once per process and class: it describes the code this
+        process imported (a later edit on disk is not what runs here either).
+        """
+        if root is None:
+            return dict(_loaded_source_hashes(cls))
+        return cls._read_source_hashes(root)
+
+    @classmethod
+    def _read_source_hashes(cls, root: str | Path | None) -> dict[str, str]:
+        neighbours = [c.__name__ for c in _REGISTRY.values() if c.__module__ == cls.__module__ and c is not cls]
+        own = Path(sys.modules[cls.__module__].__file__).name
         try:
-            source = inspect.getsource(inspect.getmodule(cls))
-        except (OSError, TypeError):
-            return ""
-        return hashlib.sha256(source.encode()).hexdigest()
+            return {name: source_fingerprint(path.read_text(encoding="utf-8"),
+                                             drop_classes=neighbours if name == own else ())
+                    for name, path in cls.source_files(root).items()}
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            return {}
+
+    @classmethod
+    def source_hash(cls, root: str | Path | None = None) -> str:
+        """One sha256 over :meth:`source_hashes` (``""`` when the sources cannot be read)."""
+        hashes = cls.source_hashes(root)
+        return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest() if hashes else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded_source_hashes(cls: type[Stage]) -> dict[str, str]:
+    return cls._read_source_hashes(None)
+
+
+def _module_relpath(base: Path, name: str) -> str:
+    """``"._iou"`` → ``"_iou.py"``, ``".compare._cca"`` → ``"compare/_cca.py"`` (a package → its ``__init__.py``)."""
+    if not name.startswith(".") or name.startswith("..") or not all(p.isidentifier() for p in name[1:].split(".")):
+        raise ValueError(f"depends_on entry {name!r}: give a module relative to the stage's package, e.g. '._iou'")
+    parts = name[1:].split(".")
+    rel = Path(*parts)
+    if (base / rel).is_dir():
+        return (rel / "__init__.py").as_posix()
+    return rel.with_suffix(".py").as_posix()
 
 
 class ShardedStage(Stage):
@@ -95,6 +157,12 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
     """Class decorator; a duplicate stage name raises."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"stage {cls.name!r} is already registered by {_REGISTRY[cls.name].__module__}")
+    module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if module_file is not None:  # a declared dependency that does not exist is a bug in the declaration
+        base = Path(module_file).parent
+        missing = [n for n in cls.depends_on if not (base / _module_relpath(base, n)).is_file()]
+        if missing:
+            raise ValueError(f"stage {cls.name!r} depends_on {missing}, which do not exist next to {module_file}")
     _REGISTRY[cls.name] = cls
     return cls
 

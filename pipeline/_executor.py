@@ -182,6 +182,7 @@ def _finalize_and_publish(ctx: Context, merged: pa.Table | None, started: float)
         "digests": dict(node.digests),
         "key_components": node.key_components(),
         "source_hash": type(stage).source_hash(),
+        "source_modules": type(stage).source_hashes(),
         "extras": output.extras,
         "timings": {"total_seconds": time.time() - started, "finalize_seconds": time.time() - t0},
         "worker": socket.gethostname(),

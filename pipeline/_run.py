@@ -245,6 +245,24 @@ def _explain(components: Mapping[str, Any], previous: Mapping[str, Any] | None) 
     return "; ".join(changes)
 
 
+def source_changes(stage: str, manifest: Mapping[str, Any]) -> list[str]:
+    """The modules of ``stage`` (its declaring module and ``depends_on``) whose code differs from when the
+    entry with ``manifest`` was computed; docstring, comment and formatting edits do not count.
+
+    Empty when nothing changed or the entry (or this install) recorded no fingerprints. An entry from before
+    per-module fingerprints only has their combined hash: then ``["the stage's source"]`` when it differs.
+    """
+    cls = type(get_stage(stage))
+    now = cls.source_hashes()
+    if not now:
+        return []
+    recorded = manifest.get("source_modules")
+    if isinstance(recorded, dict) and recorded:
+        return sorted(m for m in set(now) | set(recorded) if now.get(m) != recorded.get(m))
+    old = manifest.get("source_hash")
+    return ["the stage's source"] if old and old != cls.source_hash() else []
+
+
 def status(config: Config | str | Path | None = None, **overrides: Any) -> list[NodeStatus]:
     """Each node: cached or not, and why not (which key component changed since the last recorded run)."""
     cfg = resolve_config(config, **overrides)
@@ -260,9 +278,10 @@ def status(config: Config | str | Path | None = None, **overrides: Any) -> list[
         entry = store.get(node.stage, node.key)
         if entry is not None:
             reason = "cached"
-            src = type(get_stage(node.stage)).source_hash()
-            if entry.manifest.get("source_hash") and src and entry.manifest["source_hash"] != src:
-                reason = "cached (warning: the stage's source changed but its version was not bumped)"
+            changed = source_changes(node.stage, entry.manifest)
+            if changed:
+                reason = (f"cached (warning: {', '.join(changed)} changed since this entry was computed, but the "
+                          f"{node.stage} stage version was not bumped; bump it if its results change)")
             out.append(NodeStatus(node.node_id, node.stage, node.key, True, reason))
         else:
             out.append(NodeStatus(node.node_id, node.stage, node.key, False,

@@ -44,6 +44,7 @@ class MomentsStage(StatisticStage):
 
     name = "moments"
     version = 1
+    depends_on = (".compare._moments", ".compare._correlation", ".compare._samples", "._stage_inputs", "._activations")
 
     def _channels(self, ctx: Context) -> tuple[int, int]:
         ca = ctx.inputs["a"].extras["layer_shapes"][ctx.params["layer_a"]][0]
@@ -91,6 +92,8 @@ class CompareStage(Stage):
 
     name = "compare"
     version = 1
+    depends_on = (".compare._compare", ".compare._cca", ".compare._correlation", ".compare._matching",
+                  ".compare._moments", ".compare._regression")
 
     def run(self, ctx: Context) -> StageOutput:
         p = ctx.params
@@ -108,6 +111,7 @@ class CKAStage(StatisticStage):
 
     name = "cka"
     version = 1
+    depends_on = (".compare._cca", ".compare._moments", ".compare._correlation", "._stage_inputs", "._activations")
 
     def _blocks(self, ctx: Context) -> tuple[list[str], list[int]]:
         names, sizes = [], []

@@ -32,6 +32,7 @@ class ThresholdsStage(StatisticStage):
 
     name = "thresholds"
     version = 1
+    depends_on = ("._thresholds", "._stage_inputs", "._activations")
 
     def _method(self, ctx: Context) -> tuple[int, str, int]:
         extract = ctx.inputs["activations"]
@@ -67,6 +68,7 @@ class IoUStage(StatisticStage):
     # 2: [iou].union keyed (NetDissect's "category-images" or NetDissect-Lite's rule); summary has ``union``
     version = 2
     uses_device = True
+    depends_on = ("._iou", "._iou_geometry", "._iou_kernels", "._iou_tables", "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
         return list(range(len(layer_parts(ctx, "activations"))))

@@ -35,6 +35,8 @@ class TrainStage(Stage):
 
     name = "train"
     version = 1
+    depends_on = ("._training", "._train_config", "._models", "._cnn", "._model_registry", "._checkpoints",
+                  "._device")
     uses_device = True
 
     def run(self, ctx: Context) -> StageOutput:

@@ -28,3 +28,22 @@ def test_iou_union_is_keyed_and_lite_ious_are_higher_or_equal(tmp_path):
     assert (b["iou"].to_numpy() >= a["iou"].to_numpy() - 1e-15).all()
     assert set(second.tables("iou", "summary")["union"]) == {"lite"}
     assert set(first.tables("iou", "summary")["union"]) == {"category-images"}
+
+
+def test_status_names_the_changed_module_for_exactly_the_stages_using_it(tmp_path, monkeypatch):
+    from repdissect.core import get_stage
+
+    config = write_tiny_config(tmp_path)
+    run(config)
+    assert all(s.reason == "cached" for s in status(config))
+    iou = type(get_stage("iou"))
+    recorded = iou.source_hashes()
+    assert "_iou.py" in recorded
+    monkeypatch.setattr(iou, "source_hashes", classmethod(lambda cls, root=None: {**recorded, "_iou.py": "0" * 64}))
+    reasons = {s.node_id: s for s in status(config)}
+    warned = {s.stage for s in reasons.values() if "warning" in s.reason}
+    assert warned == {"iou"}
+    assert all(s.cached for s in reasons.values())
+    message = next(s.reason for s in reasons.values() if s.stage == "iou")
+    assert message.startswith("cached (warning: _iou.py changed since this entry was computed, but the iou stage "
+                              "version was not bumped")
