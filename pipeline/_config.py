@@ -226,7 +226,12 @@ class CompareConfig:
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """How work runs. None of these fields is part of any cache key: they change speed, not results.
+    """How work runs: these fields change speed, not results, with two exceptions the keys capture.
+
+    ``device`` decides the device class (``"cpu"``, ``"cuda:<name> (sm_XY)"``) that the ``train`` and
+    ``extract`` keys record with its determinism mode, because networks give different bits on different
+    device classes; ``threads_per_worker`` is the torch thread count that CPU training's key records
+    (training's bits depend on it; extraction's do not, tested). The other fields are never keyed.
 
     ``scheduler``: ``"local"`` (a LocalCluster), ``"sync"`` (in-process, for debugging) or a scheduler
     address such as ``"tcp://10.0.0.5:8786"``. ``parquet_engine``: the encoder of activation parts —

@@ -14,7 +14,8 @@ datasets with landmarks; comparison nodes for every dataset.
 An *instance* is a model at one seed: trained (``cnn@s0``), untrained with the same seed
 (``cnn@s0-random``, the null baseline) or loaded from a weights file. Pairs are every two trained seeds
 of a model plus each trained seed against its own random init. What goes into ``params`` is exactly what
-changes results; execution settings go to ``exec_params``.
+changes results — for ``train`` and ``extract`` that includes the device class and its determinism mode
+(and the CPU thread count of training, :mod:`._device_key`); execution settings go to ``exec_params``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Callable
 from .. import stages as _stages  # noqa: F401  (importing the science registers the built-in stages)
 from ..core import Node, get_stage, load_dataset
 from ._config import Config, ModelConfig
+from ._device_key import DeviceKey, probe_device
 from ._errors import ConfigError
 
 __all__ = ["Plan", "Instance", "build_plan"]
@@ -58,6 +60,7 @@ class Plan:
     nodes: list[Node]
     instances: list[Instance]
     pairs: list[tuple[Instance, Instance, str]]  # (a, b, kind: "seeds" | "random")
+    device: DeviceKey = DeviceKey()
 
     def by_stage(self, stage: str) -> list[Node]:
         return [n for n in self.nodes if n.stage == stage]
@@ -106,8 +109,12 @@ def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int,
         )
 
 
-def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = None) -> Plan:
+def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = None,
+               device: DeviceKey | None = None) -> Plan:
     """Build every node of ``config``'s run. Builds the dataset once (cheap) for its digest and shapes.
+
+    ``device``: what the network stages' keys record about the hardware (default: probed for
+    ``config.execution``, see :func:`probe_device`).
 
     Each model is also built once and run on a dummy batch (:func:`_check_model`) — unless ``is_cached`` says
     every one of its extraction nodes is already in the cache, so a fully cached rerun never loads torch.
@@ -117,6 +124,7 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
     if len(dataset) == 0:
         raise ConfigError(f"[dataset] {config.dataset.kind!r} has zero images; give a dataset with at least one image")
     ds_digest = dataset.digest()
+    device = device if device is not None else probe_device(config.execution)
     digests = {"dataset": ds_digest}
     ex = config.execution
     exec_common = {"shard_size": ex.shard_size, "device": ex.device}
@@ -142,7 +150,7 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                 instances.append(inst)
                 upstream: dict[str, Node] = {}
                 params = dict(arch, seed=seed, init=init, layers=sorted(model.layers), storage_dtype=config.extract.dtype,
-                              batch_size=config.extract.batch_size)
+                              batch_size=config.extract.batch_size, **device.extract_params())
                 if init == "trained":
                     if not dataset.class_names:
                         raise ConfigError(
@@ -150,7 +158,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                             f"{config.dataset.kind!r} has no class labels; use init = \"weights\" or \"random\""
                         )
                     train = _node("train", {"model": model.name, "seed": str(seed)},
-                                  dict(arch, seed=seed, train=dataclasses.asdict(model.train)), digests=digests,
+                                  dict(arch, seed=seed, train=dataclasses.asdict(model.train), **device.train_params()),
+                                  digests=digests,
                                   exec_params={"device": ex.device})
                     nodes.append(train)
                     upstream["weights"] = train
@@ -211,4 +220,4 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
         if is_cached is None or not all(is_cached(node) for node in extracts):
             _check_model(model, classes, dataset.image_size)
     return Plan(config=config, dataset_spec=dataset_spec, dataset_digest=ds_digest, nodes=nodes,
-                instances=instances, pairs=pairs)
+                instances=instances, pairs=pairs, device=device)

@@ -261,10 +261,15 @@ def _probe_tcp(address: str, timeout: float = 5.0) -> None:
 
 
 def _gpu_workers(client: Any) -> int:
+    return len(_gpu_addresses(client))
+
+
+def _gpu_addresses(client: Any) -> list[str]:
+    """Addresses of the workers that advertise a ``GPU`` resource (none for the in-process client)."""
     if isinstance(client, _SyncClient):
-        return 0
+        return []
     info = client.scheduler_info()
-    return sum(1 for w in info.get("workers", {}).values() if w.get("resources", {}).get("GPU", 0) > 0)
+    return sorted(a for a, w in info.get("workers", {}).items() if w.get("resources", {}).get("GPU", 0) > 0)
 
 
 def _layout(shards: list[Any]) -> str:

@@ -146,19 +146,14 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
     ex = cfg.execution
     # Nothing to compute (a rerun): answer from the cache without starting a cluster or touching torch.
     everything_cached = all([_look_up(store, found, n) is not None for n in plan.nodes])  # every node, no short cut
-    want_gpu = not everything_cached and ex.device in ("auto", "cuda") and _cuda_available()
+    # The plan's keys name the device class (probed here or on the workers): compute exactly there.
+    want_gpu = not everything_cached and plan.device.is_cuda
     scheduler = "sync" if everything_cached else ex.scheduler
     client, cluster = connect(scheduler, workers=ex.workers, threads_per_worker=ex.threads_per_worker,
                               gpu=want_gpu)
     try:
         gpu_workers = _gpu_workers(client)
-        if ex.device == "cuda" and not everything_cached and not want_gpu and gpu_workers == 0:
-            from ._errors import PipelineError
-
-            raise PipelineError("[execution].device = \"cuda\" but no CUDA device is visible here and no Dask worker "
-                                "advertises a GPU resource; use device = \"auto\" or \"cpu\", or start workers with "
-                                "--resources GPU=1")
-        resolved = "cuda" if (want_gpu or gpu_workers) and ex.device != "cpu" else "cpu"
+        resolved = "cuda" if plan.device.is_cuda else "cpu"
         execution = {"shard_size": ex.shard_size, "resolved_device": resolved,
                      "gpu_resource": gpu_workers > 0 and resolved == "cuda",
                      "torch_threads": ex.threads_per_worker, "parquet_engine": ex.parquet_engine}
@@ -188,7 +183,8 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
         "dataset": {"spec": plan.dataset_spec, "digest": plan.dataset_digest},
         "cache_dir": str(Path(cfg.run.cache_dir).resolve()),
         "environment": environment_info(),
-        "execution": {"scheduler": ex.scheduler, "workers": ex.workers, "device": resolved},
+        "execution": {"scheduler": ex.scheduler, "workers": ex.workers, "device": resolved,
+                      "device_class": plan.device.device},
         "nodes": [
             {"node": n.node_id, "stage": n.stage, "label": dict(n.label), "key": n.key,
              "hit": results[n.key].hit, "seconds": round(results[n.key].seconds, 3),
@@ -200,15 +196,6 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
     store.record_run(record, record_path)
     result = RunResult(plan=plan, results=results, out_dir=out_dir, seconds=seconds, record=record)
     return result
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:  # noqa: BLE001
-        return False
 
 
 @dataclass

@@ -1,12 +1,34 @@
-"""Which torch device a stage computes on: ``resolve_device("auto" | "cpu" | "cuda" | "cuda:N")``."""
+"""Which torch device a stage computes on, what class of device that is, and the kernel settings that make
+its results reproducible.
+
+* :func:`resolve_device` — ``"auto" | "cpu" | "cuda" | "cuda:N"`` → a checked ``torch.device``.
+* :func:`device_class` — what a cache key records about the device: ``"cpu"``, ``"mps"`` or
+  ``"cuda:<name> (sm_<major><minor>)"``. Results differ across these classes (different kernels, different
+  summation orders), so the stages that run a network key on it.
+* :func:`determinism_mode` — ``"deterministic"`` where the same class gives the same bits run after run,
+  ``"warn-only"`` for CUDA training without ``CUBLAS_WORKSPACE_CONFIG`` (cuBLAS may then pick a
+  non-deterministic reduction), ``"best-effort"`` on MPS.
+* :func:`reproducible_kernels` — TF32 off (float32 convolutions and matmuls in full precision; on Ampere
+  and later CUDA's default convolutions otherwise round inputs to 10-bit mantissas, ~1e-3 relative error)
+  and deterministic cuDNN without autotuning, for as long as any thread is inside it.
+"""
 
 from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
 from ._errors import StageInputError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "device_class", "determinism_mode", "reproducible_kernels", "check_device_params",
+           "DETERMINISTIC_CUBLAS"]
+
+#: ``CUBLAS_WORKSPACE_CONFIG`` values under which cuBLAS is deterministic (CUDA ≥ 10.2)
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -30,3 +52,109 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         elif resolved.index >= count:
             raise StageInputError(f"device {device!r} requested but only {count} CUDA device(s) are visible")
     return resolved
+
+
+def device_class(device: str | torch.device = "auto") -> str:
+    """The class of ``device`` a cache key records: ``"cpu"``, ``"mps"`` or ``"cuda:<name> (sm_XY)"``.
+
+    Two CUDA devices of one model and compute capability run the same kernels; anything else may not.
+    """
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(resolved)
+        return f"cuda:{torch.cuda.get_device_name(resolved)} (sm_{major}{minor})"
+    return resolved.type
+
+
+def determinism_mode(device: str | torch.device = "auto", *, training: bool) -> str:
+    """``"deterministic"``, ``"warn-only"`` or ``"best-effort"`` for computing on ``device``.
+
+    CPU: deterministic (for a fixed thread count in training). CUDA: inference is deterministic under
+    :func:`reproducible_kernels`; training is too when ``CUBLAS_WORKSPACE_CONFIG`` is one of
+    :data:`DETERMINISTIC_CUBLAS` in the worker's environment, else ``"warn-only"`` (torch warns about, rather
+    than refuses, non-deterministic operations). Other devices (MPS): best effort.
+    """
+    resolved = resolve_device(device)
+    if resolved.type == "cpu":
+        return "deterministic"
+    if resolved.type == "cuda":
+        if not training or os.environ.get("CUBLAS_WORKSPACE_CONFIG") in DETERMINISTIC_CUBLAS:
+            return "deterministic"
+        return "warn-only"
+    return "best-effort"
+
+
+def check_device_params(params: dict, device: str | torch.device, *, training: bool) -> None:
+    """Refuse to compute a node whose key names another device class or determinism mode than this worker's.
+
+    ``params``: the node's parameters (``device`` and ``determinism`` keys; absent = not keyed, no check).
+
+    Raises:
+        StageInputError: naming the key's device and this worker's, and the fix.
+    """
+    want_device, want_mode = params.get("device"), params.get("determinism")
+    if want_device is None:
+        return
+    have_device = device_class(device)
+    if have_device != want_device:
+        raise StageInputError(
+            f"this node's cache key says it is computed on {want_device!r}, but this worker computes on "
+            f"{have_device!r} (results differ across device classes); run on workers of one device class, or "
+            "set [execution].device to pick one"
+        )
+    have_mode = determinism_mode(device, training=training)
+    if want_mode is not None and have_mode != want_mode:
+        raise StageInputError(
+            f"this node's cache key says determinism {want_mode!r}, but this worker gives {have_mode!r}; set "
+            f"CUBLAS_WORKSPACE_CONFIG={DETERMINISTIC_CUBLAS[0]} the same way on every worker and where the run starts"
+        )
+
+
+_LOCK = threading.Lock()
+_USERS = 0
+_SAVED: tuple | None = None
+
+
+def _precision_api() -> bool:
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def _read() -> tuple:
+    cudnn = torch.backends.cudnn
+    if _precision_api():
+        precision = (torch.backends.cuda.matmul.fp32_precision, cudnn.conv.fp32_precision)
+    else:
+        precision = (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32)
+    return precision, cudnn.benchmark, cudnn.deterministic
+
+
+def _write(precision: tuple, benchmark: bool, deterministic: bool) -> None:
+    cudnn = torch.backends.cudnn
+    if _precision_api():
+        torch.backends.cuda.matmul.fp32_precision, cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32 = precision
+    cudnn.benchmark, cudnn.deterministic = benchmark, deterministic
+
+
+@contextmanager
+def reproducible_kernels() -> Iterator[None]:
+    """Full float32 precision (no TF32) and deterministic, non-autotuned cuDNN while any thread is inside.
+
+    The settings are process-wide in torch, so they are taken when the first thread enters and restored
+    when the last one leaves (threads of one Dask worker share them safely).
+    """
+    global _USERS, _SAVED
+    with _LOCK:
+        if _USERS == 0:
+            _SAVED = _read()
+            _write(("ieee", "ieee") if _precision_api() else (False, False), False, True)
+        _USERS += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _USERS -= 1
+            if _USERS == 0 and _SAVED is not None:
+                _write(*_SAVED)
+                _SAVED = None

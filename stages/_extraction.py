@@ -56,7 +56,7 @@ from torch import nn
 
 from ..core import PartWriter
 from ._activations import activations_schema, activations_table, summaries_table
-from ._device import resolve_device
+from ._device import reproducible_kernels, resolve_device
 from ._errors import StageInputError
 from ._models import NormalizedModel, resolve_layers
 
@@ -251,7 +251,7 @@ class Extractor:
         self._calls = {name: 0 for name in self.layers}
         self._sink = sink
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), reproducible_kernels():
                 self.model(x)
         except _StopForward:
             pass

@@ -29,6 +29,7 @@ _model_cache = LazyModule("._model_cache")
 _unit_means = LazyModule("._unit_means")
 _models = LazyModule("._models")
 _training = LazyModule("._training")
+_device = LazyModule("._device")
 
 #: name of the shard-range statistic next to the per-layer ones (layer names never start with "_")
 _SHARDS = "_shard"
@@ -74,6 +75,7 @@ class ExtractStage(StatisticStage):
         return {**{layer: _unit_means.UnitMeans for layer in ctx.params["layers"]}, _SHARDS: ShardRanges}
 
     def update(self, ctx: Context, stat: dict[str, Any], shard_index: int, shard: Any) -> None:
+        _device.check_device_params(dict(ctx.params), ctx.device(), training=False)
         model = load_network(ctx)
         layers = list(ctx.params["layers"])
 

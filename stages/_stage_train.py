@@ -20,6 +20,7 @@ __all__ = ["TrainStage", "model_spec_from_params"]
 
 _models = LazyModule("._models")
 _training = LazyModule("._training")
+_device = LazyModule("._device")
 
 
 def model_spec_from_params(params: dict[str, Any], weights: str | None = None) -> ModelSpec:
@@ -44,7 +45,9 @@ class TrainStage(Stage):
         spec = model_spec_from_params(params)
         config = _training.TrainConfig.from_dict(params["train"])
         started = time.time()
-        threads = int(ctx.execution.get("torch_threads") or 0) or None
+        _device.check_device_params(dict(params), ctx.device(), training=True)
+        # CPU training is keyed on its torch thread count (the weights' bits depend on it): the key decides.
+        threads = int(params.get("threads") or ctx.execution.get("torch_threads") or 0) or None
         state, history = _training.train_model(spec, ctx.dataset(), seed=int(params["seed"]), config=config,
                                                device=ctx.device(), num_threads=threads)
         buffer = io.BytesIO()

@@ -9,9 +9,10 @@ function of ``(spec, dataset, seed, config)``: the initial weights come from ``b
 the data order and augmentation from a numpy ``Generator`` seeded with ``(seed, purpose)``, dropout from a
 forked torch RNG seeded with the same seed, and ``torch.use_deterministic_algorithms(True)`` holds for the
 whole run (restored afterwards). On the CPU that gives bit-identical weights for a fixed torch thread count
-(checked for 1 and 2 threads); different thread counts may differ in the last bits, so pass ``num_threads``
-to pin it where workers differ. On CUDA the same recipe is used, but bit-identity also needs
-``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment before CUDA starts.
+(checked for 1 and 2 threads); different thread counts give different bits (measured: 1 vs 2 threads on the
+built-in CNN), so pass ``num_threads`` to pin it — the pipeline keys CPU training on it. On CUDA the same
+recipe is used with TF32 off; bit-identity also needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the
+environment before CUDA starts (then deterministic algorithms are enforced, else only warned about).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 
 from ._errors import StageInputError
 from ._train_config import TrainConfig
-from ._device import resolve_device
+from ._device import determinism_mode, reproducible_kernels, resolve_device
 from ._checkpoints import read_state_dict
 from ._models import ModelSpec, build_model, unwrap
 
@@ -96,33 +97,33 @@ def training_environment() -> dict[str, Any]:
 
 @contextmanager
 def _deterministic(device: torch.device, seed: int, num_threads: int | None) -> Iterator[None]:
-    """Seeded, deterministic torch for the duration; every global setting is restored afterwards."""
+    """Seeded, deterministic torch for the duration; every global setting is restored afterwards.
+
+    Deterministic algorithms are enforced (an error on a non-deterministic operation) wherever
+    :func:`determinism_mode` says the device can be deterministic, and only warned about elsewhere (CUDA
+    without ``CUBLAS_WORKSPACE_CONFIG``); TF32 is off and cuDNN deterministic (:func:`reproducible_kernels`).
+    """
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.benchmark,
-        torch.backends.cudnn.deterministic,
         torch.get_num_threads(),
     )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     devices = [device.index] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), reproducible_kernels():
             torch.default_generator.manual_seed(seed)
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(seed)  # fork_rng restores this device's state afterwards
-            torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=determinism_mode(device, training=True) != "deterministic")
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
             yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
-        torch.set_num_threads(previous[4])
+        torch.set_num_threads(previous[2])
 
 
 def _labelled_split(dataset: Any, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

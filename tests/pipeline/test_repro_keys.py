@@ -47,3 +47,121 @@ def test_status_names_the_changed_module_for_exactly_the_stages_using_it(tmp_pat
     message = next(s.reason for s in reasons.values() if s.stage == "iou")
     assert message.startswith("cached (warning: _iou.py changed since this entry was computed, but the iou stage "
                               "version was not bumped")
+
+
+# ------------------------------------------------------------------------------------------- device keys
+def _plan(config, **kwargs):
+    from repdissect.pipeline import load_config
+    from repdissect.pipeline._dag import build_plan
+
+    return build_plan(load_config(config), **kwargs)
+
+
+def test_network_stages_key_device_class_and_determinism(tmp_path):
+    plan = _plan(write_tiny_config(tmp_path))
+    assert plan.device.device == "cpu" or plan.device.is_cuda
+    for node in plan.nodes:
+        if node.stage == "train":
+            assert node.params["device"] == plan.device.device
+            assert node.params["determinism"] in ("deterministic", "warn-only")
+            assert ("threads" in node.params) is (plan.device.device == "cpu")
+        elif node.stage == "extract":
+            assert node.params["device"] == plan.device.device and node.params["determinism"] == "deterministic"
+            assert "threads" not in node.params
+        else:
+            assert "device" not in node.params
+
+
+def test_a_gpu_cache_is_never_served_to_a_cpu_run(tmp_path):
+    from repdissect.pipeline._device_key import DeviceKey
+
+    config = write_tiny_config(tmp_path)
+    cpu = _plan(config, device=DeviceKey())
+    gpu = _plan(config, device=DeviceKey(device="cuda:NVIDIA H100 80GB HBM3 (sm_90)", train_mode="warn-only"))
+    strict = _plan(config, device=DeviceKey(device="cuda:NVIDIA H100 80GB HBM3 (sm_90)"))
+    other = _plan(config, device=DeviceKey(device="cuda:NVIDIA A100-SXM4-40GB (sm_80)", train_mode="warn-only"))
+    keys = [{n.node_id: n.key for n in p.nodes} for p in (cpu, gpu, strict, other)]
+
+    def reaches(node, stage):
+        return node.stage == stage or any(reaches(up, stage) for up in node.upstream.values())
+
+    for node in cpu.nodes:
+        distinct = {k[node.node_id] for k in keys}
+        if not reaches(node, "extract") and not reaches(node, "train"):  # the image-centre baseline runs no network
+            assert len(distinct) == 1, node.node_id
+        elif not reaches(node, "train"):  # random-init networks: the training determinism does not reach them
+            assert len(distinct) == 3, node.node_id
+        else:
+            assert len(distinct) == 4, node.node_id
+
+
+def test_cpu_training_is_keyed_on_threads_extraction_is_not(tmp_path):
+    config = write_tiny_config(tmp_path)
+    run(config)
+    two = tmp_path / "two.toml"
+    two.write_text(config.read_text().replace("[execution]\n", "[execution]\nthreads_per_worker = 2\n"))
+    reasons = {s.node_id: s for s in status(two)}
+    train = [s for s in reasons.values() if s.stage == "train"]
+    assert train and all(not s.cached and s.reason == "param threads: 1 → 2" for s in train)
+    random_init = [s for s in reasons.values() if s.stage == "extract" and s.node_id.endswith("-random]")]
+    assert random_init and all(s.cached for s in random_init)
+
+
+def test_probing_the_cpu_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from repdissect.pipeline import load_config; from repdissect.pipeline._device_key import "
+            "probe_device; from repdissect.pipeline._config import ExecutionConfig; "
+            "key = probe_device(ExecutionConfig(device='cpu', threads_per_worker=3)); "
+            "assert key.train_params() == {'device': 'cpu', 'determinism': 'deterministic', 'threads': 3}, key; "
+            "assert 'torch' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_cuda_requested_without_a_gpu_is_refused():
+    import torch
+
+    from repdissect.pipeline import PipelineError
+    from repdissect.pipeline._config import ExecutionConfig
+    from repdissect.pipeline._device_key import probe_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here; the refusal needs a host without one")
+    with pytest.raises(PipelineError, match=r'\[execution\].device = "cuda" but no CUDA device is visible here'):
+        probe_device(ExecutionConfig(device="cuda", scheduler="sync"))
+
+
+def test_workers_advertising_a_gpu_they_lack_are_refused():
+    import torch
+    from distributed import LocalCluster
+
+    from repdissect.pipeline import PipelineError
+    from repdissect.pipeline._config import ExecutionConfig
+    from repdissect.pipeline._device_key import probe_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here; the refusal needs workers without one")
+    with LocalCluster(n_workers=1, processes=False, resources={"GPU": 1}, dashboard_address=":0") as cluster:
+        with pytest.raises(PipelineError, match="advertise a GPU resource but torch sees no CUDA device there"):
+            probe_device(ExecutionConfig(device="auto", scheduler=cluster.scheduler_address))
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        assert probe_device(ExecutionConfig(device="auto", scheduler=cluster.scheduler_address)).device == "cpu"
+
+
+def test_a_task_refuses_a_device_its_key_does_not_name(tmp_path):
+    from repdissect.pipeline import CacheStore
+    from repdissect.pipeline._device_key import DeviceKey
+    from repdissect.pipeline._executor import Executor, _SyncClient
+    from repdissect.stages import StageInputError
+
+    plan = _plan(write_tiny_config(tmp_path), device=DeviceKey(device="cuda:NVIDIA H100 80GB HBM3 (sm_90)"))
+    extract = next(n for n in plan.nodes if n.stage == "extract" and n.label["instance"].endswith("-random"))
+    store = CacheStore(tmp_path / "cache")
+    executor = Executor(store=store, client=_SyncClient(), dataset_spec=plan.dataset_spec,
+                        execution={"shard_size": 64, "resolved_device": "cpu", "torch_threads": 1})
+    with pytest.raises(StageInputError, match=r"key says it is computed on 'cuda:NVIDIA H100 80GB HBM3 \(sm_90\)', "
+                                              r"but this worker computes on 'cpu'"):
+        executor.run([extract])
+    assert store.get("extract", extract.key) is None

@@ -1,0 +1,129 @@
+"""What the keys of the network stages (``train``, ``extract``) record about the hardware.
+
+A network's outputs are not bit-identical across device classes: a GPU's convolution kernels sum in other
+orders than the CPU's (and cuDNN's choice depends on the GPU model), and CUDA training is reproducible only
+with ``CUBLAS_WORKSPACE_CONFIG`` set. So the device class and its determinism mode are part of those keys —
+a cache filled on a GPU host is never served to a CPU run as identical — and, for CPU training, the torch
+thread count (measured: 1 and 2 threads give different weights; CPU extraction is bit-identical across
+thread counts, tested). Everything downstream inherits the difference through the upstream keys.
+
+The class is probed where the work will run, once per plan: in this process for ``local``/``sync``
+schedulers, on the workers (those advertising a ``GPU`` resource) for a scheduler address. Probing the
+CPU-only case never imports torch, so a fully cached rerun stays fast.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from ..core import PipelineError
+
+__all__ = ["DeviceKey", "probe_device"]
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    """The device facts keyed by the network stages.
+
+    ``device``: ``"cpu"``, ``"mps"`` or ``"cuda:<name> (sm_XY)"``; ``train_mode``/``extract_mode``:
+    ``"deterministic"``, ``"warn-only"`` or ``"best-effort"`` (see ``repdissect.stages.determinism_mode``);
+    ``threads``: torch threads per task (keyed for CPU training only).
+    """
+
+    device: str = "cpu"
+    train_mode: str = "deterministic"
+    extract_mode: str = "deterministic"
+    threads: int = 1
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def train_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"device": self.device, "determinism": self.train_mode}
+        if self.device == "cpu":
+            params["threads"] = self.threads
+        return params
+
+    def extract_params(self) -> dict[str, Any]:
+        return {"device": self.device, "determinism": self.extract_mode}
+
+
+def _cuda_impossible() -> bool:
+    """True when this host certainly has no usable CUDA device, decided without importing torch."""
+    if "torch" in sys.modules:
+        return False  # ask torch itself, it is loaded anyway
+    if sys.platform == "darwin":
+        return True
+    return sys.platform.startswith("linux") and not glob.glob("/dev/nvidia[0-9]*")
+
+
+def _probe_here(requested: str) -> dict[str, str]:
+    """Device class and determinism modes of this process for ``[execution].device = requested``."""
+    if requested == "cpu" or (requested == "auto" and _cuda_impossible()):
+        return {"device": "cpu", "train_mode": "deterministic", "extract_mode": "deterministic"}
+    from ..stages import StageInputError, determinism_mode, device_class
+
+    try:
+        return {"device": device_class(requested), "train_mode": determinism_mode(requested, training=True),
+                "extract_mode": determinism_mode(requested, training=False)}
+    except StageInputError:
+        return {"device": "none"}
+
+
+def _probe_workers(scheduler: str, requested: str, threads: int) -> dict[str, str] | None:
+    """The GPU workers' common device class behind a scheduler address; ``None`` when no worker has a GPU."""
+    from ._executor import _gpu_addresses, connect
+
+    client, _ = connect(scheduler, workers=1, threads_per_worker=threads, gpu=False)
+    try:
+        gpus = _gpu_addresses(client)
+        if not gpus:
+            return None
+        found = client.run(_probe_here, "cuda", workers=gpus)
+    finally:
+        client.close()
+    broken = sorted(w for w, v in found.items() if v["device"] == "none")
+    if broken:
+        raise PipelineError(
+            f"worker(s) {', '.join(broken)} advertise a GPU resource but torch sees no CUDA device there; "
+            "start them without --resources GPU=1, or fix their CUDA installation"
+        )
+    kinds = {tuple(sorted(v.items())) for v in found.values()}
+    if len(kinds) > 1:
+        listing = "; ".join(f"{w}: {v['device']}, {v.get('train_mode')}" for w, v in sorted(found.items()))
+        raise PipelineError(
+            f"the scheduler's GPU workers differ in device class or determinism mode ({listing}); results would "
+            "depend on which worker ran a task. Use workers of one GPU model with the same CUBLAS_WORKSPACE_CONFIG, "
+            "or [execution].device = \"cpu\""
+        )
+    return dict(next(iter(kinds)))
+
+
+def probe_device(execution: Any) -> DeviceKey:
+    """The :class:`DeviceKey` of a run with ``execution`` (the ``[execution]`` section).
+
+    Raises:
+        PipelineError: ``device = "cuda"`` with no CUDA device here (nor on any worker), or GPU workers of
+            different classes.
+    """
+    requested, threads = execution.device, int(execution.threads_per_worker)
+    remote = execution.scheduler not in ("local", "sync")
+    found: dict[str, str] | None = None
+    if requested != "cpu" and remote:
+        found = _probe_workers(execution.scheduler, requested, threads)
+    elif requested != "cpu":
+        found = _probe_here(requested)
+        if found["device"] in ("none", "cpu"):
+            found = None
+    if found is None:
+        if requested == "cuda":
+            where = "the scheduler's workers advertise no GPU resource" if remote else "no CUDA device is visible here"
+            raise PipelineError(f"[execution].device = \"cuda\" but {where}; use device = \"auto\" or \"cpu\""
+                                + (", or start workers with --resources GPU=1" if remote else ""))
+        found = {"device": "cpu", "train_mode": "deterministic", "extract_mode": "deterministic"}
+    return DeviceKey(device=found["device"], train_mode=found["train_mode"], extract_mode=found["extract_mode"],
+                     threads=threads)
