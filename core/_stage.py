@@ -100,13 +100,13 @@ class Stage:
     @classmethod
     def _read_source_hashes(cls, root: str | Path | None) -> dict[str, str]:
         neighbours = [c.__name__ for c in _REGISTRY.values() if c.__module__ == cls.__module__ and c is not cls]
-        own = Path(sys.modules[cls.__module__].__file__).name
         try:
+            own = Path(sys.modules[cls.__module__].__file__).name
             return {name: source_fingerprint(path.read_text(encoding="utf-8"),
                                              drop_classes=neighbours if name == own else ())
                     for name, path in cls.source_files(root).items()}
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-            return {}
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError, KeyError, AttributeError, TypeError):
+            return {}  # e.g. a stage defined interactively or in a zip: no readable source file
 
     @classmethod
     def source_hash(cls, root: str | Path | None = None) -> str:
