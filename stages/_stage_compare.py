@@ -43,7 +43,7 @@ class MomentsStage(StatisticStage):
     """Streaming joint first/second moments of two nets' channels (train and held-out image splits)."""
 
     name = "moments"
-    version = 1
+    version = 2  # 2: co-moments by chunked dsyrk (same values to rounding)
 
     def _channels(self, ctx: Context) -> tuple[int, int]:
         ca = ctx.inputs["a"].extras["layer_shapes"][ctx.params["layer_a"]][0]
@@ -106,7 +106,7 @@ class CKAStage(StatisticStage):
     """Layer × layer linear CKA between two models from one joint statistic of pooled samples."""
 
     name = "cka"
-    version = 1
+    version = 2  # 2: co-moments by chunked dsyrk (same values to rounding)
 
     def _blocks(self, ctx: Context) -> tuple[list[str], list[int]]:
         names, sizes = [], []
