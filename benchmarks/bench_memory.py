@@ -7,6 +7,9 @@ images (every dataset-wide quantity is a streaming statistic, so it should be). 
 same way a process that only imports what every run imports (torch and the pipeline), and the torch optimizer's
 lazy import of ``torch._dynamo`` (paid by every training stage), so that the run's own share is visible.
 
+Summed RSS is an upper bound: a child forked by the run (even briefly) shares its parent's pages copy-on-write,
+and they are counted in both; the "processes" column says how many were seen at once.
+
 Usage: python benchmarks/bench_memory.py [--config configs/quick.toml] [--scale 10] [--scheduler sync]
 Targets (issue): quick ≤ 500 MB, demo ≤ 2 GB, 1× ≈ 10×.
 """

@@ -8,9 +8,11 @@ with D the total channel count — and shards are combined with Chan et al.'s pa
 
     n = nₐ + n_b,   δ = mean_b − meanₐ,   mean = meanₐ + δ·n_b/n,   M2 = M2ₐ + M2_b + δδᵀ·nₐn_b/n.
 
-Each batch is centred on its own mean before its outer product is taken, so large offsets (ReLU maps with mean
-≫ standard deviation) do not cancel catastrophically as they would in a raw ``Σxxᵀ − n·μμᵀ``. Memory is O(D²)
-whatever the number of samples.
+Each batch is shifted by a close estimate of its own mean (that of its first rows) before its outer product is
+taken, so large offsets (ReLU maps with mean ≫ standard deviation) do not cancel catastrophically as they would
+in a raw ``Σxxᵀ − n·μμᵀ``. Memory is O(D²) whatever the number of samples. The product itself is a symmetric
+rank-k update (BLAS ``dsyrk``) over cache-sized chunks, fed without copying the batch (see
+:func:`_numpy_batch_moments`).
 
 * :class:`MultiMoments` — any number of named channel blocks (e.g. the pooled channels of every layer of two
   models, for the layer × layer CKA matrix).
