@@ -72,14 +72,18 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
         self.scheduler_file = directory / "scheduler.json"
         self.env = {**os.environ, "PYTHONWARNINGS": "ignore", "REPDISSECT_TEST_TRIGGER_DIR": str(trigger_dir)}
-        self._start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                  "--scheduler-file", str(self.scheduler_file)])
-        _wait_until(self.scheduler_file.is_file, 120, "the scheduler writing its address", self.procs)
-        for i in range(workers):
-            self._start(f"worker{i}", ["worker", "--scheduler-file", str(self.scheduler_file), "--nworkers", "1",
-                                       "--nthreads", "1", "--no-dashboard", "--name", f"w{i}", "--death-timeout",
-                                       "60", "--local-directory", str(directory / f"w{i}"), "--preload",
-                                       str(PRELOAD)])
+        try:
+            self._start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                      "--scheduler-file", str(self.scheduler_file)])
+            _wait_until(self.scheduler_file.is_file, 120, "the scheduler writing its address", self.procs)
+            for i in range(workers):
+                self._start(f"worker{i}", ["worker", "--scheduler-file", str(self.scheduler_file), "--nworkers",
+                                           "1", "--nthreads", "1", "--no-dashboard", "--name", f"w{i}",
+                                           "--death-timeout", "60", "--local-directory", str(directory / f"w{i}"),
+                                           "--preload", str(PRELOAD)])
+        except BaseException:
+            self.stop()  # nothing this test started outlives a failed start
+            raise
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.directory / f"{name}.log", "wb")
