@@ -89,7 +89,8 @@ def _numpy_batch_moments(blocks: Sequence[Any], dim: int, names: Sequence[str]) 
     bounds = np.concatenate([[0], np.cumsum([b.shape[1] for b in arrays])]).astype(int)
     step = max(64, _CHUNK_ELEMENTS // (dim + 1))
     head = min(rows, step)
-    shift = np.concatenate([np.add.reduce(b[:head], axis=0, dtype=np.float64) for b in arrays]) / head
+    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf in a bad column: refused just below
+        shift = np.concatenate([np.add.reduce(b[:head], axis=0, dtype=np.float64) for b in arrays]) / head
     if not np.isfinite(shift).all():
         bad = next(i for i in range(len(arrays)) if not np.isfinite(shift[bounds[i]:bounds[i + 1]]).all())
         raise _not_finite(names[bad])
