@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
     _add_run_options(p)
-    p.add_argument("--scheduler", help='"local" (default LocalCluster), "sync" (in-process) or tcp://HOST:PORT')
+    p.add_argument("--scheduler", help='"auto" (default: in-process for small work, else LocalCluster), "local" (LocalCluster), '
+                        '"sync" (in-process) or tcp://HOST:PORT')
     p.add_argument("--workers", type=int, help="LocalCluster worker processes")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device for extraction and tallies")
     p.add_argument("--no-report", action="store_true", help="skip writing tables, figures and index.html")

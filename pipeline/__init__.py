@@ -19,10 +19,12 @@ from ._dag import Instance, Plan, build_plan
 from ._errors import ConfigError
 from ._executor import NodeResult
 from ._run import NodeStatus, RunResult, resolve_config, run, status
+from ._workload import PAYOFF_MEGAPIXEL_PASSES, SchedulerChoice, Workload, choose_scheduler, estimate_workload
 
 __all__ = [
     "CacheError", "CacheStore", "Config", "ConfigError", "Context", "Entry", "Instance", "Node", "NodeResult",
     "NodeStatus", "PipelineError", "Plan", "RunResult", "ShardedStage", "Stage", "StageOutput", "build_plan",
     "canonical_json", "digest", "get_stage", "list_stages", "load_config", "register_stage", "resolve_config",
     "run", "status",
+    "PAYOFF_MEGAPIXEL_PASSES", "SchedulerChoice", "Workload", "choose_scheduler", "estimate_workload",
 ]

@@ -233,13 +233,15 @@ class ExecutionConfig:
     device classes; ``threads_per_worker`` is the torch thread count that CPU training's key records
     (training's bits depend on it; extraction's do not, tested). The other fields are never keyed.
 
-    ``scheduler``: ``"local"`` (a LocalCluster), ``"sync"`` (in-process, for debugging) or a scheduler
-    address such as ``"tcp://10.0.0.5:8786"``. ``parquet_engine``: the encoder of activation parts —
+    ``scheduler``: ``"auto"`` (the default: in-process when the missing work is too small for a cluster to
+    pay off, else a LocalCluster; the choice and its reason are logged and recorded in ``run.json``),
+    ``"local"`` (a LocalCluster), ``"sync"`` (in-process) or a scheduler address such as
+    ``"tcp://10.0.0.5:8786"``. ``parquet_engine``: the encoder of activation parts —
     ``"auto"`` (polars when installed, else pyarrow), ``"polars"`` or ``"pyarrow"``; the files read back
     the same either way.
     """
 
-    scheduler: str = "local"
+    scheduler: str = "auto"
     workers: int = 2
     threads_per_worker: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -250,7 +252,7 @@ class ExecutionConfig:
 
     def validate(self, key: str) -> None:
         _check(bool(self.scheduler.strip()), f"{key}.scheduler", self.scheduler,
-               "use \"local\", \"sync\" or a scheduler address like \"tcp://host:8786\"")
+               "use \"auto\", \"local\", \"sync\" or a scheduler address like \"tcp://host:8786\"")
         _check(self.workers >= 1, f"{key}.workers", self.workers, "must be an integer ≥ 1")
         _check(self.threads_per_worker >= 1, f"{key}.threads_per_worker", self.threads_per_worker, "must be ≥ 1")
         _check(self.shard_size >= 1, f"{key}.shard_size", self.shard_size, "must be an integer ≥ 1")

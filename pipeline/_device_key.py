@@ -111,7 +111,7 @@ def probe_device(execution: Any) -> DeviceKey:
             different classes.
     """
     requested, threads = execution.device, int(execution.threads_per_worker)
-    remote = execution.scheduler not in ("local", "sync")
+    remote = execution.scheduler not in ("auto", "local", "sync")
     found: dict[str, str] | None = None
     if requested != "cpu" and remote:
         found = _probe_workers(execution.scheduler, requested, threads)

@@ -21,6 +21,7 @@ from ..core import CacheStore, Entry, get_stage, write_bytes_atomic
 from ._config import Config, load_config
 from ._dag import Plan, build_plan
 from ._executor import Executor, NodeResult, connect, environment_info, _gpu_workers
+from ._workload import SchedulerChoice, choose_scheduler, workload_of
 
 __all__ = ["run", "status", "RunResult", "NodeStatus", "resolve_config"]
 
@@ -148,8 +149,11 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
     everything_cached = all([_look_up(store, found, n) is not None for n in plan.nodes])  # every node, no short cut
     # The plan's keys name the device class (probed here or on the workers): compute exactly there.
     want_gpu = not everything_cached and plan.device.is_cuda
-    scheduler = "sync" if everything_cached else ex.scheduler
-    client, cluster = connect(scheduler, workers=ex.workers, threads_per_worker=ex.threads_per_worker,
+    choice = _choose_scheduler(cfg, plan, found, everything_cached)
+    log.info("scheduler: %s", choice.reason)
+    if print_summary and choice.scheduler != ex.scheduler:
+        print(f"scheduler: {choice.reason}", file=sys.stderr)
+    client, cluster = connect(choice.scheduler, workers=ex.workers, threads_per_worker=ex.threads_per_worker,
                               gpu=want_gpu)
     try:
         gpu_workers = _gpu_workers(client)
@@ -183,7 +187,8 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
         "dataset": {"spec": plan.dataset_spec, "digest": plan.dataset_digest},
         "cache_dir": str(Path(cfg.run.cache_dir).resolve()),
         "environment": environment_info(),
-        "execution": {"scheduler": ex.scheduler, "workers": ex.workers, "device": resolved,
+        "execution": {"scheduler": choice.scheduler, "requested_scheduler": ex.scheduler,
+                      "scheduler_reason": choice.reason, "workers": ex.workers, "device": resolved,
                       "device_class": plan.device.device},
         "nodes": [
             {"node": n.node_id, "stage": n.stage, "label": dict(n.label), "key": n.key,
@@ -196,6 +201,21 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
     store.record_run(record, record_path)
     result = RunResult(plan=plan, results=results, out_dir=out_dir, seconds=seconds, record=record)
     return result
+
+
+def _choose_scheduler(cfg: Config, plan: Plan, found: dict[str, Entry], everything_cached: bool) -> SchedulerChoice:
+    """The scheduler this run uses: none needed for a fully cached rerun, else ``auto`` resolved on the
+    work still missing (see :mod:`._workload`)."""
+    ex = cfg.execution
+    if everything_cached:
+        return SchedulerChoice("sync", "everything is cached: nothing to compute, no cluster started")
+    if ex.scheduler != "auto":
+        return SchedulerChoice(ex.scheduler, f"scheduler {ex.scheduler!r} as configured")
+    from ..core import load_dataset
+
+    missing = [n for n in plan.nodes if n.key not in found]
+    workload = workload_of(missing, load_dataset(plan.dataset_spec))
+    return choose_scheduler("auto", workload, workers=ex.workers)
 
 
 @dataclass

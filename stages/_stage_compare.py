@@ -43,7 +43,7 @@ class MomentsStage(StatisticStage):
     """Streaming joint first/second moments of two nets' channels (train and held-out image splits)."""
 
     name = "moments"
-    version = 1
+    version = 2  # 2: co-moments by chunked dsyrk (same values to rounding)
     depends_on = (".compare._moments", ".compare._correlation", ".compare._samples", "._stage_inputs", "._activations")
 
     def _channels(self, ctx: Context) -> tuple[int, int]:
@@ -110,7 +110,7 @@ class CKAStage(StatisticStage):
     """Layer × layer linear CKA between two models from one joint statistic of pooled samples."""
 
     name = "cka"
-    version = 1
+    version = 2  # 2: co-moments by chunked dsyrk (same values to rounding)
     depends_on = (".compare._cca", ".compare._moments", ".compare._correlation", "._stage_inputs", "._activations")
 
     def _blocks(self, ctx: Context) -> tuple[list[str], list[int]]:

@@ -8,9 +8,11 @@ with D the total channel count — and shards are combined with Chan et al.'s pa
 
     n = nₐ + n_b,   δ = mean_b − meanₐ,   mean = meanₐ + δ·n_b/n,   M2 = M2ₐ + M2_b + δδᵀ·nₐn_b/n.
 
-Each batch is centred on its own mean before its outer product is taken, so large offsets (ReLU maps with mean
-≫ standard deviation) do not cancel catastrophically as they would in a raw ``Σxxᵀ − n·μμᵀ``. Memory is O(D²)
-whatever the number of samples.
+Each batch is shifted by a close estimate of its own mean (that of its first rows) before its outer product is
+taken, so large offsets (ReLU maps with mean ≫ standard deviation) do not cancel catastrophically as they would
+in a raw ``Σxxᵀ − n·μμᵀ``. Memory is O(D²) whatever the number of samples. The product itself is a symmetric
+rank-k update (BLAS ``dsyrk``) over cache-sized chunks, fed without copying the batch (see
+:func:`_numpy_batch_moments`).
 
 * :class:`MultiMoments` — any number of named channel blocks (e.g. the pooled channels of every layer of two
   models, for the layer × layer CKA matrix).
@@ -39,16 +41,77 @@ def _is_tensor(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
-def _batch_moments(x: Any) -> tuple[int, np.ndarray, np.ndarray]:
-    """``(n, mean (D,), centred co-moment (D, D))`` of one (n, D) batch, in float64."""
-    if _is_tensor(x):
-        mean = x.mean(dim=0)
-        centred = x - mean
-        return int(x.shape[0]), mean.cpu().numpy(), (centred.T @ centred).cpu().numpy()
-    mean = x.mean(axis=0)
+def _tensor_batch_moments(x: Any) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n, mean (D,), centred co-moment (D, D))`` of one (n, D) float64 tensor, on its device."""
+    mean = x.mean(dim=0)
     centred = x - mean
-    # ``centred.T @ centred`` on the same buffer lets numpy call BLAS syrk (half the flops of a general GEMM).
-    return int(x.shape[0]), mean, centred.T @ centred
+    return int(x.shape[0]), mean.cpu().numpy(), (centred.T @ centred).cpu().numpy()
+
+
+def _symmetrize_upper(m: np.ndarray) -> np.ndarray:
+    """Copy the upper triangle of square ``m`` onto its lower triangle, in place; returns ``m``."""
+    lower = np.tril_indices(m.shape[0], -1)
+    m[lower] = m.T[lower]
+    return m
+
+
+def _not_finite(name: str) -> StageInputError:
+    return StageInputError(
+        f"block {name!r} contains NaN or inf values; clean or drop those samples before accumulating"
+    )
+
+
+#: float64 elements per chunk of centred samples (~4 MiB): the chunk stays in cache between its write and the
+#: rank-k update that reads it, so the float32 → float64 conversion costs almost nothing on top of BLAS
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def _numpy_batch_moments(blocks: Sequence[Any], dim: int, names: Sequence[str]) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n, mean (D,), centred co-moment (D, D))`` of one batch given as (n, D_i) blocks, in float64.
+
+    One pass over the samples, with no concatenated or float64 copy of the batch: rows are taken in chunks of
+    about 4 MiB; each chunk is written, shifted by ``s`` and converted to float64, into one cache-resident
+    buffer ``[x − s, 1]`` of D + 1 columns, which BLAS ``dsyrk`` folds into the upper triangle of
+
+        C = Σ [x − s, 1]ᵀ [x − s, 1] = [[G, g], [gᵀ, n]],   G = Σ (x − s)(x − s)ᵀ,   g = Σ (x − s),
+
+    a symmetric rank-k update: one triangle only, half the flops of the general product ``Xᵀ X``. The trailing
+    column of ones delivers the sums without a separate pass. Then ``mean = s + g/n`` and
+    ``M2 = G − g gᵀ / n`` (exact algebra; with ``s`` the mean of the batch's first chunk, ``g/n`` is small
+    compared with the spread of the data, so the subtraction does not cancel — the same protection as centring
+    on the exact batch mean). A NaN or inf anywhere makes its column's sum non-finite, which is how bad input
+    is caught without a separate ``isfinite`` pass.
+    """
+    from scipy.linalg.blas import dsyrk
+
+    rows = int(blocks[0].shape[0])
+    arrays = [np.asarray(b) for b in blocks]
+    bounds = np.concatenate([[0], np.cumsum([b.shape[1] for b in arrays])]).astype(int)
+    step = max(64, _CHUNK_ELEMENTS // (dim + 1))
+    head = min(rows, step)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf in a bad column: refused just below
+        shift = np.concatenate([np.add.reduce(b[:head], axis=0, dtype=np.float64) for b in arrays]) / head
+    if not np.isfinite(shift).all():
+        bad = next(i for i in range(len(arrays)) if not np.isfinite(shift[bounds[i]:bounds[i + 1]]).all())
+        raise _not_finite(names[bad])
+    buffer = np.empty((min(rows, step), dim + 1), dtype=np.float64)
+    buffer[:, dim] = 1.0
+    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F")
+    for start in range(0, rows, step):
+        chunk = buffer[: min(step, rows - start)]
+        for i, b in enumerate(arrays):
+            lo, hi = bounds[i], bounds[i + 1]
+            np.subtract(b[start : start + chunk.shape[0]], shift[lo:hi], out=chunk[:, lo:hi], dtype=np.float64)
+        # chunk.T is Fortran-ordered (D+1, k): BLAS reads it in place and updates acc's upper triangle in place.
+        acc = dsyrk(1.0, chunk.T, beta=1.0, c=acc, trans=0, lower=0, overwrite_c=1)
+    sums = acc[:dim, dim]
+    for i, name in enumerate(names):
+        if not np.isfinite(sums[bounds[i]:bounds[i + 1]]).all():
+            raise _not_finite(name)
+    offset = sums / rows
+    comoment = np.ascontiguousarray(acc[:dim, :dim])
+    comoment -= np.outer(sums, offset)
+    return rows, shift + offset, _symmetrize_upper(comoment)  # mirrored last: exactly symmetric
 
 
 def _all_finite(x: Any) -> bool:
@@ -60,14 +123,11 @@ def _all_finite(x: Any) -> bool:
 
 
 def _concat_float64(blocks: Sequence[Any]) -> Any:
-    """Concatenate blocks along channels as float64, on the first tensor's device if any block is a tensor."""
-    tensors = [b for b in blocks if _is_tensor(b)]
-    if tensors:
-        import torch
+    """Concatenate blocks (at least one a tensor) along channels as one float64 tensor on the first tensor's device."""
+    import torch
 
-        device = tensors[0].device
-        return torch.cat([torch.as_tensor(b, dtype=torch.float64, device=device) for b in blocks], dim=1)
-    return np.concatenate([np.asarray(b, dtype=np.float64) for b in blocks], axis=1)
+    device = next(b for b in blocks if _is_tensor(b)).device
+    return torch.cat([torch.as_tensor(b, dtype=torch.float64, device=device) for b in blocks], dim=1)
 
 
 class MultiMoments(StreamingStatistic):
@@ -127,13 +187,15 @@ class MultiMoments(StreamingStatistic):
                     f"all blocks of one batch must hold the same samples; got row counts "
                     f"{[tuple(b.shape)[0] for b in blocks]} for blocks {self.names}"
                 )
-            if not _all_finite(block):
-                raise StageInputError(
-                    f"block {name!r} contains NaN or inf values; clean or drop those samples before accumulating"
-                )
         if not rows:
             return
-        n_b, mean_b, m2_b = _batch_moments(_concat_float64(blocks))
+        if any(_is_tensor(b) for b in blocks):
+            for name, block in zip(self.names, blocks):
+                if not _all_finite(block):
+                    raise _not_finite(name)
+            n_b, mean_b, m2_b = _tensor_batch_moments(_concat_float64(blocks))
+        else:
+            n_b, mean_b, m2_b = _numpy_batch_moments(blocks, self.dim, self.names)
         self._combine(n_b, mean_b, m2_b)
 
     def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:

@@ -1,0 +1,76 @@
+"""The chunked rank-k (dsyrk) co-moment kernel against numpy's float64 covariance, across chunk boundaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from repdissect.stages import StageInputError
+from repdissect.stages.compare import JointMoments, MultiMoments
+from repdissect.stages.compare import _moments
+
+
+def _reference(blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate([b.astype(np.float64) for b in blocks], axis=1)
+    return x.mean(axis=0), np.cov(x, rowvar=False, ddof=0) * x.shape[0]
+
+
+CASES = [
+    # (rows, block sizes, dtype, chunk elements (None = default), offset)
+    (1, [3, 2], np.float64, None, 0.0),
+    (7, [1], np.float32, None, 0.0),
+    (500, [5, 7], np.float32, 64 * 13, 0.0),       # many full chunks + a ragged last one
+    (500, [5, 7], np.float16, 64 * 13, 0.0),
+    (301, [4, 0, 6], np.float64, 64 * 11, 0.0),     # an empty block in the middle
+    (1000, [8, 8], np.float32, 64 * 17, 1e4),       # mean ≫ spread: no cancellation
+    (2000, [16], np.float64, None, -3e6),
+]
+
+
+@pytest.mark.parametrize("rows, sizes, dtype, chunk, offset", CASES)
+def test_matches_numpy_covariance(monkeypatch, rows, sizes, dtype, chunk, offset):
+    if chunk is not None:
+        monkeypatch.setattr(_moments, "_CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng(rows)
+    blocks = [(rng.standard_normal((rows, s)) * rng.uniform(0.5, 3, s) + offset).astype(dtype) for s in sizes]
+    stat = MultiMoments(sizes)
+    stat.update(*blocks)
+    mean, m2 = _reference(blocks)
+    scale = max(1.0, abs(offset))
+    np.testing.assert_allclose(stat.mean, mean, rtol=1e-12, atol=1e-12 * scale)
+    np.testing.assert_allclose(stat.comoment, m2, rtol=1e-9, atol=1e-9 * rows)
+    assert np.array_equal(stat.comoment, stat.comoment.T), "the co-moment must be exactly symmetric"
+
+
+def test_chunking_does_not_change_the_result_beyond_rounding(monkeypatch):
+    rng = np.random.default_rng(3)
+    a, b = rng.random((777, 9)).astype(np.float32), rng.random((777, 4)).astype(np.float32)
+    results = []
+    for chunk in (64 * 14, 64 * 100, 1 << 20):
+        monkeypatch.setattr(_moments, "_CHUNK_ELEMENTS", chunk)
+        stat = JointMoments(9, 4)
+        stat.update(a, b)
+        results.append(stat.covariance())
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad, row, block", [(np.nan, 0, "a"), (np.inf, 450, "b"), (-np.inf, 999, "a")])
+def test_non_finite_anywhere_is_refused_and_leaves_the_state(monkeypatch, bad, row, block):
+    monkeypatch.setattr(_moments, "_CHUNK_ELEMENTS", 64 * 10)  # the bad row sits in a later chunk
+    rng = np.random.default_rng(0)
+    stat = JointMoments(3, 2)
+    stat.update(rng.random((50, 3)), rng.random((50, 2)))
+    before = stat.copy()
+    a, b = rng.random((1000, 3)), rng.random((1000, 2))
+    (a if block == "a" else b)[row, 1] = bad
+    with pytest.raises(StageInputError, match=f"block '{block}' contains NaN or inf"):
+        stat.update(a, b)
+    assert stat.n == before.n and np.array_equal(stat.comoment, before.comoment)
+
+
+def test_plus_and_minus_inf_in_one_column_is_refused():
+    a = np.zeros((4, 2))
+    a[0, 0], a[1, 0] = np.inf, -np.inf
+    with pytest.raises(StageInputError, match="block '0' contains NaN or inf"):
+        MultiMoments([2]).update(a)
