@@ -7,6 +7,10 @@ Shape (one node per box; keys chain through ``upstream``)::
                                          └──► moments[pair,layer] ─► compare[pair,layer]
                                          └──► cka[pair]                          (layer × layer, pooled)
     stability_center[dataset]                                                    (image-centre baseline)
+                                         ├──► dataset_search[instance,layer]     (top-k images per unit)
+                                         ├──► activation_max[instance,layer]     ([visualise]; + train weights)
+                                         ├──► tsne[instance,layer]
+                                         └──► filters[instance]                  (first RGB convolution)
 
 Dissection nodes (thresholds, iou) exist only for datasets with concept masks, stability nodes only for
 datasets with landmarks; comparison nodes for every dataset.
@@ -106,6 +110,34 @@ def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int,
         )
 
 
+def _visualise_nodes(config: Config, inst: Instance, model_params: dict[str, Any], extract: Node,
+                     weights: Node | None, digests: dict[str, str]) -> list[Node]:
+    """``dataset_search`` per layer of every instance; ``activation_max`` (trained nets), ``filters`` and ``tsne``
+    for the first seed of each model unless ``[visualise].instances = "all"``."""
+    vis = config.visualise
+    if not vis.enabled:
+        return []
+    out = []
+    chosen = vis.instances == "all" or inst.seed == inst.model.seeds[0]
+    model_up = {"activations": extract, **({"weights": weights} if weights is not None else {})}
+    for layer in inst.model.layers:
+        label = {"instance": inst.name, "layer": layer}
+        out.append(_node("dataset_search", label, {"layer": layer, "top_k": vis.top_k},
+                         upstream={"activations": extract}))
+        if chosen and vis.activation_max and inst.init != "random":
+            out.append(_node("activation_max", label, {"layer": layer, "model": model_params,
+                                                       "settings": vis.am_settings(), "batch_units": vis.am_batch_units},
+                             upstream=model_up, digests=digests,
+                             exec_params={"device": config.execution.device}))
+        if chosen and vis.tsne:
+            out.append(_node("tsne", label, {"layer": layer, "points": vis.tsne_points, "perplexity": vis.tsne_perplexity,
+                                             "method": vis.tsne_method, "seed": vis.tsne_seed},
+                             upstream={"activations": extract}, digests=digests))
+    if chosen:
+        out.append(_node("filters", {"instance": inst.name}, {"model": model_params}, upstream=model_up))
+    return out
+
+
 def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = None) -> Plan:
     """Build every node of ``config``'s run. Builds the dataset once (cheap) for its digest and shapes.
 
@@ -174,6 +206,7 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                     if config.stability.enabled and dataset.landmark_names:
                         nodes.append(_node("stability", label, {"layer": layer, "top_k": config.stability.top_k},
                                            upstream={"activations": extract}, digests=digests))
+                nodes += _visualise_nodes(config, inst, params, extract, upstream.get("weights"), digests)
 
     if config.stability.enabled and dataset.landmark_names:
         nodes.append(_node("stability_center", {"dataset": config.dataset.kind},

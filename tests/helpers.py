@@ -51,6 +51,10 @@ scheduler = "sync"
 workers = 2
 shard_size = {shard}
 progress = false
+
+[visualise]
+am_steps = 8
+tsne_points = 60
 """
 
 
