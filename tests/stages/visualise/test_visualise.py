@@ -34,7 +34,6 @@ def _dataset_max(model, layer, images) -> np.ndarray:
 
 @pytest.mark.parametrize("layer, settings", [
     ("conv2", AMSettings(steps=64, lr=0.1, decay=0.0)),
-    ("conv2", AMSettings(steps=64, lr=0.1, objective="neuron", parameterisation="pixel", blur_every=4, decay=0.1)),
     ("conv1", AMSettings(steps=64, lr=0.1, decorrelate=False, jitter=0, decay=0.0)),
     (None, AMSettings(steps=64, lr=0.1, decay=0.0)),  # class-model visualisation: the logits
 ])
