@@ -110,6 +110,17 @@ def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int,
         )
 
 
+def _tsne_method(method: str, points: int) -> str:
+    """``"auto"`` resolved here, so the key names the backend that computes the embedding (they differ)."""
+    if method != "auto":
+        return method
+    import importlib.util
+
+    from ..stages import OPENTSNE_FROM
+
+    return "opentsne" if points >= OPENTSNE_FROM and importlib.util.find_spec("openTSNE") is not None else "sklearn"
+
+
 def _visualise_nodes(config: Config, inst: Instance, model_params: dict[str, Any], extract: Node,
                      weights: Node | None, digests: dict[str, str]) -> list[Node]:
     """``dataset_search`` per layer of every instance; ``activation_max`` (trained nets), ``filters`` and ``tsne``
@@ -131,7 +142,8 @@ def _visualise_nodes(config: Config, inst: Instance, model_params: dict[str, Any
                              exec_params={"device": config.execution.device}))
         if chosen and vis.tsne:
             out.append(_node("tsne", label, {"layer": layer, "points": vis.tsne_points, "perplexity": vis.tsne_perplexity,
-                                             "method": vis.tsne_method, "seed": vis.tsne_seed},
+                                             "method": _tsne_method(vis.tsne_method, vis.tsne_points),
+                                             "seed": vis.tsne_seed},
                              upstream={"activations": extract}, digests=digests))
     if chosen:
         out.append(_node("filters", {"instance": inst.name}, {"model": model_params}, upstream=model_up))

@@ -39,7 +39,7 @@ _EXPORTS = {
     "_iou_tables": ["DEFAULT_IOU_THRESHOLD", "iou_tables"],
     "_iou_geometry": ["upsample_bilinear"],
     "_topk": ["TopK", "keep_largest", "select_top"],
-    "_stage_visualise": ["image_table", "read_image_maps", "table_images"],
+    "_stage_visualise": ["OPENTSNE_FROM", "image_table", "read_image_maps", "table_images"],
     "_stability": ["LandmarkTopK", "argmax_locations", "center_baseline", "spatial_max_argmax", "stability_tables"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

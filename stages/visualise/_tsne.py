@@ -15,11 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from .._errors import StageInputError
+from .._stage_visualise import OPENTSNE_FROM
 
 __all__ = ["tsne_embedding", "opentsne_available", "OPENTSNE_FROM"]
-
-#: from this many points "auto" prefers openTSNE when it is installed
-OPENTSNE_FROM = 5000
 
 
 def opentsne_available() -> bool:
