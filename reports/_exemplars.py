@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..stages import TopK, read_image_maps, read_summaries

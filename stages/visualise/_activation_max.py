@@ -195,10 +195,7 @@ def _optimise_chunk(model: nn.Module, module: nn.Module | None, read_input: bool
     rngs = [np.random.default_rng([int(s.seed), int(u)]) for u in units]
     init = np.stack([rng.standard_normal((3, *size)) for rng in rngs])
     shifts = np.stack([rng.integers(-s.jitter, s.jitter + 1, size=(s.steps, 2)) for rng in rngs])  # (U, steps, 2)
-    param = ImageParam(init, s.parameterisation, decorrelate=s.decorrelate, dtype=dtype)
-    param.param.data = param.param.data.to(device)
-    param.scale = getattr(param, "scale", torch.ones(())).to(device)
-    param.colour = param.colour.to(device)
+    param = ImageParam(init, s.parameterisation, decorrelate=s.decorrelate, dtype=dtype, device=device)
     opt = torch.optim.Adam(param.parameters(), lr=s.lr)
     target_units = torch.as_tensor(units, dtype=torch.long, device=device)
     for step in range(s.steps):

@@ -9,8 +9,6 @@ range. Shapes: a batch of ``B`` images of ``(3, H, W)``; every image's parameter
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -38,25 +36,28 @@ class ImageParam:
         kind: ``"fourier"`` (spectrum scaled by 1/f, Olah et al.) or ``"pixel"``.
         decorrelate: map channels through :data:`COLOR_CORRELATION_SQRT` before the sigmoid.
         init_scale: standard deviation of the initial parameters (small: a near-grey start).
+        decay_power: exponent of the 1/f scaling (Fourier only).
         dtype: torch dtype of the parameters and images.
+        device: where the parameters live.
     """
 
     def __init__(self, init: np.ndarray, kind: str = "fourier", *, decorrelate: bool = True, init_scale: float = 0.01,
-                 decay_power: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
+                 decay_power: float = 1.0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
         if kind not in ("fourier", "pixel"):
             raise ValueError(f"parameterisation must be 'fourier' or 'pixel'; got {kind!r}")
         b, c, h, w = init.shape
         self.kind, self.size, self.decorrelate, self.dtype = kind, (h, w), bool(decorrelate), dtype
         noise = torch.as_tensor(np.asarray(init, np.float64) * init_scale)
         if kind == "fourier":
-            self.scale = _frequency_scale(h, w, decay_power).to(dtype)
-            # The spectrum of white noise, divided by the 1/f scale so the first image is that noise, filtered.
+            self.scale = _frequency_scale(h, w, decay_power).to(device=device, dtype=dtype)
+            # The spectrum of the white noise: the first image is that noise, 1/f-filtered.
             spec = torch.fft.rfft2(noise, norm="ortho")
-            self.param = torch.view_as_real(spec).to(dtype).contiguous().requires_grad_(True)
+            self.param = torch.view_as_real(spec).to(device=device, dtype=dtype).contiguous().requires_grad_(True)
         else:
-            self.param = noise.to(dtype).contiguous().requires_grad_(True)
+            self.param = noise.to(device=device, dtype=dtype).contiguous().requires_grad_(True)
         corr = COLOR_CORRELATION_SQRT / np.max(np.linalg.norm(COLOR_CORRELATION_SQRT, axis=0))
-        self.colour = torch.as_tensor(corr, dtype=dtype)
+        self.colour = torch.as_tensor(corr, dtype=dtype, device=device)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.param]

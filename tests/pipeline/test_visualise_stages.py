@@ -4,7 +4,6 @@ t-SNE entries; the report's unit cards carry the AM image; `repdissect visualise
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
