@@ -245,7 +245,8 @@ class VisualiseConfig:
     and t-SNE), ``"all"`` = every seed. AM fields are :class:`~repdissect.stages.visualise.AMSettings`;
     ``am_batch_units`` = units optimised together (0 = every unit of the layer in one batch; the result does
     not depend on it up to rounding, so it is keyed). ``tsne_method``: ``"sklearn"``, ``"opentsne"``
-    (optional package) or ``"auto"``.
+    (optional package) or ``"auto"``; ``tsne_features``: each image's per-unit spatial ``"max"`` (what a
+    max-pooling head sees; the built-in CNN's) or ``"mean"``.
     """
 
     enabled: bool = True
@@ -265,6 +266,7 @@ class VisualiseConfig:
     am_batch_units: int = 0
     tsne: bool = True
     tsne_points: int = 2000
+    tsne_features: Literal["max", "mean"] = "max"
     tsne_perplexity: float = 30.0
     tsne_method: Literal["sklearn", "opentsne", "auto"] = "sklearn"
     tsne_seed: int = 0

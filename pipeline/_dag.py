@@ -143,7 +143,7 @@ def _visualise_nodes(config: Config, inst: Instance, model_params: dict[str, Any
         if chosen and vis.tsne:
             out.append(_node("tsne", label, {"layer": layer, "points": vis.tsne_points, "perplexity": vis.tsne_perplexity,
                                              "method": _tsne_method(vis.tsne_method, vis.tsne_points),
-                                             "seed": vis.tsne_seed},
+                                             "seed": vis.tsne_seed, "features": vis.tsne_features},
                              upstream={"activations": extract}, digests=digests))
     if chosen:
         out.append(_node("filters", {"instance": inst.name}, {"model": model_params}, upstream=model_up))

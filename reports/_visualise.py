@@ -92,17 +92,26 @@ def _tsne_figures(data: Any, fig_dir: Path) -> list[Any]:
                 continue
             panels = [(inst, g) for inst, g in sorted(sub.groupby("instance"), key=lambda t: (t[0].endswith("-random"), t[0]))]
             fig, axes = F.new_figure(3.2 * len(panels), 6.0, nrows=2, ncols=len(panels), squeeze=False)
-            concepts = sorted(set(sub["concept_name"]) - {""})
+            # concepts named like a class get that class's colour; the others follow
+            present = set(sub["concept_name"]) - {""}
+            concepts = [c for c in classes if c in present] + sorted(present - set(classes))
             for col, (inst, g) in enumerate(panels):
                 for row, (field, names) in enumerate((("class_label", classes), ("concept_name", concepts))):
                     ax = axes[row, col]
                     values = g[field].to_numpy()
-                    cats = sorted(set(values)) if field == "class_label" else concepts
-                    cmap = F.plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
-                    for i, c in enumerate(cats):
+                    if field == "class_label":
+                        cats = sorted(set(values))
+                        colour = {c: int(c) for c in cats}
+                    else:
+                        cats = concepts
+                        extra = [c for c in concepts if c not in classes]
+                        colour = {c: classes.index(c) if c in classes else len(classes) + extra.index(c) for c in cats}
+                    cmap = F.plt.get_cmap("tab10" if max(colour.values(), default=0) < 10 else "tab20")
+                    for c in cats:
                         m = values == c
                         label = (names[c] if field == "class_label" and 0 <= c < len(names) else str(c))
-                        ax.scatter(g["x"][m], g["y"][m], s=3, color=cmap(i % cmap.N), label=label, linewidths=0)
+                        ax.scatter(g["x"][m], g["y"][m], s=3, color=cmap(colour[c] % cmap.N), label=label,
+                                   linewidths=0)
                     ax.set_xticks([]), ax.set_yticks([])
                     ax.set_title(f"{inst}: by {'class' if row == 0 else 'dominant concept'}", fontsize=7)
                     if col == len(panels) - 1:
@@ -111,7 +120,8 @@ def _tsne_figures(data: Any, fig_dir: Path) -> list[Any]:
             path = fig_dir / f"{key}.png"
             F.save_figure(fig, path)
             out.append(_fig_result(key, f"t-SNE of {data.layer_title(model, layer)}", path,
-                                   "t-SNE of each image's spatially pooled unit activations (seeded; PCA init), "
+                                   "t-SNE of each image's spatially pooled unit activations (seeded; PCA init; "
+                                   "colours shared by a class and the concept of the same name), "
                                    "trained network vs its random initialisation. Distances between clusters and "
                                    "cluster sizes carry no meaning."))
     return out

@@ -10,7 +10,7 @@
 * ``filters`` (per instance): the first RGB convolution as a grid image; table ``grid`` (layer, height, width,
   pixels).
 * ``tsne`` (per instance × layer): a seeded t-SNE of the images' spatially pooled unit activations (the
-  extraction's per-image means) for a seeded sample of images; table ``points`` (image, x, y, class_label,
+  extraction's per-image maxima or means, ``features``) for a seeded sample of images; table ``points`` (image, x, y, class_label,
   concept, concept_name).
 """
 
@@ -198,7 +198,7 @@ class TsneStage(Stage):
         summaries = [_activations.read_summaries(pq.read_table(p))
                      for p in parts]
         image = np.concatenate([s.image for s in summaries])
-        feats = np.concatenate([s.mean for s in summaries]).astype(np.float64)
+        feats = np.concatenate([getattr(s, ctx.params["features"]) for s in summaries]).astype(np.float64)
         points = int(ctx.params["points"])
         seed = int(ctx.params["seed"])
         if image.size > points:
