@@ -243,7 +243,8 @@ class VisualiseConfig:
 
     ``instances``: ``"first"`` = the first seed of each model (and its random-init baseline for filters
     and t-SNE), ``"all"`` = every seed. AM fields are :class:`~repdissect.stages.visualise.AMSettings`;
-    ``am_batch_units`` = units optimised together (0 = every unit of the layer in one batch; the result does
+    ``class_models``: also one image per class logit (Simonyan et al.'s class-model visualisation, same
+    settings). ``am_batch_units`` = units optimised together (0 = every unit of the layer in one batch; the result does
     not depend on it up to rounding, so it is keyed). ``tsne_method``: ``"sklearn"``, ``"opentsne"``
     (optional package) or ``"auto"``; ``tsne_features``: each image's per-unit spatial ``"max"`` (what a
     max-pooling head sees; the built-in CNN's) or ``"mean"``.
@@ -253,6 +254,7 @@ class VisualiseConfig:
     instances: Literal["first", "all"] = "first"
     top_k: int = 10
     activation_max: bool = True
+    class_models: bool = True
     am_steps: int = 256
     am_lr: float = 0.05
     am_parameterisation: Literal["fourier", "pixel"] = "fourier"

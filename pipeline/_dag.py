@@ -8,7 +8,8 @@ Shape (one node per box; keys chain through ``upstream``)::
                                          └──► cka[pair]                          (layer × layer, pooled)
     stability_center[dataset]                                                    (image-centre baseline)
                                          ├──► dataset_search[instance,layer]     (top-k images per unit)
-                                         ├──► activation_max[instance,layer]     ([visualise]; + train weights)
+                                         ├──► activation_max[instance,layer]     ([visualise]; + train weights;
+                                         │                                        layer "logits" = class models)
                                          ├──► tsne[instance,layer]
                                          └──► filters[instance]                  (first RGB convolution)
 
@@ -145,6 +146,11 @@ def _visualise_nodes(config: Config, inst: Instance, model_params: dict[str, Any
                                              "method": _tsne_method(vis.tsne_method, vis.tsne_points),
                                              "seed": vis.tsne_seed, "features": vis.tsne_features},
                              upstream={"activations": extract}, digests=digests))
+    if chosen and vis.class_models and inst.init != "random" and model_params.get("num_classes"):
+        out.append(_node("activation_max", {"instance": inst.name, "layer": "logits"},
+                         {"layer": None, "model": model_params, "settings": vis.am_settings(),
+                          "batch_units": vis.am_batch_units},
+                         upstream=model_up, digests=digests, exec_params={"device": config.execution.device}))
     if chosen:
         out.append(_node("filters", {"instance": inst.name}, {"model": model_params}, upstream=model_up))
     return out

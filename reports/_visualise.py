@@ -58,6 +58,7 @@ def _am_figures(data: Any, fig_dir: Path) -> list[Any]:
         units = units_all[(units_all.get("instance") == inst) & (units_all.get("layer") == layer)] if not units_all.empty else units_all
         shown = [int(u) for u in exemplar_units(units, 16)["unit"]] if not units.empty else sorted(images)[:16]
         info = units.set_index("unit") if not units.empty else None
+        classes = list(data.dataset.class_names) if layer == "logits" else []
         cols = min(8, len(shown))
         rows = -(-len(shown) // cols)
         fig, axes = F.new_figure(1.0 * cols + 0.2, 1.25 * rows + 0.3, nrows=rows, ncols=cols, squeeze=False)
@@ -65,11 +66,19 @@ def _am_figures(data: Any, fig_dir: Path) -> list[Any]:
             ax.axis("off")
         for ax, u in zip(axes.ravel(), shown):
             ax.imshow(images[u], interpolation="nearest")
+            if classes:
+                ax.set_title(f"class {classes[u] if u < len(classes) else u}\nlogit {stats.loc[u, 'objective']:.1f}",
+                             fontsize=6)
+                continue
             name = str(info.loc[u, "name"] or "–") if info is not None else ""
             ax.set_title(f"{u} {name}\n×{stats.loc[u, 'ratio']:.1f}", fontsize=6)
         key = f"am_{safe_name(inst)}_{safe_name(layer)}"
         path = fig_dir / f"{key}.png"
         F.save_figure(fig, path)
+        if classes:
+            out.append(_fig_result(key, f"Class models ({inst})", path, "One optimised image per class logit "
+                                   "(Simonyan et al.), all classes in one batched, seeded optimisation."))
+            continue
         out.append(_fig_result(key, f"Activation maximisation: {layer} ({inst})", path,
                                f"One optimised image per unit (the {len(shown)} units with the highest concept IoU "
                                "shown), all units of the layer in one batched, seeded optimisation. Title: unit, "

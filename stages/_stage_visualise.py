@@ -4,8 +4,8 @@
   per unit by spatial-max activation (:class:`~repdissect.stages.TopK`, ties → smaller image index), tables
   ``top`` (unit, rank, image, value, argmax) and ``maps`` (unit, rank, image, height, width, map: the unit's
   layer-resolution activation map on that image, float32).
-* ``activation_max`` (per instance × layer): one optimised image per unit, every unit of the layer in one
-  batched optimisation; tables ``units`` (unit, objective, activation_max, activation_mean, dataset_max,
+* ``activation_max`` (per instance × layer, and ``layer = "logits"`` for class models): one optimised image
+  per unit (per class), every unit of the layer in one batched optimisation; tables ``units`` (unit, objective, activation_max, activation_mean, dataset_max,
   ratio) and ``images`` (unit, height, width, pixels: H·W·3 uint8 bytes, row-major RGB).
 * ``filters`` (per instance): the first RGB convolution as a grid image; table ``grid`` (layer, height, width,
   pixels).
@@ -145,14 +145,19 @@ class ActivationMaxStage(Stage):
         vis = _visualise
         settings = vis.AMSettings(**ctx.params["settings"])
         layer = ctx.params["layer"]
-        dataset_max = ctx.inputs["activations"].frame(f"units@{layer}")["max"].to_numpy(np.float64)
+        net = _network(ctx)
+        if layer is None:  # class-model visualisation (Simonyan et al.): one image per class logit
+            classes = int(ctx.params["model"].get("num_classes") or 0) or len(ctx.dataset().class_names)
+            dataset_max = np.full(classes, np.nan)
+        else:
+            dataset_max = ctx.inputs["activations"].frame(f"units@{layer}")["max"].to_numpy(np.float64)
         size = tuple(ctx.dataset().image_size)
-        result = vis.activation_maximisation(_network(ctx), layer, range(dataset_max.size), size, settings,
+        result = vis.activation_maximisation(net, layer, range(dataset_max.size), size, settings,
                                              batch_units=int(ctx.params["batch_units"]), device=ctx.device())
         units = pd.DataFrame({"unit": result.units, "objective": result.objective,
                               "activation_max": result.activation_max, "activation_mean": result.activation_mean,
                               "dataset_max": dataset_max,
-                              "ratio": result.activation_max / np.where(dataset_max > 0, dataset_max, np.nan)})
+                              "ratio": result.activation_max / np.where(dataset_max > 0, dataset_max, np.nan)})  # NaN for logits
         return StageOutput(tables={"units": units, "images": image_table(result.units, result.images)})
 
 

@@ -30,11 +30,14 @@ def test_visualise_stages_in_a_run(tmp_path, capsys):
     maps = search[(inst, "conv2")].frame("maps")
     assert len(maps) == len(top) and np.allclose([max(m) for m in maps["map"]], top["value"], rtol=1e-3)
 
-    am = dict((lab["instance"], e) for lab, e in result.entries("activation_max"))
-    assert set(am) == {"cnn@s0"}  # first seed, trained only
-    units = am["cnn@s0"].frame("units")
-    images = table_images(am["cnn@s0"].frame("images"))
+    am = dict(((lab["instance"], lab["layer"]), e) for lab, e in result.entries("activation_max"))
+    assert set(am) == {("cnn@s0", "conv2"), ("cnn@s0", "logits")}  # first seed, trained only; + class models
+    units = am[("cnn@s0", "conv2")].frame("units")
+    images = table_images(am[("cnn@s0", "conv2")].frame("images"))
     assert len(units) == len(images) == 8 and images[0].shape == (32, 32, 3)
+    classes = am[("cnn@s0", "logits")].frame("units")
+    assert list(classes["unit"]) == list(range(len(classes))) and len(classes) >= 2  # one image per class
+    assert classes["dataset_max"].isna().all()
     assert {lab["instance"] for lab, _ in result.entries("filters")} == {"cnn@s0", "cnn@s0-random"}
     points = result.tables("tsne", "points")
     assert set(points["instance"]) == {"cnn@s0", "cnn@s0-random"} and (points.groupby("instance").size() == 60).all()
@@ -42,7 +45,8 @@ def test_visualise_stages_in_a_run(tmp_path, capsys):
     assert main(["visualise", str(tmp_path / "tiny.toml"), "--dream", "3", "--octaves", "2", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     figs = tmp_path / "out" / "figures"
-    for name in ("filters.png", "tsne_cnn_conv2.png", "am_cnn_s0_conv2.png", "dream_3_conv2.png"):
+    for name in ("filters.png", "tsne_cnn_conv2.png", "am_cnn_s0_conv2.png", "am_cnn_s0_logits.png",
+                 "dream_3_conv2.png"):
         assert (figs / name).is_file(), out
     assert main(["visualise", str(tmp_path / "tiny.toml"), "--dream", "100000"]) == 2
 
