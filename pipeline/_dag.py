@@ -123,9 +123,9 @@ def _tsne_method(method: str, points: int) -> str:
 
 
 def _visualise_nodes(config: Config, inst: Instance, model_params: dict[str, Any], extract: Node,
-                     weights: Node | None, digests: dict[str, str]) -> list[Node]:
+                     weights: Node | None, digests: dict[str, str], images: int) -> list[Node]:
     """``dataset_search`` per layer of every instance; ``activation_max`` (trained nets), ``filters`` and ``tsne``
-    for the first seed of each model unless ``[visualise].instances = "all"``."""
+    for the first seed of each model unless ``[visualise].instances = "all"`` (t-SNE only from 4 images)."""
     vis = config.visualise
     if not vis.enabled:
         return []
@@ -141,7 +141,7 @@ def _visualise_nodes(config: Config, inst: Instance, model_params: dict[str, Any
                                                        "settings": vis.am_settings(), "batch_units": vis.am_batch_units},
                              upstream=model_up, digests=digests,
                              exec_params={"device": config.execution.device}))
-        if chosen and vis.tsne:
+        if chosen and vis.tsne and images >= 4:
             out.append(_node("tsne", label, {"layer": layer, "points": vis.tsne_points, "perplexity": vis.tsne_perplexity,
                                              "method": _tsne_method(vis.tsne_method, vis.tsne_points),
                                              "seed": vis.tsne_seed, "features": vis.tsne_features},
@@ -224,7 +224,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                     if config.stability.enabled and dataset.landmark_names:
                         nodes.append(_node("stability", label, {"layer": layer, "top_k": config.stability.top_k},
                                            upstream={"activations": extract}, digests=digests))
-                nodes += _visualise_nodes(config, inst, params, extract, upstream.get("weights"), digests)
+                nodes += _visualise_nodes(config, inst, params, extract, upstream.get("weights"), digests,
+                                         len(dataset))
 
     if config.stability.enabled and dataset.landmark_names:
         nodes.append(_node("stability_center", {"dataset": config.dataset.kind},

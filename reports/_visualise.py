@@ -71,7 +71,9 @@ def _am_figures(data: Any, fig_dir: Path) -> list[Any]:
                              fontsize=6)
                 continue
             name = str(info.loc[u, "name"] or "–") if info is not None else ""
-            ax.set_title(f"{u} {name}\n×{stats.loc[u, 'ratio']:.1f}", fontsize=6)
+            peak = float(stats.loc[u, "dataset_max"])
+            drive = f"×{stats.loc[u, 'activation_max'] / peak:.1f}" if peak > 0 else f"max {stats.loc[u, 'activation_max']:.1f}"
+            ax.set_title(f"{u} {name}\n{drive}", fontsize=6)
         key = f"am_{safe_name(inst)}_{safe_name(layer)}"
         path = fig_dir / f"{key}.png"
         F.save_figure(fig, path)

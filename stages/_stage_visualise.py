@@ -5,8 +5,8 @@
   ``top`` (unit, rank, image, value, argmax) and ``maps`` (unit, rank, image, height, width, map: the unit's
   layer-resolution activation map on that image, float32).
 * ``activation_max`` (per instance × layer, and ``layer = "logits"`` for class models): one optimised image
-  per unit (per class), every unit of the layer in one batched optimisation; tables ``units`` (unit, objective, activation_max, activation_mean, dataset_max,
-  ratio) and ``images`` (unit, height, width, pixels: H·W·3 uint8 bytes, row-major RGB).
+  per unit (per class), every unit of the layer in one batched optimisation; tables ``units`` (unit,
+  objective, activation_max, activation_mean; dataset_max for layers) and ``images`` (unit, height, width, pixels: H·W·3 uint8 bytes, row-major RGB).
 * ``filters`` (per instance): the first RGB convolution as a grid image; table ``grid`` (layer, height, width,
   pixels).
 * ``tsne`` (per instance × layer): a seeded t-SNE of the images' spatially pooled unit activations (the
@@ -146,18 +146,19 @@ class ActivationMaxStage(Stage):
         settings = vis.AMSettings(**ctx.params["settings"])
         layer = ctx.params["layer"]
         net = _network(ctx)
+        dataset_max = None
         if layer is None:  # class-model visualisation (Simonyan et al.): one image per class logit
-            classes = int(ctx.params["model"].get("num_classes") or 0) or len(ctx.dataset().class_names)
-            dataset_max = np.full(classes, np.nan)
+            count = int(ctx.params["model"].get("num_classes") or 0) or len(ctx.dataset().class_names)
         else:
             dataset_max = ctx.inputs["activations"].frame(f"units@{layer}")["max"].to_numpy(np.float64)
+            count = dataset_max.size
         size = tuple(ctx.dataset().image_size)
-        result = vis.activation_maximisation(net, layer, range(dataset_max.size), size, settings,
+        result = vis.activation_maximisation(net, layer, range(count), size, settings,
                                              batch_units=int(ctx.params["batch_units"]), device=ctx.device())
         units = pd.DataFrame({"unit": result.units, "objective": result.objective,
-                              "activation_max": result.activation_max, "activation_mean": result.activation_mean,
-                              "dataset_max": dataset_max,
-                              "ratio": result.activation_max / np.where(dataset_max > 0, dataset_max, np.nan)})  # NaN for logits
+                              "activation_max": result.activation_max, "activation_mean": result.activation_mean})
+        if dataset_max is not None:  # how far the image drove the unit: activation_max / dataset_max
+            units["dataset_max"] = dataset_max
         return StageOutput(tables={"units": units, "images": image_table(result.units, result.images)})
 
 

@@ -43,6 +43,10 @@ top_k = 10
 alphas = [0.0, 0.05]
 match_thresholds = [0.5]
 
+[visualise]
+am_steps = 8
+tsne_points = 60
+
 [extract]
 batch_size = 32
 
@@ -51,10 +55,6 @@ scheduler = "sync"
 workers = 2
 shard_size = {shard}
 progress = false
-
-[visualise]
-am_steps = 8
-tsne_points = 60
 """
 
 
