@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="regenerate tables, figures and index.html from the cache")
     _add_run_options(p)
 
+    p = sub.add_parser("visualise", help="unit visualisations (AM galleries, t-SNE, filters) and deep dream")
+    _add_run_options(p)
+    p.add_argument("--dream", type=int, metavar="IMAGE", help="deep-dream this dataset image index")
+    p.add_argument("--layer", help="layer to dream at (default: the model's last configured layer)")
+    p.add_argument("--octaves", type=int, default=4, help="deep dream octaves (default 4)")
+    p.add_argument("--steps", type=int, default=10, help="deep dream steps per octave (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="deep dream jitter seed")
+
     p = sub.add_parser("verify", help="re-check sha256 of every cache entry; quarantine bad ones")
     _add_run_options(p)
 
@@ -122,6 +130,48 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     result = report_from_cache(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir)
     print(summary_text(result))
+    return 0
+
+
+def _cmd_visualise(args: argparse.Namespace) -> int:
+    from ..pipeline import run
+    from ..reports import RunData, visualise_figures
+
+    result = run(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir, progress=False)
+    fig_dir = result.out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for fig in visualise_figures(RunData(result), fig_dir):
+        print(f"{fig.key}: {fig_dir / fig.path if fig.path else fig.skipped}")
+    if args.dream is not None:
+        import numpy as np
+        from PIL import Image
+
+        from ..stages import ModelSpec, StageInputError, build_model, load_checkpoint
+        from ..stages.visualise import deep_dream
+
+        data = RunData(result)
+        trained = data.trained()
+        if not trained:
+            raise StageInputError("--dream needs a trained network in the run; configure init = \"trained\"")
+        inst = next(i for i in result.plan.instances if i.name == trained[0].name)
+        dataset = data.dataset
+        if not 0 <= args.dream < len(dataset):
+            raise StageInputError(f"--dream {args.dream}: the dataset has images 0..{len(dataset) - 1}; pick one of them")
+        layer = args.layer or inst.model.layers[-1]
+        extract = data.entry("extract", instance=inst.name)
+        params = extract.manifest.get("params", {}) if extract is not None else {}
+        spec = ModelSpec(architecture=inst.model.architecture, arch_kwargs=dict(inst.model.arch),
+                         num_classes=params.get("num_classes") or len(dataset.class_names) or None,
+                         input_mean=tuple(inst.model.input_mean), input_std=tuple(inst.model.input_std))
+        train = data.entry("train", model=inst.model.name, seed=str(inst.seed))
+        state = load_checkpoint(train.file("model.pt")) if train is not None else None
+        model = build_model(spec, seed=inst.seed, state_dict=state)
+        image = dataset.load(np.array([args.dream])).images[0]
+        out = deep_dream(model, layer, image, octaves=args.octaves, steps=args.steps, seed=args.seed)
+        path = fig_dir / f"dream_{args.dream}_{layer}.png"
+        Image.fromarray(np.concatenate([image.transpose(1, 2, 0), out], axis=1)).resize(
+            (out.shape[1] * 8, out.shape[0] * 4), Image.Resampling.NEAREST).save(path)
+        print(f"deep dream of image {args.dream} at {layer} ({inst.name}): {path}")
     return 0
 
 
@@ -226,7 +276,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "verify": _cmd_verify,
              "clean": _cmd_clean, "models": _cmd_models, "layers": _cmd_layers, "dataset": _cmd_dataset,
-             "compare": _cmd_compare}
+             "compare": _cmd_compare, "visualise": _cmd_visualise}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ the value received and what is allowed. Free-form sub-tables exist only where a 
 (dataset parameters, architecture keyword arguments).
 
 Sections: ``[run]``, ``[dataset]``, ``[[models]]`` (with ``[models.train]``), ``[extract]``, ``[thresholds]``, ``[iou]``,
-``[stability]``, ``[compare]``, ``[execution]``.
+``[stability]``, ``[compare]``, ``[execution]``, ``[visualise]``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = [
     "StabilityConfig",
     "CompareConfig",
     "ExecutionConfig",
+    "VisualiseConfig",
     "load_config",
     "config_from_dict",
     "default_config_path",
@@ -263,6 +264,62 @@ class ExecutionConfig:
 
 
 @dataclass(frozen=True)
+class VisualiseConfig:
+    """Unit visualisation: dataset search, activation maximisation (AM), first-layer filters, t-SNE.
+
+    ``instances``: ``"first"`` = the first seed of each model (and its random-init baseline for filters
+    and t-SNE), ``"all"`` = every seed. AM fields are :class:`~repdissect.stages.visualise.AMSettings`;
+    ``class_models``: also one image per class logit (Simonyan et al.'s class-model visualisation, same
+    settings). ``am_batch_units`` = units optimised together (0 = every unit of the layer in one batch; the result does
+    not depend on it up to rounding, so it is keyed). ``tsne_method``: ``"sklearn"``, ``"opentsne"``
+    (optional package) or ``"auto"``; ``tsne_features``: each image's per-unit spatial ``"max"`` (what a
+    max-pooling head sees; the built-in CNN's) or ``"mean"``.
+    """
+
+    enabled: bool = True
+    instances: Literal["first", "all"] = "first"
+    top_k: int = 10
+    activation_max: bool = True
+    class_models: bool = True
+    am_steps: int = 256
+    am_lr: float = 0.05
+    am_parameterisation: Literal["fourier", "pixel"] = "fourier"
+    am_decorrelate: bool = True
+    am_objective: Literal["neuron", "channel"] = "neuron"
+    am_jitter: int = 3
+    am_blur_every: int = 0
+    am_blur_sigma: float = 0.5
+    am_decay: float = 5.0
+    am_seed: int = 0
+    am_batch_units: int = 0
+    tsne: bool = True
+    tsne_points: int = 2000
+    tsne_features: Literal["max", "mean"] = "max"
+    tsne_perplexity: float = 30.0
+    tsne_method: Literal["sklearn", "opentsne", "auto"] = "sklearn"
+    tsne_seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.top_k >= 1, f"{key}.top_k", self.top_k, "must be an integer ≥ 1")
+        _check(self.am_steps >= 1, f"{key}.am_steps", self.am_steps, "must be an integer ≥ 1")
+        _check(self.am_lr > 0, f"{key}.am_lr", self.am_lr, "must be a positive number, e.g. 0.05")
+        _check(self.am_jitter >= 0, f"{key}.am_jitter", self.am_jitter, "must be an integer ≥ 0")
+        _check(self.am_blur_every >= 0, f"{key}.am_blur_every", self.am_blur_every, "must be an integer ≥ 0 (0 = no blur)")
+        _check(self.am_blur_sigma > 0, f"{key}.am_blur_sigma", self.am_blur_sigma, "must be a positive number")
+        _check(self.am_decay >= 0, f"{key}.am_decay", self.am_decay, "must be a number ≥ 0")
+        _check(self.am_batch_units >= 0, f"{key}.am_batch_units", self.am_batch_units, "must be ≥ 0 (0 = all units)")
+        _check(self.tsne_points >= 4, f"{key}.tsne_points", self.tsne_points, "must be an integer ≥ 4")
+        _check(self.tsne_perplexity > 0, f"{key}.tsne_perplexity", self.tsne_perplexity, "must be a positive number")
+
+    def am_settings(self) -> dict[str, Any]:
+        """The keyword arguments of ``AMSettings``."""
+        return {"steps": self.am_steps, "lr": self.am_lr, "parameterisation": self.am_parameterisation,
+                "decorrelate": self.am_decorrelate, "objective": self.am_objective, "jitter": self.am_jitter,
+                "blur_every": self.am_blur_every, "blur_sigma": self.am_blur_sigma, "decay": self.am_decay,
+                "seed": self.am_seed}
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run recipe."""
 
@@ -275,6 +332,7 @@ class Config:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    visualise: VisualiseConfig = field(default_factory=VisualiseConfig)
 
     def validate(self, key: str = "") -> None:
         self.run.validate("[run]")
@@ -285,6 +343,7 @@ class Config:
         self.stability.validate("[stability]")
         self.compare.validate("[compare]")
         self.execution.validate("[execution]")
+        self.visualise.validate("[visualise]")
         _check(len(self.models) > 0, "[[models]]", [], "define at least one [[models]] table")
         names = [m.name for m in self.models]
         for i, model in enumerate(self.models):

@@ -7,6 +7,11 @@ Shape (one node per box; keys chain through ``upstream``)::
                                          └──► moments[pair,layer] ─► compare[pair,layer]
                                          └──► cka[pair]                          (layer × layer, pooled)
     stability_center[dataset]                                                    (image-centre baseline)
+                                         ├──► dataset_search[instance,layer]     (top-k images per unit)
+                                         ├──► activation_max[instance,layer]     ([visualise]; + train weights;
+                                         │                                        layer "logits" = class models)
+                                         ├──► tsne[instance,layer]
+                                         └──► filters[instance]                  (first RGB convolution)
 
 Dissection nodes (thresholds, iou) exist only for datasets with concept masks, stability nodes only for
 datasets with landmarks; comparison nodes for every dataset.
@@ -109,6 +114,51 @@ def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int,
         )
 
 
+def _tsne_method(method: str, points: int) -> str:
+    """``"auto"`` resolved here, so the key names the backend that computes the embedding (they differ)."""
+    if method != "auto":
+        return method
+    import importlib.util
+
+    from ..stages import OPENTSNE_FROM
+
+    return "opentsne" if points >= OPENTSNE_FROM and importlib.util.find_spec("openTSNE") is not None else "sklearn"
+
+
+def _visualise_nodes(config: Config, inst: Instance, model_params: dict[str, Any], extract: Node,
+                     weights: Node | None, digests: dict[str, str], images: int) -> list[Node]:
+    """``dataset_search`` per layer of every instance; ``activation_max`` (trained nets), ``filters`` and ``tsne``
+    for the first seed of each model unless ``[visualise].instances = "all"`` (t-SNE only from 4 images)."""
+    vis = config.visualise
+    if not vis.enabled:
+        return []
+    out = []
+    chosen = vis.instances == "all" or inst.seed == inst.model.seeds[0]
+    model_up = {"activations": extract, **({"weights": weights} if weights is not None else {})}
+    for layer in inst.model.layers:
+        label = {"instance": inst.name, "layer": layer}
+        out.append(_node("dataset_search", label, {"layer": layer, "top_k": vis.top_k},
+                         upstream={"activations": extract}))
+        if chosen and vis.activation_max and inst.init != "random":
+            out.append(_node("activation_max", label, {"layer": layer, "model": model_params,
+                                                       "settings": vis.am_settings(), "batch_units": vis.am_batch_units},
+                             upstream=model_up, digests=digests,
+                             exec_params={"device": config.execution.device}))
+        if chosen and vis.tsne and images >= 4:
+            out.append(_node("tsne", label, {"layer": layer, "points": vis.tsne_points, "perplexity": vis.tsne_perplexity,
+                                             "method": _tsne_method(vis.tsne_method, vis.tsne_points),
+                                             "seed": vis.tsne_seed, "features": vis.tsne_features},
+                             upstream={"activations": extract}, digests=digests))
+    if chosen and vis.class_models and inst.init != "random" and model_params.get("num_classes"):
+        out.append(_node("activation_max", {"instance": inst.name, "layer": "logits"},
+                         {"layer": None, "model": model_params, "settings": vis.am_settings(),
+                          "batch_units": vis.am_batch_units},
+                         upstream=model_up, digests=digests, exec_params={"device": config.execution.device}))
+    if chosen:
+        out.append(_node("filters", {"instance": inst.name}, {"model": model_params}, upstream=model_up))
+    return out
+
+
 def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = None,
                device: DeviceKey | None = None) -> Plan:
     """Build every node of ``config``'s run. Builds the dataset once (cheap) for its digest and shapes.
@@ -184,6 +234,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                     if config.stability.enabled and dataset.landmark_names:
                         nodes.append(_node("stability", label, {"layer": layer, "top_k": config.stability.top_k},
                                            upstream={"activations": extract}, digests=digests))
+                nodes += _visualise_nodes(config, inst, params, extract, upstream.get("weights"), digests,
+                                         len(dataset))
 
     if config.stability.enabled and dataset.landmark_names:
         nodes.append(_node("stability_center", {"dataset": config.dataset.kind},

@@ -19,6 +19,15 @@ results), :mod:`repdissect.stages` (activation readers), :mod:`repdissect.datase
 
 from ._report import REPORT_VERSION, report_from_cache, summary_text, write_report, write_run_report
 from ._tables import MeanStd, PaperTable, aggregate, latex_escape, markdown_escape, mean_std
+from ._data import RunData
+
+
+def visualise_figures(data: RunData, fig_dir):  # noqa: ANN201 - list of FigureResult
+    """The visualisation figures (AM galleries, t-SNE, filters) of a run into ``fig_dir`` (loads matplotlib)."""
+    from ._visualise import visualise_figures as build
+
+    return build(data, fig_dir)
+
 
 __all__ = [
     "REPORT_VERSION",
@@ -32,4 +41,6 @@ __all__ = [
     "aggregate",
     "latex_escape",
     "markdown_escape",
+    "RunData",
+    "visualise_figures",
 ]

@@ -1,10 +1,11 @@
 """Top-activating images per unit with the unit's thresholded region: the "dataset search" view.
 
-The constraint: exemplars come from cached outputs only — the extraction stage's per-image unit maxima
-(``summaries@<layer>``) rank the images, its activation parts give the chosen images' maps, and the
-thresholds stage gives each unit's ``T`` — and activation parts can be gigabytes (conv1 of the demo is
-0.5 MB per image), so the parts are streamed in small record batches and only the rows of the chosen
-images are kept. The region is the unit's map upsampled bilinearly to the image size (half-pixel centres,
+The constraint: exemplars come from cached outputs only — the ``dataset_search`` stage's top-k table and
+activation maps (a mergeable top-k over shards, computed once in the pipeline) when the run has it; else
+the extraction's per-image unit maxima (``summaries@<layer>``) streamed part by part through the same
+:class:`~repdissect.stages.TopK` statistic (memory ``O(units · k)``, never every image's maximum) and the
+chosen images' maps read from the activation parts in small record batches. The thresholds stage gives
+each unit's ``T``. The region is the unit's map upsampled bilinearly to the image size (half-pixel centres,
 ``align_corners=False``, the geometry the IoU tally uses) and binarised ``> T``.
 """
 
@@ -14,12 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..stages import read_summaries, table_to_arrays
+from ..stages import TopK, read_image_maps, read_summaries
 
-__all__ = ["UnitExemplars", "top_images", "read_image_maps", "region_masks", "layer_exemplars"]
+__all__ = ["UnitExemplars", "top_images", "read_image_maps", "region_masks", "layer_exemplars", "search_exemplars"]
 
 
 @dataclass
@@ -36,6 +36,8 @@ class UnitExemplars:
 def top_images(summary_parts: Iterable[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per unit, the ``k`` images with the largest spatial-max activation (ties: smaller image index first).
 
+    Streams the parts through :class:`~repdissect.stages.TopK`, so memory is ``O(C · k)``.
+
     Args:
         summary_parts: Parquet parts of an extraction ``summaries@<layer>`` table.
         k: images per unit.
@@ -43,44 +45,12 @@ def top_images(summary_parts: Iterable[str], k: int) -> tuple[np.ndarray, np.nda
     Returns:
         ``(images (C, k') int64, values (C, k') float32)`` with ``k' = min(k, N)``, best first.
     """
-    ids, maxima = [], []
+    stat = TopK(k)
     for path in summary_parts:
         summary = read_summaries(pq.read_table(path, columns=["image", "max", "argmax", "mean"]))
-        ids.append(summary.image)
-        maxima.append(summary.max)
-    image = np.concatenate(ids)
-    values = np.concatenate(maxima).T  # (C, N)
-    kk = min(k, image.size)
-    # lexsort by (image asc) then (value desc) gives a deterministic tie order.
-    order = np.stack([np.lexsort((image, -row))[:kk] for row in values])
-    return image[order], np.take_along_axis(values, order, axis=1)
-
-
-def read_image_maps(activation_parts: Sequence[str], wanted: Iterable[int], batch_rows: int = 32) -> dict[int, np.ndarray]:
-    """The ``(C, H, W)`` activation maps of the ``wanted`` images, streamed from activation parts.
-
-    A part's small ``image`` column is read first; parts holding none of the wanted images are skipped.
-    """
-    want = set(int(i) for i in wanted)
-    found: dict[int, np.ndarray] = {}
-    for path in activation_parts:
-        if len(found) == len(want):
-            break
-        pf = pq.ParquetFile(path)
-        ids = pf.read(columns=["image"]).column(0).to_numpy()
-        if not np.isin(ids, list(want)).any():
-            continue
-        schema = pf.schema_arrow
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=["image", "activations"]):
-            image = batch.column(0).to_numpy()
-            hit = np.isin(image, list(want))
-            if not hit.any():
-                continue
-            table = pa.Table.from_batches([batch], schema=schema).filter(pa.array(hit))
-            ids, acts = table_to_arrays(table)
-            for i, a in zip(ids, acts):
-                found[int(i)] = np.asarray(a, dtype=np.float32)
-    return found
+        stat.update(summary.max, summary.image)
+    res = stat.result()
+    return res["ids"], res["scores"].astype(np.float32)
 
 
 def region_masks(maps: np.ndarray, threshold: float, size: tuple[int, int]) -> np.ndarray:
@@ -123,4 +93,31 @@ def layer_exemplars(summary_parts: Sequence[str], activation_parts: Sequence[str
         ex.pixels = [pixels[int(i)] for i in ids]
         ex.masks = list(masks)
         out.append(ex)
+    return out
+
+
+def search_exemplars(top: Any, maps: Any, thresholds: np.ndarray, units: Sequence[int], dataset: Any,
+                     k: int = 5) -> list[UnitExemplars]:
+    """:func:`layer_exemplars` from a ``dataset_search`` entry's ``top`` and ``maps`` tables (pandas)."""
+    top = top[top["rank"] < k]
+    maps = maps[maps["rank"] < k]
+    units = [int(u) for u in units]
+    wanted = np.unique(top[top["unit"].isin(units)]["image"].to_numpy()) if units else np.zeros(0, np.int64)
+    pixels: dict[int, np.ndarray] = {}
+    if wanted.size:
+        batch = dataset.load(wanted)
+        for idx, img in zip(batch.index, batch.images):
+            pixels[int(idx)] = np.ascontiguousarray(np.transpose(img, (1, 2, 0)))
+    by_unit = {u: g.sort_values("rank") for u, g in top[top["unit"].isin(units)].groupby("unit")}
+    map_rows = {u: g.sort_values("rank") for u, g in maps[maps["unit"].isin(units)].groupby("unit")}
+    out = []
+    for unit in units:
+        rows, mrows = by_unit[unit], map_rows[unit]
+        ids = rows["image"].to_numpy(np.int64)
+        stack = np.stack([np.asarray(m, np.float32).reshape(int(h), int(w))
+                          for m, h, w in zip(mrows["map"], mrows["height"], mrows["width"])])
+        size = pixels[int(ids[0])].shape[:2]
+        out.append(UnitExemplars(unit=unit, images=ids, values=rows["value"].to_numpy(np.float32),
+                                 pixels=[pixels[int(i)] for i in ids],
+                                 masks=list(region_masks(stack, float(thresholds[unit]), size))))
     return out

@@ -27,7 +27,8 @@ import pandas as pd
 
 from . import _figures as F
 from ._data import RunData
-from ._exemplars import layer_exemplars
+from ._exemplars import layer_exemplars, search_exemplars
+from ._visualise import am_images, visualise_figures, with_am
 from ._paper import categories_of, concept_agreement_rows, stability_summary
 
 __all__ = ["FigureResult", "build_figures", "safe_name", "exemplar_units", "EXEMPLAR_K", "GRID_UNITS"]
@@ -444,9 +445,15 @@ def _layer_exemplars(data: RunData, fig_dir: Path, gallery_dir: Path | None, ext
     shown = exemplar_units(units, gallery_units)
     grid = exemplar_units(units, grid_units)
     order = list(dict.fromkeys([int(u) for u in grid["unit"]] + [int(u) for u in shown["unit"]]))
-    ex = {e.unit: e for e in layer_exemplars(
-        [str(p) for p in extract.parts(f"summaries@{layer}")],
-        [str(p) for p in extract.parts(f"activations@{layer}")], thr, order, data.dataset, k=k)}
+    search = data.entry("dataset_search", instance=instance, layer=layer)
+    if search is not None and k <= int(search.frame("top")["rank"].max()) + 1:
+        ex = {e.unit: e for e in search_exemplars(search.frame("top"), search.frame("maps"), thr, order, data.dataset,
+                                                  k=k)}
+    else:
+        ex = {e.unit: e for e in layer_exemplars(
+            [str(p) for p in extract.parts(f"summaries@{layer}")],
+            [str(p) for p in extract.parts(f"activations@{layer}")], thr, order, data.dataset, k=k)}
+    am = am_images(data, instance, layer)
     info = units.set_index("unit")
     fig = F.exemplar_grid(
         [ex[int(u)].pixels for u in grid["unit"]], [ex[int(u)].masks for u in grid["unit"]],
@@ -468,7 +475,7 @@ def _layer_exemplars(data: RunData, fig_dir: Path, gallery_dir: Path | None, ext
     for u in shown["unit"]:
         u = int(u)
         file = folder / f"unit_{u:04d}.png"
-        F.exemplar_strip(ex[u].pixels, ex[u].masks, cell=96).save(file, compress_level=4)
+        with_am(F.exemplar_strip(ex[u].pixels, ex[u].masks, cell=96), am.get(u)).save(file, compress_level=4)
         rec = info.loc[u]
         cards.append({"unit": u, "label": rec["name"], "category": rec["category"], "iou": float(rec["iou"]),
                       "interpretable": bool(rec["interpretable"]), "image": file, "values": ex[u].values.tolist()})
@@ -483,7 +490,7 @@ def _unit_title(rec: pd.Series, unit: int) -> str:
 
 _BUILDERS: list[Callable[[RunData, Path], Any]] = [
     correlation_figures, detectors_figure, svcca_figure, cka_figure, regression_figure, instability_figure,
-    agreement_figure,
+    agreement_figure, visualise_figures,
 ]
 
 

@@ -19,6 +19,7 @@ from ..core import StreamingStatistic, pack_arrays, unpack_arrays
 from ._errors import StageInputError
 # The stage declarations (one module per family, next to the science they wrap) register on import.
 from . import _stage_compare, _stage_dissect, _stage_extract, _stage_stability, _stage_train  # noqa: F401
+from . import _stage_visualise  # noqa: F401
 
 _EXPORTS = {
     "_stage_train": ["model_spec_from_params"],
@@ -37,6 +38,8 @@ _EXPORTS = {
     "_iou": ["IoUTally"],
     "_iou_tables": ["DEFAULT_IOU_THRESHOLD", "iou_tables"],
     "_iou_geometry": ["upsample_bilinear"],
+    "_topk": ["TopK", "keep_largest", "select_top"],
+    "_stage_visualise": ["OPENTSNE_FROM", "image_table", "read_image_maps", "table_images"],
     "_stability": ["LandmarkTopK", "argmax_locations", "center_baseline", "spatial_max_argmax", "stability_tables"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

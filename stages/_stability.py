@@ -36,6 +36,7 @@ import pyarrow as pa
 from ..datasets import Batch
 
 from ._errors import StageInputError
+from ._topk import select_top
 from ..core import StreamingStatistic, pack_arrays, unpack_arrays
 
 __all__ = [
@@ -98,14 +99,6 @@ def _landmark_arrays(batch: Batch, n: int) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(landmarks[visible]).all():
         raise StageInputError("visible landmarks must have finite coordinates")
     return landmarks, visible
-
-
-def _select_top(values, ids, dist, k: int):
-    """Per (unit, landmark) row, the k best entries by (value desc, id asc); empty slots have id −1 last."""
-    empty = ids < 0
-    # lexsort: the last key is primary.
-    order = np.lexsort((ids, -np.where(empty, 0.0, values), empty), axis=-1)[..., :k]
-    return tuple(np.take_along_axis(a, order, -1) for a in (values, ids, dist))
 
 
 class LandmarkTopK(StreamingStatistic):
@@ -183,7 +176,8 @@ class LandmarkTopK(StreamingStatistic):
             values = np.concatenate([self.values, values], axis=-1)
             ids = np.concatenate([self.ids, ids], axis=-1)
             dist = np.concatenate([self.distances, dist], axis=-1)
-        values, ids, dist = _select_top(values, ids, dist, self.top_k)
+        values, ids, rest = select_top(values, ids, self.top_k, {"dist": dist})
+        dist = rest["dist"]
         if values.shape[-1] < self.top_k:  # pad so every state has K slots
             pad = ((0, 0), (0, 0), (0, self.top_k - values.shape[-1]))
             values, dist = np.pad(values, pad), np.pad(dist, pad)

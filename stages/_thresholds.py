@@ -39,6 +39,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ._errors import StageInputError
+from ._topk import keep_largest
 from ..core import StreamingStatistic, pack_arrays, unpack_arrays
 
 __all__ = [
@@ -166,28 +167,6 @@ def topk_state_bytes(num_images: int, spatial: int, num_units: int, itemsize: in
     return (n - lo) * num_units * itemsize
 
 
-def _keep_largest(top: np.ndarray | None, new: np.ndarray, k: int) -> np.ndarray:
-    """Per row, the ``k`` largest values of ``top ∪ new`` (unordered); rows are units."""
-    if top is not None and top.shape[1] == k:
-        # Anything ≤ the current k-th largest can only tie with a value that is already kept.
-        floor = top.min(axis=1, keepdims=True)
-        keep = new > floor
-        per_row = keep.sum(axis=1)
-        width = int(per_row.max()) if per_row.size else 0
-        if width == 0:
-            return top
-        rows, cols = np.nonzero(keep)  # row-major: each row's hits are consecutive
-        slot = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-        # -inf never displaces a kept (finite) value.
-        compact = np.full((new.shape[0], width), -np.inf, dtype=new.dtype)
-        compact[rows, slot] = new[rows, cols]
-        new = compact
-    merged = new if top is None else np.concatenate([top, new], axis=1)
-    if merged.shape[1] > k:
-        merged = np.partition(merged, merged.shape[1] - k, axis=1)[:, merged.shape[1] - k :]
-    return np.ascontiguousarray(merged)
-
-
 class TopQuantile(StreamingStatistic):
     """Exact per-unit threshold at the top ``quantile`` fraction, by keeping each unit's ``k`` largest values.
 
@@ -235,7 +214,7 @@ class TopQuantile(StreamingStatistic):
         """Fold in one shard of activations ``(N, C, H, W)`` (or ``(N, C)``), float16/32/64."""
         values, spatial = _as_unit_values(acts, "TopQuantile.update")
         self._start(values.shape[0], spatial, values.dtype)
-        self._top = _keep_largest(self._top, values, self._k())
+        self._top = keep_largest(self._top, values, self._k())
         self._seen += values.shape[1]
 
     def merge(self, other: Self) -> Self:
@@ -247,7 +226,7 @@ class TopQuantile(StreamingStatistic):
         if other._top is None:
             return self
         self._start(other._layout.num_units, other._layout.spatial, np.dtype(other._layout.dtype))
-        self._top = _keep_largest(self._top, other._top, self._k())
+        self._top = keep_largest(self._top, other._top, self._k())
         self._seen += other._seen
         return self
 

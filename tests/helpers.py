@@ -43,6 +43,10 @@ top_k = 10
 alphas = [0.0, 0.05]
 match_thresholds = [0.5]
 
+[visualise]
+am_steps = 8
+tsne_points = 60
+
 [extract]
 batch_size = 32
 

@@ -1,0 +1,163 @@
+"""Visualisation figures from cached stages: activation-maximisation galleries, t-SNE maps, first-layer filters.
+
+* ``am_<instance>_<layer>`` — the AM image of the layer's most interpretable units (by IoU), titled with the
+  unit's concept and how far the image drove it (AM max / dataset max);
+* ``tsne_<model>_<layer>`` — the t-SNE of the first seed's images, trained vs random-init side by side,
+  coloured by class (top row) and by dominant concept (bottom row);
+* ``filters_<model>`` — the first RGB convolution of the trained and the random-init network.
+
+The unit cards of the page get the AM image appended to their exemplar strip (:func:`with_am`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..stages import table_images
+from . import _figures as F
+
+__all__ = ["am_images", "with_am", "visualise_figures"]
+
+
+def am_images(data: Any, instance: str, layer: str) -> dict[int, np.ndarray]:
+    """``{unit: (H, W, 3) uint8}`` of a cached ``activation_max`` node (empty when the run has none)."""
+    frame = data.node_table("activation_max", "images", instance=instance, layer=layer)
+    return {} if frame.empty else table_images(frame)
+
+
+def with_am(strip: Image.Image, am: np.ndarray | None, gap: int = 9) -> Image.Image:
+    """The exemplar strip with the unit's activation-maximisation image appended (same cell height)."""
+    if am is None:
+        return strip
+    cell = strip.height
+    out = Image.new("RGB", (strip.width + gap + cell, cell), (255, 255, 255))
+    out.paste(strip, (0, 0))
+    out.paste(Image.fromarray(am).resize((cell, cell), Image.Resampling.NEAREST), (strip.width + gap, 0))
+    return out
+
+
+def _fig_result(key: str, title: str, path: Path | None = None, caption: str = "", skipped: str = "") -> Any:
+    from ._plots import FigureResult
+
+    return FigureResult(key, title, path=path.name if path else None, caption=caption, skipped=skipped)
+
+
+def _am_figures(data: Any, fig_dir: Path) -> list[Any]:
+    from ._plots import exemplar_units, safe_name
+
+    out = []
+    units_all = data.table("iou", "units")
+    for label, entry in data.entries("activation_max"):
+        inst, layer = label["instance"], label["layer"]
+        images = table_images(entry.frame("images"))
+        stats = entry.frame("units").set_index("unit")
+        units = units_all[(units_all.get("instance") == inst) & (units_all.get("layer") == layer)] if not units_all.empty else units_all
+        shown = [int(u) for u in exemplar_units(units, 16)["unit"]] if not units.empty else sorted(images)[:16]
+        info = units.set_index("unit") if not units.empty else None
+        classes = list(data.dataset.class_names) if layer == "logits" else []
+        cols = min(8, len(shown))
+        rows = -(-len(shown) // cols)
+        fig, axes = F.new_figure(1.0 * cols + 0.2, 1.25 * rows + 0.3, nrows=rows, ncols=cols, squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, u in zip(axes.ravel(), shown):
+            ax.imshow(images[u], interpolation="nearest")
+            if classes:
+                ax.set_title(f"class {classes[u] if u < len(classes) else u}\nlogit {stats.loc[u, 'objective']:.1f}",
+                             fontsize=6)
+                continue
+            name = str(info.loc[u, "name"] or "–") if info is not None else ""
+            peak = float(stats.loc[u, "dataset_max"])
+            drive = f"×{stats.loc[u, 'activation_max'] / peak:.1f}" if peak > 0 else f"max {stats.loc[u, 'activation_max']:.1f}"
+            ax.set_title(f"{u} {name}\n{drive}", fontsize=6)
+        key = f"am_{safe_name(inst)}_{safe_name(layer)}"
+        path = fig_dir / f"{key}.png"
+        F.save_figure(fig, path)
+        if classes:
+            out.append(_fig_result(key, f"Class models ({inst})", path, "One optimised image per class logit "
+                                   "(Simonyan et al.), all classes in one batched, seeded optimisation."))
+            continue
+        out.append(_fig_result(key, f"Activation maximisation: {layer} ({inst})", path,
+                               f"One optimised image per unit (the {len(shown)} units with the highest concept IoU "
+                               "shown), all units of the layer in one batched, seeded optimisation. Title: unit, "
+                               "concept, and the unit's activation on the image over its maximum on the dataset."))
+    return out
+
+
+def _tsne_figures(data: Any, fig_dir: Path) -> list[Any]:
+    from ._plots import safe_name
+
+    out = []
+    points = data.table("tsne", "points")
+    if points.empty:
+        return out
+    classes = list(getattr(data.dataset, "class_names", []) or [])
+    for model, layers in data.models:
+        for layer in layers:
+            sub = points[(points["model"] == model) & (points["layer"] == layer)]
+            if sub.empty:
+                continue
+            panels = [(inst, g) for inst, g in sorted(sub.groupby("instance"), key=lambda t: (t[0].endswith("-random"), t[0]))]
+            fig, axes = F.new_figure(3.2 * len(panels), 6.0, nrows=2, ncols=len(panels), squeeze=False)
+            # concepts named like a class get that class's colour; the others follow
+            present = set(sub["concept_name"]) - {""}
+            concepts = [c for c in classes if c in present] + sorted(present - set(classes))
+            for col, (inst, g) in enumerate(panels):
+                for row, (field, names) in enumerate((("class_label", classes), ("concept_name", concepts))):
+                    ax = axes[row, col]
+                    values = g[field].to_numpy()
+                    if field == "class_label":
+                        cats = sorted(set(values))
+                        colour = {c: int(c) for c in cats}
+                    else:
+                        cats = concepts
+                        extra = [c for c in concepts if c not in classes]
+                        colour = {c: classes.index(c) if c in classes else len(classes) + extra.index(c) for c in cats}
+                    cmap = F.plt.get_cmap("tab10" if max(colour.values(), default=0) < 10 else "tab20")
+                    for c in cats:
+                        m = values == c
+                        label = (names[c] if field == "class_label" and 0 <= c < len(names) else str(c))
+                        ax.scatter(g["x"][m], g["y"][m], s=3, color=cmap(colour[c] % cmap.N), label=label,
+                                   linewidths=0)
+                    ax.set_xticks([]), ax.set_yticks([])
+                    ax.set_title(f"{inst}: by {'class' if row == 0 else 'dominant concept'}", fontsize=7)
+                    if col == len(panels) - 1:
+                        ax.legend(fontsize=5, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+            key = f"tsne_{safe_name(model)}_{safe_name(layer)}"
+            path = fig_dir / f"{key}.png"
+            F.save_figure(fig, path)
+            out.append(_fig_result(key, f"t-SNE of {data.layer_title(model, layer)}", path,
+                                   "t-SNE of each image's spatially pooled unit activations (seeded; PCA init; "
+                                   "colours shared by a class and the concept of the same name), "
+                                   "trained network vs its random initialisation. Distances between clusters and "
+                                   "cluster sizes carry no meaning."))
+    return out
+
+
+def _filter_figures(data: Any, fig_dir: Path) -> list[Any]:
+    from ._plots import safe_name
+
+    entries = data.entries("filters")
+    if not entries:
+        return []
+    entries = sorted(entries, key=lambda t: (t[0]["instance"].endswith("-random"), t[0]["instance"]))
+    fig, axes = F.new_figure(3.0 * len(entries), 3.2, ncols=len(entries), squeeze=False)
+    for ax, (label, entry) in zip(axes[0], entries):
+        frame = entry.frame("grid")
+        ax.imshow(table_images(frame)[0], interpolation="nearest")
+        ax.axis("off")
+        ax.set_title(f"{label['instance']}: {frame['layer'].iloc[0]}", fontsize=7)
+    key = "filters"
+    path = fig_dir / f"{safe_name(key)}.png"
+    F.save_figure(fig, path)
+    return [_fig_result(key, "First-layer filters", path,
+                        "The first RGB convolution's filters, each min–max scaled on its own; trained vs random init.")]
+
+
+def visualise_figures(data: Any, fig_dir: Path) -> list[Any]:
+    """Every visualisation figure of the run (none when the run has no visualisation stages)."""
+    return _filter_figures(data, fig_dir) + _tsne_figures(data, fig_dir) + _am_figures(data, fig_dir)
