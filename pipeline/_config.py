@@ -7,7 +7,7 @@ the value received and what is allowed. Free-form sub-tables exist only where a 
 (dataset parameters, architecture keyword arguments).
 
 Sections: ``[run]``, ``[dataset]``, ``[[models]]`` (with ``[models.train]``), ``[extract]``, ``[thresholds]``, ``[iou]``,
-``[stability]``, ``[compare]``, ``[execution]``.
+``[stability]``, ``[compare]``, ``[execution]``, ``[attribution]``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Literal, Mapping
 
 from ..core import polars_unavailable_reason
 from ..stages import StageInputError, TrainConfig
+from ._config_attribution import AttributionConfig
 from ._errors import ConfigError
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "StabilityConfig",
     "CompareConfig",
     "ExecutionConfig",
+    "AttributionConfig",
     "load_config",
     "config_from_dict",
     "default_config_path",
@@ -249,6 +251,7 @@ class Config:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
 
     def validate(self, key: str = "") -> None:
         self.run.validate("[run]")
@@ -259,6 +262,7 @@ class Config:
         self.stability.validate("[stability]")
         self.compare.validate("[compare]")
         self.execution.validate("[execution]")
+        self.attribution.validate("[attribution]")
         _check(len(self.models) > 0, "[[models]]", [], "define at least one [[models]] table")
         names = [m.name for m in self.models]
         for i, model in enumerate(self.models):

@@ -7,6 +7,7 @@ Shape (one node per box; keys chain through ``upstream``)::
                                          └──► moments[pair,layer] ─► compare[pair,layer]
                                          └──► cka[pair]                          (layer × layer, pooled)
     stability_center[dataset]                                                    (image-centre baseline)
+    extract, train ─► attribute[instance,layer];  iou, train ─► attribution_mass[instance,layer]   ([attribution])
 
 Dissection nodes (thresholds, iou) exist only for datasets with concept masks, stability nodes only for
 datasets with landmarks; comparison nodes for every dataset.
@@ -29,6 +30,7 @@ from typing import Any, Callable
 from .. import stages as _stages  # noqa: F401  (importing the science registers the built-in stages)
 from ..core import Node, get_stage, load_dataset
 from ._config import Config, ModelConfig
+from ._dag_attribution import attribution_nodes
 from ._errors import ConfigError
 
 __all__ = ["Plan", "Instance", "build_plan"]
@@ -204,6 +206,7 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
             nodes.append(_node("cka", {"a": a.name, "b": b.name, "kind": kind},
                                {"layers_a": list(a.model.layers), "layers_b": list(b.model.layers)},
                                upstream={"a": ea, "b": eb}))
+    nodes += attribution_nodes(config, dataset, instances, extract_of, nodes, _node, digests, exec_common)
     for model, classes in checks:
         extracts = [extract_of[i.name] for i in instances if i.model is model]
         if is_cached is None or not all(is_cached(node) for node in extracts):

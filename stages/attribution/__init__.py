@@ -13,7 +13,9 @@ against captum where it has the method.
 """
 
 from ._cam import cam, grad_cam, guided_grad_cam, upsample
-from ._engine import UnitTarget, backward_maps, module_by_name, target_scores
+from ._dataset import ConceptMass, concept_masks, maps_from_table, maps_table, mass_fractions, top_exemplars
+from ._dispatch import METHODS, attribute
+from ._engine import RowUnitTarget, UnitTarget, backward_maps, module_by_name, target_scores
 from ._gradients import deconvnet, guided_backprop, saliency, saliency_map, smoothgrad
 from ._lime import grid_segments, lime, ridge_surrogate
 from ._lrp import LRP_RULES, lrp
@@ -21,7 +23,8 @@ from ._occlusion import occlusion, occlusion_positions
 from ._relu import RULES, relu_backward_rule, relu_rule
 
 __all__ = [
-    "LRP_RULES", "RULES", "UnitTarget", "backward_maps", "cam", "deconvnet", "grad_cam", "grid_segments",
+    "ConceptMass", "LRP_RULES", "METHODS", "attribute", "RULES", "concept_masks", "maps_from_table", "maps_table", "mass_fractions",
+    "top_exemplars", "RowUnitTarget", "UnitTarget", "backward_maps", "cam", "deconvnet", "grad_cam", "grid_segments",
     "guided_backprop", "guided_grad_cam", "lime", "lrp", "module_by_name", "occlusion", "occlusion_positions",
     "relu_backward_rule", "relu_rule", "ridge_surrogate", "saliency", "saliency_map", "smoothgrad",
     "target_scores", "upsample",

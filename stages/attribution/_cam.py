@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import StageInputError
-from ._engine import Target, UnitTarget, _forward, backward_maps, class_indices, module_by_name
+from ._engine import RowUnitTarget, Target, UnitTarget, _forward, backward_maps, class_indices, module_by_name
 from ._relu import relu_rule
 
 __all__ = ["cam", "grad_cam", "guided_grad_cam", "upsample"]
@@ -58,7 +58,7 @@ def cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None, *,
 def grad_cam(model: nn.Module, x: torch.Tensor, target: Target, *, layer: str, relu: bool = False,
              unit_chunk: int = 16) -> torch.Tensor:
     """Grad-CAM at ``layer``: ``(N, h, w)`` (class) or ``(N, U, h, w)`` (units), raw unless ``relu``."""
-    if isinstance(target, UnitTarget) and target.layer == layer:
+    if isinstance(target, (UnitTarget, RowUnitTarget)) and target.layer == layer:
         raise StageInputError(f"Grad-CAM of a unit of {layer!r} must be taken at a layer below it, not {layer!r}")
     with relu_rule(model, "plain"):
         g, a = backward_maps(model, x, target, wrt=layer, unit_chunk=unit_chunk)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .._errors import StageInputError
 
-__all__ = ["UnitTarget", "Target", "module_by_name", "class_indices", "backward_maps", "target_scores"]
+__all__ = ["UnitTarget", "RowUnitTarget", "Target", "module_by_name", "class_indices", "backward_maps", "target_scores"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,21 @@ class UnitTarget:
             raise StageInputError(f"UnitTarget.reduce must be 'mean' or 'max'; got {self.reduce!r}")
 
 
-Target = int | Sequence[int] | torch.Tensor | UnitTarget
+@dataclass(frozen=True)
+class RowUnitTarget:
+    """One unit per input row: row ``i`` explains unit ``units[i]`` of ``layer`` (e.g. each unit's own exemplars
+    stacked into one batch). Maps have no unit axis: ``(N, ...)`` like a class target."""
+
+    layer: str
+    units: Sequence[int]
+    reduce: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("mean", "max"):
+            raise StageInputError(f"RowUnitTarget.reduce must be 'mean' or 'max'; got {self.reduce!r}")
+
+
+Target = int | Sequence[int] | torch.Tensor | UnitTarget | RowUnitTarget
 
 
 class _Stop(Exception):
@@ -158,26 +172,22 @@ def backward_maps(
     if x.ndim < 2:
         raise StageInputError(f"inputs must be batched (N, C, H, W); got shape {tuple(x.shape)}")
     x = x.detach()
+    if isinstance(target, RowUnitTarget):
+        cols = [int(u) for u in target.units]
+        if len(cols) != x.shape[0]:
+            raise StageInputError(f"RowUnitTarget has {len(cols)} units for {x.shape[0]} inputs; give one per input")
+        _units(UnitTarget(target.layer, cols), _layer_channels(model, x, target.layer))
+        return _unit_rows(model, x, cols, target.layer, target.reduce, wrt, relevance)
     if isinstance(target, UnitTarget):
         units = _units(target, _layer_channels(model, x, target.layer))
         grads, ats = [], []
         for start in range(0, len(units), max(1, int(unit_chunk))):
             chunk = units[start:start + max(1, int(unit_chunk))]
             m = len(chunk)
-            xr = x.repeat_interleave(m, dim=0).requires_grad_(True)
-            names = [target.layer] + ([wrt] if wrt else [])
-            _, store = _forward(model, xr, names, stop=True)
-            a = store[target.layer]
-            rows = torch.arange(a.shape[0], device=a.device)
-            cols = torch.as_tensor(chunk, device=a.device).repeat(x.shape[0])
-            phi = _reduce(a[rows, cols], target.reduce)
-            wrt_t = store[wrt] if wrt else xr
-            seed = torch.autograd.grad(phi.sum(), a, retain_graph=True)[0]
-            if relevance:
-                seed = seed * a.detach()
-            g = torch.autograd.grad(a, wrt_t, grad_outputs=seed)[0]
+            g, at = _unit_rows(model, x.repeat_interleave(m, dim=0), chunk * x.shape[0], target.layer,
+                               target.reduce, wrt, relevance)
             grads.append(g.reshape(x.shape[0], m, *g.shape[1:]))
-            ats.append(wrt_t.detach().reshape(x.shape[0], m, *wrt_t.shape[1:]))
+            ats.append(at.reshape(x.shape[0], m, *at.shape[1:]))
         return torch.cat(grads, 1), torch.cat(ats, 1)
     xr = x.clone().requires_grad_(True)
     out, store = _forward(model, xr, [wrt] if wrt else [], stop=False)
@@ -194,12 +204,34 @@ def backward_maps(
     return g, wrt_t.detach()
 
 
+def _unit_rows(model: nn.Module, xr: torch.Tensor, cols: list[int], layer: str, reduce: str, wrt: str | None,
+               relevance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``i`` of ``xr`` explains unit ``cols[i]``: one truncated forward, one backward for all rows."""
+    xr = xr.detach().clone().requires_grad_(True)
+    _, store = _forward(model, xr, [layer] + ([wrt] if wrt else []), stop=True)
+    a = store[layer]
+    rows = torch.arange(a.shape[0], device=a.device)
+    phi = _reduce(a[rows, torch.as_tensor(cols, device=a.device)], reduce)
+    wrt_t = store[wrt] if wrt else xr
+    seed = torch.autograd.grad(phi.sum(), a, retain_graph=True)[0]
+    if relevance:
+        seed = seed * a.detach()
+    return torch.autograd.grad(a, wrt_t, grad_outputs=seed)[0], wrt_t.detach()
+
+
 def target_scores(model: nn.Module, x: torch.Tensor, target: Target, *, units: list[int] | None = None) -> torch.Tensor:
     """``(N, T)`` explained values without gradients: the target logit(s) (T = 1) or every unit's φ (T = U).
 
     For a unit target the forward stops at the layer. ``units`` fixes the unit list (else from the target).
     """
     with torch.no_grad():
+        if isinstance(target, RowUnitTarget):
+            _, store = _forward(model, x, [target.layer], stop=True)
+            a = store[target.layer]
+            cols = torch.as_tensor([int(u) for u in target.units], device=a.device)
+            if cols.numel() != a.shape[0]:  # a batch of stacked copies (occlusion, LIME): repeat the unit list
+                cols = cols.repeat(a.shape[0] // max(cols.numel(), 1))
+            return _reduce(a[torch.arange(a.shape[0], device=a.device), cols], target.reduce)[:, None]
         if isinstance(target, UnitTarget):
             _, store = _forward(model, x, [target.layer], stop=True)
             a = store[target.layer]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._errors import StageInputError
-from ._engine import Target, UnitTarget, resolve_units, target_scores
+from ._engine import RowUnitTarget, Target, UnitTarget, resolve_units, target_scores
 
 __all__ = ["lime", "grid_segments", "ridge_surrogate"]
 
@@ -56,6 +56,8 @@ def _one_target(target: Target, i: int) -> Target:
     """Image ``i``'s target (a per-image class list becomes that image's class)."""
     if isinstance(target, UnitTarget):
         return target
+    if isinstance(target, RowUnitTarget):
+        return RowUnitTarget(target.layer, [int(target.units[i])], target.reduce)
     t = torch.as_tensor(target).reshape(-1)
     return int(t[i] if t.numel() > 1 else t[0])
 

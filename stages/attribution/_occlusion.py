@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._errors import StageInputError
-from ._engine import Target, UnitTarget, resolve_units, target_scores
+from ._engine import RowUnitTarget, Target, UnitTarget, resolve_units, target_scores
 
 __all__ = ["occlusion", "occlusion_positions"]
 
@@ -37,7 +37,7 @@ def occlusion_positions(size: int, window: int, stride: int) -> list[tuple[int, 
 
 def _repeat(target: Target, times: int) -> Target:
     """A per-example class list repeated for ``times`` stacked copies of the batch (copies outermost)."""
-    if isinstance(target, UnitTarget):
+    if isinstance(target, (UnitTarget, RowUnitTarget)):
         return target
     t = torch.as_tensor(target).reshape(-1)
     return t if t.numel() == 1 else t.repeat(times)

@@ -9,7 +9,7 @@ from torch import nn
 
 from repdissect.stages import StageInputError
 from repdissect.stages.attribution import (
-    UnitTarget, cam, deconvnet, grad_cam, grid_segments, guided_backprop, guided_grad_cam, lime, lrp, occlusion,
+    RowUnitTarget, UnitTarget, cam, deconvnet, grad_cam, grid_segments, guided_backprop, guided_grad_cam, lime, lrp, occlusion,
     relu_backward_rule, ridge_surrogate, saliency, smoothgrad, upsample,
 )
 
@@ -266,3 +266,15 @@ def test_bad_targets_are_one_clear_error() -> None:
         saliency(model, x, UnitTarget("nope"))
     with pytest.raises(StageInputError, match="units"):
         saliency(model, x, UnitTarget("conv2", units=[6]))
+
+
+@pytest.mark.parametrize("method", [guided_backprop, lrp, lambda m, x, t: grad_cam(m, x, t, layer="conv1"),
+                                    lambda m, x, t: occlusion(m, x, t, window=(2, 2), stride=(2, 2)),
+                                    lambda m, x, t: lime(m, x, t, cell=4, samples=16)])
+def test_row_unit_targets_pick_each_rows_unit(method) -> None:
+    """Row i explaining unit u_i equals row i of the all-units call at unit u_i."""
+    model, x = make(), inputs(3)
+    units = [4, 0, 4]
+    rows = method(model, x, RowUnitTarget("act2", units, reduce="mean"))
+    full = method(model, x, UnitTarget("act2", reduce="mean"))
+    torch.testing.assert_close(rows, full[torch.arange(3), torch.tensor(units)])
