@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import one_torch_thread  # noqa: F401  (autouse: single-threaded torch)
+
 from repdissect.stages import StageInputError
 from repdissect.stages.attribution import (
     RowUnitTarget, UnitTarget, cam, deconvnet, grad_cam, grid_segments, guided_backprop, guided_grad_cam, lime, lrp, occlusion,
