@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from ._attribution import attribution_figures, attribution_summary_line
 from ._data import RunData
 from ._html import Page, UnitCard, definition_list, esc, figure_html, gallery_html, link, table_html
 from ._paper import TableResult, build_tables, stability_summary
@@ -71,6 +72,7 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
             table_files[t.key] = {fmt: _rel(p, out) for fmt, p in t.table.write(tables_dir).items()}
 
     figures = build_figures(data, fig_dir)
+    figures += attribution_figures(data, fig_dir)
     exemplars, galleries = exemplar_figures(data, fig_dir, gallery_units=gallery_units, gallery_dir=units_dir)
     for f in figures + exemplars:
         if f.path:
@@ -257,6 +259,8 @@ def summary_text(result: Any) -> str:
     if train:
         acc = mean_std(train)
         out.append(f"  final val accuracy: {acc.text()} over seeds")
+    if (line := attribution_summary_line(data)) is not None:
+        out.append(line)
     out.append(f"  report: {Path(result.out_dir) / 'index.html'}")
     return "\n".join(out)
 
