@@ -49,11 +49,13 @@ _UNSUPPORTED = (nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.S
 def relu_backward_rule(x: torch.Tensor, g: torch.Tensor, rule: str) -> torch.Tensor:
     """The table above: the gradient a ReLU with input ``x`` passes back for incoming gradient ``g``."""
     if rule == "plain":
-        return g * (x > 0)
+        return torch.where(x > 0, g, 0.0)
     if rule == "deconvnet":
         return g.clamp(min=0)
     if rule == "guided":
-        return g.clamp(min=0) * (x > 0)
+        return torch.where((x > 0) & (g > 0), g, 0.0)
+    if rule == "linear":  # internal: receptive-field probing (every path counts)
+        return g
     raise StageInputError(f"unknown ReLU rule {rule!r}; use one of {RULES}")
 
 
@@ -78,7 +80,7 @@ class _RuleReLU(nn.Module):
         self.rule = rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RuleReLUFn.apply(x, self.rule)
+        return _RuleReLUFn.apply(x, _active_rule() or self.rule)  # the innermost active rule wins
 
 
 _STATE = threading.local()
@@ -152,9 +154,9 @@ def relu_rule(model: nn.Module, rule: str) -> Iterator[nn.Module]:
     The model is modified in place (its ``nn.ReLU`` children swapped) and restored on exit, even on error.
     Not safe for two threads using the *same* model object at once: give each its own copy.
     """
-    if rule not in RULES:
+    if rule not in RULES + ("linear",):
         raise StageInputError(f"unknown ReLU rule {rule!r}; use one of {RULES}")
-    if rule != "plain":
+    if rule in ("guided", "deconvnet"):
         _check_activations(model, rule)
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in model.modules():

@@ -280,3 +280,26 @@ def test_row_unit_targets_pick_each_rows_unit(method) -> None:
     rows = method(model, x, RowUnitTarget("act2", units, reduce="mean"))
     full = method(model, x, UnitTarget("act2", reduce="mean"))
     torch.testing.assert_close(rows, full[torch.arange(3), torch.tensor(units)])
+
+
+def test_receptive_field_crops_equal_the_whole_image_gradient() -> None:
+    """The max-unit fast path (crops around each unit's argmax) gives exactly the whole-image gradients."""
+    from repdissect.stages.attribution import backward_maps, relu_rule
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(5, 6, 3, padding=1), nn.ReLU()).double().eval()
+    x = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for rule in ("plain", "guided", "deconvnet"):
+        with relu_rule(model, rule):
+            fast = backward_maps(model, x, UnitTarget("7"), unit_chunk=4)[0]
+            slow = backward_maps(model, x, UnitTarget("7"), unit_chunk=4, crop=False)[0]
+            rows = backward_maps(model, x, RowUnitTarget("7", [5, 0, 2]))[0]
+        assert fast.abs().sum() > 0
+        torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rows, slow[torch.arange(3), torch.tensor([5, 0, 2])], rtol=1e-10, atol=1e-12)
+    # the crop really is smaller than the image here, so the fast path ran
+    from repdissect.stages.attribution._engine import _receptive_field
+    sy, sx, up, down, left, right = _receptive_field(model, x, "7")
+    assert (sy, sx) == (4, 4) and up + down + 8 < 40
