@@ -54,6 +54,13 @@ def test_attribution_is_cached_and_sharding_never_changes_a_bit(tmp_path: Path) 
     assert ((mass["mass"] >= 0) & (mass["mass"] <= 1)).all() and (mass["images"] > 0).all()
     again = run(_config(tmp_path / "a", shard=40))
     assert all(r.hit for r in again.results.values())
+    from repdissect.reports import summary_text, write_run_report
+
+    write_run_report(again)
+    figures = {p.name for p in (tmp_path / "a" / "out" / "figures").iterdir()}
+    assert {"attribution_units_cnn_s0_conv2.png", "attribution_classes_cnn_s0_conv2.png"} <= figures
+    assert (tmp_path / "a" / "out" / "tables" / "9_attribution_mass.csv").is_file()
+    assert "attribution concept mass" in summary_text(again)
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -65,3 +72,20 @@ def test_attribution_is_cached_and_sharding_never_changes_a_bit(tmp_path: Path) 
 def test_bad_attribution_config_is_one_clear_error(tmp_path: Path, extra: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         run(_config(tmp_path, shard=40, extra=extra))
+
+
+@pytest.mark.slow
+def test_cli_attribute_turns_the_section_on_and_writes_the_galleries(tmp_path: Path, capsys) -> None:
+    from repdissect.cli import main
+
+    config = write_tiny_config(tmp_path, layers=("conv1", "conv2"), shard=48)
+    config.write_text(config.read_text() + "\n[attribution]\nunit_methods = [\"guided_backprop\"]\n"
+                      "class_methods = [\"saliency\"]\nunits = [0, 1]\ntop_k = 1\nmass_images = 16\n")
+    assert main(["attribute", str(config), "--images", "0,3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "attribution concept mass" in out
+    figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
+    assert {"attribution_units_cnn_s0_conv2.png", "attribution_classes_cnn_s0_conv2.png"} <= figures
+    assert (tmp_path / "out" / "tables" / "9_attribution_mass.csv").is_file()
+    assert main(["attribute", str(config), "--images", "0,x"]) == 2
+    assert "--images" in capsys.readouterr().err
