@@ -22,7 +22,7 @@ from ._data import RunData
 from ._exemplars import read_image_maps, region_masks
 from ._tables import PaperTable
 
-__all__ = ["attribution_figures", "attribution_mass_table", "attribution_summary_line"]
+__all__ = ["attribution_figures", "attribution_mass_table", "attribution_tables", "attribution_summary_line"]
 
 log = logging.getLogger("repdissect.reports")
 
@@ -220,6 +220,20 @@ def attribution_mass_table(data: RunData) -> PaperTable | None:
                  "mask share, i.e. what a uniform map would get; Conc. = Mass / Area (> 1: the map prefers the "
                  "concept). Means over units; Interp. = units with IoU above the threshold."),
     )
+
+
+def attribution_tables(data: RunData) -> list[Any]:
+    """The attribution tables as report ``TableResult`` s — none when the run has no attribution stages."""
+    from ._paper import TableResult
+
+    if not data.has_stage("attribution_mass"):
+        return []
+    try:
+        table = attribution_mass_table(data)
+    except Exception as exc:  # noqa: BLE001 - one broken table must not cost the run its whole report
+        log.warning("report table attribution_mass failed", exc_info=True)
+        return [TableResult("attribution_mass", None, f"failed: {type(exc).__name__}: {exc}")]
+    return [TableResult("attribution_mass", table, "" if table is not None else "no attribution-mass results")]
 
 
 def attribution_summary_line(data: RunData) -> str | None:

@@ -30,7 +30,6 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from ._attribution import attribution_mass_table
 from ._data import RunData
 from ._tables import PaperTable, mean_std
 
@@ -410,7 +409,6 @@ _BUILDERS: list[tuple[str, Callable[[RunData], PaperTable | None], str]] = [
     ("similarity", similarity_table, "no comparisons in this run"),
     ("concept_agreement", concept_agreement, "needs both comparisons and IoU results"),
     ("training", training_summary, "no trained networks in this run"),
-    ("attribution_mass", attribution_mass_table, "no attribution-mass results ([attribution] is off or no IoU labels)"),
 ]
 
 

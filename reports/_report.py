@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from ._attribution import attribution_figures, attribution_summary_line
+from ._attribution import attribution_figures, attribution_summary_line, attribution_tables
 from ._data import RunData
 from ._html import Page, UnitCard, definition_list, esc, figure_html, gallery_html, link, table_html
 from ._paper import TableResult, build_tables, stability_summary
@@ -65,7 +65,7 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
 
     from ._plots import build_figures, exemplar_figures  # matplotlib/torch load only when figures are drawn
 
-    tables = build_tables(data)
+    tables = build_tables(data) + attribution_tables(data)
     table_files: dict[str, dict[str, str]] = {}
     for t in tables:
         if t.table is not None:
