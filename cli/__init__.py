@@ -40,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip writing tables, figures and index.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("attribute", help="run with the [attribution] section on: unit galleries, class panels, "
+                                         "concept mass (cached like every stage)")
+    _add_run_options(p)
+    p.add_argument("--layers", help="comma-separated layers whose units are explained (overrides [attribution].layers)")
+    p.add_argument("--images", help="comma-separated dataset indexes for the class panels (overrides "
+                                    "[attribution].images)")
+    p.add_argument("--scheduler", help='"local" (default LocalCluster), "sync" (in-process) or tcp://HOST:PORT')
+    p.add_argument("--workers", type=int, help="LocalCluster worker processes")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device for extraction and attribution")
+    p.add_argument("--no-report", action="store_true", help="skip writing tables, figures and index.html")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     p = sub.add_parser("status", help="which nodes are cached, and why the others are not")
     _add_run_options(p)
 
@@ -111,6 +123,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
         write_run_report(result)
         print(summary_text(result))
     return 0
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        from ..pipeline import ConfigError
+
+        raise ConfigError(f"{option} {text!r} is not a comma-separated list of integers; e.g. {option} 0,5,17") from None
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from ..pipeline import resolve_config
+
+    cfg = resolve_config(args.config)
+    section = {"enabled": True}
+    if args.layers:
+        section["layers"] = [v.strip() for v in args.layers.split(",") if v.strip()]
+    if args.images:
+        section["images"] = _int_list(args.images, "--images")
+    args.config = cfg.with_overrides(attribution=section)
+    return _cmd_run(args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -274,7 +308,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "verify": _cmd_verify,
+_COMMANDS = {"run": _cmd_run, "attribute": _cmd_attribute, "status": _cmd_status, "report": _cmd_report, "verify": _cmd_verify,
              "clean": _cmd_clean, "models": _cmd_models, "layers": _cmd_layers, "dataset": _cmd_dataset,
              "compare": _cmd_compare, "visualise": _cmd_visualise}
 

@@ -7,7 +7,7 @@ the value received and what is allowed. Free-form sub-tables exist only where a 
 (dataset parameters, architecture keyword arguments).
 
 Sections: ``[run]``, ``[dataset]``, ``[[models]]`` (with ``[models.train]``), ``[extract]``, ``[thresholds]``, ``[iou]``,
-``[stability]``, ``[compare]``, ``[execution]``, ``[visualise]``.
+``[stability]``, ``[compare]``, ``[execution]``, ``[visualise]``, ``[attribution]``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Literal, Mapping
 
 from ..core import polars_unavailable_reason
 from ..stages import StageInputError, TrainConfig
+from ._config_attribution import AttributionConfig
 from ._errors import ConfigError
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "CompareConfig",
     "ExecutionConfig",
     "VisualiseConfig",
+    "AttributionConfig",
     "load_config",
     "config_from_dict",
     "default_config_path",
@@ -333,6 +335,7 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     visualise: VisualiseConfig = field(default_factory=VisualiseConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
 
     def validate(self, key: str = "") -> None:
         self.run.validate("[run]")
@@ -344,6 +347,7 @@ class Config:
         self.compare.validate("[compare]")
         self.execution.validate("[execution]")
         self.visualise.validate("[visualise]")
+        self.attribution.validate("[attribution]")
         _check(len(self.models) > 0, "[[models]]", [], "define at least one [[models]] table")
         names = [m.name for m in self.models]
         for i, model in enumerate(self.models):

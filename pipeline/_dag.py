@@ -13,6 +13,8 @@ Shape (one node per box; keys chain through ``upstream``)::
                                          ├──► tsne[instance,layer]
                                          └──► filters[instance]                  (first RGB convolution)
 
+    extract, train ─► attribute[instance,layer];  iou, train ─► attribution_mass[instance,layer]   ([attribution])
+
 Dissection nodes (thresholds, iou) exist only for datasets with concept masks, stability nodes only for
 datasets with landmarks; comparison nodes for every dataset.
 
@@ -36,6 +38,7 @@ from .. import stages as _stages  # noqa: F401  (importing the science registers
 from ..core import Node, get_stage, load_dataset
 from ._config import Config, ModelConfig
 from ._device_key import DeviceKey, probe_device
+from ._dag_attribution import attribution_nodes
 from ._errors import ConfigError
 
 __all__ = ["Plan", "Instance", "build_plan"]
@@ -267,6 +270,7 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
             nodes.append(_node("cka", {"a": a.name, "b": b.name, "kind": kind},
                                {"layers_a": list(a.model.layers), "layers_b": list(b.model.layers)},
                                upstream={"a": ea, "b": eb}))
+    nodes += attribution_nodes(config, dataset, instances, extract_of, nodes, _node, digests, exec_common)
     for model, classes in checks:
         extracts = [extract_of[i.name] for i in instances if i.model is model]
         if is_cached is None or not all(is_cached(node) for node in extracts):

@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from ._convergence import convergence_lines
+from ._attribution import attribution_figures, attribution_summary_line, attribution_tables
 from ._data import RunData
 from ._html import Page, UnitCard, definition_list, esc, figure_html, gallery_html, link, table_html
 from ._paper import TableResult, build_tables, stability_summary
@@ -65,13 +66,14 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
 
     from ._plots import build_figures, exemplar_figures  # matplotlib/torch load only when figures are drawn
 
-    tables = build_tables(data)
+    tables = build_tables(data) + attribution_tables(data)
     table_files: dict[str, dict[str, str]] = {}
     for t in tables:
         if t.table is not None:
             table_files[t.key] = {fmt: _rel(p, out) for fmt, p in t.table.write(tables_dir).items()}
 
     figures = build_figures(data, fig_dir)
+    figures += attribution_figures(data, fig_dir)
     exemplars, galleries = exemplar_figures(data, fig_dir, gallery_units=gallery_units, gallery_dir=units_dir)
     for f in figures + exemplars:
         if f.path:
@@ -261,6 +263,9 @@ def summary_text(result: Any) -> str:
         acc = mean_std(train)
         out.append(f"  final val accuracy: {acc.text()} over seeds")
     out += [f"  {line}" for line in convergence_lines(data)]
+
+    if (line := attribution_summary_line(data)) is not None:
+        out.append(line)
     out.append(f"  report: {Path(result.out_dir) / 'index.html'}")
     return "\n".join(out)
 

@@ -1,0 +1,104 @@
+"""Benchmark: guided backprop of every unit of a layer over N images, against captum's neuron loop.
+
+* ours: :func:`repdissect.stages.attribution.guided_backprop` with ``UnitTarget(layer)`` — all units in one
+  call, batched by replication (each image repeated once per unit of a chunk, the forward stopped at the
+  layer, one backward per chunk).
+* captum: ``NeuronGuidedBackprop(model, layer).attribute(x, neuron_selector=...)`` looped over the units, the
+  way its users do it (one call per unit; the selector reduces the unit's map by its spatial max). captum
+  needs out-of-place ``nn.ReLU`` modules, so it gets a copy of the network with every ReLU made out of place
+  (ours runs on the original, in-place ReLUs and all).
+
+Both outputs are compared (max abs difference printed, must be ≤ 1e-5 relative). Times are medians of
+interleaved repeats on one thread (``--threads``). ``--memory N`` also streams N images through the unit
+loop in batches and prints the process's resident memory every 1,000 images: it must stay flat.
+
+Usage: python benchmarks/bench_attribution.py [--images 16 --width 16 --layer conv3 --size 64 --chunk 64
+       --repeat 3 --threads 1 --memory 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved, ratio_line  # noqa: E402
+
+from repdissect.stages import ModelSpec, build_model  # noqa: E402
+from repdissect.stages.attribution import UnitTarget, guided_backprop  # noqa: E402
+
+
+def rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--layer", default="conv3")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--memory", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    wrapper = build_model(ModelSpec(architecture="builtin:cnn", arch_kwargs={"width": args.width, "depth": 4},
+                                    num_classes=8), seed=0, channels_last=False)
+    net = wrapper.net.to(device).eval()
+    theirs_net = copy.deepcopy(net)
+    for module in theirs_net.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    layer = dict(net.named_modules())[args.layer]
+    their_layer = dict(theirs_net.named_modules())[args.layer]
+    x = torch.randn(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        units = int(layer(net.pool2(net.conv2(net.pool1(net.conv1(x))))).shape[1]) if args.layer == "conv3" else None
+    from captum.attr import NeuronGuidedBackprop
+
+    def ours() -> torch.Tensor:
+        return guided_backprop(net, x, UnitTarget(args.layer, reduce="max"), unit_chunk=args.chunk)
+
+    def captum_loop() -> torch.Tensor:
+        gb = NeuronGuidedBackprop(theirs_net, their_layer)
+        maps = [gb.attribute(x, neuron_selector=lambda out, k=k: out[:, k].amax((1, 2))) for k in range(units)]
+        return torch.stack(maps, 1)
+
+    times, results = interleaved({"captum": captum_loop, "ours": ours}, repeat=args.repeat)
+    diff = float((results["ours"] - results["captum"]).abs().max())
+    scale = float(results["captum"].abs().max())
+    print(f"guided backprop, all {units} units of {args.layer} (width {args.width}), {args.images} images "
+          f"{args.size}px, {args.threads} thread(s), {device}:")
+    print(f"  captum NeuronGuidedBackprop loop: {times['captum']:.3f} s   ours: {times['ours']:.3f} s   "
+          f"max |diff| {diff:.2e} (scale {scale:.2e})")
+    print(ratio_line("speed-up (captum / ours)", times["captum"], times["ours"]))
+    if diff > 1e-5 * max(scale, 1e-12):
+        raise SystemExit("outputs differ")
+    if args.memory:
+        start, peak = rss_mb(), 0.0
+        done = 0
+        t0 = time.time()
+        while done < args.memory:
+            ours()
+            done += args.images
+            peak = max(peak, rss_mb())
+            if done % 1000 < args.images:
+                print(f"  {done:6d} images: RSS {rss_mb():7.1f} MB (start {start:.1f} MB)")
+        print(f"  memory over {done} images: start {start:.1f} MB, peak {peak:.1f} MB, end {rss_mb():.1f} MB; "
+              f"{done / (time.time() - t0):.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()

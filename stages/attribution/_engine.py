@@ -1,0 +1,378 @@
+"""Targets and the one backward engine every gradient-family method shares.
+
+A *target* says which scalar per example is explained:
+
+* a class: an ``int`` (the same class for every example) or a ``(N,)`` integer tensor (one class per
+  example) — the model's **logit** (Simonyan et al. 2013 and Grad-CAM use logits, not probabilities);
+* a unit: :class:`UnitTarget` (``layer``, ``units``, ``reduce``) — channel ``k`` of a named layer, reduced
+  over space by ``"mean"`` or ``"max"``. ``units=None`` means every unit of the layer.
+
+Unit targets for many units are computed **batched, not one call per unit** (the replication trick):
+each input is repeated ``m`` times (one copy per unit of a chunk of ``m`` units, batch ``N·m``), the forward
+pass stops at the target layer (a hook raises once the layer's output is captured, so nothing above the
+layer is computed), the objective ``Σ_{b,k} φ(A[copy(b,k), k])`` is built and **one** backward pass gives
+every copy its own unit's gradient, because copies never interact in an ``eval()`` network (no batch
+statistics, no dropout). Cost: one truncated forward + one backward on ``N·m`` images per chunk, i.e. the
+same arithmetic as ``m`` separate calls but in one autograd graph with large kernels, no per-call hook
+registration, no forward beyond the layer, and memory ``m×`` that of one call (bounded by ``unit_chunk``).
+
+**Receptive-field crops** (the fast path for ``reduce="max"`` gradients at the input): the max of unit ``k``
+sits at one position ``(i, j)``, and its gradient reaches only the input pixels in that position's receptive
+field. So each (image, unit) pair is computed on a crop of the input around ``(i, j)`` — the receptive field
+plus one layer stride of margin, aligned to the layer's stride so every pooling grid is the same as in the
+full image — which gives exactly the full image's gradient inside the crop and zero outside (every
+activation on a path to the unit depends only on pixels inside the crop). The receptive field is measured
+once per (network, layer, input size) as the union support of the unit gradient with every ReLU passing
+gradient through, over random inputs, and cropping is skipped when the crop would not be smaller than the
+image, when the layer's stride is not an integer, or for rows whose maximum is tied. Cost per (image,
+unit): one forward to the layer and one backward on a crop of ``(RF + 2s)²`` pixels instead of the whole
+image — at the demo's conv3 (receptive field 18 px, stride 4) a 28-px crop of a 64-px image, 5× fewer pixels,
+on top of not running the layers above; the gain grows with the image (measured against captum's neuron loop:
+4× at 64 px, 18× at 128 px, 26× at 224 px; see ``benchmarks/bench_attribution.py``).
+
+The engine returns the gradient (or, for LRP, the relevance) of the objective at the input or at an
+intermediate layer, plus that layer's activation — which is what Grad-CAM needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .._errors import StageInputError
+
+__all__ = ["UnitTarget", "RowUnitTarget", "Target", "module_by_name", "class_indices", "backward_maps", "target_scores"]
+
+
+@dataclass(frozen=True)
+class UnitTarget:
+    """Explain unit(s) of ``layer``: channel ``k``'s spatial ``reduce`` (``"mean"`` or ``"max"``).
+
+    ``units=None`` explains every unit of the layer; maps then have a unit axis after the batch axis.
+    """
+
+    layer: str
+    units: Sequence[int] | None = None
+    reduce: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("mean", "max"):
+            raise StageInputError(f"UnitTarget.reduce must be 'mean' or 'max'; got {self.reduce!r}")
+
+
+@dataclass(frozen=True)
+class RowUnitTarget:
+    """One unit per input row: row ``i`` explains unit ``units[i]`` of ``layer`` (e.g. each unit's own exemplars
+    stacked into one batch). Maps have no unit axis: ``(N, ...)`` like a class target."""
+
+    layer: str
+    units: Sequence[int]
+    reduce: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("mean", "max"):
+            raise StageInputError(f"RowUnitTarget.reduce must be 'mean' or 'max'; got {self.reduce!r}")
+
+
+Target = int | Sequence[int] | torch.Tensor | UnitTarget | RowUnitTarget
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end the forward pass once every needed layer has run."""
+
+
+def module_by_name(model: nn.Module, name: str) -> nn.Module:
+    """The sub-module called ``name`` (``dict(model.named_modules())[name]``), or one clear error."""
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        shown = ", ".join(n for n in modules if n)[:400]
+        raise StageInputError(f"layer {name!r} is not a module of {type(model).__name__}; modules: {shown}")
+    return modules[name]
+
+
+def class_indices(target: int | Sequence[int] | torch.Tensor, n: int, num_outputs: int) -> torch.Tensor:
+    """``(n,)`` int64 class index per example, checked against the model's ``num_outputs``."""
+    t = torch.as_tensor(target, dtype=torch.int64).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.numel() != n:
+        raise StageInputError(f"target has {t.numel()} class indices for {n} inputs; give one int or one per input")
+    if n and (int(t.min()) < 0 or int(t.max()) >= num_outputs):
+        raise StageInputError(f"target class {t.tolist()} out of range for a model with {num_outputs} outputs")
+    return t
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module, names: Sequence[str], stop_after: str | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of ``names`` during forward; raise :class:`_Stop` right after ``stop_after`` runs."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in dict.fromkeys(names):
+        module = module_by_name(model, name)
+
+        def hook(_m: nn.Module, _i: object, output: torch.Tensor, name: str = name) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise StageInputError(f"layer {name!r} does not output one tensor; pick a conv block or linear layer")
+            store[name] = output
+            if stop_after is not None and all(n in store for n in names):
+                raise _Stop
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward(model: nn.Module, x: torch.Tensor, names: Sequence[str], stop: bool) -> tuple[torch.Tensor | None, dict]:
+    with _capture(model, names, "stop" if stop else None) as store:
+        try:
+            out = model(x)
+        except _Stop:
+            out = None
+    return out, dict(store)
+
+
+def _reduce(a: torch.Tensor, how: str) -> torch.Tensor:
+    """``(B, h, w)`` or ``(B,)`` → ``(B,)``: spatial mean or max (``amax``: ties share the gradient, as captum)."""
+    if a.ndim == 1:
+        return a
+    return a.flatten(1).mean(1) if how == "mean" else a.flatten(1).amax(1)
+
+
+def _units(target: UnitTarget, channels: int) -> list[int]:
+    units = list(range(channels)) if target.units is None else [int(u) for u in target.units]
+    bad = [u for u in units if not 0 <= u < channels]
+    if bad:
+        raise StageInputError(f"units {bad} out of range for layer {target.layer!r} with {channels} units")
+    return units
+
+
+def _layer_channels(model: nn.Module, x: torch.Tensor, layer: str) -> int:
+    with torch.no_grad():
+        _, store = _forward(model, x[:1], [layer], stop=True)
+    return int(store[layer].shape[1])
+
+
+def backward_maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: Target,
+    *,
+    wrt: str | None = None,
+    relevance: bool = False,
+    unit_chunk: int = 16,
+    crop: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the target at the input (``wrt=None``) or at layer ``wrt``'s output, and what it was taken at.
+
+    Args:
+        model: in ``eval()`` mode; any gradient rules (guided backprop, LRP) are already installed.
+        x: ``(N, C, H, W)`` float input.
+        target: class index(es) or a :class:`UnitTarget`.
+        wrt: ``None`` for the input, else a layer name below the target.
+        relevance: seed the backward with ``output ⊙ ∂φ/∂output`` (LRP: relevance = the explained value)
+            instead of ``∂φ/∂output``.
+        unit_chunk: units per replicated batch (memory: ``unit_chunk×`` one call's).
+        crop: use receptive-field crops for ``reduce="max"`` input gradients (exact; see module docstring).
+
+    Returns:
+        ``(grad, at)``: for a class target ``(N, *shape)``; for a unit target ``(N, U, *shape)`` where shape is
+        the input's or the layer's; ``at`` is the input or the layer's activation with the same layout.
+    """
+    if x.ndim < 2:
+        raise StageInputError(f"inputs must be batched (N, C, H, W); got shape {tuple(x.shape)}")
+    x = x.detach()
+    if isinstance(target, RowUnitTarget):
+        cols = [int(u) for u in target.units]
+        if len(cols) != x.shape[0]:
+            raise StageInputError(f"RowUnitTarget has {len(cols)} units for {x.shape[0]} inputs; give one per input")
+        _units(UnitTarget(target.layer, cols), _layer_channels(model, x, target.layer))
+        if crop and target.reduce == "max" and wrt is None and not relevance:
+            g = _unit_rows_cropped(model, x, list(range(x.shape[0])), cols, target.layer)
+            if g is not None:
+                return g, x
+        return _unit_rows(model, x, cols, target.layer, target.reduce, wrt, relevance)
+    if isinstance(target, UnitTarget):
+        units = _units(target, _layer_channels(model, x, target.layer))
+        if crop and target.reduce == "max" and wrt is None and not relevance:
+            n, u = x.shape[0], len(units)
+            g = _unit_rows_cropped(model, x, [b for b in range(n) for _ in units], units * n, target.layer)
+            if g is not None:
+                return g.reshape(n, u, *x.shape[1:]), x.unsqueeze(1).expand(n, u, *x.shape[1:])
+        grads, ats = [], []
+        for start in range(0, len(units), max(1, int(unit_chunk))):
+            chunk = units[start:start + max(1, int(unit_chunk))]
+            m = len(chunk)
+            g, at = _unit_rows(model, x.repeat_interleave(m, dim=0), chunk * x.shape[0], target.layer,
+                               target.reduce, wrt, relevance)
+            grads.append(g.reshape(x.shape[0], m, *g.shape[1:]))
+            ats.append(at.reshape(x.shape[0], m, *at.shape[1:]))
+        return torch.cat(grads, 1), torch.cat(ats, 1)
+    xr = x.clone().requires_grad_(True)
+    out, store = _forward(model, xr, [wrt] if wrt else [], stop=False)
+    if out is None or out.ndim != 2:
+        raise StageInputError(f"a class target needs a model that outputs (N, classes) logits; got "
+                              f"{None if out is None else tuple(out.shape)}")
+    t = class_indices(target, x.shape[0], out.shape[1]).to(out.device)
+    seed = torch.zeros_like(out)
+    seed[torch.arange(out.shape[0], device=out.device), t] = 1.0
+    if relevance:
+        seed = seed * out.detach()
+    wrt_t = store[wrt] if wrt else xr
+    g = torch.autograd.grad(out, wrt_t, grad_outputs=seed)[0]
+    return g, wrt_t.detach()
+
+
+_RF_CACHE: dict[tuple, tuple[int, int, int, int, int, int] | None] = {}
+
+
+def _receptive_field(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[int, int, int, int, int, int] | None:
+    """``(stride_y, stride_x, up, down, left, right)`` input extents of one position of ``layer``, or None.
+
+    Measured on a copy of the network with random weights (so pruned or zero weights in the real one cannot
+    hide part of the field) and 16 random inputs, with the ``linear`` ReLU rule (every path passes gradient),
+    as the bounding box of the union support of the centre position's channel-summed gradient; None when the
+    layer's stride is not an integer or the layer is not spatial.
+    """
+    import copy
+
+    from ._relu import relu_rule
+
+    n, c, h, w = x.shape
+    key = (type(model).__name__, hash(repr(model)), layer, c, h, w, str(x.dtype), str(x.device))
+    if key in _RF_CACHE:
+        return _RF_CACHE[key]
+    result = None
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(16, c, h, w, generator=gen, dtype=x.dtype).to(x.device).requires_grad_(True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in twin.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype).to(param.device))
+    with relu_rule(twin, "linear"):
+        _, store = _forward(twin, probe, [layer], stop=True)
+        a = store[layer]
+        if a.ndim == 4 and h % a.shape[2] == 0 and w % a.shape[3] == 0:
+            sy, sx = h // a.shape[2], w // a.shape[3]
+            pi, pj = a.shape[2] // 2, a.shape[3] // 2
+            g = torch.autograd.grad(a[:, :, pi, pj].sum(), probe)[0]
+            support = g.detach().abs().sum((0, 1)) > 0
+            rows, cols = torch.nonzero(support.any(1)).flatten(), torch.nonzero(support.any(0)).flatten()
+            if rows.numel() and cols.numel():
+                result = (sy, sx, pi * sy - int(rows.min()), int(rows.max()) + 1 - pi * sy,
+                          pj * sx - int(cols.min()), int(cols.max()) + 1 - pj * sx)
+    if len(_RF_CACHE) > 64:
+        _RF_CACHE.clear()
+    _RF_CACHE[key] = result
+    return result
+
+
+def _crop_plan(size: int, stride: int, lo: int, hi: int) -> int | None:
+    """Crop length along one axis (a multiple of ``stride``), or None when it would not be smaller than ``size``."""
+    length = -(-(lo + hi + 2 * stride) // stride) * stride
+    return None if length >= size else length
+
+
+def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int], cols: list[int], layer: str,
+                       rows_per_pass: int = 256) -> torch.Tensor | None:
+    """Input gradients of ``max_ij A[image_of_row[r], cols[r]]`` for every row ``r``, on receptive-field crops.
+
+    The layer is evaluated once on the ``N`` distinct images to find each row's argmax; rows are then cut
+    from ``x`` (never replicated whole). Returns ``(rows, C, H, W)``, or None when cropping does not apply.
+    """
+    rf = _receptive_field(model, x, layer)
+    if rf is None:
+        return None
+    sy, sx, up, down, left, right = rf
+    n, c, h, w = x.shape
+    ch, cw = _crop_plan(h, sy, up, down), _crop_plan(w, sx, left, right)
+    if ch is None and cw is None:
+        return None
+    ch, cw = ch or h, cw or w
+    with torch.no_grad():
+        _, store = _forward(model, x, [layer], stop=True)
+    a = store[layer]
+    img = torch.as_tensor(image_of_row, device=a.device)
+    sel = a[img, torch.as_tensor(cols, device=a.device)].flatten(1)  # (rows, hw)
+    peak = sel.max(1)
+    ties = ((sel == peak.values[:, None]).sum(1) > 1).tolist()
+    pos = peak.indices
+    i, j = (pos // a.shape[3]).tolist(), (pos % a.shape[3]).tolist()
+    total = len(cols)
+    y0 = [min(max(0, ((ii * sy - up - sy) // sy) * sy), h - ch) for ii in i]
+    x0 = [min(max(0, ((jj * sx - left - sx) // sx) * sx), w - cw) for jj in j]
+    out = torch.zeros(total, c, h, w, dtype=x.dtype, device=x.device)
+    todo = [r for r in range(total) if not ties[r]]
+    for start in range(0, len(todo), rows_per_pass):
+        rows = todo[start:start + rows_per_pass]
+        crops = torch.stack([x[image_of_row[r], :, y0[r]:y0[r] + ch, x0[r]:x0[r] + cw] for r in rows])
+        crops.requires_grad_(True)
+        _, st = _forward(model, crops, [layer], stop=True)
+        ac = st[layer]
+        ar = torch.arange(len(rows), device=ac.device)
+        ci = torch.as_tensor([i[r] - y0[r] // sy for r in rows], device=ac.device)
+        cj = torch.as_tensor([j[r] - x0[r] // sx for r in rows], device=ac.device)
+        value = ac[ar, torch.as_tensor([cols[r] for r in rows], device=ac.device), ci, cj]
+        g = torch.autograd.grad(value.sum(), crops)[0]
+        for k, r in enumerate(rows):
+            out[r, :, y0[r]:y0[r] + ch, x0[r]:x0[r] + cw] = g[k]
+    tied = [r for r in range(total) if ties[r]]
+    if tied:  # several maxima share the gradient (amax): the whole-image path for those rows
+        g, _ = _unit_rows(model, x[[image_of_row[r] for r in tied]], [cols[r] for r in tied], layer, "max", None, False)
+        out[tied] = g
+    return out
+
+
+def _unit_rows(model: nn.Module, xr: torch.Tensor, cols: list[int], layer: str, reduce: str, wrt: str | None,
+               relevance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``i`` of ``xr`` explains unit ``cols[i]``: one truncated forward, one backward for all rows."""
+    xr = xr.detach().clone().requires_grad_(True)
+    _, store = _forward(model, xr, [layer] + ([wrt] if wrt else []), stop=True)
+    a = store[layer]
+    rows = torch.arange(a.shape[0], device=a.device)
+    phi = _reduce(a[rows, torch.as_tensor(cols, device=a.device)], reduce)
+    wrt_t = store[wrt] if wrt else xr
+    seed = torch.autograd.grad(phi.sum(), a, retain_graph=True)[0]
+    if relevance:
+        seed = seed * a.detach()
+    return torch.autograd.grad(a, wrt_t, grad_outputs=seed)[0], wrt_t.detach()
+
+
+def target_scores(model: nn.Module, x: torch.Tensor, target: Target, *, units: list[int] | None = None) -> torch.Tensor:
+    """``(N, T)`` explained values without gradients: the target logit(s) (T = 1) or every unit's φ (T = U).
+
+    For a unit target the forward stops at the layer. ``units`` fixes the unit list (else from the target).
+    """
+    with torch.no_grad():
+        if isinstance(target, RowUnitTarget):
+            _, store = _forward(model, x, [target.layer], stop=True)
+            a = store[target.layer]
+            cols = torch.as_tensor([int(u) for u in target.units], device=a.device)
+            if cols.numel() != a.shape[0]:  # a batch of stacked copies (occlusion, LIME): repeat the unit list
+                cols = cols.repeat(a.shape[0] // max(cols.numel(), 1))
+            return _reduce(a[torch.arange(a.shape[0], device=a.device), cols], target.reduce)[:, None]
+        if isinstance(target, UnitTarget):
+            _, store = _forward(model, x, [target.layer], stop=True)
+            a = store[target.layer]
+            chosen = units if units is not None else _units(target, a.shape[1])
+            a = a[:, chosen]
+            if a.ndim == 2:
+                return a
+            return a.flatten(2).mean(2) if target.reduce == "mean" else a.flatten(2).amax(2)
+        out = model(x)
+        t = class_indices(target, x.shape[0], out.shape[1]).to(out.device)
+        return out.gather(1, t[:, None])
+
+
+def resolve_units(model: nn.Module, x: torch.Tensor, target: UnitTarget) -> list[int]:
+    """The unit list a :class:`UnitTarget` means for this model (``None`` → every unit of the layer)."""
+    return _units(target, _layer_channels(model, x, target.layer))
+
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
