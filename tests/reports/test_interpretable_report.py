@@ -42,7 +42,7 @@ out_dir = "{out}"
 [dataset]
 kind = "synthetic"
 [dataset.params]
-images = 96
+images = 64
 size = 32
 seed = 0
 {models}
@@ -59,7 +59,7 @@ batch_size = 32
 [execution]
 scheduler = "sync"
 workers = 1
-shard_size = 48
+shard_size = 64
 progress = false
 """
 
