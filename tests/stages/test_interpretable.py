@@ -308,3 +308,26 @@ def test_unknown_interpretable_layer_fails_with_the_layer_name():
     config = TrainConfig(epochs=1, batch_size=16, interpretable_layer="conv9", interpretable_weight=0.1)
     with pytest.raises(StageInputError, match="conv9"):
         train_model(TINY_SPEC, toy, seed=0, config=config, num_threads=1)
+
+
+@pytest.mark.parametrize("architecture,arch,layer", [
+    ("builtin:cnn", {"depth": 3, "width": 4}, "conv3"),
+    ("torchvision:resnet18", {}, "layer4"),
+])
+def test_any_registry_network_takes_the_filter_loss(architecture, arch, layer):
+    if architecture.startswith("torchvision"):
+        pytest.importorskip("torchvision")
+    model = build_model(ModelSpec(architecture, arch), seed=0, num_classes=3)
+    images = torch.from_numpy(SquaresAndDisks(size=64).load(np.arange(4)).images)
+    with InterpretableLayer(model, layer) as hook:
+        model.train()
+        logits = model(images)
+        features = hook.features
+        assert features.ndim == 4 and logits.shape == (4, 3)
+        categories = FilterCategories(3, features.shape[1])
+        categories.update(features, torch.tensor([0, 1, 2, 0]))
+        loss = filter_mi_terms(features, categories.positives(torch.tensor([0, 1, 2, 0])), tau=5.0)["loss"].sum()
+        loss.backward()
+        assert torch.isfinite(loss)
+    head = [p for n, p in model.net.named_parameters() if n.startswith(("fc.", "classifier."))]
+    assert head and all(p.grad is None for p in head)
