@@ -27,7 +27,6 @@ changes results — for ``train`` and ``extract`` that includes the device class
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 from dataclasses import dataclass
@@ -108,6 +107,8 @@ def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int,
         shapes = {s.name: s.shape for s in layer_shapes(net, image_size)}
     except StageInputError as exc:
         raise ConfigError(f"[[models]] {model.name!r}: {exc}") from None
+    if model.init == "trained" and model.train.interpretable:
+        _check_interpretable(model, net, shapes, image_size)
     unusable = {layer: shapes[layer] for layer in model.layers if shapes[layer] is None or len(shapes[layer]) not in (1, 3)}
     if unusable:
         raise ConfigError(
@@ -162,6 +163,31 @@ def _visualise_nodes(config: Config, inst: Instance, model_params: dict[str, Any
     return out
 
 
+def _check_interpretable(model: ModelConfig, net: Any, shapes: dict[str, Any], image_size: tuple[int, int]) -> None:
+    """``[models.train] interpretable_layer``: a conv layer of the network, and — while the mask stays on at
+    evaluation — no dissected layer after it (extraction runs the plain network, so a later layer would be
+    seen without the mask the trained model applies)."""
+    from ..stages import StageInputError, iter_layers_after, resolve_layers
+
+    layer = model.train.interpretable_layer
+    key = f"[[models]] {model.name!r} [models.train].interpretable_layer = {layer!r}"
+    try:
+        resolve_layers(net, [layer])
+    except StageInputError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if shapes.get(layer) is None or len(shapes[layer]) != 3:
+        raise ConfigError(f"{key}: the layer outputs {shapes.get(layer)!r}, not (C, H, W) feature maps; "
+                          "pick a conv layer (see `repdissect layers`)")
+    if model.train.interpretable_mask_eval:
+        later = sorted(set(iter_layers_after(net, layer, image_size)) & set(model.layers))
+        if later:
+            raise ConfigError(
+                f"{key}: layer(s) {later} run after it, and the trained model masks that layer's output while "
+                "extraction does not; dissect layers up to the interpretable one, or set "
+                "interpretable_mask_eval = false"
+            )
+
+
 def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = None,
                device: DeviceKey | None = None) -> Plan:
     """Build every node of ``config``'s run. Builds the dataset once (cheap) for its digest and shapes.
@@ -211,7 +237,7 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                             f"{config.dataset.kind!r} has no class labels; use init = \"weights\" or \"random\""
                         )
                     train = _node("train", {"model": model.name, "seed": str(seed)},
-                                  dict(arch, seed=seed, train=dataclasses.asdict(model.train), **device.train_params()),
+                                  dict(arch, seed=seed, train=model.train.to_dict(), **device.train_params()),
                                   digests=digests,
                                   exec_params={"device": ex.device})
                     nodes.append(train)

@@ -18,6 +18,8 @@ Tables (file stems under ``<out>/tables/``):
 7. ``7_concept_agreement`` — among Hungarian-matched pairs of interpretable units, the fraction with the same
    concept label vs chance from the label frequencies (compare ``matches`` × iou ``units``).
 8. ``8_training`` — final accuracy, epochs and time per seed (train ``history`` and extras).
+
+14–15. ``14_icnn_instability``, ``15_icnn_comparison`` — interpretable vs ordinary CNNs (``_interpretable``).
 """
 
 from __future__ import annotations
@@ -409,13 +411,26 @@ _BUILDERS: list[tuple[str, Callable[[RunData], PaperTable | None], str]] = [
     ("similarity", similarity_table, "no comparisons in this run"),
     ("concept_agreement", concept_agreement, "needs both comparisons and IoU results"),
     ("training", training_summary, "no trained networks in this run"),
+    ("icnn_instability", lambda data: _icnn("icnn_instability_table", data),
+     "no interpretable model with an ordinary twin and location-stability results"),
+    ("icnn_comparison", lambda data: _icnn("icnn_comparison_table", data),
+     "no interpretable model with an ordinary twin (same architecture, recipe and seeds) in this run"),
 ]
+
+
+def _icnn(builder: str, data: RunData) -> PaperTable | None:
+    """Tables 14–15 (interpretable vs ordinary CNNs) live in ``_interpretable``, which builds on this module."""
+    from . import _interpretable
+
+    return getattr(_interpretable, builder)(data)
 
 
 def build_tables(data: RunData) -> list[TableResult]:
     """All paper tables in order; a skipped table carries the reason."""
     out = []
     for key, builder, reason in _BUILDERS:
+        if key.startswith("icnn_") and not any(m.train.interpretable for m in data.config.models):
+            continue  # tables 14–15 exist only in runs with an interpretable model
         try:
             table = builder(data)
         except Exception as exc:  # noqa: BLE001 - one broken table must not cost the run its whole report

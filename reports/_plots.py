@@ -488,9 +488,16 @@ def _unit_title(rec: pd.Series, unit: int) -> str:
     return f"unit {unit}\n{name}{cat}\nIoU {float(rec['iou']):.3f}"
 
 
+def icnn_instability_figure(data: RunData, fig_dir: Path) -> FigureResult | list[FigureResult]:
+    """Interpretable vs ordinary CNNs (``_interpretable``)."""
+    from ._interpretable import icnn_instability_figure as build
+
+    return build(data, fig_dir)
+
+
 _BUILDERS: list[Callable[[RunData, Path], Any]] = [
     correlation_figures, detectors_figure, svcca_figure, cka_figure, regression_figure, instability_figure,
-    agreement_figure, visualise_figures,
+    agreement_figure, visualise_figures, icnn_instability_figure,
 ]
 
 

@@ -149,6 +149,11 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
         sec.add(table_html(t.table, {"CSV": downloads["CSV"], "LaTeX": downloads["TEX"],
                                      "Markdown": downloads["Markdown"]}))
 
+    from ._interpretable import icnn_closing_note
+
+    if note := icnn_closing_note(data):
+        sec.text(note, cls="caption")
+
     sec = page.section("figures", "Figures")
     for f in figures:
         if f.path:
@@ -266,6 +271,10 @@ def summary_text(result: Any) -> str:
 
     if (line := attribution_summary_line(data)) is not None:
         out.append(line)
+    from ._interpretable import icnn_closing_note
+
+    if note := icnn_closing_note(data):
+        out.append(f"  {note}")
     out.append(f"  report: {Path(result.out_dir) / 'index.html'}")
     return "\n".join(out)
 

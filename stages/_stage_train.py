@@ -1,7 +1,9 @@
 """The ``train`` stage: one model spec trained from one seed on the dataset's class labels.
 
-Tables: ``history`` (epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds); file ``model.pt``;
-extras ``weights_sha256``, ``final_val_acc``, ``final_train_acc``, ``epochs``, ``train_seconds``.
+Tables: ``history`` (epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds; interpretable runs add
+filter_loss, filter_inter_category, filter_spatial) and, for interpretable runs, ``filter_categories`` (unit,
+category, category_name, response); file ``model.pt``; extras ``weights_sha256``, ``final_val_acc``,
+``final_train_acc``, ``epochs``, ``train_seconds`` (and ``interpretable_layer`` when on).
 """
 
 from __future__ import annotations
@@ -48,15 +50,16 @@ class TrainStage(Stage):
         _device.check_device_params(dict(params), ctx.device(), training=True)
         # CPU training is keyed on its torch thread count (the weights' bits depend on it): the key decides.
         threads = int(params.get("threads") or ctx.execution.get("torch_threads") or 0) or None
-        state, history = _training.train_model(spec, ctx.dataset(), seed=int(params["seed"]), config=config,
-                                               device=ctx.device(), num_threads=threads)
+        state, history, categories = _training.train_model_full(spec, ctx.dataset(), seed=int(params["seed"]),
+                                                                config=config, device=ctx.device(), num_threads=threads)
         buffer = io.BytesIO()
         torch().save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
         final = history.iloc[-1]
-        return StageOutput(
-            tables={"history": history},
-            files={"model.pt": buffer.getvalue()},
-            extras={"weights_sha256": _training.state_dict_digest(state), "final_val_acc": float(final["val_acc"]),
-                    "final_train_acc": float(final["train_acc"]), "epochs": int(len(history)),
-                    "train_seconds": time.time() - started},
-        )
+        tables = {"history": history}
+        extras = {"weights_sha256": _training.state_dict_digest(state), "final_val_acc": float(final["val_acc"]),
+                  "final_train_acc": float(final["train_acc"]), "epochs": int(len(history)),
+                  "train_seconds": time.time() - started}
+        if categories is not None:
+            tables["filter_categories"] = categories
+            extras["interpretable_layer"] = config.interpretable_layer
+        return StageOutput(tables=tables, files={"model.pt": buffer.getvalue()}, extras=extras)

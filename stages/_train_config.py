@@ -31,6 +31,22 @@ class TrainConfig:
         augment_flip: random horizontal flips.
         augment_shift: random translation by up to this many pixels (zero padding), 0 to disable.
         eval_batch_size: images per forward pass in validation.
+        interpretable_layer: make this layer interpretable (Zhang et al. 2018): its feature maps are masked
+            by each filter's part template in the forward pass and the mutual-information filter loss is
+            added to the task loss (see ``stages/_interpretable.py``); ``""`` = ordinary training.
+        interpretable_weight: λ, the filter loss's weight (summed over the layer's filters, as the paper);
+            0 = ordinary training, bit for bit (the mask is off too).
+        interpretable_tau: the templates' magnitude times the map's cell count: τ = value / (H·W) (paper 0.5).
+        interpretable_beta: the templates' slope β (paper 4): the mask is zero from L1 distance n/β.
+        interpretable_alpha: prior of the negative template; 0 = the paper's n²/(1 + n²).
+        interpretable_locate: the part location μ̂: ``"argmax"`` (paper) or ``"centroid"`` (authors' code).
+        interpretable_mask_eval: apply the mask at evaluation too (it is part of the model, as in the
+            authors' code; validation accuracy is then the masked network's).
+        interpretable_momentum: EMA momentum of the per-class filter responses that assign filters to
+            categories.
+
+    The ``interpretable_*`` settings only enter :meth:`to_dict` (and so the cache key) when the mode is on
+    (a layer and a positive weight), so turning the mode off leaves existing keys unchanged.
     """
 
     # Defaults: the built-in CNN reaches ≥ 95 % validation accuracy on the default synthetic world in 6 epochs
@@ -46,6 +62,14 @@ class TrainConfig:
     augment_flip: bool = True
     augment_shift: int = 0
     eval_batch_size: int = 256
+    interpretable_layer: str = ""
+    interpretable_weight: float = 0.0
+    interpretable_tau: float = 0.5
+    interpretable_beta: float = 4.0
+    interpretable_alpha: float = 0.0
+    interpretable_locate: str = "argmax"
+    interpretable_mask_eval: bool = True
+    interpretable_momentum: float = 0.9
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,10 +83,27 @@ class TrainConfig:
             ("schedule", self.schedule in ("onecycle", "cosine", "constant"), "'onecycle', 'cosine' or 'constant'"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("augment_shift", isinstance(self.augment_shift, int) and self.augment_shift >= 0, "an integer ≥ 0"),
+            ("interpretable_layer", isinstance(self.interpretable_layer, str), "a layer name (a string)"),
+            ("interpretable_weight", self.interpretable_weight >= 0, "≥ 0 (0 = ordinary training)"),
+            ("interpretable_tau", self.interpretable_tau > 0, "positive (the paper's 0.5)"),
+            ("interpretable_beta", self.interpretable_beta > 0, "positive (the paper's 4)"),
+            ("interpretable_alpha", 0 <= self.interpretable_alpha < 1, "in [0, 1) (0 = n²/(1 + n²))"),
+            ("interpretable_locate", self.interpretable_locate in ("argmax", "centroid"), "'argmax' or 'centroid'"),
+            ("interpretable_momentum", 0 <= self.interpretable_momentum < 1, "in [0, 1)"),
         ]
         for name, ok, want in checks:
             if not ok:
                 raise StageInputError(f"training setting {name} must be {want}; got {getattr(self, name)!r}")
+        if self.interpretable_weight > 0 and not self.interpretable_layer:
+            raise StageInputError(
+                f"training setting interpretable_weight = {self.interpretable_weight!r} needs interpretable_layer: "
+                "name the conv layer to make interpretable (e.g. \"conv4\"), or set the weight to 0"
+            )
+
+    @property
+    def interpretable(self) -> bool:
+        """Whether the interpretable-CNN mode is on (a layer and a positive filter-loss weight)."""
+        return bool(self.interpretable_layer) and self.interpretable_weight > 0
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> TrainConfig:
@@ -74,4 +115,8 @@ class TrainConfig:
         return cls(**dict(params))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every setting that changes the result (the ``interpretable_*`` ones only when the mode is on)."""
+        data = asdict(self)
+        if not self.interpretable:
+            data = {k: v for k, v in data.items() if not k.startswith("interpretable_")}
+        return data

@@ -1,7 +1,14 @@
 """Seeded, bit-reproducible training of a :class:`~repdissect.stages._models.ModelSpec` on a dataset's class labels.
 
-Public names: :class:`TrainConfig`, :func:`train_model`, :func:`state_dict_digest`, :func:`save_checkpoint`,
-:func:`load_checkpoint`, :func:`training_environment`.
+Public names: :class:`TrainConfig`, :func:`train_model`, :func:`train_model_full` (with the interpretable
+layer's filter→category map), :func:`state_dict_digest`, :func:`save_checkpoint`, :func:`load_checkpoint`,
+:func:`training_environment`.
+
+With ``config.interpretable`` (Zhang et al.'s interpretable CNN, ``_interpretable``), a forward hook on the
+chosen layer masks its feature maps and keeps the pre-mask maps, whose mutual-information filter loss (times
+``interpretable_weight``, summed over filters) is added to the task loss; the history gains the columns
+:data:`~repdissect.stages._interpretable.FILTER_LOSS_COLUMNS`. With the mode off nothing of it runs, so the
+weights are bit-identical to a run without those settings.
 
 The constraint that shaped it: a trained checkpoint is a cache entry whose digest keys every downstream stage,
 and the convergent-learning comparison needs models that differ *only* by their seed. So training is a pure
@@ -23,7 +30,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,10 +42,13 @@ from ._train_config import TrainConfig
 from ._device import determinism_mode, reproducible_kernels, resolve_device
 from ._checkpoints import read_state_dict
 from ._models import ModelSpec, build_model, unwrap
+from . import _interpretable
 
 __all__ = [
     "TrainConfig",
     "train_model",
+    "train_model_full",
+    "TrainResult",
     "state_dict_digest",
     "save_checkpoint",
     "load_checkpoint",
@@ -203,6 +213,15 @@ def _lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+class TrainResult(NamedTuple):
+    """What :func:`train_model_full` returns."""
+
+    state_dict: dict[str, torch.Tensor]
+    history: pd.DataFrame
+    #: the interpretable layer's ``unit, category, category_name, response`` table (``None`` when off)
+    filter_categories: pd.DataFrame | None
+
+
 def train_model(
     spec: ModelSpec,
     dataset: Any,
@@ -213,6 +232,22 @@ def train_model(
     progress: Callable[[dict[str, float]], None] | None = None,
     num_threads: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], pd.DataFrame]:
+    """:func:`train_model_full` without the filter→category table: ``(state_dict, history)``."""
+    result = train_model_full(spec, dataset, seed=seed, config=config, device=device, progress=progress,
+                              num_threads=num_threads)
+    return result.state_dict, result.history
+
+
+def train_model_full(
+    spec: ModelSpec,
+    dataset: Any,
+    *,
+    seed: int,
+    config: TrainConfig | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[dict[str, float]], None] | None = None,
+    num_threads: int | None = None,
+) -> TrainResult:
     """Train ``spec`` from its seeded initialisation on the dataset's class labels.
 
     The whole training and validation split (uint8) is held in memory: at the demo scale that is 50 MB.
@@ -230,10 +265,12 @@ def train_model(
             results across machines with different core counts.
 
     Returns:
-        ``(state_dict, history)``: the trained network's plain CPU state dict (keys as in the unwrapped
+        ``TrainResult(state_dict, history, filter_categories)``: the trained network's plain CPU state dict (keys as in the unwrapped
         network, loadable with ``build_model(spec, seed=…, state_dict=…)``) and a DataFrame with one row per
         epoch and columns :data:`HISTORY_COLUMNS` (losses are mean cross-entropy without label smoothing for
-        validation; ``lr`` is the rate at the epoch's last step; ``seconds`` is that epoch's wall time).
+        validation; ``lr`` is the rate at the epoch's last step; ``seconds`` is that epoch's wall time;
+        interpretable runs add the filter-loss columns) and the filter→category table (``None`` when the
+        interpretable mode is off).
     """
     config = config or TrainConfig()
     device = resolve_device(device)
@@ -268,11 +305,14 @@ def train_model(
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         images_all = torch.from_numpy(train_images)
         labels_all = torch.from_numpy(train_labels)
+        icnn = _InterpretableTraining(model, config, num_classes) if config.interpretable else None
         for epoch in range(1, config.epochs + 1):
             start = time.perf_counter()
             model.train()
             order = order_rng.permutation(n)
             loss_sum, correct, seen = 0.0, 0, 0
+            if icnn is not None:
+                icnn.start_epoch()
             for step in range(steps_per_epoch):
                 # Sorted batch members keep gathering cache-friendly; the set, not the order, is random.
                 members = torch.from_numpy(np.sort(order[step * config.batch_size : (step + 1) * config.batch_size]))
@@ -280,6 +320,8 @@ def train_model(
                 y = labels_all[members].to(device)
                 logits = model(x)
                 loss = criterion(logits, y)
+                if icnn is not None:
+                    loss = loss + icnn.loss(y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -297,10 +339,72 @@ def train_model(
                 "lr": float(optimizer.param_groups[0]["lr"]),
                 "seconds": time.perf_counter() - start,
             }
+            if icnn is not None:
+                row.update(icnn.epoch_means())
             history.append(row)
             if progress is not None:
                 progress(dict(row))
+        categories = None
+        if icnn is not None:
+            icnn.close()
+            categories = icnn.categories.table(list(dataset.class_names))
     model.eval()
     state = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in unwrap(model).state_dict().items()}
-    frame = pd.DataFrame(history, columns=list(HISTORY_COLUMNS)).astype({"epoch": "int64"})
-    return state, frame
+    columns = list(HISTORY_COLUMNS) + (list(_interpretable.FILTER_LOSS_COLUMNS) if icnn is not None else [])
+    frame = pd.DataFrame(history, columns=columns).astype({"epoch": "int64"})
+    return TrainResult(state, frame, categories)
+
+
+class _InterpretableTraining:
+    """The interpretable layer's hook, filter categories and filter loss during one training run."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, num_classes: int) -> None:
+        self.config = config
+        self.hook = _interpretable.InterpretableLayer(model, config.interpretable_layer, beta=config.interpretable_beta,
+                                                      locate=config.interpretable_locate,
+                                                      mask_eval=config.interpretable_mask_eval)
+        self.num_classes = num_classes
+        self.categories: _interpretable.FilterCategories | None = None
+        self._templates: torch.Tensor | None = None
+        self._sums: dict[str, float] = {}
+        self._steps = 0
+
+    def start_epoch(self) -> None:
+        self._sums = {k: 0.0 for k in _interpretable.FILTER_LOSS_COLUMNS}
+        self._steps = 0
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """λ · Σ_f Loss_f on the batch the hook just saw (categories updated from it first)."""
+        x = self.hook.features
+        if x is None:
+            raise StageInputError(
+                f"interpretable_layer {self.config.interpretable_layer!r} did not run in the forward pass; "
+                "name a layer the network uses (see `repdissect layers`)"
+            )
+        if self.categories is None:
+            self.categories = _interpretable.FilterCategories(self.num_classes, x.shape[1],
+                                                              self.config.interpretable_momentum)
+        self.categories.update(x, labels)
+        h, w = x.shape[-2:]
+        if self._templates is None or self._templates.shape[-2:] != (h, w):
+            self._templates = _interpretable.positive_templates(h, w, self.config.interpretable_tau / (h * w),
+                                                                self.config.interpretable_beta, device=x.device)
+        terms = _interpretable.filter_mi_terms(x, self.categories.positives(labels), tau=self.config.interpretable_tau,
+                                              beta=self.config.interpretable_beta,
+                                              alpha=self.config.interpretable_alpha, templates=self._templates)
+        total = terms["loss"].sum()
+        if not bool(torch.isfinite(total)):
+            raise FloatingPointError(f"interpretable filter loss is not finite ({float(total)}) at layer "
+                                     f"{self.config.interpretable_layer!r}")
+        self._sums["filter_loss"] += float(total.detach())
+        self._sums["filter_inter_category"] += float(terms["inter_category"].detach().sum())
+        self._sums["filter_spatial"] += float(terms["spatial"].detach().sum())
+        self._steps += 1
+        self.hook.features = None
+        return self.config.interpretable_weight * total
+
+    def epoch_means(self) -> dict[str, float]:
+        return {k: v / max(1, self._steps) for k, v in self._sums.items()}
+
+    def close(self) -> None:
+        self.hook.close()
