@@ -88,11 +88,39 @@ def _run_rows(ctx: Context, wrapper: Any, net: Any, method: str, images: np.ndar
     return out
 
 
+# What the network stages' results depend on (closed under imports; checked by the source-guard tests).
+_MODEL_AND_METHODS = (
+    "._activations",
+    "._checkpoints",
+    "._cnn",
+    "._device",
+    "._interpretable",
+    "._model_cache",
+    "._model_registry",
+    "._models",
+    "._stage_train",
+    "._train_config",
+    "._training",
+    ".attribution",
+    ".attribution._cam",
+    ".attribution._dataset",
+    ".attribution._dispatch",
+    ".attribution._engine",
+    ".attribution._gradients",
+    ".attribution._lime",
+    ".attribution._lrp",
+    ".attribution._occlusion",
+    ".attribution._relu",
+)
+
+
 @register_stage
+
 class AttributeStage(Stage):
     """Attribution maps of one layer's units on their top exemplars, and per-class panels."""
 
     name = "attribute"
+    depends_on = _MODEL_AND_METHODS
     version = 1
     uses_device = True
 
@@ -182,6 +210,7 @@ class AttributionMassStage(StatisticStage):
     """Per unit, the share of its attribution inside its IoU-label concept mask, over the dataset."""
 
     name = "attribution_mass"
+    depends_on = _MODEL_AND_METHODS
     version = 1
     uses_device = True
 

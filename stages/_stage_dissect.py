@@ -32,7 +32,7 @@ class ThresholdsStage(StatisticStage):
 
     name = "thresholds"
     version = 1
-    depends_on = ("._thresholds", "._stage_inputs", "._activations")
+    depends_on = ("._thresholds", "._topk", "._stage_inputs", "._activations")
 
     def _method(self, ctx: Context) -> tuple[int, str, int]:
         extract = ctx.inputs["activations"]

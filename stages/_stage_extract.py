@@ -60,7 +60,8 @@ class ExtractStage(StatisticStage):
     version = 4
     uses_device = True
     depends_on = ("._stage_train", "._extraction", "._activations", "._unit_means", "._model_cache", "._models",
-                  "._cnn", "._model_registry", "._checkpoints", "._training", "._train_config", "._device")
+                  "._cnn", "._model_registry", "._checkpoints", "._training", "._train_config", "._device",
+                  "._interpretable")
 
     def shards(self, ctx: Context) -> list[Any]:
         # Shards are whole numbers of forward batches, so the shard layout never changes a batch's images.

@@ -30,7 +30,7 @@ class StabilityStage(StatisticStage):
 
     name = "stability"
     version = 1
-    depends_on = ("._stability", "._stage_inputs", "._activations")
+    depends_on = ("._stability", "._topk", "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
         return list(range(len(layer_parts(ctx, "activations", "summaries"))))
@@ -56,7 +56,7 @@ class StabilityCenterStage(Stage):
 
     name = "stability_center"
     version = 1
-    depends_on = ("._stability",)
+    depends_on = ("._stability", "._topk")
 
     def run(self, ctx: Context) -> StageOutput:
         dataset = ctx.dataset()

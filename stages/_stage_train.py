@@ -39,7 +39,7 @@ class TrainStage(Stage):
     name = "train"
     version = 1
     depends_on = ("._training", "._train_config", "._models", "._cnn", "._model_registry", "._checkpoints",
-                  "._device")
+                  "._device", "._interpretable")
     uses_device = True
 
     def run(self, ctx: Context) -> StageOutput:

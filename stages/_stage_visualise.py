@@ -91,11 +91,36 @@ def _network(ctx: Context) -> Any:
     return _models.build_model(spec, seed=int(mp["seed"]), state_dict=state)
 
 
+# What the network stages' results depend on (closed under imports; checked by the source-guard tests).
+_MODEL_AND_METHODS = (
+    "._activations",
+    "._checkpoints",
+    "._cnn",
+    "._device",
+    "._interpretable",
+    "._model_registry",
+    "._models",
+    "._stage_inputs",
+    "._stage_train",
+    "._topk",
+    "._train_config",
+    "._training",
+    ".visualise",
+    ".visualise._activation_max",
+    ".visualise._dream",
+    ".visualise._filters",
+    ".visualise._param",
+    ".visualise._tsne",
+)
+
+
 @register_stage
+
 class DatasetSearchStage(StatisticStage):
     """Top-k images per unit of one layer (Zeiler & Fergus's dataset search), with their activation maps."""
 
     name = "dataset_search"
+    depends_on = ("._topk", "._stage_inputs", "._activations")
     version = 1
 
     def shards(self, ctx: Context) -> list[Any]:
@@ -138,6 +163,7 @@ class ActivationMaxStage(Stage):
     """Activation maximisation of every unit of one layer (one batched, seeded optimisation)."""
 
     name = "activation_max"
+    depends_on = _MODEL_AND_METHODS
     version = 1
     uses_device = True
 
@@ -167,6 +193,7 @@ class FiltersStage(Stage):
     """The first RGB convolution's filters as one grid image."""
 
     name = "filters"
+    depends_on = _MODEL_AND_METHODS
     version = 1
 
     def run(self, ctx: Context) -> StageOutput:
@@ -197,6 +224,7 @@ class TsneStage(Stage):
     """A seeded t-SNE of one layer's per-image pooled activations (a seeded sample of images)."""
 
     name = "tsne"
+    depends_on = _MODEL_AND_METHODS
     version = 1
 
     def run(self, ctx: Context) -> StageOutput:

@@ -96,8 +96,12 @@ def _first_function_docstring(path: Path) -> str:
     ("compare/_regression.py", {"compare"}),
     ("compare/_samples.py", {"moments"}),
     ("compare/_moments.py", {"moments", "compare", "cka"}),
-    ("_activations.py", {"extract", "thresholds", "iou", "stability", "moments", "cka"}),
-    ("_training.py", {"train", "extract"}),
+    ("_activations.py", {"extract", "thresholds", "iou", "stability", "moments", "cka", "dataset_search",
+                         "activation_max", "filters", "tsne", "attribute", "attribution_mass"}),
+    ("_training.py", {"train", "extract", "activation_max", "filters", "tsne", "attribute", "attribution_mass"}),
+    ("_topk.py", {"thresholds", "stability", "stability_center", "dataset_search", "activation_max", "filters",
+                  "tsne"}),
+    ("attribution/_lrp.py", {"attribute", "attribution_mass"}),
 ])
 def test_a_code_edit_flags_exactly_the_stages_using_the_module(tmp_path, module, expected):
     root = _copy_sources(tmp_path)
