@@ -40,6 +40,23 @@ from ._regression import (
     regression_from_moments,
 )
 from ._samples import samples_from_maps
+from ._beyond import (
+    debiased_cka_arrays,
+    debiased_cka_moments,
+    frechet_arrays,
+    frechet_moments,
+    linear_cka_moments,
+    procrustes_arrays,
+    procrustes_moments,
+    rdm_correlation,
+    rsa_arrays,
+    shape_metric_arrays,
+    shape_metric_moments,
+)
+from ._grouped import GroupedMoments, MomentState, SubsetRows, group_of, hash_ids
+from ._pwcca_google import GooglePWCCAResult, pwcca_google_arrays, pwcca_google_from_moments
+from ._registry import DEFAULT_METRICS, REGISTRY, Metric, resolve_metrics
+from ._uncertainty import jackknife, permutation_pvalue, permuted_states, similarity_table
 
 __all__ = [
     # statistics and sample preparation
@@ -84,4 +101,33 @@ __all__ = [
     "pwcca_arrays",
     "linear_cka_arrays",
     "linear_cka_gram",
+    # google/svcca PWCCA convention
+    "GooglePWCCAResult",
+    "pwcca_google_from_moments",
+    "pwcca_google_arrays",
+    # per-group sums, metrics beyond CKA, registry and uncertainty
+    "GroupedMoments",
+    "MomentState",
+    "SubsetRows",
+    "group_of",
+    "hash_ids",
+    "linear_cka_moments",
+    "debiased_cka_moments",
+    "procrustes_moments",
+    "shape_metric_moments",
+    "frechet_moments",
+    "debiased_cka_arrays",
+    "procrustes_arrays",
+    "shape_metric_arrays",
+    "frechet_arrays",
+    "rsa_arrays",
+    "rdm_correlation",
+    "Metric",
+    "REGISTRY",
+    "DEFAULT_METRICS",
+    "resolve_metrics",
+    "jackknife",
+    "permutation_pvalue",
+    "permuted_states",
+    "similarity_table",
 ]
