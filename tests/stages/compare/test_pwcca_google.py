@@ -81,7 +81,7 @@ def test_independent_data_gives_small_pwcca_in_both_conventions():
     ref = pwcca_google_arrays(a, b)
     got = pwcca_google_from_moments(*_moments(a, b))
     assert got.value == pytest.approx(ref.value, abs=1e-10)
-    assert got.value < 0.06 and pwcca_arrays(a, b).value < 0.06
+    assert got.value < 0.1 and pwcca_arrays(a, b).value < 0.1
 
 
 def test_dead_units_on_the_chosen_side_with_epsilon_zero_get_zero_weight():
