@@ -31,7 +31,7 @@ Deviations, both where google's own result is undefined or wrong:
   platform-independent number.
 * When D Dᵀ is singular (dead or collinear neurons on the chosen side with ε = 0), numpy's QR completes the basis
   arbitrarily (LAPACK-dependent); here a direction that is a combination of earlier ones gets weight 0
-  (semidefinite Cholesky, pivot ≤ 1e-12 · max). Use ε > 0 (e.g. 1e-10) to drop dead units as google does.
+  (semidefinite Cholesky, pivot ≤ 1e-10 · max). Use ε > 0 (e.g. 1e-10) to drop dead units as google does.
 """
 
 from __future__ import annotations
@@ -72,19 +72,21 @@ def _fix_signs(rotation: np.ndarray, signs: str) -> np.ndarray:
     return rotation * np.where(pick < 0, -1.0, 1.0)[:, None]
 
 
-def _cholesky_semidefinite(gram: np.ndarray, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+def _cholesky_semidefinite(gram: np.ndarray, tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
     """Lower L with L Lᵀ = gram, column by column; a dependent column (pivot ≤ tol·max diag) is zero.
 
     Returns ``(L, independent)``; ``independent[i]`` is False where direction i adds nothing new.
     """
+    floor = tol * max(float(np.max(np.diag(gram))), 0.0) if gram.size else 0.0
     try:
-        return np.linalg.cholesky(gram), np.ones(gram.shape[0], dtype=bool)
+        low = np.linalg.cholesky(gram)
+        if (np.diag(low) ** 2 > floor).all():
+            return low, np.ones(gram.shape[0], dtype=bool)
     except np.linalg.LinAlgError:
         pass
     k = gram.shape[0]
     low = np.zeros_like(gram)
     keep = np.zeros(k, dtype=bool)
-    floor = tol * max(float(np.max(np.diag(gram))), 0.0)
     for j in range(k):
         pivot = gram[j, j] - low[j, :j] @ low[j, :j]
         if pivot <= floor:
