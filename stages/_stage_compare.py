@@ -90,7 +90,7 @@ class CompareStage(Stage):
     """Correlation, matching, regression, SVCCA/PWCCA/CKA of one layer pair from its moments."""
 
     name = "compare"
-    version = 1
+    version = 2  # 2: pwcca is google/svcca's convention, the paper form is pwcca_morcos
 
     def run(self, ctx: Context) -> StageOutput:
         p = ctx.params

@@ -56,6 +56,7 @@ from ._beyond import (
 from ._grouped import GroupedMoments, MomentState, SubsetRows, group_of, hash_ids
 from ._pwcca_google import GooglePWCCAResult, pwcca_google_arrays, pwcca_google_from_moments
 from ._registry import DEFAULT_METRICS, REGISTRY, Metric, resolve_metrics
+from ._sanity import layer_identification
 from ._uncertainty import jackknife, permutation_pvalue, permuted_states, similarity_table
 
 __all__ = [
@@ -130,4 +131,5 @@ __all__ = [
     "permutation_pvalue",
     "permuted_states",
     "similarity_table",
+    "layer_identification",
 ]

@@ -155,10 +155,31 @@ def similarity_table(
         group_seed: seed of the id → group hash (RSA's jackknife over the subset).
 
     Returns:
-        DataFrame, one row per (block_a, block_b, metric): ``layer_a, layer_b, metric, kind, value, se, ci_low,
+        DataFrame, one row per (block_a, block_b, metric): ``layer_a, layer_b, metric, metric_kind, value, se, ci_low,
         ci_high, jackknife_value, null_mean, null_q95, p_value, n, n_subset, groups`` (null columns NaN without a
         subset; ``null_q95`` is the null's 95th percentile toward "similar").
     """
+    try:  # the replicates are many small matrices: BLAS threads only add contention
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return _similarity_table(moments, pairs, metrics, subset, subset_ids, permutations, seed, confidence,
+                                 group_seed)
+    with threadpool_limits(limits=1):
+        return _similarity_table(moments, pairs, metrics, subset, subset_ids, permutations, seed, confidence,
+                                 group_seed)
+
+
+def _similarity_table(
+    moments: GroupedMoments,
+    pairs: Sequence[tuple[str, str]],
+    metrics: Sequence[str] | None,
+    subset: Mapping[str, np.ndarray] | None,
+    subset_ids: np.ndarray | None,
+    permutations: int,
+    seed: int,
+    confidence: float,
+    group_seed: int,
+) -> pd.DataFrame:
     chosen: list[Metric] = resolve_metrics(metrics)
     if permutations < 0:
         raise StageInputError(f"permutations must be ≥ 0; got {permutations}")
@@ -214,7 +235,7 @@ def similarity_table(
                     "layer_a": a,
                     "layer_b": b,
                     "metric": m.name,
-                    "kind": m.kind,
+                    "metric_kind": m.kind,
                     "value": estimate,
                     "se": jk.se,
                     "ci_low": jk.ci_low,

@@ -100,7 +100,7 @@ def test_permutation_null_detects_shared_structure_and_table_columns():
     table = similarity_table(grouped, [("x", "y"), ("x", "x")], None, subset=subset.rows(), subset_ids=subset.ids,
                              permutations=49)
     assert set(table.metric) == set(REGISTRY)
-    assert list(table.columns[:5]) == ["layer_a", "layer_b", "metric", "kind", "value"]
+    assert list(table.columns[:5]) == ["layer_a", "layer_b", "metric", "metric_kind", "value"]
     real = table[(table.layer_b == "y") & table.metric.isin(["linear_cka", "debiased_cka", "procrustes", "rsa"])]
     assert (real.p_value <= 0.02).all(), real
     assert (real.se > 0).all()
