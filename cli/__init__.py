@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", type=Path, default=Path("preview.png"))
     v.add_argument("-n", type=int, default=24, help="number of images")
 
+    s = sub.add_parser("sanity", help="built-in sanity test of every comparison metric on the config's own seeds "
+                                      "(Kornblith et al. 2019 layer identification); runs what is not cached")
+    s.add_argument("config", nargs="?", default=None, help="config file (default: the packaged demo)")
+    s.add_argument("--cache-dir", default=None)
+    s.add_argument("--out-dir", default=None)
+
     p = sub.add_parser("compare", help="compare two activation arrays (.npy: (samples, units) or (N, C, H, W) maps)")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
@@ -223,9 +229,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sanity(args: argparse.Namespace) -> int:
+    from ..pipeline import run
+    from ..reports import sanity_table
+    from ..stages import StageInputError
+
+    result = run(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir, progress=False)
+    table = sanity_table(result)
+    if table is None:
+        raise StageInputError("the sanity test needs [similarity] enabled and at least two trained seeds of a model "
+                              "with two or more layers; add seeds or layers to the config")
+    print(table.to_markdown())
+    return 0
+
+
 _COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "verify": _cmd_verify,
              "clean": _cmd_clean, "models": _cmd_models, "layers": _cmd_layers, "dataset": _cmd_dataset,
-             "compare": _cmd_compare}
+             "compare": _cmd_compare, "sanity": _cmd_sanity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from ..stages.compare import layer_identification
 from ._data import RunData
 from ._tables import PaperTable, mean_std
 
-__all__ = ["SIMILARITY_BUILDERS", "similarity_uncertainty", "layer_by_layer", "layer_identification_table"]
+__all__ = ["SIMILARITY_BUILDERS", "sanity_table", "similarity_uncertainty", "layer_by_layer", "layer_identification_table"]
 
 
 def _frame(data: RunData) -> pd.DataFrame:
@@ -129,3 +129,8 @@ SIMILARITY_BUILDERS = [
     ("layer_by_layer", layer_by_layer, "no similarity results for seed pairs"),
     ("layer_identification", layer_identification_table, "needs seed pairs of a model with ≥ 2 layers"),
 ]
+
+
+def sanity_table(result: object) -> PaperTable | None:
+    """Table 11 (layer identification per metric) of a finished run: the ``repdissect sanity`` read-out."""
+    return layer_identification_table(RunData(result))

@@ -126,14 +126,19 @@ class GroupedMoments(StreamingStatistic):
         if x.shape[0] == 0:
             return
         norms = np.stack([(a * a).sum(axis=1) for a in arrays], axis=1)  # (n, L): α_t per block
-        order = np.argsort(group, kind="stable")
-        bounds = np.searchsorted(group[order], np.arange(self.groups + 1))
+        if (group == group[0]).all():  # one group: no reordering copy
+            bounds = np.zeros(self.groups + 1, np.int64)
+            bounds[group[0] + 1 :] = group.size
+        else:  # one sorting copy, then contiguous per-group views (no fancy-index copy per group)
+            order = np.argsort(group, kind="stable")
+            x, norms = x[order], norms[order]
+            bounds = np.searchsorted(group[order], np.arange(self.groups + 1))
         for g in range(self.groups):
-            rows_g = order[bounds[g] : bounds[g + 1]]
-            if rows_g.size == 0:
+            lo, hi = int(bounds[g]), int(bounds[g + 1])
+            if hi == lo:
                 continue
-            xg, ag = x[rows_g], norms[rows_g]
-            self._count[g] += rows_g.size
+            xg, ag = x[lo:hi], norms[lo:hi]
+            self._count[g] += hi - lo
             self._sum[g] += xg.sum(axis=0)
             self._cross[g] += xg.T @ xg
             self._sq[g] += ag.T @ ag

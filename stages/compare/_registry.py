@@ -12,9 +12,10 @@ Rows only: rsa.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -49,10 +50,23 @@ class Metric:
         return 1.0 if self.kind == "similarity" else -1.0
 
 
+def _single_thread() -> Any:
+    """One BLAS thread while looping over small matrices (threads only add contention there)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
+
+
 def _per_replicate(fn: Callable[..., float]) -> Callable[[MomentState, str, str], np.ndarray]:
     """Lift a function of covariance blocks (one replicate) to stacked states; NaN where n < 2."""
 
     def lifted(state: MomentState, a: str, b: str) -> np.ndarray:
+        with _single_thread():
+            return _loop(state, a, b)
+
+    def _loop(state: MomentState, a: str, b: str) -> np.ndarray:
         sa, sb = state.block(a), state.block(b)
         out = np.full(state.n.size, np.nan)
         for r in range(state.n.size):
