@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=["none", "smaller"], default="none",
                    help="for maps of different H×W: 'smaller' average-pools both onto the smaller grid; "
                         "'none' (default) refuses")
-    p.add_argument("--out", type=Path, default=None, help="write the metric,value table as CSV")
+    p.add_argument("--permutations", type=int, default=99,
+                   help="shuffles of B's rows for the permutation null of the registry metrics (0: none)")
+    p.add_argument("--groups", type=int, default=10, help="jackknife groups for the registry metrics' s.e.")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the metric, value, se, ci_low, ci_high, p_value table as CSV")
     return parser
 
 
@@ -221,7 +225,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             )
         a, b = samples_from_maps(a, b, mode=args.samples, resize=args.resize)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-    table = compare_arrays(a, b, metrics=metrics)
+    table = compare_arrays(a, b, metrics=metrics, permutations=args.permutations, groups=args.groups)
     print(table.to_string(index=False))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,9 @@ BAD = [
     ("[run]\nname = 'a b'\n", r"\[run\]\.name = 'a b' is invalid"),
     ("models = 3\n", r"\[\[models\]\] = 3 has the wrong type"),
     ("[stability]\ntop_k = 1\n", r"top_k = 1 is invalid"),
+    ("[similarity]\nmetrics = ['cka9']\n", r"\[similarity\]\.metrics = \['cka9'\] is invalid: choose a non-empty list"),
+    ("[similarity]\ngroups = 1\n", r"\[similarity\]\.groups = 1 is invalid"),
+    ("[similarity]\nsubset = 2\n", r"\[similarity\]\.subset = 2 is invalid"),
 ]
 
 
