@@ -62,8 +62,9 @@ class SimilarityStage(StatisticStage):
         blocks = []
         for name in stat["moments"].names:
             role, layer = name.split(":", 1)
-            acts = aligned_part(ctx, role, layer, ids).astype(np.float64)
-            blocks.append(acts.mean(axis=(2, 3)) if acts.ndim == 4 else acts)
+            acts = aligned_part(ctx, role, layer, ids)
+            pooled = acts.astype(np.float32).mean(axis=(2, 3), dtype=np.float64) if acts.ndim == 4 else acts
+            blocks.append(np.asarray(pooled, dtype=np.float64))
         stat["moments"].update(*blocks, group=_compare.group_of(ids, int(ctx.params["groups"]), int(ctx.params["seed"])))
         stat["subset"].update(*blocks, ids=ids)
 

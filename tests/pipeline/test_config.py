@@ -94,3 +94,10 @@ def test_an_unusable_polars_engine_is_refused_at_load(tmp_path, monkeypatch):
                                           r"importable .*install polars>=2\.1 or use \"auto\" or \"pyarrow\""):
         _load(tmp_path, "[execution]\nparquet_engine = 'polars'\n")
     assert _load(tmp_path, "[execution]\nparquet_engine = 'auto'\n").execution.parquet_engine == "auto"
+
+
+def test_similarity_defaults_name_every_registered_metric():
+    from repdissect.pipeline import load_config
+    from repdissect.stages.compare import REGISTRY
+
+    assert load_config(None).similarity.metrics == list(REGISTRY)
