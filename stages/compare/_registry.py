@@ -28,7 +28,7 @@ from ._beyond import (
     rsa_arrays,
     shape_metric_moments,
 )
-from ._cca import cca_from_covariance, pwcca_from_covariance, svcca_from_covariance
+from ._cca_batched import cca_mean_batched, pwcca_morcos_batched, svcca_batched
 from ._grouped import MomentState
 from ._pwcca_google import pwcca_google_from_moments
 
@@ -79,16 +79,15 @@ def _per_replicate(fn: Callable[..., float]) -> Callable[[MomentState, str, str]
     return lifted
 
 
-def _cca_mean(aa, bb, ab, **_):  # type: ignore[no-untyped-def]
-    return cca_from_covariance(aa, bb, ab).mean
+def _batched(fn: Callable[..., np.ndarray]) -> Callable[[MomentState, str, str], np.ndarray]:
+    """Lift a batched function of scatter blocks to stacked states; NaN where n < 2."""
 
+    def lifted(state: MomentState, a: str, b: str) -> np.ndarray:
+        sa, sb = state.block(a), state.block(b)
+        m = state.m2
+        return np.where(state.n >= 2, fn(m[:, sa, sa], m[:, sb, sb], m[:, sa, sb]), np.nan)
 
-def _svcca(aa, bb, ab, **_):  # type: ignore[no-untyped-def]
-    return svcca_from_covariance(aa, bb, ab).mean
-
-
-def _pwcca_morcos(aa, bb, ab, **_):  # type: ignore[no-untyped-def]
-    return pwcca_from_covariance(aa, bb, ab).value
+    return lifted
 
 
 def _pwcca_google(aa, bb, ab, *, mean_a, mean_b, n):  # type: ignore[no-untyped-def]
@@ -99,11 +98,11 @@ _ENTRIES = [
     Metric("linear_cka", "similarity", "linear CKA (Kornblith et al. 2019), biased HSIC", moments=linear_cka_moments),
     Metric("debiased_cka", "similarity", "linear CKA with the unbiased HSIC (Song et al. 2012)",
            moments=debiased_cka_moments),
-    Metric("cca_mean", "similarity", "mean canonical correlation ρ̄", moments=_per_replicate(_cca_mean)),
-    Metric("svcca", "similarity", "SVCCA ρ̄ (99% of singular-value mass per side)", moments=_per_replicate(_svcca)),
+    Metric("cca_mean", "similarity", "mean canonical correlation ρ̄", moments=_batched(cca_mean_batched)),
+    Metric("svcca", "similarity", "SVCCA ρ̄ (99% of singular-value mass per side)", moments=_batched(svcca_batched)),
     Metric("pwcca", "similarity", "PWCCA, google/svcca compute_pwcca convention", moments=_per_replicate(_pwcca_google)),
     Metric("pwcca_morcos", "similarity", "PWCCA, canonical-variate weights (paper text)",
-           moments=_per_replicate(_pwcca_morcos)),
+           moments=_batched(pwcca_morcos_batched)),
     Metric("procrustes", "distance", "orthogonal Procrustes distance 2 − 2‖M_xy‖_*/√(tr·tr) (Ding et al. 2021)",
            moments=procrustes_moments),
     Metric("shape_alpha1", "distance", "angular shape metric α=1 (netrep; angular Procrustes), radians",

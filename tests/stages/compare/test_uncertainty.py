@@ -128,3 +128,25 @@ def test_registry_rejects_unknown_metrics():
     with pytest.raises(StageInputError, match="subset"):
         x, y = _blocks()
         similarity_table(_fill(x, y, 3, np.arange(x.shape[0])), [("x", "y")], ["rsa"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_cca_family_equals_the_covariance_functions(seed):
+    from repdissect.stages.compare import cca_from_covariance, pwcca_from_covariance, svcca_from_covariance
+
+    rng = np.random.default_rng(seed)
+    x, y = _blocks(n=150, seed=seed)
+    x[:, 1] = 0.0  # a dead unit
+    if seed == 2:
+        x, y = y, x
+    y = np.c_[y, y[:, 0] + y[:, 1]]  # rank deficiency
+    grouped = _fill(x, y, 5, rng.permutation(150))
+    states = grouped.states(jackknife=True)
+    sx, sy = states.block("x"), states.block("y")
+    for r in range(states.n.size):
+        m = states.m2[r]
+        blocks = (m[sx, sx], m[sy, sy], m[sx, sy])
+        assert REGISTRY["cca_mean"].moments(states, "x", "y")[r] == pytest.approx(cca_from_covariance(*blocks).mean, abs=1e-9)
+        assert REGISTRY["svcca"].moments(states, "x", "y")[r] == pytest.approx(svcca_from_covariance(*blocks).mean, abs=1e-9)
+        assert REGISTRY["pwcca_morcos"].moments(states, "x", "y")[r] == pytest.approx(
+            pwcca_from_covariance(*blocks).value, abs=1e-9)
