@@ -6,6 +6,13 @@ independent of the number of images. The pipeline stage accumulates one statisti
 and calls :func:`compare_moments`; :func:`compare_arrays` does the same for two in-memory arrays (the
 ``repdissect compare`` command). The ``*_arrays`` functions are independent in-memory implementations on
 (samples × units) arrays, used as test references and benchmark baselines.
+
+Beyond that statistic: :class:`GroupedMoments` keeps the same sums per hashed jackknife group plus the
+fourth-order terms of debiased CKA, so every registered metric (:data:`REGISTRY`: debiased CKA, Procrustes,
+netrep shape metrics, Fréchet distance, google/svcca's PWCCA, …) comes with a leave-one-group-out jackknife
+(:func:`jackknife`, total − group, no second pass); :class:`SubsetRows` keeps a fixed seeded image subset for
+RSA and the permutation null; :func:`similarity_table` puts it together for layer × layer tables and
+:func:`layer_identification` is Kornblith et al.'s sanity test.
 """
 
 from ._arrays import (
