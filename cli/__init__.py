@@ -224,7 +224,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 "or --samples pooled"
             )
         a, b = samples_from_maps(a, b, mode=args.samples, resize=args.resize)
-    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else ["all"]
     table = compare_arrays(a, b, metrics=metrics, permutations=args.permutations, groups=args.groups)
     print(table.to_string(index=False))
     if args.out is not None:

@@ -25,7 +25,15 @@ __all__ = ["SIMILARITY_BUILDERS", "sanity_table", "similarity_uncertainty", "lay
 
 
 def _frame(data: RunData) -> pd.DataFrame:
-    return data.table("similarity", "similarity")
+    """The stage table with undefined cells (``valid``/``has_se``/``has_null`` False) back as NaN."""
+    frame = data.table("similarity", "similarity")
+    if frame.empty or "valid" not in frame:
+        return frame
+    frame = frame.copy()
+    frame.loc[~frame["valid"].astype(bool), "value"] = np.nan
+    frame.loc[~frame["has_se"].astype(bool), "se"] = np.nan
+    frame.loc[~frame["has_null"].astype(bool), ["null_q95", "p_value"]] = np.nan
+    return frame
 
 
 def similarity_uncertainty(data: RunData) -> PaperTable | None:

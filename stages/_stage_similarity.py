@@ -27,6 +27,23 @@ __all__ = ["SimilarityStage"]
 _compare = LazyModule(".compare")
 
 
+_ESTIMATES = ("value", "se", "ci_low", "ci_high", "jackknife_value", "null_mean", "null_q95")
+
+
+def _flag_undefined(table: Any) -> Any:
+    """Cached tables hold no NaN: ``valid`` (value defined), ``has_se``, ``has_null`` flag what is undefined
+    (Fréchet of different widths, debiased CKA of a constant layer, a null that cannot move), whose cells are
+    then 0 (p-value 1)."""
+    table = table.copy()
+    table.insert(table.columns.get_loc("value") + 1, "valid", np.isfinite(table["value"].to_numpy(float)))
+    table["has_se"] = np.isfinite(table["se"].to_numpy(float))
+    table["has_null"] = np.isfinite(table["p_value"].to_numpy(float))
+    for column in _ESTIMATES:
+        table[column] = np.nan_to_num(table[column].to_numpy(float), nan=0.0, posinf=0.0, neginf=0.0)
+    table["p_value"] = np.nan_to_num(table["p_value"].to_numpy(float), nan=1.0)
+    return table
+
+
 @register_stage
 class SimilarityStage(StatisticStage):
     """Layer × layer similarity for every registered metric, with uncertainty, from per-group sums."""
@@ -81,4 +98,5 @@ class SimilarityStage(StatisticStage):
         )
         table["layer_a"] = table["layer_a"].str.slice(2)
         table["layer_b"] = table["layer_b"].str.slice(2)
+        table = _flag_undefined(table)
         return StageOutput(tables={"similarity": table}, extras={"samples": moments.n, "subset": int(subset.ids.size)})

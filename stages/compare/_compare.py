@@ -346,7 +346,7 @@ def compare_arrays(
         b: (n, Cb) activations of net B on the same samples.
         metrics: names from :data:`METRICS` (metric groups of :func:`compare_moments`) and/or from the metric
             registry (:data:`~._registry.REGISTRY`: debiased_cka, procrustes, shape_alpha*, frechet, rsa, …);
-            default all of both.
+            ``"all"`` for both; default (None) every group of :data:`METRICS` only.
         holdout_fraction: fraction of rows held out (random, ``seed``) to score the regression.
         seed: seed of the train/held-out split, the jackknife groups, the subset and the permutations.
         alphas, thresholds: see :func:`compare_moments`.
@@ -356,14 +356,18 @@ def compare_arrays(
         **options: further keyword arguments of :func:`compare_moments` (e.g. ``svcca_keep``).
 
     Returns:
-        DataFrame with columns ``metric`` (str), ``value`` (float) and, for registry metrics, ``se``, ``ci_low``,
-        ``ci_high`` (jackknife) and ``p_value`` (permutation null); NaN where not applicable.
+        DataFrame with columns ``metric`` (str) and ``value`` (float); when a registry metric is selected also
+        ``se``, ``ci_low``, ``ci_high`` (jackknife) and ``p_value`` (permutation null), NaN for the rows they do
+        not apply to (e.g. ``n_train``) and for undefined values (``frechet`` of different widths, debiased CKA
+        of a constant side).
     """
     from ._registry import REGISTRY
 
     if isinstance(metrics, str):
         metrics = [metrics]
     chosen = None if metrics is None else [str(m).strip() for m in metrics if str(m).strip()]
+    if chosen == ["all"]:
+        chosen = [*METRICS, *REGISTRY]
     if chosen is not None:
         unknown = [m for m in chosen if m not in METRICS and m not in REGISTRY]
         if unknown or not chosen:
@@ -371,7 +375,7 @@ def compare_arrays(
                 f"unknown metric(s) {unknown or chosen}; choose from {list(METRICS)} or {list(REGISTRY)}"
             )
     legacy = list(METRICS) if chosen is None else [m for m in METRICS if m in chosen]
-    registry = list(REGISTRY) if chosen is None else [m for m in REGISTRY if m in chosen]
+    registry = [] if chosen is None else [m for m in REGISTRY if m in chosen]
     groups_ = legacy
     if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2:
         raise StageInputError(
@@ -420,9 +424,10 @@ def compare_arrays(
         shared = extra.metric.isin(out.metric)
         out = out.merge(extra[shared].drop(columns="value"), on="metric", how="left")
         out = pd.concat([out, extra[~shared]], ignore_index=True) if len(out) else extra.reset_index(drop=True)
-    for column in ("se", "ci_low", "ci_high", "p_value"):
-        if column not in out:
-            out[column] = np.nan
+    if registry:
+        for column in ("se", "ci_low", "ci_high", "p_value"):
+            if column not in out:
+                out[column] = np.nan
     return out.reset_index(drop=True)
 
 

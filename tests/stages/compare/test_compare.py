@@ -126,7 +126,8 @@ def test_compare_arrays_metric_selection_and_names():
     assert np.isnan(table.set_index("metric").loc["cca_mean", "se"])
     assert {"cca_mean", "linear_cka", "n_train"} <= names
     assert not any(name.startswith(("svcca", "hungarian", "lasso")) for name in names)
-    full = compare_arrays(a, b, alphas=[0.0, 0.05])
+    assert list(compare_arrays(a, b, metrics=["cca"]).columns) == ["metric", "value"]
+    full = compare_arrays(a, b, metrics="all", alphas=[0.0, 0.05])
     assert {"svcca_mean", "pwcca", "hungarian_mean_corr", "lasso_alpha0.05_heldout_loss_b_from_a"} <= set(full.metric)
     assert {"debiased_cka", "procrustes", "shape_alpha0.5", "rsa", "pwcca_morcos"} <= set(full.metric)
     defined = full[full.metric != "frechet"]  # Fréchet needs equal widths (10 vs 8 here): NaN
