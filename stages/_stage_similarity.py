@@ -50,6 +50,10 @@ class SimilarityStage(StatisticStage):
 
     name = "similarity"
     version = 1
+    #: the science modules this stage's result depends on (closed under their imports)
+    depends_on = (".compare._grouped", ".compare._uncertainty", ".compare._registry", ".compare._beyond",
+                  ".compare._cca_batched", ".compare._cca", ".compare._moments", ".compare._correlation",
+                  ".compare._pwcca_google", "._stage_inputs", "._activations")
 
     def _blocks(self, ctx: Context) -> tuple[list[str], list[int]]:
         names, sizes = [], []
