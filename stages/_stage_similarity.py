@@ -93,7 +93,8 @@ class SimilarityStage(StatisticStage):
         p = ctx.params
         moments, subset = stat["moments"], stat["subset"]
         if moments.n < 4:
-            raise StageInputError(f"the similarity stage needs at least 4 images; got {moments.n}. Use more images")
+            raise StageInputError(f"the similarity stage needs at least 4 images; got {moments.n}. Use more images "
+                                  "or set [similarity].enabled = false")
         names = moments.names
         pairs = [(a, b) for a in names if a.startswith("a:") for b in names if b.startswith("b:")]
         table = _compare.similarity_table(
