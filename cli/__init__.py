@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", type=Path, default=Path("preview.png"))
     v.add_argument("-n", type=int, default=24, help="number of images")
 
+    s = sub.add_parser("sanity", help="built-in sanity test of every comparison metric on the config's own seeds "
+                                      "(Kornblith et al. 2019 layer identification); runs what is not cached")
+    s.add_argument("config", nargs="?", default=None, help="config file (default: the packaged demo)")
+    s.add_argument("--cache-dir", default=None)
+    s.add_argument("--out-dir", default=None)
+
     p = sub.add_parser("compare", help="compare two activation arrays (.npy: (samples, units) or (N, C, H, W) maps)")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
@@ -105,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=["none", "smaller"], default="none",
                    help="for maps of different H×W: 'smaller' average-pools both onto the smaller grid; "
                         "'none' (default) refuses")
-    p.add_argument("--out", type=Path, default=None, help="write the metric,value table as CSV")
+    p.add_argument("--permutations", type=int, default=99,
+                   help="shuffles of B's rows for the permutation null of the registry metrics (0: none)")
+    p.add_argument("--groups", type=int, default=10, help="jackknife groups for the registry metrics' s.e.")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the metric, value, se, ci_low, ci_high, p_value table as CSV")
     return parser
 
 
@@ -299,8 +309,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 "or --samples pooled"
             )
         a, b = samples_from_maps(a, b, mode=args.samples, resize=args.resize)
-    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-    table = compare_arrays(a, b, metrics=metrics)
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else ["all"]
+    table = compare_arrays(a, b, metrics=metrics, permutations=args.permutations, groups=args.groups)
     print(table.to_string(index=False))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -308,9 +318,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sanity(args: argparse.Namespace) -> int:
+    from ..pipeline import run
+    from ..reports import sanity_table
+    from ..stages import StageInputError
+
+    result = run(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir, progress=False)
+    table = sanity_table(result)
+    if table is None:
+        raise StageInputError("the sanity test needs [similarity] enabled and at least two trained seeds of a model "
+                              "with two or more layers; add seeds or layers to the config")
+    print(table.to_markdown())
+    return 0
+
+
 _COMMANDS = {"run": _cmd_run, "attribute": _cmd_attribute, "status": _cmd_status, "report": _cmd_report, "verify": _cmd_verify,
              "clean": _cmd_clean, "models": _cmd_models, "layers": _cmd_layers, "dataset": _cmd_dataset,
-             "compare": _cmd_compare, "visualise": _cmd_visualise}
+             "compare": _cmd_compare, "visualise": _cmd_visualise,
+             "sanity": _cmd_sanity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

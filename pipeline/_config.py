@@ -7,7 +7,7 @@ the value received and what is allowed. Free-form sub-tables exist only where a 
 (dataset parameters, architecture keyword arguments).
 
 Sections: ``[run]``, ``[dataset]``, ``[[models]]`` (with ``[models.train]``), ``[extract]``, ``[thresholds]``, ``[iou]``,
-``[stability]``, ``[compare]``, ``[execution]``, ``[visualise]``, ``[attribution]``.
+``[stability]``, ``[compare]``, ``[execution]``, ``[visualise]``, ``[attribution]``, ``[similarity]``.
 """
 
 from __future__ import annotations
@@ -228,6 +228,36 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
+class SimilarityConfig:
+    """Layer × layer comparison with every registered metric, jackknife s.e. and a permutation null.
+
+    ``metrics``: registry names (default all: linear_cka, debiased_cka, cca_mean, svcca, pwcca, pwcca_morcos,
+    procrustes, shape_alpha1, shape_alpha0.5, shape_alpha0, frechet, rsa). ``groups``: jackknife groups (images
+    assigned by a seeded hash of their index). ``subset``: images in the fixed seeded subset for RSA and the
+    null; ``permutations``: shuffles of net B's images for the null (0: none). One sample per image (pooled).
+    """
+
+    enabled: bool = True
+    metrics: list[str] = field(default_factory=lambda: [
+        "linear_cka", "debiased_cka", "cca_mean", "svcca", "pwcca", "pwcca_morcos", "procrustes", "shape_alpha1",
+        "shape_alpha0.5", "shape_alpha0", "frechet", "rsa"])
+    groups: int = 10
+    subset: int = 300
+    permutations: int = 99
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        known = ("linear_cka", "debiased_cka", "cca_mean", "svcca", "pwcca", "pwcca_morcos", "procrustes",
+                 "shape_alpha1", "shape_alpha0.5", "shape_alpha0", "frechet", "rsa")
+        unknown = [m for m in self.metrics if m not in known]
+        _check(bool(self.metrics) and not unknown, f"{key}.metrics", self.metrics,
+               f"choose a non-empty list from {list(known)}")
+        _check(self.groups >= 2, f"{key}.groups", self.groups, "must be an integer ≥ 2 (10 recommended)")
+        _check(self.subset >= 4, f"{key}.subset", self.subset, "must be an integer ≥ 4 (RSA needs 4 images)")
+        _check(self.permutations >= 0, f"{key}.permutations", self.permutations, "must be an integer ≥ 0")
+
+
+@dataclass(frozen=True)
 class ExecutionConfig:
     """How work runs: these fields change speed, not results, with two exceptions the keys capture.
 
@@ -336,6 +366,7 @@ class Config:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     visualise: VisualiseConfig = field(default_factory=VisualiseConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
 
     def validate(self, key: str = "") -> None:
         self.run.validate("[run]")
@@ -348,6 +379,7 @@ class Config:
         self.execution.validate("[execution]")
         self.visualise.validate("[visualise]")
         self.attribution.validate("[attribution]")
+        self.similarity.validate("[similarity]")
         _check(len(self.models) > 0, "[[models]]", [], "define at least one [[models]] table")
         names = [m.name for m in self.models]
         for i, model in enumerate(self.models):

@@ -296,6 +296,13 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
             nodes.append(_node("cka", {"a": a.name, "b": b.name, "kind": kind},
                                {"layers_a": list(a.model.layers), "layers_b": list(b.model.layers)},
                                upstream={"a": ea, "b": eb}))
+        sc = config.similarity
+        if sc.enabled:
+            nodes.append(_node("similarity", {"a": a.name, "b": b.name, "kind": kind},
+                               {"layers_a": list(a.model.layers), "layers_b": list(b.model.layers),
+                                "metrics": list(sc.metrics), "groups": sc.groups, "subset": sc.subset,
+                                "permutations": sc.permutations, "seed": sc.seed},
+                               upstream={"a": ea, "b": eb}))
     nodes += attribution_nodes(config, dataset, instances, extract_of, nodes, _node, digests, exec_common)
     for model, classes in checks:
         extracts = [extract_of[i.name] for i in instances if i.model is model]

@@ -18,6 +18,7 @@ results), :mod:`repdissect.stages` (activation readers), :mod:`repdissect.datase
 """
 
 from ._report import REPORT_VERSION, report_from_cache, summary_text, write_report, write_run_report
+from ._similarity import sanity_table
 from ._tables import MeanStd, PaperTable, aggregate, latex_escape, markdown_escape, mean_std
 from ._data import RunData
 
@@ -35,6 +36,7 @@ __all__ = [
     "write_run_report",
     "summary_text",
     "report_from_cache",
+    "sanity_table",
     "PaperTable",
     "MeanStd",
     "mean_std",

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ._data import RunData
+from ._similarity import SIMILARITY_BUILDERS
 from ._tables import PaperTable, mean_std
 
 __all__ = [
@@ -288,7 +289,7 @@ def similarity_table(data: RunData) -> PaperTable | None:
         columns=columns,
         rows=rows,
         caption=("SVCCA: mean canonical correlation after keeping the top singular directions (99 % of the "
-                 "spectrum); PWCCA: projection-weighted CCA (Morcos et al. 2018); linear CKA (Kornblith et al. "
+                 "spectrum); PWCCA: projection-weighted CCA (Morcos et al. 2018; google/svcca convention); linear CKA (Kornblith et al. "
                  "2019). Seeds: pairs of trained networks; random init: each trained network against its own "
                  "untrained initialisation. Mean ± std (n pairs)."),
     )
@@ -415,6 +416,7 @@ _BUILDERS: list[tuple[str, Callable[[RunData], PaperTable | None], str]] = [
      "no interpretable model with an ordinary twin and location-stability results"),
     ("icnn_comparison", lambda data: _icnn("icnn_comparison_table", data),
      "no interpretable model with an ordinary twin (same architecture, recipe and seeds) in this run"),
+    *SIMILARITY_BUILDERS,
 ]
 
 

@@ -20,6 +20,7 @@ from ._errors import StageInputError
 # The stage declarations (one module per family, next to the science they wrap) register on import.
 from . import _stage_compare, _stage_dissect, _stage_extract, _stage_stability, _stage_train  # noqa: F401
 from . import _stage_attribution, _stage_visualise  # noqa: F401
+from . import _stage_similarity  # noqa: F401
 
 _EXPORTS = {
     "_stage_train": ["model_spec_from_params"],

@@ -91,9 +91,11 @@ class CompareStage(Stage):
     """Correlation, matching, regression, SVCCA/PWCCA/CKA of one layer pair from its moments."""
 
     name = "compare"
-    version = 1
+    version = 2  # 2: pwcca is google/svcca's convention, the paper form is pwcca_morcos
+    #: the science modules this stage's result depends on (compare_arrays' registry path included)
     depends_on = (".compare._compare", ".compare._cca", ".compare._correlation", ".compare._matching",
-                  ".compare._moments", ".compare._regression")
+                  ".compare._moments", ".compare._regression", ".compare._pwcca_google", ".compare._registry",
+                  ".compare._grouped", ".compare._uncertainty", ".compare._beyond", ".compare._cca_batched")
 
     def run(self, ctx: Context) -> StageOutput:
         p = ctx.params

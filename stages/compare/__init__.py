@@ -6,6 +6,13 @@ independent of the number of images. The pipeline stage accumulates one statisti
 and calls :func:`compare_moments`; :func:`compare_arrays` does the same for two in-memory arrays (the
 ``repdissect compare`` command). The ``*_arrays`` functions are independent in-memory implementations on
 (samples × units) arrays, used as test references and benchmark baselines.
+
+Beyond that statistic: :class:`GroupedMoments` keeps the same sums per hashed jackknife group plus the
+fourth-order terms of debiased CKA, so every registered metric (:data:`REGISTRY`: debiased CKA, Procrustes,
+netrep shape metrics, Fréchet distance, google/svcca's PWCCA, …) comes with a leave-one-group-out jackknife
+(:func:`jackknife`, total − group, no second pass); :class:`SubsetRows` keeps a fixed seeded image subset for
+RSA and the permutation null; :func:`similarity_table` puts it together for layer × layer tables and
+:func:`layer_identification` is Kornblith et al.'s sanity test.
 """
 
 from ._arrays import (
@@ -40,6 +47,24 @@ from ._regression import (
     regression_from_moments,
 )
 from ._samples import samples_from_maps
+from ._beyond import (
+    debiased_cka_arrays,
+    debiased_cka_moments,
+    frechet_arrays,
+    frechet_moments,
+    linear_cka_moments,
+    procrustes_arrays,
+    procrustes_moments,
+    rdm_correlation,
+    rsa_arrays,
+    shape_metric_arrays,
+    shape_metric_moments,
+)
+from ._grouped import GroupedMoments, MomentState, SubsetRows, group_of, hash_ids
+from ._pwcca_google import GooglePWCCAResult, pwcca_google_arrays, pwcca_google_from_moments
+from ._registry import DEFAULT_METRICS, REGISTRY, Metric, resolve_metrics
+from ._sanity import layer_identification
+from ._uncertainty import jackknife, permutation_pvalue, permuted_states, similarity_table
 
 __all__ = [
     # statistics and sample preparation
@@ -84,4 +109,34 @@ __all__ = [
     "pwcca_arrays",
     "linear_cka_arrays",
     "linear_cka_gram",
+    # google/svcca PWCCA convention
+    "GooglePWCCAResult",
+    "pwcca_google_from_moments",
+    "pwcca_google_arrays",
+    # per-group sums, metrics beyond CKA, registry and uncertainty
+    "GroupedMoments",
+    "MomentState",
+    "SubsetRows",
+    "group_of",
+    "hash_ids",
+    "linear_cka_moments",
+    "debiased_cka_moments",
+    "procrustes_moments",
+    "shape_metric_moments",
+    "frechet_moments",
+    "debiased_cka_arrays",
+    "procrustes_arrays",
+    "shape_metric_arrays",
+    "frechet_arrays",
+    "rsa_arrays",
+    "rdm_correlation",
+    "Metric",
+    "REGISTRY",
+    "DEFAULT_METRICS",
+    "resolve_metrics",
+    "jackknife",
+    "permutation_pvalue",
+    "permuted_states",
+    "similarity_table",
+    "layer_identification",
 ]

@@ -19,8 +19,10 @@ Tables of :func:`compare_moments` (only those of the requested metric groups are
 ``hopcroft_karp``       threshold, matched, max_possible, fraction                              [matching]
 ``regression``          alpha, direction, heldout_loss, train_loss, mean_nonzero, n_targets,
                         n_inputs, converged, sweeps — one row per (direction, α)               [regression]
-``cca``                 index, corr, pwcca_weight — all canonical correlations            [cca or pwcca]
+``cca``                 index, corr, pwcca_weight — all canonical correlations and the paper-form
+                        PWCCA weights (pwcca_morcos)                             [cca or pwcca_morcos]
 ``svcca``               index, corr — canonical correlations of the SVD-reduced subspaces           [svcca]
+``pwcca``               index, corr, weight — google/svcca's PWCCA directions (side in metrics)     [pwcca]
 ``metrics``             metric, value — every scalar below, long form (what the CLI prints)
 ``summary``             the same scalars as one wide row (columns = metric names)
 
@@ -32,7 +34,8 @@ Scalars (float values; the group that produces them in brackets):
   (fraction of A's units whose semi-matching partner is their Hungarian partner), bottleneck_threshold,
   bottleneck_mean_corr, hk_matched_t<t> per threshold (e.g. hk_matched_t0.5)
 * [cca]: cca_mean, cca_dims_a, cca_dims_b — [svcca]: svcca_mean, svcca_dims_a, svcca_dims_b — [pwcca]: pwcca —
-  [linear_cka]: linear_cka
+  [linear_cka]: linear_cka — [pwcca_morcos]: pwcca_morcos (the paper's canonical-variate weights);
+  ``pwcca`` is google/svcca's ``compute_pwcca`` convention (:mod:`._pwcca_google`), with pwcca_side (0 = A, 1 = B)
 * [regression], for <dir> in a_from_b, b_from_a: lstsq_heldout_loss_<dir>, lstsq_mean_nonzero_<dir> (α = 0) and
   lasso_alpha<α>_heldout_loss_<dir>, lasso_alpha<α>_mean_nonzero_<dir> (e.g. lasso_alpha0.01_heldout_loss_a_from_b)
 """
@@ -49,12 +52,15 @@ from ._cca import cca_family, linear_cka_from_covariance
 from ._correlation import correlation_from_covariance, dead_units, within_net_max_correlation
 from ._matching import Matching, bottleneck_matching, hungarian_matching, matched_counts, semi_matching
 from ._moments import JointMoments
+from ._pwcca_google import pwcca_google_from_moments
 from ._regression import DEFAULT_ALPHAS, regression_from_moments
 
 __all__ = ["METRICS", "DEFAULT_THRESHOLDS", "compare_moments", "compare_arrays"]
 
 #: Metric groups accepted by ``metrics=``.
-METRICS: tuple[str, ...] = ("correlation", "matching", "regression", "cca", "svcca", "pwcca", "linear_cka")
+METRICS: tuple[str, ...] = (
+    "correlation", "matching", "regression", "cca", "svcca", "pwcca", "pwcca_morcos", "linear_cka"
+)
 
 #: Default correlation thresholds for the Hopcroft–Karp matched-pair counts.
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -111,6 +117,7 @@ def compare_moments(
     lasso_tol: float = 1e-6,
     max_sweeps: int = 2000,
     correlation_tables: bool = True,
+    pwcca_epsilon: float = 0.0,
 ) -> dict[str, pd.DataFrame]:
     """All comparison metrics of one layer pair from its train and held-out joint moments.
 
@@ -126,6 +133,7 @@ def compare_moments(
         similarity_on: ``"all"`` uses train ⊕ held-out moments for the similarity metrics, ``"train"`` only train.
         lasso_tol, max_sweeps: coordinate-descent stopping rule.
         correlation_tables: include the long ``correlation``/``within_correlation`` tables (large for fc layers).
+        pwcca_epsilon: google/svcca's ``epsilon`` for ``pwcca`` (neurons with scaled variance < ε dropped, ε·I added).
 
     Returns:
         Dict of DataFrames, documented in the module docstring.
@@ -242,11 +250,21 @@ def compare_moments(
             scalars[f"hk_matched_t{_number(t)}"] = float(count)
 
     cov_aa, cov_bb, cov_ab = cov[:ca, :ca], cov[ca:, ca:], cov[:ca, ca:]
-    if {"cca", "svcca", "pwcca"} & set(groups):
+    if "pwcca" in groups:
+        m2 = moments.comoment
+        google = pwcca_google_from_moments(
+            moments.n, mean[:ca], mean[ca:], m2[:ca, :ca], m2[ca:, ca:], m2[:ca, ca:], epsilon=pwcca_epsilon
+        )
+        scalars["pwcca"] = google.value
+        scalars["pwcca_side"] = 0.0 if google.side == "a" else 1.0
+        tables["pwcca"] = pd.DataFrame(
+            {"index": np.arange(google.corrs.size, dtype=np.int64), "corr": google.corrs, "weight": google.weights}
+        )
+    if {"cca", "svcca", "pwcca_morcos"} & set(groups):
         full, sv, pw = cca_family(
             cov_aa, cov_bb, cov_ab, keep=svcca_keep, convention=svcca_convention, eps=eps
         )
-        if "cca" in groups or "pwcca" in groups:
+        if "cca" in groups or "pwcca_morcos" in groups:
             tables["cca"] = pd.DataFrame(
                 {"index": np.arange(pw.corrs.size, dtype=np.int64), "corr": pw.corrs, "pwcca_weight": pw.weights}
             )
@@ -254,8 +272,8 @@ def compare_moments(
             scalars.update(
                 {"cca_mean": full.mean, "cca_dims_a": float(full.dims_a), "cca_dims_b": float(full.dims_b)}
             )
-        if "pwcca" in groups:
-            scalars["pwcca"] = pw.value
+        if "pwcca_morcos" in groups:
+            scalars["pwcca_morcos"] = pw.value
         if "svcca" in groups:
             tables["svcca"] = pd.DataFrame({"index": np.arange(sv.corrs.size, dtype=np.int64), "corr": sv.corrs})
             scalars.update(
@@ -315,6 +333,10 @@ def compare_arrays(
     seed: int = 0,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    *,
+    groups: int = 10,
+    permutations: int = 99,
+    subset: int = 500,
     **options: object,
 ) -> pd.DataFrame:
     """Compare two (samples × units) activation arrays; the ``repdissect compare`` command's computation.
@@ -322,17 +344,39 @@ def compare_arrays(
     Args:
         a: (n, Ca) activations of net A (rows = samples).
         b: (n, Cb) activations of net B on the same samples.
-        metrics: metric groups from :data:`METRICS` (default all).
+        metrics: names from :data:`METRICS` (metric groups of :func:`compare_moments`) and/or from the metric
+            registry (:data:`~._registry.REGISTRY`: debiased_cka, procrustes, shape_alpha*, frechet, rsa, …);
+            ``"all"`` for both; default (None) every group of :data:`METRICS` only.
         holdout_fraction: fraction of rows held out (random, ``seed``) to score the regression.
-        seed: seed of the train/held-out split.
+        seed: seed of the train/held-out split, the jackknife groups, the subset and the permutations.
         alphas, thresholds: see :func:`compare_moments`.
+        groups: jackknife groups (rows are assigned by a seeded hash of the row index).
+        permutations: permutations of B's rows for the null (0: none).
+        subset: rows of the fixed seeded subset used by RSA and the permutation null.
         **options: further keyword arguments of :func:`compare_moments` (e.g. ``svcca_keep``).
 
     Returns:
-        DataFrame with columns ``metric`` (str) and ``value`` (float), e.g. ``svcca_mean``, ``pwcca``,
-        ``linear_cka``, ``cca_mean``, ``hungarian_mean_corr``.
+        DataFrame with columns ``metric`` (str) and ``value`` (float); when a registry metric is selected also
+        ``se``, ``ci_low``, ``ci_high`` (jackknife) and ``p_value`` (permutation null), NaN for the rows they do
+        not apply to (e.g. ``n_train``) and for undefined values (``frechet`` of different widths, debiased CKA
+        of a constant side).
     """
-    groups = _check_metrics(metrics)
+    from ._registry import REGISTRY
+
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    chosen = None if metrics is None else [str(m).strip() for m in metrics if str(m).strip()]
+    if chosen == ["all"]:
+        chosen = [*METRICS, *REGISTRY]
+    if chosen is not None:
+        unknown = [m for m in chosen if m not in METRICS and m not in REGISTRY]
+        if unknown or not chosen:
+            raise StageInputError(
+                f"unknown metric(s) {unknown or chosen}; choose from {list(METRICS)} or {list(REGISTRY)}"
+            )
+    legacy = list(METRICS) if chosen is None else [m for m in METRICS if m in chosen]
+    registry = [] if chosen is None else [m for m in REGISTRY if m in chosen]
+    groups_ = legacy
     if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2:
         raise StageInputError(
             f"both arrays must be 2-D (samples, units); got shapes {getattr(a, 'shape', type(a).__name__)} and "
@@ -349,24 +393,57 @@ def compare_arrays(
     if not 0.0 < holdout_fraction < 1.0:
         raise StageInputError(f"holdout_fraction must be in (0, 1); got {holdout_fraction}")
     n = a.shape[0]
-    n_heldout = int(round(n * holdout_fraction)) if "regression" in groups else 0
+    n_heldout = int(round(n * holdout_fraction)) if "regression" in groups_ else 0
     min_samples = 4
-    if n < min_samples or ("regression" in groups and (n_heldout < 2 or n - n_heldout < 2)):
+    if n < min_samples or ("regression" in groups_ and (n_heldout < 2 or n - n_heldout < 2)):
         raise StageInputError(
             f"too few samples: got {n} rows; need at least {min_samples}, and with 'regression' at least 2 rows in "
             f"each split (holdout_fraction={holdout_fraction} gives {n_heldout} held-out rows). Provide more samples"
         )
-    order = np.random.default_rng(seed).permutation(n)
-    heldout_rows, train_rows = np.sort(order[:n_heldout]), np.sort(order[n_heldout:])
-    train = _accumulate(a, b, train_rows)
-    heldout = _accumulate(a, b, heldout_rows) if n_heldout else None
-    tables = compare_moments(
-        train,
-        heldout,
-        metrics=groups,
-        alphas=alphas,
-        thresholds=thresholds,
-        correlation_tables=False,
-        **options,  # type: ignore[arg-type]
-    )
-    return tables["metrics"]
+    out = pd.DataFrame({"metric": pd.Series(dtype=str), "value": pd.Series(dtype=float)})
+    if legacy:
+        order = np.random.default_rng(seed).permutation(n)
+        heldout_rows, train_rows = np.sort(order[:n_heldout]), np.sort(order[n_heldout:])
+        train = _accumulate(a, b, train_rows)
+        heldout = _accumulate(a, b, heldout_rows) if n_heldout else None
+        tables = compare_moments(
+            train,
+            heldout,
+            metrics=groups_,
+            alphas=alphas,
+            thresholds=thresholds,
+            correlation_tables=False,
+            **options,  # type: ignore[arg-type]
+        )
+        out = tables["metrics"]
+    if registry:
+        table = _registry_arrays(a, b, registry, groups=groups, permutations=permutations, subset=subset, seed=seed)
+        extra = table[["metric", "value", "se", "ci_low", "ci_high", "p_value"]]
+        # a metric computed both ways keeps compare_moments' value (its conventions for degenerate input) and
+        # gains the registry's uncertainty columns
+        shared = extra.metric.isin(out.metric)
+        out = out.merge(extra[shared].drop(columns="value"), on="metric", how="left")
+        out = pd.concat([out, extra[~shared]], ignore_index=True) if len(out) else extra.reset_index(drop=True)
+    if registry:
+        for column in ("se", "ci_low", "ci_high", "p_value"):
+            if column not in out:
+                out[column] = np.nan
+    return out.reset_index(drop=True)
+
+
+def _registry_arrays(
+    a: np.ndarray, b: np.ndarray, names: Sequence[str], *, groups: int, permutations: int, subset: int, seed: int
+) -> pd.DataFrame:
+    """The registry metrics of two arrays with jackknife and permutation null (see :func:`similarity_table`)."""
+    from ._grouped import GroupedMoments, SubsetRows, group_of
+    from ._uncertainty import similarity_table
+
+    ids = np.arange(a.shape[0])
+    grouped = GroupedMoments([a.shape[1], b.shape[1]], ["a", "b"], groups)
+    rows = SubsetRows([a.shape[1], b.shape[1]], ["a", "b"], size=min(subset, a.shape[0]), seed=seed)
+    for start in range(0, a.shape[0], 65536):
+        part = slice(start, start + 65536)
+        grouped.update(a[part], b[part], group=group_of(ids[part], groups, seed))
+        rows.update(a[part], b[part], ids=ids[part])
+    return similarity_table(grouped, [("a", "b")], names, subset=rows.rows(), subset_ids=rows.ids,
+                            permutations=permutations, seed=seed, group_seed=seed)

@@ -60,9 +60,23 @@ def test_compare_cli_writes_metric_table(tmp_path, capsys):
     out_csv = tmp_path / "t.csv"
     assert main(["compare", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out", str(out_csv)]) == 0
     table = pd.read_csv(out_csv)
-    assert list(table.columns) == ["metric", "value"]
+    assert list(table.columns) == ["metric", "value", "se", "ci_low", "ci_high", "p_value"]
     values = dict(zip(table["metric"], table["value"]))
     assert abs(values["hungarian_mean_corr"] - 1) < 1e-9 and abs(values["svcca_mean"] - 1) < 1e-6
+    assert abs(values["shape_alpha0"]) < 1e-6 and abs(values["debiased_cka"] - 1) < 1e-9
+    assert main(["compare", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--metrics", "procrustes,rsa",
+                 "--permutations", "19", "--out", str(out_csv)]) == 0
+    table = pd.read_csv(out_csv).set_index("metric")
+    assert list(table.index) == ["procrustes", "rsa"] and (table.p_value == 0.05).all()
+
+
+def test_sanity_command_prints_the_layer_identification_table(tmp_path, capsys):
+    from helpers import write_tiny_config
+
+    config = write_tiny_config(tmp_path, layers=("conv1", "conv2"))
+    assert main(["sanity", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "layer identification" in out and "| cnn | linear\\_cka |" in out and "/4 |" in out
 
 
 def test_dataset_export_and_preview(tmp_path, capsys):

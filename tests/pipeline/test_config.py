@@ -57,6 +57,9 @@ BAD = [
     ("[run]\nname = 'a b'\n", r"\[run\]\.name = 'a b' is invalid"),
     ("models = 3\n", r"\[\[models\]\] = 3 has the wrong type"),
     ("[stability]\ntop_k = 1\n", r"top_k = 1 is invalid"),
+    ("[similarity]\nmetrics = ['cka9']\n", r"\[similarity\]\.metrics = \['cka9'\] is invalid: choose a non-empty list"),
+    ("[similarity]\ngroups = 1\n", r"\[similarity\]\.groups = 1 is invalid"),
+    ("[similarity]\nsubset = 2\n", r"\[similarity\]\.subset = 2 is invalid"),
 ]
 
 
@@ -91,3 +94,10 @@ def test_an_unusable_polars_engine_is_refused_at_load(tmp_path, monkeypatch):
                                           r"importable .*install polars>=2\.1 or use \"auto\" or \"pyarrow\""):
         _load(tmp_path, "[execution]\nparquet_engine = 'polars'\n")
     assert _load(tmp_path, "[execution]\nparquet_engine = 'auto'\n").execution.parquet_engine == "auto"
+
+
+def test_similarity_defaults_name_every_registered_metric():
+    from repdissect.pipeline import load_config
+    from repdissect.stages.compare import REGISTRY
+
+    assert load_config(None).similarity.metrics == list(REGISTRY)

@@ -37,7 +37,8 @@ def test_rerun_is_all_hits_and_run_record(tiny_config):
     assert first.misses == len(first.results) and first.hits == 0
     stages = {n.stage for n in first.plan.nodes}
     assert stages == {"train", "extract", "thresholds", "iou", "stability", "stability_center", "moments",
-                      "compare", "cka", "dataset_search", "activation_max", "filters", "tsne"}
+                      "compare", "cka", "dataset_search", "activation_max", "filters", "tsne",
+                      "similarity"}
     second = run(tiny_config)
     assert second.misses == 0 and second.hits == len(first.results)
     record = json.loads((second.out_dir / "run.json").read_text())

@@ -348,6 +348,7 @@ def test_too_few_images_for_a_held_out_split(tmp_path, capsys):
         d["dataset"]["params"]["images"] = 3
         d["models"][0]["seeds"] = [0, 1]
         d["compare"] = {"pairs": "seeds", "cka_layers": False}
+        d["similarity"] = {"enabled": False}
 
     message = _expect_user_error(capsys, _run_argv(_config(tmp_path, edit)), "no held-out samples",
                                  "[compare].holdout = 0.2")

@@ -190,7 +190,7 @@ def build_fake_run(root: Path, *, seeds=(0, 1, 2), images=24, size=32, evil=True
     from repdissect.core import Node
     from repdissect.stages._activations import activations_table
     from repdissect.stages import summaries_table
-    from repdissect.stages.compare import JointMoments, compare_moments
+    from repdissect.stages.compare import GroupedMoments, JointMoments, compare_moments, group_of, similarity_table
 
     rng = np.random.default_rng(7)
     layers = list(LAYER_SHAPES)
@@ -280,6 +280,15 @@ def build_fake_run(root: Path, *, seeds=(0, 1, 2), images=24, size=32, evil=True
         cka = pd.DataFrame([{"layer_a": la, "layer_b": lb, "linear_cka": float(rng.uniform(0.2, 0.9))}
                             for la in layers for lb in layers])
         publish("cka", {"a": a.name, "b": b.name, "kind": kind}, {"cka": cka})
+        names = [f"{r}:{layer}" for r in "ab" for layer in layers]
+        pooled = [acts_of[(inst.name, layer)].mean(axis=(2, 3)) for inst in (a, b) for layer in layers]
+        pooled[len(layers):] = [x + 0.8 * y for x, y in zip(pooled[len(layers):], pooled[:len(layers)])]
+        grouped = GroupedMoments([x.shape[1] for x in pooled], names, 5)
+        grouped.update(*pooled, group=group_of(np.arange(images), 5))
+        sim = similarity_table(grouped, [(x, y) for x in names[:len(layers)] for y in names[len(layers):]],
+                               subset={n: x for n, x in zip(names, pooled)}, permutations=9)
+        sim["layer_a"], sim["layer_b"] = sim["layer_a"].str.slice(2), sim["layer_b"].str.slice(2)
+        publish("similarity", {"a": a.name, "b": b.name, "kind": kind}, {"similarity": sim})
     plan = Plan(config=cfg, dataset_spec=spec, dataset_digest=dataset.digest(), nodes=nodes, instances=instances,
                 pairs=pairs)
     return RunResult(plan=plan, results=results, out_dir=Path(cfg.run.out_dir), seconds=1.0, record={})

@@ -15,7 +15,8 @@ import pytest
 from repdissect.reports import summary_text, write_report
 
 TABLES = ["1_dissection_summary", "2_top_units", "3_location_instability", "4_convergent_learning", "5_regression",
-          "6_similarity", "7_concept_agreement", "8_training"]
+          "6_similarity", "7_concept_agreement", "8_training", "9_similarity_uncertainty", "10_layer_by_layer",
+          "11_layer_identification"]
 FIGURES = ["correlation_cnn", "detectors", "svcca_curves", "cka_layers", "regression_curves", "location_instability",
            "concept_agreement",
            "exemplars_cnn_s0_conv1", "exemplars_cnn_s0_conv2"]
@@ -390,3 +391,19 @@ def test_relative_output_folder_gives_relative_links(fake_run, tmp_path, monkeyp
     refs, _, _, unresolved = inspect_html(index)
     assert unresolved == []
     assert "figures/correlation_cnn.png" in {v for _, _, v in refs}
+
+
+def test_similarity_tables_trace_to_the_similarity_stage(fake_run):
+    from repdissect.stages.compare import layer_identification
+
+    result, index = fake_run
+    stage = result.tables("similarity", "similarity")
+    seeds = stage[stage.kind == "seeds"]
+    expected = layer_identification(seeds, ["conv1", "conv2"])
+    table = pd.read_csv(index.parent / "tables" / "11_layer_identification.csv")
+    assert list(table["Metric"]) == list(expected.metric)
+    np.testing.assert_allclose(table["Accuracy"], expected.accuracy, atol=1e-3)
+    nine = pd.read_csv(index.parent / "tables" / "9_similarity_uncertainty.csv")
+    row = nine[(nine.Layer == "conv1") & (nine.Metric == "debiased_cka")].iloc[0]
+    same = seeds[(seeds.layer_a == "conv1") & (seeds.layer_b == "conv1") & (seeds.metric == "debiased_cka")]
+    assert row["Jackknife s.e."] == pytest.approx(same.se.mean(), abs=1e-3)

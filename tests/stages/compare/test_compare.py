@@ -15,6 +15,7 @@ from repdissect.stages.compare import (
     hungarian_matching,
     linear_cka_gram,
     pwcca_arrays,
+    pwcca_google_arrays,
     svcca_arrays,
 )
 
@@ -75,10 +76,12 @@ def test_tables_have_documented_schemas_and_no_nan():
 
 def test_metrics_agree_with_building_blocks_on_all_samples():
     a, b = _activations(seed=1)
-    tables = compare_moments(*_split(a, b, 2000), metrics=["svcca", "pwcca", "linear_cka", "matching"])
+    tables = compare_moments(*_split(a, b, 2000), metrics=["svcca", "pwcca", "pwcca_morcos", "linear_cka", "matching"])
     values = dict(zip(tables["metrics"].metric, tables["metrics"].value))
     assert values["svcca_mean"] == pytest.approx(svcca_arrays(a, b).mean, abs=1e-9)
-    assert values["pwcca"] == pytest.approx(pwcca_arrays(a, b).value, abs=1e-9)
+    assert values["pwcca_morcos"] == pytest.approx(pwcca_arrays(a, b).value, abs=1e-9)
+    # dead unit with epsilon = 0: google's value hangs on LAPACK's singular-vector signs (see _pwcca_google)
+    assert values["pwcca"] == pytest.approx(pwcca_google_arrays(a, b).value, abs=0.03)
     assert values["linear_cka"] == pytest.approx(linear_cka_gram(a[::3], b[::3]), abs=0.05)  # subsample for n²
     alive = ~np.all(a == a[0], axis=0)
     corr = np.corrcoef(np.c_[a[:, alive], b], rowvar=False)[: alive.sum(), alive.sum() :]
@@ -116,13 +119,19 @@ def test_permuted_copy_is_perfectly_matched_and_predicted():
 def test_compare_arrays_metric_selection_and_names():
     a, b = _activations(seed=4, n=400)
     table = compare_arrays(a, b, metrics=["cca", "linear_cka"])
-    assert list(table.columns) == ["metric", "value"]
+    assert list(table.columns) == ["metric", "value", "se", "ci_low", "ci_high", "p_value"]
     names = set(table.metric)
+    cka = table.set_index("metric").loc["linear_cka"]
+    assert cka.se > 0 and cka.p_value <= 0.05  # registry metric: jackknife s.e. and permutation p
+    assert np.isnan(table.set_index("metric").loc["cca_mean", "se"])
     assert {"cca_mean", "linear_cka", "n_train"} <= names
     assert not any(name.startswith(("svcca", "hungarian", "lasso")) for name in names)
-    full = compare_arrays(a, b, alphas=[0.0, 0.05])
+    assert list(compare_arrays(a, b, metrics=["cca"]).columns) == ["metric", "value"]
+    full = compare_arrays(a, b, metrics="all", alphas=[0.0, 0.05])
     assert {"svcca_mean", "pwcca", "hungarian_mean_corr", "lasso_alpha0.05_heldout_loss_b_from_a"} <= set(full.metric)
-    assert full.value.notna().all() and np.isfinite(full.value).all()
+    assert {"debiased_cka", "procrustes", "shape_alpha0.5", "rsa", "pwcca_morcos"} <= set(full.metric)
+    defined = full[full.metric != "frechet"]  # Fréchet needs equal widths (10 vs 8 here): NaN
+    assert np.isfinite(defined.value).all()
 
 
 def test_compare_arrays_split_is_seeded():
@@ -144,7 +153,7 @@ def test_compare_arrays_split_is_seeded():
         (np.full((10, 2), np.nan), np.zeros((10, 2)), {}, "NaN"),
         (np.zeros((3, 2)), np.zeros((3, 2)), {"metrics": ["cca"]}, "too few samples"),
         (np.zeros((6, 2)), np.zeros((6, 2)), {}, "too few samples"),
-        (np.zeros((10, 2)), np.zeros((10, 2)), {"metrics": ["svcca", "procrustes"]}, r"procrustes.*choose from"),
+        (np.zeros((10, 2)), np.zeros((10, 2)), {"metrics": ["svcca", "procrustez"]}, r"procrustez.*choose from"),
         (np.zeros((10, 2)), np.zeros((10, 2)), {"holdout_fraction": 1.5}, "holdout_fraction"),
     ],
 )
@@ -162,13 +171,13 @@ def test_compare_moments_validation():
         compare_moments(train, JointMoments(3, 3), metrics=["cca"])
     with pytest.raises(StageInputError, match="at least 2 samples"):
         compare_moments(JointMoments(2, 2), metrics=["cca"])
-    assert set(METRICS) == {"correlation", "matching", "regression", "cca", "svcca", "pwcca", "linear_cka"}
+    assert set(METRICS) == {"correlation", "matching", "regression", "cca", "svcca", "pwcca", "pwcca_morcos", "linear_cka"}
 
 
 def test_all_dead_side_gives_finite_zeros():
     rng = np.random.default_rng(7)
     a, b = np.zeros((300, 4)), rng.standard_normal((300, 3))
-    values = compare_arrays(a, b).set_index("metric").value
+    values = compare_arrays(a, b, metrics=list(METRICS)).set_index("metric").value
     assert np.isfinite(values).all()
     for name in ("hungarian_mean_corr", "svcca_mean", "pwcca", "linear_cka", "cca_mean"):
         assert values[name] == 0.0, name
