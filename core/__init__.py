@@ -29,10 +29,12 @@ from ._part_writers import (PARQUET_ENGINES, PartWriter, PolarsParquetWriter, op
 from ._stage import ShardedStage, Stage, StageOutput, get_stage, list_stages, register_stage
 from ._statistic import ShardRanges, StreamingStatistic, pack_arrays, unpack_arrays
 from ._statistic_stage import StatisticStage, StatisticState
-from ._store import MANIFEST, MANIFEST_SCHEMA, CacheStore, Entry
+from ._retention import CleanPlan, RunRecord, parse_when, process_alive, this_host
+from ._store import MANIFEST, MANIFEST_SCHEMA, REPORTS, CacheStore, Entry
 
 __all__ = [
-    "AtomicParquetWriter", "AtomicPartFile", "CACHE_FORMAT_VERSION", "CacheError", "CacheStore", "Context",
+    "AtomicParquetWriter", "AtomicPartFile", "CleanPlan", "REPORTS", "RunRecord", "parse_when", "process_alive",
+    "this_host", "CACHE_FORMAT_VERSION", "CacheError", "CacheStore", "Context",
     "Entry", "MANIFEST", "MANIFEST_SCHEMA", "Node", "PARQUET_ENGINES", "PartWriter", "PipelineError",
     "PolarsParquetWriter", "ShardRanges", "ShardedStage", "Stage", "StageOutput", "StatisticStage", "StatisticState", "StreamingStatistic", "USER_ERRORS",
     "UnhashableValueError", "UserInputError", "bundle", "canonical_json", "digest", "get_stage",
