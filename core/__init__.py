@@ -20,6 +20,7 @@ a dataset or a stage by name: the packages above fill the registries (stages, th
 from ._atomic import (AtomicParquetWriter, AtomicPartFile, sha256_file, write_bytes_atomic,
                       write_parquet_atomic)
 from ._bundle import bundle, unbundle
+from ._crash import CRASH_ENV, CRASH_ONCE_ENV, CRASH_POINTS, crash_point
 from ._context import Context, load_dataset, set_dataset_factory
 from ._errors import USER_ERRORS, CacheError, PipelineError, UserInputError
 from ._hashing import CACHE_FORMAT_VERSION, UnhashableValueError, canonical_json, digest, normalize
@@ -33,7 +34,7 @@ from ._retention import CleanPlan, RunRecord, parse_when, process_alive, this_ho
 from ._store import MANIFEST, MANIFEST_SCHEMA, REPORTS, CacheStore, Entry
 
 __all__ = [
-    "AtomicParquetWriter", "AtomicPartFile", "CleanPlan", "REPORTS", "RunRecord", "parse_when", "process_alive",
+    "AtomicParquetWriter", "AtomicPartFile", "CRASH_ENV", "CRASH_ONCE_ENV", "CRASH_POINTS", "crash_point", "CleanPlan", "REPORTS", "RunRecord", "parse_when", "process_alive",
     "this_host", "CACHE_FORMAT_VERSION", "CacheError", "CacheStore", "Context",
     "Entry", "MANIFEST", "MANIFEST_SCHEMA", "Node", "PARQUET_ENGINES", "PartWriter", "PipelineError",
     "PolarsParquetWriter", "ShardRanges", "ShardedStage", "Stage", "StageOutput", "StatisticStage", "StatisticState", "StreamingStatistic", "USER_ERRORS",

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._atomic import fsync_dir, sha256_file, write_bytes_atomic
+from ._crash import crash_point
 from ._errors import CacheError, PipelineError
 from ._retention import CleanPlan, load_run_records, select_records, tree_bytes
 
@@ -270,6 +271,7 @@ class CacheStore:
         })
         write_bytes_atomic(json.dumps(full, indent=1, sort_keys=True).encode("utf-8"), tmp / MANIFEST)
         fsync_dir(tmp)
+        crash_point("publish-before-rename", f"{stage}/{key}")
         try:
             os.rename(tmp, final)
         except OSError:

@@ -26,6 +26,7 @@ from ._html import Page, UnitCard, definition_list, esc, figure_html, gallery_ht
 from ._paper import TableResult, build_tables, stability_summary
 from ._tables import mean_std
 
+from ._report_cache import report_stamp, restore_report, save_report
 from ._version import REPORT_VERSION
 
 __all__ = ["REPORT_VERSION", "write_report", "summary_text", "report_from_cache"]
@@ -59,6 +60,10 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
     """
     out = Path(result.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    stamp = report_stamp(result, gallery_units=gallery_units)
+    restored = restore_report(result, stamp, _prune_previous)  # drawn before from the same entries: copy it
+    if restored is not None:
+        return restored
     data = RunData(result)
     tables_dir, fig_dir, units_dir = out / "tables", out / "figures", out / "units"
 
@@ -89,6 +94,7 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
               "skipped": {t.key: t.skipped for t in tables if t.table is None}
               | {f.key: f.skipped for f in figures + exemplars if f.skipped}}
     _write_text_atomic(out / _REPORT_RECORD, json.dumps(record, indent=1))
+    save_report(result, stamp, written)
     return index
 
 
@@ -317,11 +323,10 @@ def write_run_report(result: Any) -> bool:
     The report is a pure function of the entries and the config, so a stamp (the nodes' keys, the config
     and :data:`REPORT_VERSION`) next to ``index.html`` says whether it is current. Returns whether it wrote.
     """
-    from ..core import digest, write_bytes_atomic
+    from ..core import write_bytes_atomic
 
     out_dir = result.out_dir
-    stamp = digest({"keys": sorted(n.key for n in result.plan.nodes), "config": result.plan.config.to_dict(),
-                    "report_version": REPORT_VERSION})
+    stamp = report_stamp(result)
     stamp_file = out_dir / ".report-stamp"
     if (out_dir / "index.html").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return False
