@@ -21,8 +21,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import pandas as pd
 import pyarrow as pa
+
+if TYPE_CHECKING:  # pandas loads only when a stage hands over a DataFrame (a warm rerun never does)
+    import pandas as pd
 
 if TYPE_CHECKING:
     from ._context import Context
@@ -41,7 +43,7 @@ class StageOutput:
     def arrow_tables(self) -> dict[str, pa.Table]:
         out = {}
         for name, table in self.tables.items():
-            if isinstance(table, pd.DataFrame):
+            if not isinstance(table, pa.Table):
                 table = pa.Table.from_pandas(table, preserve_index=False)
             out[name] = table
         return out

@@ -14,14 +14,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..core import CacheStore, Entry, get_stage, this_host, write_bytes_atomic
 from ._config import Config, load_config
 from ._dag import Plan, build_plan
 from ._executor import Executor, NodeResult, connect, environment_info, _gpu_workers
+
+if TYPE_CHECKING:  # loaded by RunResult.tables only: a warm rerun answers without pandas
+    import pandas as pd
 
 __all__ = ["run", "status", "RunResult", "NodeStatus", "resolve_config"]
 
@@ -52,6 +53,8 @@ class RunResult:
 
     def tables(self, stage: str, table: str | None = None) -> pd.DataFrame:
         """One table of ``stage`` over all its nodes, with the node labels as leading columns."""
+        import pandas as pd
+
         frames = []
         for label, entry in self.entries(stage):
             name = table or next(iter(entry.manifest["tables"]))

@@ -16,17 +16,19 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-from PIL import Image
+if TYPE_CHECKING:
+    import pandas as pd
 
-from ._data import RunData
 from ._html import Page, UnitCard, definition_list, esc, figure_html, gallery_html, link, table_html
-from ._paper import TableResult, build_tables, stability_summary
 from ._tables import mean_std
 
-from ._report_cache import report_stamp, restore_report, save_report
+if TYPE_CHECKING:
+    from ._data import RunData
+    from ._paper import TableResult
+
+from ._report_cache import cached_summary, report_stamp, restore_report, save_report
 from ._version import REPORT_VERSION
 
 __all__ = ["REPORT_VERSION", "write_report", "summary_text", "report_from_cache"]
@@ -64,6 +66,9 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
     restored = restore_report(result, stamp, _prune_previous)  # drawn before from the same entries: copy it
     if restored is not None:
         return restored
+    from ._data import RunData  # pandas loads only when the report is drawn (not when a copy is restored)
+    from ._paper import build_tables
+
     data = RunData(result)
     tables_dir, fig_dir, units_dir = out / "tables", out / "figures", out / "units"
 
@@ -94,7 +99,7 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
               "skipped": {t.key: t.skipped for t in tables if t.table is None}
               | {f.key: f.skipped for f in figures + exemplars if f.skipped}}
     _write_text_atomic(out / _REPORT_RECORD, json.dumps(record, indent=1))
-    save_report(result, stamp, written)
+    save_report(result, stamp, written, summary=_summary_body(result))
     return index
 
 
@@ -194,6 +199,8 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
 
 def _display_width(path: Path) -> int | None:
     """On-screen width for a 150-dpi figure: 80 % of its pixels (≈ 120 CSS px per inch), so text reads like print."""
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
             return int(im.size[0] * 0.8)
@@ -209,7 +216,23 @@ def _fmt(stat: Any, digits: int = 2) -> str:
 
 
 def summary_text(result: Any) -> str:
-    """A compact (≤ ~25 lines) console summary: headline numbers per layer, means over seeds / seed pairs."""
+    """A compact (≤ ~25 lines) console summary: headline numbers per layer, means over seeds / seed pairs.
+
+    Read from the report copy in the cache when there is one (it is a function of the same entries).
+    """
+    body = cached_summary(result, report_stamp(result))
+    if body is None:
+        body = _summary_body(result)
+    return body + f"\n  report: {Path(result.out_dir) / 'index.html'}"
+
+
+def _summary_body(result: Any) -> str:
+    """:func:`summary_text` without its last line (the report's path)."""
+    import pandas as pd
+
+    from ._data import RunData
+    from ._paper import stability_summary
+
     data = RunData(result)
     iou = data.table("iou", "summary")
     stab = stability_summary(data)
@@ -263,7 +286,6 @@ def summary_text(result: Any) -> str:
     if train:
         acc = mean_std(train)
         out.append(f"  final val accuracy: {acc.text()} over seeds")
-    out.append(f"  report: {Path(result.out_dir) / 'index.html'}")
     return "\n".join(out)
 
 

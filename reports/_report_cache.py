@@ -6,7 +6,8 @@ files are copied into ``<cache>/_reports/<stamp>/`` (published like an entry: te
 rename), where the stamp is a digest of every node's key, the config (output and cache paths left out: they
 do not change a figure), the report version and what the page states about the run (cache hits, whether a
 ``run.json`` sits next to it). A warm ``run`` or ``report`` into any folder with the same stamp copies the
-files instead of drawing them. ``repdissect clean`` removes a copy once any entry it was drawn from goes.
+files instead of drawing them, and prints the console summary stored with it — so the warm path loads
+neither matplotlib nor pandas. ``repdissect clean`` removes a copy once any entry it was drawn from goes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Iterable
 from ..core import MANIFEST, REPORTS, crash_point, digest, write_bytes_atomic
 from ._version import REPORT_VERSION
 
-__all__ = ["report_stamp", "restore_report", "save_report"]
+__all__ = ["cached_summary", "report_stamp", "restore_report", "save_report"]
 
 log = logging.getLogger("repdissect.reports")
 
@@ -89,7 +90,16 @@ def restore_report(result: Any, stamp: str, prune: Any) -> Path | None:
     return out / "index.html"
 
 
-def save_report(result: Any, stamp: str, written: Iterable[str]) -> None:
+def cached_summary(result: Any, stamp: str) -> str | None:
+    """The console summary stored with the report copy ``stamp`` (``None`` when there is none)."""
+    try:
+        summary = json.loads((_copies(result) / stamp / MANIFEST).read_text(encoding="utf-8")).get("summary")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return summary if isinstance(summary, str) else None
+
+
+def save_report(result: Any, stamp: str, written: Iterable[str], *, summary: str | None = None) -> None:
     """Publish a copy of the report just written to ``result.out_dir`` under ``stamp`` (best effort: a
     cache that cannot take it only costs the next run the drawing)."""
     copies = _copies(result)
@@ -104,7 +114,7 @@ def save_report(result: Any, stamp: str, written: Iterable[str]) -> None:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(out / rel, tmp / rel)
             files[rel] = (tmp / rel).stat().st_size
-        manifest = {"stamp": stamp, "report_version": REPORT_VERSION, "files": files,
+        manifest = {"stamp": stamp, "report_version": REPORT_VERSION, "files": files, "summary": summary,
                     "keys": sorted({n.key for n in result.plan.nodes})}
         write_bytes_atomic(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"), tmp / MANIFEST)
         crash_point("report-before-publish", stamp)

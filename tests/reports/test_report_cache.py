@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import repdissect.reports._report as report_module
+import repdissect.reports._data as data_module
 from repdissect.core import MANIFEST, REPORTS
 from repdissect.reports import write_report
 from repdissect.reports._report_cache import report_stamp
@@ -30,7 +30,7 @@ def no_drawing(monkeypatch):
         calls.append(result)
         raise AssertionError("the report was drawn, not copied")
 
-    monkeypatch.setattr(report_module, "RunData", refuse)
+    monkeypatch.setattr(data_module, "RunData", refuse)
     return calls
 
 
@@ -96,3 +96,16 @@ def test_a_damaged_copy_is_redrawn(fake_run, tmp_path):
     assert (tmp_path / "b" / "tables" / "8_training.csv").read_text() == \
         (tmp_path / "a" / "tables" / "8_training.csv").read_text()
     assert not table.exists() or "garbage" not in table.read_text()
+
+
+def test_the_warm_path_imports_no_heavy_library():
+    """A warm ``run``/``report`` copies the report and prints the stored summary: pandas, torch, matplotlib,
+    scipy and Dask must not load on the way (their import time would dominate it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, repdissect.cli, repdissect.pipeline, repdissect.reports; "
+            "print(sorted(m for m in ('pandas', 'torch', 'matplotlib', 'scipy', 'dask', 'distributed', 'sklearn') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"
