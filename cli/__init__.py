@@ -69,9 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-check sha256 of every cache entry; quarantine bad ones")
     _add_run_options(p)
 
-    p = sub.add_parser("clean", help="remove cache entries no recorded run refers to, and stale temp dirs")
+    p = sub.add_parser("clean", help="remove cache entries no kept run refers to, and stale temp dirs")
     _add_run_options(p)
-    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed and the bytes it would free")
+    p.add_argument("--keep-last", type=int, default=None, metavar="N",
+                   help="keep only the N newest runs of each config name (and the entries they use)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--newer-than", default=None, metavar="DATE",
+                      help="keep runs created on or after DATE (ISO, UTC unless an offset is given)")
+    when.add_argument("--keep-days", type=float, default=None, metavar="D",
+                      help="keep runs created in the last D days")
 
     p = sub.add_parser("models", help="list architecture names (builtin:*, torchvision:*)")
     p.add_argument("pattern", nargs="?", default="*", help="glob, e.g. 'torchvision:resnet*' (default: all)")
@@ -236,11 +243,42 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not bad else 1
 
 
+def _bytes_text(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
 def _cmd_clean(args: argparse.Namespace) -> int:
-    removed = _store_for(args).clean(dry_run=args.dry_run)
-    for path in removed:
-        print(("would remove " if args.dry_run else "removed ") + str(path))
-    print(f"{len(removed)} {'would be ' if args.dry_run else ''}removed")
+    import datetime as _dt
+
+    from ..core import UserInputError, parse_when
+
+    newer_than = None
+    if args.newer_than is not None:
+        newer_than = parse_when(args.newer_than)
+    elif args.keep_days is not None:
+        if args.keep_days < 0:
+            raise UserInputError(f"--keep-days must be 0 or more, got {args.keep_days:g}; give the age in days of "
+                                 "the oldest run to keep")
+        newer_than = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(days=args.keep_days)
+    store = _store_for(args)
+    plan = store.plan_clean(keep_last=args.keep_last, newer_than=newer_than)
+    if not args.dry_run:
+        store.apply_clean(plan)
+    verb = "would remove" if args.dry_run else "removed"
+    for record in plan.records:
+        print(f"{verb} run record {record.path.name} ({record.name}, {record.status}, {record.created:%Y-%m-%d %H:%M} UTC)")
+    for path in [*plan.entries, *plan.other]:
+        print(f"{verb} {path}")
+    for record in plan.running:
+        where = f"pid {record.pid} on {record.host}" if record.pid is not None else "recorded without a pid"
+        print(f"kept running run {record.name} ({where}): its entries are untouched")
+    print(f"{len(plan.records)} run records, {len(plan.entries)} entries and {len(plan.other)} other paths "
+          f"{'would be ' if args.dry_run else ''}removed; {_bytes_text(plan.bytes_freed)} "
+          f"{'would be ' if args.dry_run else ''}freed; {len(plan.kept_records)} run records kept")
     return 0
 
 

@@ -20,6 +20,7 @@ a dataset or a stage by name: the packages above fill the registries (stages, th
 from ._atomic import (AtomicParquetWriter, AtomicPartFile, sha256_file, write_bytes_atomic,
                       write_parquet_atomic)
 from ._bundle import bundle, unbundle
+from ._crash import CRASH_ENV, CRASH_ONCE_ENV, CRASH_POINTS, crash_point
 from ._context import Context, load_dataset, set_dataset_factory
 from ._errors import USER_ERRORS, CacheError, PipelineError, UserInputError
 from ._hashing import CACHE_FORMAT_VERSION, UnhashableValueError, canonical_json, digest, normalize
@@ -30,10 +31,12 @@ from ._source import source_fingerprint
 from ._stage import ShardedStage, Stage, StageOutput, get_stage, list_stages, register_stage
 from ._statistic import ShardRanges, StreamingStatistic, pack_arrays, unpack_arrays
 from ._statistic_stage import StatisticStage, StatisticState
-from ._store import MANIFEST, MANIFEST_SCHEMA, CacheStore, Entry
+from ._retention import CleanPlan, RunRecord, parse_when, process_alive, this_host
+from ._store import MANIFEST, MANIFEST_SCHEMA, REPORTS, CacheStore, Entry
 
 __all__ = [
-    "AtomicParquetWriter", "AtomicPartFile", "CACHE_FORMAT_VERSION", "CacheError", "CacheStore", "Context",
+    "AtomicParquetWriter", "AtomicPartFile", "CRASH_ENV", "CRASH_ONCE_ENV", "CRASH_POINTS", "crash_point", "CleanPlan", "REPORTS", "RunRecord", "parse_when", "process_alive",
+    "this_host", "CACHE_FORMAT_VERSION", "CacheError", "CacheStore", "Context",
     "Entry", "MANIFEST", "MANIFEST_SCHEMA", "Node", "PARQUET_ENGINES", "PartWriter", "PipelineError",
     "PolarsParquetWriter", "ShardRanges", "ShardedStage", "Stage", "StageOutput", "StatisticStage", "StatisticState", "StreamingStatistic", "USER_ERRORS",
     "UnhashableValueError", "UserInputError", "bundle", "canonical_json", "digest", "get_stage",

@@ -17,6 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._crash import crash_point
+
 __all__ = ["sha256_file", "fsync_dir", "write_parquet_atomic", "write_bytes_atomic", "AtomicPartFile",
            "AtomicParquetWriter"]
 
@@ -87,6 +89,7 @@ class AtomicPartFile:
             self._finish()
             with open(self._tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            crash_point("part-before-rename", str(self.path))
             os.replace(self._tmp, self.path)
         finally:
             self._tmp.unlink(missing_ok=True)

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import pyarrow as pa
+
 from ._source import source_fingerprint
 
-import pandas as pd
-import pyarrow as pa
+if TYPE_CHECKING:  # pandas loads only when a stage hands over a DataFrame (a warm rerun never does)
+    import pandas as pd
 
 if TYPE_CHECKING:
     from ._context import Context
@@ -52,7 +54,7 @@ class StageOutput:
     def arrow_tables(self) -> dict[str, pa.Table]:
         out = {}
         for name, table in self.tables.items():
-            if isinstance(table, pd.DataFrame):
+            if not isinstance(table, pa.Table):
                 table = pa.Table.from_pandas(table, preserve_index=False)
             out[name] = table
         return out

@@ -28,9 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._atomic import fsync_dir, sha256_file, write_bytes_atomic
+from ._crash import crash_point
 from ._errors import CacheError, PipelineError
+from ._retention import CleanPlan, load_run_records, select_records, tree_bytes
 
-__all__ = ["CacheStore", "Entry", "MANIFEST", "MANIFEST_SCHEMA"]
+__all__ = ["CacheStore", "Entry", "MANIFEST", "MANIFEST_SCHEMA", "REPORTS"]
 
 log = logging.getLogger("repdissect.cache")
 
@@ -38,6 +40,8 @@ MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
 _QUARANTINE = "_quarantine"
 _RUNS = "_runs"
+#: report copies (``<cache>/_reports/<stamp>/``), kept while every entry they were drawn from is live
+REPORTS = "_reports"
 
 
 def _newest_mtime(path: Path) -> float:
@@ -267,6 +271,7 @@ class CacheStore:
         })
         write_bytes_atomic(json.dumps(full, indent=1, sort_keys=True).encode("utf-8"), tmp / MANIFEST)
         fsync_dir(tmp)
+        crash_point("publish-before-rename", f"{stage}/{key}")
         try:
             os.rename(tmp, final)
         except OSError:
@@ -327,28 +332,80 @@ class CacheStore:
                     log.warning("ignoring unreadable run record %s", path)
         return records
 
-    def clean(self, *, max_temp_age_s: float = 3600.0, dry_run: bool = False) -> list[Path]:
-        """Remove entries no recorded run refers to, quarantine, and stale temp/staging dirs."""
-        referenced = {(n["stage"], n["key"]) for r in self.run_records() for n in r.get("nodes", [])}
-        removed: list[Path] = []
+    def plan_clean(self, *, keep_last: int | None = None, newer_than: _dt.datetime | None = None,
+                   max_temp_age_s: float = 3600.0) -> CleanPlan:
+        """What :meth:`clean` would remove under the retention policy, with the bytes that frees.
+
+        Entries referenced by a kept run record stay (a running run's record is always kept); entries only
+        dropped records (or none) refer to go, with the quarantine, stale temp/staging dirs and report copies
+        whose inputs are gone. ``keep_last``/``newer_than``: see :func:`select_records`.
+        """
+        kept, dropped = select_records(load_run_records(self.root / _RUNS), keep_last=keep_last,
+                                       newer_than=newer_than)
+        referenced = {k for r in kept for k in r.keys}
+        plan = CleanPlan(records=dropped, kept_records=kept)
         for stage, key, path in list(self.iter_entries()):
             if (stage, key) not in referenced:
-                removed.append(path)
+                plan.entries.append(path)
+        live_keys = {key for _, key in referenced}
         now = time.time()
         if self.root.is_dir():
             for stage_dir in self.root.iterdir():
                 if not stage_dir.is_dir() or stage_dir.name == _RUNS:
                     continue
                 if stage_dir.name == _QUARANTINE:
-                    removed.extend(p for p in stage_dir.iterdir())
+                    plan.other.extend(p for p in stage_dir.iterdir())
+                    continue
+                if stage_dir.name == REPORTS:
+                    plan.other.extend(self._dead_report_copies(stage_dir, live_keys, now, max_temp_age_s))
                     continue
                 candidates = list(stage_dir.glob(".staging-*")) + list(stage_dir.glob("*/.tmp-*"))
                 for tmp in candidates:
                     if now - _newest_mtime(tmp) > max_temp_age_s:
-                        removed.append(tmp)
+                        plan.other.append(tmp)
+        plan.bytes_freed = sum(tree_bytes(p) for p in plan.paths)
+        return plan
+
+    @staticmethod
+    def _dead_report_copies(reports: Path, live_keys: set[str], now: float, max_temp_age_s: float) -> list[Path]:
+        """Report copies (``<cache>/_reports/<stamp>``) made from an entry that is no longer live."""
+        dead = []
+        for copy in reports.iterdir():
+            if copy.name.startswith("."):
+                if now - _newest_mtime(copy) > max_temp_age_s:
+                    dead.append(copy)
+                continue
+            try:
+                keys = json.loads((copy / MANIFEST).read_text(encoding="utf-8"))["keys"]
+            except (OSError, ValueError, KeyError, TypeError):
+                dead.append(copy)
+                continue
+            if not set(keys) <= live_keys:
+                dead.append(copy)
+        return dead
+
+    def clean(self, *, keep_last: int | None = None, newer_than: _dt.datetime | None = None,
+              max_temp_age_s: float = 3600.0, dry_run: bool = False) -> list[Path]:
+        """Remove what :meth:`plan_clean` lists (nothing in a ``dry_run``); returns the paths."""
+        plan = self.plan_clean(keep_last=keep_last, newer_than=newer_than, max_temp_age_s=max_temp_age_s)
         if not dry_run:
-            for path in removed:
-                manifest = path / MANIFEST
-                manifest.unlink(missing_ok=True)  # manifest first: a half-deleted entry is never valid
+            self.apply_clean(plan)
+        return plan.paths
+
+    def apply_clean(self, plan: CleanPlan) -> None:
+        """Remove the paths of ``plan``: dropped run records first, then entries (manifest first)."""
+        for record in plan.records:
+            record.path.unlink(missing_ok=True)
+        # A run that started after the plan was made keeps whatever its record names.
+        live = {k for r in load_run_records(self.root / _RUNS) for k in r.keys}
+        for path in plan.entries:
+            if (path.parent.parent.name, path.name) in live:
+                continue
+            (path / MANIFEST).unlink(missing_ok=True)  # manifest first: a half-deleted entry is never valid
+            shutil.rmtree(path, ignore_errors=True)
+        for path in plan.other:
+            if path.is_dir():
+                (path / MANIFEST).unlink(missing_ok=True)
                 shutil.rmtree(path, ignore_errors=True)
-        return removed
+            else:
+                path.unlink(missing_ok=True)

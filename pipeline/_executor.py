@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import stages as _stages  # noqa: F401  (a worker unpickling a task registers the built-in stages)
-from ..core import (USER_ERRORS, CacheStore, Context, Entry, Node, PipelineError, ShardedStage, StageOutput, digest,
-                    get_stage, write_parquet_atomic)
+from ..core import (USER_ERRORS, CacheStore, Context, Entry, Node, PipelineError, ShardedStage, StageOutput, crash_point,
+                    digest, get_stage, write_parquet_atomic)
 
 __all__ = ["Executor", "NodeResult", "environment_info", "connect"]
 
@@ -95,6 +95,7 @@ def _is_superseded(table: pa.Table | None) -> bool:
 def task_map(ctx: Context, shard_index: int, shard: Any) -> pa.Table | UserFailure:
     """One shard → partial state. Reuses a staged partial from an earlier (killed) attempt."""
     _prepare_worker(ctx)
+    crash_point("task-start", ctx.node.node_id)
     if ctx.store.get(ctx.node.stage, ctx.node.key) is not None:
         # Published already (by a racing run, or by this run before Dask recomputes tasks a killed worker
         # held): nothing to map, and staging nothing keeps the published node's staging dir gone.
@@ -122,6 +123,7 @@ def _map_shard(ctx: Context, shard_index: int, shard: Any) -> pa.Table:
     assert isinstance(stage, ShardedStage)
     partial = stage.map(ctx, shard_index, shard)
     write_parquet_atomic(partial, staged)
+    crash_point("shard-staged", ctx.node.node_id)
     return partial
 
 
@@ -145,6 +147,7 @@ def task_publish(ctx: Context, merged: pa.Table | UserFailure | None, started: f
     if isinstance(merged, UserFailure):
         return merged
     _prepare_worker(ctx)
+    crash_point("task-start", ctx.node.node_id)
     store = ctx.store
     existing = store.get(ctx.node.stage, ctx.node.key)
     if existing is not None:  # a racing run published it meanwhile: first publisher wins
@@ -191,6 +194,7 @@ def _finalize_and_publish(ctx: Context, merged: pa.Table | None, started: float)
     }
     store.publish(node.stage, node.key, output.arrow_tables(), staged=ctx.staged_parts(), files=output.files,
                   manifest=manifest)
+    crash_point("node-published", node.node_id)
     store.discard_staging(node.stage, node.key)
     return {"key": node.key, "seconds": time.time() - started, "published": True}
 

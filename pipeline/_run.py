@@ -9,19 +9,21 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import pandas as pd
-
-from ..core import CacheStore, Entry, get_stage, write_bytes_atomic
+from ..core import CacheStore, Entry, get_stage, this_host, write_bytes_atomic
 from ._config import Config, load_config
 from ._dag import Plan, build_plan
 from ._executor import Executor, NodeResult, connect, environment_info, _gpu_workers
 from ._workload import SchedulerChoice, choose_scheduler, workload_of
+
+if TYPE_CHECKING:  # loaded by RunResult.tables only: a warm rerun answers without pandas
+    import pandas as pd
 
 __all__ = ["run", "status", "RunResult", "NodeStatus", "resolve_config"]
 
@@ -52,6 +54,8 @@ class RunResult:
 
     def tables(self, stage: str, table: str | None = None) -> pd.DataFrame:
         """One table of ``stage`` over all its nodes, with the node labels as leading columns."""
+        import pandas as pd
+
         frames = []
         for label, entry in self.entries(stage):
             name = table or next(iter(entry.manifest["tables"]))
@@ -115,14 +119,16 @@ def run(config: Config | str | Path | None = None, *, print_summary: bool = Fals
     plan = build_plan(cfg, is_cached=lambda node: _look_up(store, found, node) is not None)
     # Recorded before anything runs, so that a `clean` meanwhile keeps the entries this run reads and
     # publishes; completed below. (Without key components: `status` explains from finished runs only.)
+    # pid + host let `clean` tell a live run from a crashed one (a live run's entries are never removed).
     provisional = {
-        "name": cfg.run.name, "status": "running",
+        "name": cfg.run.name, "status": "running", "pid": os.getpid(), "host": this_host(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "nodes": [{"node": n.node_id, "stage": n.stage, "key": n.key} for n in plan.nodes],
     }
     record_path = store.record_run(provisional)
     try:
-        result = _execute(cfg, store, plan, found, started, record_path, print_summary=print_summary)
+        result = _execute(cfg, store, plan, found, started, record_path, print_summary=print_summary,
+                          record_base={k: provisional[k] for k in ("pid", "host", "created")})
     except BaseException:
         store.record_run({**provisional, "status": "failed"}, record_path)  # its published entries stay live
         raise
@@ -138,7 +144,7 @@ def _look_up(store: CacheStore, found: dict[str, Entry], node) -> Entry | None:
 
 
 def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry], started: float,
-             record_path: Path, *, print_summary: bool) -> RunResult:
+             record_path: Path, *, print_summary: bool, record_base: Mapping[str, Any] | None = None) -> RunResult:
     """Compute what is missing, write ``<out>/run.json`` and complete the run record.
 
     ``found``: the entries looked up so far this run (filled here for every node), handed to the executor
@@ -178,9 +184,11 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
     out_dir = cfg.run.out_path
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds = time.time() - started
+    base = dict(record_base or {})
     record = {
         "name": cfg.run.name,
         "status": "finished",
+        "pid": base.get("pid"), "host": base.get("host"), "started": base.get("created"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "seconds": seconds,
         "config": cfg.to_dict(),

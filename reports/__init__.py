@@ -17,13 +17,16 @@ results), :mod:`repdissect.stages` (activation readers), :mod:`repdissect.datase
 :mod:`repdissect.core` (the cache store); only the CLI sits above it.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._report import REPORT_VERSION, report_from_cache, summary_text, write_report, write_run_report
-from ._similarity import sanity_table
 from ._tables import MeanStd, PaperTable, aggregate, latex_escape, markdown_escape, mean_std
-from ._data import RunData
+
+if TYPE_CHECKING:
+    from ._data import RunData
 
 
-def visualise_figures(data: RunData, fig_dir):  # noqa: ANN201 - list of FigureResult
+def visualise_figures(data: "RunData", fig_dir: Any) -> Any:
     """The visualisation figures (AM galleries, t-SNE, filters) of a run into ``fig_dir`` (loads matplotlib)."""
     from ._visualise import visualise_figures as build
 
@@ -46,3 +49,19 @@ __all__ = [
     "RunData",
     "visualise_figures",
 ]
+
+
+def sanity_table(result: Any) -> Any:
+    """Layer-identification accuracy of every comparison metric (pandas loads here, not at import)."""
+    from ._similarity import sanity_table as build
+
+    return build(result)
+
+
+def __getattr__(name: str) -> Any:
+    # RunData imports pandas; loaded on first use so that restoring a cached report copy never pays for it.
+    if name == "RunData":
+        from ._data import RunData
+
+        return RunData
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,18 +16,19 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-from PIL import Image
+if TYPE_CHECKING:
+    import pandas as pd
 
-from ._convergence import convergence_lines
-from ._attribution import attribution_figures, attribution_summary_line, attribution_tables
-from ._data import RunData
 from ._html import Page, UnitCard, definition_list, esc, figure_html, gallery_html, link, table_html
-from ._paper import TableResult, build_tables, stability_summary
 from ._tables import mean_std
 
+if TYPE_CHECKING:
+    from ._data import RunData
+    from ._paper import TableResult
+
+from ._report_cache import cached_summary, report_stamp, restore_report, save_report
 from ._version import REPORT_VERSION
 
 __all__ = ["REPORT_VERSION", "write_report", "summary_text", "report_from_cache"]
@@ -61,6 +62,14 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
     """
     out = Path(result.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    stamp = report_stamp(result, gallery_units=gallery_units)
+    restored = restore_report(result, stamp, _prune_previous)  # drawn before from the same entries: copy it
+    if restored is not None:
+        return restored
+    from ._attribution import attribution_figures, attribution_tables
+    from ._data import RunData  # pandas loads only when the report is drawn (not when a copy is restored)
+    from ._paper import build_tables
+
     data = RunData(result)
     tables_dir, fig_dir, units_dir = out / "tables", out / "figures", out / "units"
 
@@ -92,6 +101,7 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
               "skipped": {t.key: t.skipped for t in tables if t.table is None}
               | {f.key: f.skipped for f in figures + exemplars if f.skipped}}
     _write_text_atomic(out / _REPORT_RECORD, json.dumps(record, indent=1))
+    save_report(result, stamp, written, summary=_summary_body(result))
     return index
 
 
@@ -134,6 +144,8 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
     if (out / "run.json").is_file():
         overview.add(f'<p><a href="{link("run.json")}">run.json</a>: configuration, environment and the cache '
                      "key of every node.</p>")
+    from ._convergence import convergence_lines
+
     for i, line in enumerate(convergence_lines(data)):
         overview.text(line.strip(), cls="warning" if i == 0 else "caption")
     overview.add('<p class="caption">Every number below is read from the run\'s cache; regenerate this page with '
@@ -198,6 +210,8 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
 
 def _display_width(path: Path) -> int | None:
     """On-screen width for a 150-dpi figure: 80 % of its pixels (≈ 120 CSS px per inch), so text reads like print."""
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
             return int(im.size[0] * 0.8)
@@ -213,7 +227,23 @@ def _fmt(stat: Any, digits: int = 2) -> str:
 
 
 def summary_text(result: Any) -> str:
-    """A compact (≤ ~25 lines) console summary: headline numbers per layer, means over seeds / seed pairs."""
+    """A compact (≤ ~25 lines) console summary: headline numbers per layer, means over seeds / seed pairs.
+
+    Read from the report copy in the cache when there is one (it is a function of the same entries).
+    """
+    body = cached_summary(result, report_stamp(result))
+    if body is None:
+        body = _summary_body(result)
+    return body + f"\n  report: {Path(result.out_dir) / 'index.html'}"
+
+
+def _summary_body(result: Any) -> str:
+    """:func:`summary_text` without its last line (the report's path)."""
+    import pandas as pd
+
+    from ._data import RunData
+    from ._paper import stability_summary
+
     data = RunData(result)
     iou = data.table("iou", "summary")
     stab = stability_summary(data)
@@ -267,15 +297,15 @@ def summary_text(result: Any) -> str:
     if train:
         acc = mean_std(train)
         out.append(f"  final val accuracy: {acc.text()} over seeds")
-    out += [f"  {line}" for line in convergence_lines(data)]
-
-    if (line := attribution_summary_line(data)) is not None:
-        out.append(line)
+    from ._attribution import attribution_summary_line
+    from ._convergence import convergence_lines
     from ._interpretable import icnn_closing_note
 
+    out += [f"  {line}" for line in convergence_lines(data)]
+    if (line := attribution_summary_line(data)) is not None:
+        out.append(line)
     if note := icnn_closing_note(data):
         out.append(f"  {note}")
-    out.append(f"  report: {Path(result.out_dir) / 'index.html'}")
     return "\n".join(out)
 
 
@@ -335,11 +365,10 @@ def write_run_report(result: Any) -> bool:
     The report is a pure function of the entries and the config, so a stamp (the nodes' keys, the config
     and :data:`REPORT_VERSION`) next to ``index.html`` says whether it is current. Returns whether it wrote.
     """
-    from ..core import digest, write_bytes_atomic
+    from ..core import write_bytes_atomic
 
     out_dir = result.out_dir
-    stamp = digest({"keys": sorted(n.key for n in result.plan.nodes), "config": result.plan.config.to_dict(),
-                    "report_version": REPORT_VERSION})
+    stamp = report_stamp(result)
     stamp_file = out_dir / ".report-stamp"
     if (out_dir / "index.html").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return False

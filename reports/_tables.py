@@ -19,10 +19,12 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas loads where a frame is built: a warm report is copied without it
+    import pandas as pd
 
 __all__ = [
     "MeanStd",
@@ -318,6 +320,8 @@ class PaperTable:
                 else:
                     rec.append(v)
             records.append(rec)
+        import pandas as pd
+
         return pd.DataFrame(records, columns=self.csv_columns())
 
     def to_csv(self) -> str:

@@ -23,7 +23,6 @@ import copy
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 
 from ..core import Context, Stage, StageOutput, StatisticStage, digest, register_stage
@@ -38,6 +37,7 @@ _activations = LazyModule("._activations")
 _models = LazyModule("._models")
 _model_cache = LazyModule("._model_cache")
 _training = LazyModule("._training")
+pd = LazyModule("pandas")  # loaded when a stage runs: a warm rerun (report copy) never imports pandas
 
 #: parameters of the map methods, passed through to :func:`repdissect.stages.attribution.attribute`
 METHOD_PARAMS = ("smoothgrad_samples", "smoothgrad_stdev", "occlusion_window", "occlusion_stride", "lrp_rule",

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -41,6 +40,7 @@ _topk = LazyModule("._topk")
 _models = LazyModule("._models")
 _training = LazyModule("._training")
 _visualise = LazyModule(".visualise")
+pd = LazyModule("pandas")  # loaded when a stage runs: a warm rerun (report copy) never imports pandas
 
 
 def read_image_maps(activation_parts: Sequence[Any], wanted: Iterable[int], batch_rows: int = 32) -> dict[int, np.ndarray]:

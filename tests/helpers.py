@@ -85,20 +85,6 @@ def race_publisher(root: str, barrier, n: int) -> None:
     CacheStore(root).publish("thresholds", KEY, {"result": table}, manifest={})
 
 
-def slow_publisher(root: str, started) -> None:
-    """Publish big entries in a loop (removing each again) until killed."""
-    import pyarrow as pa
-
-    from repdissect.core import CacheStore
-
-    store = CacheStore(root)
-    big = pa.table({"x": list(range(2_000_000))})
-    started.set()
-    while True:
-        store.publish("thresholds", KEY, {"a": big, "b": big, "c": big}, manifest={})
-        CacheStore(root).clean()  # no run records: removes the entry so the loop publishes again
-
-
 class NoCacheLocator:
     """A Numba cache locator that never finds a place: what a read-only install without a home looks like."""
 

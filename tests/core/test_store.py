@@ -4,14 +4,15 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import time
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
 
-from helpers import race_publisher, slow_publisher
+from helpers import race_publisher
 
-from repdissect.core import MANIFEST, CacheStore, write_parquet_atomic
+from repdissect.core import CRASH_ENV, CRASH_ONCE_ENV, MANIFEST, CacheStore, write_parquet_atomic
 
 KEY = "ab" + "0" * 62
 
@@ -108,24 +109,44 @@ def test_concurrent_publishers_leave_one_valid_entry(tmp_path):
     assert entry is not None and entry.table("result").num_rows == 4
 
 
-def test_publish_killed_half_way_is_never_seen(tmp_path):
-    ctx = mp.get_context("spawn")
-    for delay in (0.3, 0.7, 1.1):
-        started = ctx.Event()
-        proc = ctx.Process(target=slow_publisher, args=(str(tmp_path), started))
-        proc.start()
-        assert started.wait(60), "the publisher process did not start"
-        time.sleep(delay)
-        assert proc.is_alive(), f"the publisher died on its own (exit code {proc.exitcode})"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join()
-        store = CacheStore(tmp_path)
-        entry = store.get("thresholds", KEY, verify=True)
-        if entry is not None:  # whatever is visible is complete
-            assert entry.table("a").num_rows == 2_000_000
-            assert entry.table("c").num_rows == 2_000_000
-        for _, key, problem in store.verify():
-            assert problem is None
+_PUBLISH_ONCE = """
+import sys
+import pyarrow as pa
+from repdissect.core import CacheStore, write_parquet_atomic
+root, key = sys.argv[1], sys.argv[2]
+big = pa.table({"x": list(range(200_000))})
+write_parquet_atomic(big, CacheStore(root).root / "side.parquet")
+CacheStore(root).publish("thresholds", key, {"a": big, "b": big, "c": big}, manifest={})
+"""
+
+
+def _publish_in_a_process(root, crash_at: str):
+    env = {**os.environ, CRASH_ENV: crash_at}
+    env.pop(CRASH_ONCE_ENV, None)
+    return subprocess.run([sys.executable, "-c", _PUBLISH_ONCE, str(root), KEY], env=env, timeout=300,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("crash_at, published, side_file", [
+    ("publish-before-rename", False, True),   # everything written, manifest included: still invisible
+    ("part-before-rename", False, False),     # an atomic file complete but not renamed: neither is visible
+    ("node-published", True, True),           # not reached by a bare publish: the process completes
+])
+def test_publish_killed_half_way_is_never_seen(tmp_path, crash_at, published, side_file):
+    proc = _publish_in_a_process(tmp_path, crash_at)
+    assert proc.returncode == (0 if published else -signal.SIGKILL), proc.stderr[-2000:]
+    store = CacheStore(tmp_path)
+    entry = store.get("thresholds", KEY, verify=True)
+    assert (entry is not None) == published
+    if entry is not None:
+        assert entry.table("c").num_rows == 200_000
+    assert (tmp_path / "side.parquet").is_file() == side_file
+    temps = list(tmp_path.glob("thresholds/*/.tmp-*"))
+    assert len(temps) == (1 if crash_at == "publish-before-rename" else 0)
+    assert all(problem is None for _, _, problem in store.verify())
+    # The next publisher of the key succeeds and removes the killed one's temp dir.
+    again = _publish(store)
+    assert again.key == KEY and list(tmp_path.glob("thresholds/*/.tmp-*")) == []
 
 
 def test_write_parquet_atomic_leaves_no_temp(tmp_path):

@@ -187,10 +187,12 @@ def cli_command(*args: Any) -> list[str]:
     return [sys.executable, "-m", "repdissect.cli", *[str(a) for a in args]]
 
 
-def start_run(config: Path, cache: Path, out: Path, *extra: str) -> subprocess.Popen:
-    """Start ``repdissect run`` in its own process (stdout/stderr to files next to ``out``)."""
+def start_run(config: Path, cache: Path, out: Path, *extra: str,
+              env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``repdissect run`` in its own process (stdout/stderr to files next to ``out``; ``env``: extra
+    environment variables, e.g. an armed crash point)."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.Popen(
         cli_command("run", config, "--cache", cache, "--out", out, "--no-report", "--no-progress", *extra),
         stdout=open(out / "stdout.txt", "wb"), stderr=open(out / "stderr.txt", "wb"), env=env,
