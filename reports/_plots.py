@@ -25,10 +25,11 @@ import matplotlib.ticker as ticker
 import numpy as np
 import pandas as pd
 
+from . import _category
 from . import _figures as F
 from ._data import RunData
 from ._exemplars import layer_exemplars
-from ._paper import categories_of, concept_agreement_rows, stability_summary
+from ._paper import KIND_TITLE, PAIR_KINDS, _samples, categories_of, concept_agreement_rows, stability_summary
 
 __all__ = ["FigureResult", "build_figures", "safe_name", "exemplar_units", "EXEMPLAR_K", "GRID_UNITS"]
 
@@ -187,14 +188,14 @@ def svcca_figure(data: RunData, fig_dir: Path) -> FigureResult:
     for idx, (model, layer) in enumerate(layers):
         ax = axes[idx // cols, idx % cols]
         series = []
-        for kind, style, color in (("seeds", "-", F.PALETTE[0]), ("random", "--", F.PALETTE[5])):
+        for kind, style, color in (("seed", "-", F.PALETTE[0]), ("unrelated", "--", F.PALETTE[5]),
+                                   ("random_pair", ":", F.PALETTE[8]), ("drift", "-.", F.PALETTE[3])):
             sub = svcca[(svcca.model == model) & (svcca.layer == layer) & (svcca.kind == kind)]
             curves = [g.sort_values("index")["corr"].to_numpy() for _, g in sub.groupby(["a", "b"], sort=False)]
             if not curves:
                 continue
             x, mean, std = _mean_curve(curves)
-            series.append({"x": x, "y": mean, "band": std, "label": {"seeds": "seed pairs",
-                                                                      "random": "vs random init"}[kind],
+            series.append({"x": x, "y": mean, "band": std, "label": KIND_TITLE[kind],
                            "linestyle": style, "color": color})
         F.curves(ax, series, xlabel="SVCCA direction", ylabel="canonical corr." if idx % cols == 0 else "",
                  title=data.layer_title(model, layer), ylim=(0, 1.02), legend=False)
@@ -208,7 +209,9 @@ def svcca_figure(data: RunData, fig_dir: Path) -> FigureResult:
     return FigureResult(key, "SVCCA coefficient curves", path=path.name,
                         caption=("Canonical correlations of the SVD-reduced subspaces, sorted from highest to lowest, "
                                  "per layer. Solid: mean over trained seed pairs; dashed: each trained network "
-                                 "against its random initialisation. Bands: ± std over pairs."))
+                                 "against another seed's untrained network (the null); dotted: two untrained "
+                                 "networks; dash-dot: each trained network against its own initialisation "
+                                 f"(training drift, not a null). Bands: ± std over pairs. Samples: {_samples(data)}."))
 
 
 # ------------------------------------------------------------------------------------ regression
@@ -221,7 +224,7 @@ def regression_figure(data: RunData, fig_dir: Path) -> FigureResult:
     fig, ax = F.new_figure(F.COLUMN_INCHES + 0.6, 2.5)
     for idx, (model, layer) in enumerate(layers):
         color = F.PALETTE[idx % len(F.PALETTE)]
-        for kind, style in (("seeds", "-"), ("random", ":")):
+        for kind, style in (("seed", "-"), ("unrelated", ":")):
             sub = reg[(reg.model == model) & (reg.layer == layer) & (reg.kind == kind)]
             if sub.empty:
                 continue
@@ -230,8 +233,8 @@ def regression_figure(data: RunData, fig_dir: Path) -> FigureResult:
             curve = per_pair.groupby("alpha")[["heldout_loss", "mean_nonzero"]].mean().sort_index()
             ax.plot(curve["mean_nonzero"], curve["heldout_loss"], linestyle=style, marker="o", markersize=3,
                     color=color, linewidth=1.2,
-                    label=data.layer_title(model, layer) if kind == "seeds" else None)
-    ax.plot([], [], linestyle=":", color="black", label="vs random init")
+                    label=data.layer_title(model, layer) if kind == "seed" else None)
+    ax.plot([], [], linestyle=":", color="black", label="vs unrelated random init")
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -246,7 +249,8 @@ def regression_figure(data: RunData, fig_dir: Path) -> FigureResult:
                         caption=("Predicting each channel of one network from the other's channels at the same layer: "
                                  "held-out loss (1 = no information) against the mean number of input channels with "
                                  "non-zero weight, one point per L1 strength α (Li et al. 2016). Solid: trained seed "
-                                 "pairs (mean over pairs and both directions); dotted: trained vs random init."))
+                                 "pairs (mean over pairs and both directions); dotted: a trained network vs another "
+                                 f"seed's untrained network (the null). Samples: {_samples(data)}."))
 
 
 # ------------------------------------------------------------------------------------------- CKA
@@ -258,7 +262,7 @@ def cka_panels(data: RunData) -> list[tuple[str, str, list[str], np.ndarray, int
     cka = data.table("cka", "cka")
     if cka.empty or not set(CKA_COLUMNS) <= set(cka.columns):
         return []
-    kinds = [k for k in ("seeds", "random") if (cka.kind == k).any()]
+    kinds = [k for k in PAIR_KINDS if (cka.kind == k).any()]
     panels = []
     for model, layers in data.models:
         for kind in kinds:
@@ -283,7 +287,7 @@ def cka_figure(data: RunData, fig_dir: Path) -> FigureResult:
         return FigureResult(key, "Layer × layer CKA", skipped="no layer × layer CKA results in this run")
     fig, axes = F.new_figure(min(7.0, 3.0 * len(panels) + 0.4), 2.7, ncols=len(panels), squeeze=False)
     for j, (model, kind, layers, mat, n) in enumerate(panels):
-        title = {"seeds": "trained seed pairs", "random": "trained vs random init"}[kind]
+        title = KIND_TITLE[kind]
         if data.multi_model:
             title = f"{model}: {title}"
         F.heatmap(axes[0, j], mat, xlabels=layers, ylabels=layers, vmin=0, vmax=1, annotate=len(layers) <= 8,
@@ -294,7 +298,9 @@ def cka_figure(data: RunData, fig_dir: Path) -> FigureResult:
     return FigureResult(key, "Layer × layer linear CKA", path=path.name,
                         caption=("Linear CKA between every layer of one network (rows) and every layer of the other "
                                  "(columns), averaged over network pairs; a bright diagonal means corresponding "
-                                 "layers are most similar (Kornblith et al. 2019)."))
+                                 "layers are most similar (Kornblith et al. 2019). Samples: one per image, spatially "
+                                 "averaged (pooled), whatever [compare].samples says — so the diagonal differs from "
+                                 "the CKA of the similarity table when that uses positions."))
 
 
 # ------------------------------------------------------------------------------- location instability
@@ -340,7 +346,7 @@ def agreement_figure(data: RunData, fig_dir: Path) -> FigureResult:
     rows = concept_agreement_rows(data)
     if rows.empty:
         return FigureResult(key, "Concept agreement", skipped="needs both comparisons and IoU results")
-    rows = rows[rows.kind == "seeds"]
+    rows = rows[rows.kind == "seed"]
     layer_keys = list(data.model_layers())
     groups = [data.layer_title(m, l) for m, l in layer_keys]
     same = np.full(len(groups), np.nan)
@@ -483,7 +489,7 @@ def _unit_title(rec: pd.Series, unit: int) -> str:
 
 _BUILDERS: list[Callable[[RunData, Path], Any]] = [
     correlation_figures, detectors_figure, svcca_figure, cka_figure, regression_figure, instability_figure,
-    agreement_figure,
+    agreement_figure, _category.category_figure,
 ]
 
 

@@ -84,7 +84,20 @@ def test_tables_api_adds_labels(tiny_config):
     assert list(units.columns[:2]) == ["instance", "layer"]
     assert set(units["instance"]) == {"cnn@s0", "cnn@s1", "cnn@s0-random", "cnn@s1-random"}
     pairs = result.tables("compare", "summary")
-    assert set(pairs["kind"]) == {"seeds", "random"}
+    assert set(pairs["kind"]) == {"seed", "unrelated", "random_pair", "drift"}
+    named = {(r.a, r.b, r.kind) for r in pairs[["a", "b", "kind"]].drop_duplicates().itertuples()}
+    # the null pairs each trained seed with ANOTHER seed's untrained net; own-init pairs are labelled drift
+    assert ("cnn@s0", "cnn@s1-random", "unrelated") in named and ("cnn@s1", "cnn@s0-random", "unrelated") in named
+    assert ("cnn@s0-random", "cnn@s1-random", "random_pair") in named
+    assert ("cnn@s0", "cnn@s0-random", "drift") in named and ("cnn@s1", "cnn@s1-random", "drift") in named
+    assert ("cnn@s0", "cnn@s1", "seed") in named
+    # dissection by category: detector units and unique detectors per category add up to the totals
+    summary = result.tables("iou", "summary")
+    cats = [c.removeprefix("unique_detectors_") for c in summary.columns
+            if c.startswith("unique_detectors_") and c != "unique_detectors_total"]
+    assert {"color", "object", "part", "material"} <= set(cats)
+    assert (summary[[f"detectors_{c}" for c in cats]].sum(axis=1) == summary["interpretable_units"]).all()
+    assert (summary[[f"unique_detectors_{c}" for c in cats]].sum(axis=1) == summary["unique_detectors_total"]).all()
 
 
 def test_sharding_does_not_change_results(tmp_path):
