@@ -110,7 +110,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = status(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir)
     width = max(len(r.node_id) for r in rows)
     for r in rows:
-        print(f"{'cached ' if r.cached else 'MISSING'}  {r.node_id:<{width}}  {r.reason}")
+        note = r.reason.removeprefix("cached").strip(" ()") if r.cached else r.reason
+        print(f"{'cached ' if r.cached else 'MISSING'}  {r.node_id:<{width}}  {note}".rstrip())
     cached = sum(r.cached for r in rows)
     print(f"{cached}/{len(rows)} nodes cached")
     return 0
@@ -215,12 +216,32 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             )
         a, b = samples_from_maps(a, b, mode=args.samples, resize=args.resize)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-    table = compare_arrays(a, b, metrics=metrics)
+    table = compare_with_shuffled(a, b, metrics)
     print(table.to_string(index=False))
+    print("b_shuffled: the same metric with B's rows shuffled across samples — what independent data gives at "
+          "this number of samples and units. samples: rows each value was computed from (held-out losses: fit "
+          "on the n_train rows, scored on the n_heldout rows).")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
     return 0
+
+
+def compare_with_shuffled(a, b, metrics):  # type: ignore[no-untyped-def]
+    """``compare_arrays(a, b)`` plus ``b_shuffled`` (B's rows permuted, seed 1) and ``samples`` per metric."""
+    import numpy as np
+
+    from ..stages.compare import compare_arrays
+
+    table = compare_arrays(a, b, metrics=metrics)
+    shuffled = compare_arrays(a, b[np.random.default_rng(1).permutation(b.shape[0])], metrics=metrics)
+    table["b_shuffled"] = shuffled.set_index("metric")["value"].reindex(table["metric"]).to_numpy()
+    counts = table.set_index("metric")["value"]
+    n_train = int(counts.get("n_train", a.shape[0]))
+    n_heldout = int(counts.get("n_heldout", 0))
+    table["samples"] = [n_heldout if "heldout" in m else (n_train if m not in ("n_train", "n_heldout") else int(v))
+                        for m, v in zip(table["metric"], table["value"])]
+    return table
 
 
 _COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "verify": _cmd_verify,

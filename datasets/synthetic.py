@@ -90,9 +90,9 @@ _BACKGROUND2_VS_BACKGROUND = 60.0
 # a near-perfect predictor of every landmark (the Zhang et al. baseline beat trained nets), and whole-image
 # colour dominated every unit's top activations (random-init nets had more "detectors" than trained ones).
 _MAIN_CENTER = (0.2, 0.8)  # centre range, fraction of the image side
-_MAIN_SCALE = (0.12, 0.19)  # r range, fraction of the image side
+_MAIN_SCALE = (0.14, 0.22)  # r range, fraction of the image side
 _DISTRACTOR_CENTER = (0.05, 0.95)
-_DISTRACTOR_SCALE = (0.06, 0.10)
+_DISTRACTOR_SCALE = (0.045, 0.075)  # well below the main object's, so the class stays the main object's shape
 _RIM_FRACTION, _RIM_MIN_PX = 0.2, 1.0  # rim band width = max(1 px, 0.2 r)
 _CORNER_RADIUS = 0.4  # corner region radius (units)
 _SQUARE_HALF = 0.9

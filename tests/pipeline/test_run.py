@@ -165,3 +165,24 @@ def test_multi_row_group_activation_parts_do_not_change_results(tmp_path, monkey
     assert one.keys() == many.keys()
     for key in one:
         assert one[key].equals(many[key]), key
+
+
+def test_progress_lines_without_a_terminal(tiny_config, capsys):
+    """Not a TTY (``run > log``): one line per finished stage with elapsed time and an estimate of what is left."""
+    result = run(tiny_config, progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[")]
+    stages = {n.stage for n in result.plan.nodes}
+    finished = {line.split("stage ", 1)[1].split(" finished")[0] for line in lines if "stage " in line}
+    assert finished == stages
+    assert all(" s] " in line and "nodes" in line for line in lines)
+    assert "left by node count" in err and lines[-1].endswith("done")
+    run(tiny_config, progress=False)
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+
+
+def test_status_prints_cached_once(tiny_config, capsys):
+    run(tiny_config)
+    assert main(["status", str(tiny_config)]) == 0
+    lines = capsys.readouterr().out.splitlines()[:-1]
+    assert lines and all(line.count("cached") == 1 for line in lines)
