@@ -35,6 +35,8 @@ The constraints that shaped it:
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -378,6 +380,44 @@ def _axis_landmarks(p: dict) -> np.ndarray:
     return out
 
 
+#: per-process bytes of rendered blocks kept for reuse (512 MiB holds the demo's 4000 64-px items)
+BLOCK_CACHE_BYTES = 512 << 20
+_BLOCK_CACHE: "OrderedDict[tuple[str, int], Batch]" = OrderedDict()
+_BLOCK_CACHE_USED = 0
+_BLOCK_LOCK = threading.Lock()
+
+
+def clear_block_cache() -> None:
+    """Drop every cached block of this process."""
+    global _BLOCK_CACHE_USED
+    with _BLOCK_LOCK:
+        _BLOCK_CACHE.clear()
+        _BLOCK_CACHE_USED = 0
+
+
+def _batch_bytes(batch: Batch) -> int:
+    arrays = [batch.index, batch.images, batch.landmarks, batch.landmark_visible, batch.class_label,
+              *batch.pixel_labels.values(), *batch.image_labels.values()]
+    return sum(int(a.nbytes) for a in arrays if a is not None)
+
+
+def _gather(parts: list[Batch], where: np.ndarray, index: np.ndarray) -> Batch:
+    """Rows ``where`` of the concatenation of ``parts`` (fresh arrays, never views of a cached block)."""
+    def take(arrays: list[np.ndarray]) -> np.ndarray:
+        return (np.concatenate(arrays) if len(arrays) > 1 else arrays[0])[where]
+
+    first = parts[0]
+    return Batch(
+        index=index.copy(),
+        images=take([b.images for b in parts]),
+        pixel_labels={k: take([b.pixel_labels[k] for b in parts]) for k in first.pixel_labels},
+        image_labels={k: take([b.image_labels[k] for b in parts]) for k in first.image_labels},
+        landmarks=take([b.landmarks for b in parts]),
+        landmark_visible=take([b.landmark_visible for b in parts]),
+        class_label=take([b.class_label for b in parts]),
+    )
+
+
 @register_dataset("synthetic")
 class SyntheticWorld(ConceptDataset):
     """The procedural concept world (see the module docstring for what is drawn).
@@ -432,6 +472,7 @@ class SyntheticWorld(ConceptDataset):
         self._main_half = int(math.ceil(_MAX_EXTENT * _MAIN_SCALE[1] * self.size)) + 1
         self._distractor_half = int(math.ceil(_MAX_EXTENT * _DISTRACTOR_SCALE[1] * self.size)) + 1
         self._concepts = _concepts()
+        self._block_key = self.digest()
 
     # --------------------------------------------------------------------------------------------- protocol
 
@@ -470,19 +511,55 @@ class SyntheticWorld(ConceptDataset):
         return canonical_digest({"kind": self.kind, "generator": GENERATOR_VERSION, "params": self.params()})
 
     def load(self, indices: np.ndarray) -> Batch:
+        """Render (or fetch from the block cache) the items at ``indices``; the arrays are always fresh copies.
+
+        Items live in aligned blocks of ``_CHUNK`` indexes. A block the request covers by at least a quarter
+        (a shard, a forward batch) is rendered whole and kept in a per-process LRU cache of
+        :data:`BLOCK_CACHE_BYTES`, so the stages that read the same shard in one worker (extraction, every
+        instance's and layer's IoU tally and stability) render it once; scattered requests (exemplars)
+        render just their items. Either way item ``i``'s bytes are the same (per-item determinism).
+        """
         index = self._check_indices(indices)
-        parts = [self._render(index[start : start + _CHUNK]) for start in range(0, index.size, _CHUNK)]
-        if len(parts) == 1:
-            return parts[0]
-        return Batch(
-            index=index,
-            images=np.concatenate([b.images for b in parts]),
-            pixel_labels={k: np.concatenate([b.pixel_labels[k] for b in parts]) for k in parts[0].pixel_labels},
-            image_labels={k: np.concatenate([b.image_labels[k] for b in parts]) for k in parts[0].image_labels},
-            landmarks=np.concatenate([b.landmarks for b in parts]),
-            landmark_visible=np.concatenate([b.landmark_visible for b in parts]),
-            class_label=np.concatenate([b.class_label for b in parts]),
-        )
+        if index.size == 0:
+            return self._render(index)
+        blocks, counts = np.unique(index // _CHUNK, return_counts=True)
+        parts, where = [], np.empty(index.size, dtype=np.int64)
+        offset = 0
+        for block, count in zip(blocks.tolist(), counts.tolist()):
+            start = block * _CHUNK
+            size = min(_CHUNK, self.images - start)
+            mine = np.flatnonzero(index // _CHUNK == block)
+            cached = self._cached_block(block, render=4 * count >= size)
+            if cached is None:
+                parts.append(self._render(index[mine]))
+                where[mine] = offset + np.arange(mine.size)
+            else:
+                parts.append(cached)
+                where[mine] = offset + (index[mine] - start)
+            offset += len(parts[-1])
+        return _gather(parts, where, index)
+
+    def _cached_block(self, block: int, render: bool) -> Batch | None:
+        key = (self._block_key, block)
+        with _BLOCK_LOCK:
+            hit = _BLOCK_CACHE.get(key)
+            if hit is not None:
+                _BLOCK_CACHE.move_to_end(key)
+                return hit
+        if not render:
+            return None
+        start = block * _CHUNK
+        batch = self._render(np.arange(start, min(start + _CHUNK, self.images), dtype=np.int64))
+        nbytes = _batch_bytes(batch)
+        global _BLOCK_CACHE_USED
+        with _BLOCK_LOCK:
+            if key not in _BLOCK_CACHE and nbytes <= BLOCK_CACHE_BYTES:
+                _BLOCK_CACHE[key] = batch
+                _BLOCK_CACHE_USED += nbytes
+                while _BLOCK_CACHE_USED > BLOCK_CACHE_BYTES:
+                    _, old = _BLOCK_CACHE.popitem(last=False)
+                    _BLOCK_CACHE_USED -= _batch_bytes(old)
+        return batch
 
     # ------------------------------------------------------------------------------------------- generation
 

@@ -155,6 +155,9 @@ def run(config: Config | str | Path | None = None, *, print_summary: bool = Fals
 
     Keyword overrides: ``cache_dir``, ``out_dir``, ``scheduler``, ``workers``, ``device``, ``progress``.
     """
+    from ..stages import tune_allocator
+
+    tune_allocator()
     cfg = resolve_config(config, **overrides)
     started = time.time()
     store = CacheStore(cfg.run.cache_dir, verify_checksums=cfg.execution.verify_checksums)

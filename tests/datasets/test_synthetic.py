@@ -362,3 +362,26 @@ def test_bad_parameters_name_the_parameter_and_value(params, fragment):
 def test_bad_indices_are_rejected(indices):
     with pytest.raises(DatasetError):
         SyntheticWorld(images=5).load(indices)
+
+
+def test_block_cache_returns_the_same_bytes_as_rendering_and_fresh_arrays():
+    from repdissect.datasets import synthetic
+
+    synthetic.clear_block_cache()
+    world = SyntheticWorld(images=700, seed=5)
+    direct = world._render(np.array([3, 260, 699, 10], dtype=np.int64))
+    for request in (np.arange(0, 300), np.array([3, 260, 699, 10]), np.arange(256, 512), np.array([699])):
+        got = world.load(request)  # mixes cached whole blocks and directly rendered items
+        alone = [world._render(np.array([i], dtype=np.int64)) for i in request[:3]]
+        for k, one in enumerate(alone):
+            assert np.array_equal(got.images[k], one.images[0])
+            assert all(np.array_equal(got.pixel_labels[c][k], one.pixel_labels[c][0]) for c in one.pixel_labels)
+            assert np.array_equal(got.landmarks[k], one.landmarks[0])
+    again = world.load(np.array([3, 260, 699, 10]))
+    assert np.array_equal(again.images, direct.images)
+    again.images[:] = 0  # callers may write into what they get: the cache keeps its own copy
+    assert np.array_equal(world.load(np.array([3, 260, 699, 10])).images, direct.images)
+    assert synthetic._BLOCK_CACHE  # whole blocks were kept
+    other = SyntheticWorld(images=700, seed=6)  # another world never sees this world's blocks
+    assert not np.array_equal(other.load(np.arange(0, 300)).images, world.load(np.arange(0, 300)).images)
+    synthetic.clear_block_cache()
