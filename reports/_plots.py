@@ -402,7 +402,8 @@ def exemplar_units(units: pd.DataFrame, limit: int | None) -> pd.DataFrame:
 def exemplar_figures(data: RunData, fig_dir: Path, *, k: int = EXEMPLAR_K, grid_units: int = GRID_UNITS,
                      gallery_units: int | None = 48, gallery_dir: Path | None = None,
                      ) -> tuple[list[FigureResult], dict[tuple[str, str], list[dict[str, Any]]]]:
-    """Exemplar grids (figures) and gallery strips (page) for the first trained network of each model.
+    """Exemplar grids (figures) for the first trained network of each model, gallery strips (page) for every
+    trained network (every seed).
 
     Returns:
         ``(figures, galleries)`` where ``galleries[(instance, layer)]`` lists cards
@@ -417,55 +418,61 @@ def exemplar_figures(data: RunData, fig_dir: Path, *, k: int = EXEMPLAR_K, grid_
         trained = data.trained(model)
         if not trained:
             continue
-        inst = trained[0]
-        extract = data.entry("extract", instance=inst.name)
-        if extract is None:
-            continue
-        for layer in layers:
-            key = f"exemplars_{safe_name(inst.name)}_{safe_name(layer)}"
-            title = f"Exemplars: {data.layer_title(model, layer)} ({inst.name})"
-            units = units_all[(units_all.instance == inst.name) & (units_all.layer == layer)]
-            try:
-                figure, cards = _layer_exemplars(data, fig_dir, gallery_dir, extract, inst.name, model, layer, units,
-                                                 key, title, k=k, grid_units=grid_units, gallery_units=gallery_units)
-            except Exception as exc:  # noqa: BLE001 - one broken layer must not cost the run its whole report
-                log.warning("report exemplars of %s %s failed", inst.name, layer, exc_info=True)
-                plt.close("all")
-                figure, cards = FigureResult(key, title, skipped=f"failed: {type(exc).__name__}: {exc}"), None
-            figures.append(figure)
-            if cards is not None:
-                galleries[(inst.name, layer)] = cards
+        for position, inst in enumerate(trained if gallery_dir is not None else trained[:1]):
+            extract = data.entry("extract", instance=inst.name)
+            if extract is None:
+                continue
+            for layer in layers:
+                key = f"exemplars_{safe_name(inst.name)}_{safe_name(layer)}"
+                title = f"Exemplars: {data.layer_title(model, layer)} ({inst.name})"
+                units = units_all[(units_all.instance == inst.name) & (units_all.layer == layer)]
+                try:
+                    figure, cards = _layer_exemplars(data, fig_dir, gallery_dir, extract, inst.name, model, layer,
+                                                     units, key, title, k=k, grid_units=grid_units,
+                                                     gallery_units=gallery_units, make_figure=position == 0)
+                except Exception as exc:  # noqa: BLE001 - one broken layer must not cost the run its whole report
+                    log.warning("report exemplars of %s %s failed", inst.name, layer, exc_info=True)
+                    plt.close("all")
+                    figure, cards = FigureResult(key, title, skipped=f"failed: {type(exc).__name__}: {exc}"), None
+                if figure is not None and (position == 0 or figure.skipped):
+                    figures.append(figure)
+                if cards is not None:
+                    galleries[(inst.name, layer)] = cards
     return figures, galleries
 
 
 def _layer_exemplars(data: RunData, fig_dir: Path, gallery_dir: Path | None, extract: Any, instance: str, model: str,
                      layer: str, units: pd.DataFrame, key: str, title: str, *, k: int, grid_units: int,
-                     gallery_units: int | None) -> tuple[FigureResult, list[dict[str, Any]] | None]:
+                     gallery_units: int | None, make_figure: bool = True,
+                     ) -> tuple[FigureResult | None, list[dict[str, Any]] | None]:
+    """The layer's exemplar grid figure (when ``make_figure``) and its gallery cards (when ``gallery_dir``)."""
     thresholds = data.node_table("thresholds", "thresholds", instance=instance, layer=layer)
     tables = extract.manifest.get("tables", {})
     if units.empty or thresholds.empty or f"summaries@{layer}" not in tables or f"activations@{layer}" not in tables:
         return FigureResult(key, title, skipped="IoU, thresholds or extraction outputs missing for this layer"), None
     thr = np.zeros(int(thresholds["unit"].max()) + 1)
     thr[thresholds["unit"].to_numpy()] = thresholds["threshold"].to_numpy()
-    shown = exemplar_units(units, gallery_units)
-    grid = exemplar_units(units, grid_units)
+    shown = exemplar_units(units, gallery_units) if gallery_dir is not None else units.iloc[:0]
+    grid = exemplar_units(units, grid_units) if make_figure else units.iloc[:0]
     order = list(dict.fromkeys([int(u) for u in grid["unit"]] + [int(u) for u in shown["unit"]]))
     ex = {e.unit: e for e in layer_exemplars(
         [str(p) for p in extract.parts(f"summaries@{layer}")],
         [str(p) for p in extract.parts(f"activations@{layer}")], thr, order, data.dataset, k=k)}
     info = units.set_index("unit")
-    fig = F.exemplar_grid(
-        [ex[int(u)].pixels for u in grid["unit"]], [ex[int(u)].masks for u in grid["unit"]],
-        row_labels=[_unit_title(info.loc[int(u)], int(u)) for u in grid["unit"]],
-        col_labels=[[f"max {v:.2f}" for v in ex[int(u)].values] for u in grid["unit"]],
-        title=f"{data.layer_title(model, layer)} of {instance}: top units, top {k} images")
-    path = fig_dir / f"{key}.png"
-    F.save_figure(fig, path)
-    figure = FigureResult(
-        key, title, path=path.name, group="exemplars",
-        caption=(f"The {len(grid)} units of {layer} with the highest concept IoU; per unit its top {k} images by "
-                 "maximum activation, with the region where the upsampled activation exceeds the unit's threshold "
-                 "outlined (outside dimmed). Row labels: unit, concept (category), IoU."))
+    figure = None
+    if make_figure:
+        fig = F.exemplar_grid(
+            [ex[int(u)].pixels for u in grid["unit"]], [ex[int(u)].masks for u in grid["unit"]],
+            row_labels=[_unit_title(info.loc[int(u)], int(u)) for u in grid["unit"]],
+            col_labels=[[f"max {v:.2f}" for v in ex[int(u)].values] for u in grid["unit"]],
+            title=f"{data.layer_title(model, layer)} of {instance}: top units, top {k} images")
+        path = fig_dir / f"{key}.png"
+        F.save_figure(fig, path)
+        figure = FigureResult(
+            key, title, path=path.name, group="exemplars",
+            caption=(f"The {len(grid)} units of {layer} with the highest concept IoU; per unit its top {k} images by "
+                     "maximum activation, with the region where the upsampled activation exceeds the unit's "
+                     "threshold outlined (outside dimmed). Row labels: unit, concept (category), IoU."))
     if gallery_dir is None:
         return figure, None
     cards = []

@@ -115,3 +115,15 @@ def test_category_table_rows_add_up_to_the_total(fake_run):
         cats = group[group.Category != "total"]
         for col in ("Detector units (trained)", "Unique detectors (random init)"):
             assert np.isclose(cats[f"{col}_mean"].sum(), total[f"{col}_mean"].iloc[0])
+
+
+def test_unit_galleries_for_every_trained_seed(fake_run):
+    from repdissect.reports._plots import safe_name
+
+    result, index = fake_run
+    page = index.read_text()
+    trained = [i for i in result.plan.instances if i.init == "trained"]
+    assert len(trained) == 3
+    for inst in trained:
+        assert (index.parent / "units" / safe_name(inst.name)).is_dir()
+        assert f"({inst.name})</h2>" in page or f"({inst.name})" in page
