@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -19,12 +21,17 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def _run(config: str, cache: Path, out: Path, scheduler: str, workers: int) -> float:
+def _run(config: str, cache: Path, out: Path, scheduler: str, workers: int) -> tuple[float, dict[str, float]]:
+    """Wall seconds of one ``repdissect run`` and its processes' CPU user/system seconds and minor page faults."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "repdissect.cli", "run", config, "--cache", str(cache), "--out",
                     str(out), "--scheduler", scheduler, "--workers", str(workers), "--no-progress"],
                    check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, {"user": after.ru_utime - before.ru_utime, "system": after.ru_stime - before.ru_stime,
+                  "minor_faults": after.ru_minflt - before.ru_minflt}
 
 
 def main() -> None:
@@ -35,9 +42,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cache, out = Path(tmp) / "cache", Path(tmp) / "out"
-        cold = _run(args.config, cache, out, args.scheduler, args.workers)
+        cold, usage = _run(args.config, cache, out, args.scheduler, args.workers)
         record = json.loads((out / "run.json").read_text())
-        warm = _run(args.config, cache, out, args.scheduler, args.workers)
+        warm, _ = _run(args.config, cache, out, args.scheduler, args.workers)
         warm_record = json.loads((out / "run.json").read_text())
     per_stage: dict[str, list[float]] = defaultdict(list)
     for node in record["nodes"]:
@@ -47,6 +54,10 @@ def main() -> None:
     for stage, secs in per_stage.items():
         print(f"{stage:<18}{len(secs):>6}{sum(secs):>22.1f}")
     hits = sum(n["hit"] for n in warm_record["nodes"])
+    load = os.getloadavg()[0]
+    print(f"cold run CPU: user {usage['user']:.0f} s, system {usage['system']:.0f} s, "
+          f"{usage['minor_faults'] / 1e6:.1f} M minor page faults (workers included); "
+          f"machine load average at the end {load:.1f} on {os.cpu_count()} cores")
     print(f"cold run {cold:.1f} s; warm run {warm:.1f} s ({hits}/{len(warm_record['nodes'])} hits); "
           f"warm/cold = {warm / cold:.3f}")
 

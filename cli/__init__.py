@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..core import USER_ERRORS
 
@@ -170,7 +170,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = status(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir)
     width = max(len(r.node_id) for r in rows)
     for r in rows:
-        print(f"{'cached ' if r.cached else 'MISSING'}  {r.node_id:<{width}}  {r.reason}")
+        note = r.reason.removeprefix("cached").strip(" ()") if r.cached else r.reason
+        print(f"{'cached ' if r.cached else 'MISSING'}  {r.node_id:<{width}}  {note}".rstrip())
     cached = sum(r.cached for r in rows)
     print(f"{cached}/{len(rows)} nodes cached")
     return 0
@@ -348,8 +349,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             )
         a, b = samples_from_maps(a, b, mode=args.samples, resize=args.resize)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else ["all"]
-    table = compare_arrays(a, b, metrics=metrics, permutations=args.permutations, groups=args.groups)
+    table = compare_with_shuffled(a, b, metrics, permutations=args.permutations, groups=args.groups)
     print(table.to_string(index=False))
+    print("b_shuffled: the same metric with B's rows shuffled across samples — what independent data gives at "
+          "this number of samples and units. samples: rows each value was computed from (held-out losses: fit "
+          "on the n_train rows, scored on the n_heldout rows).")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
@@ -368,6 +372,26 @@ def _cmd_sanity(args: argparse.Namespace) -> int:
                               "with two or more layers; add seeds or layers to the config")
     print(table.to_markdown())
     return 0
+
+
+def compare_with_shuffled(a: Any, b: Any, metrics: list[str], *, permutations: int = 0,
+                          groups: int = 10) -> Any:
+    """``compare_arrays(a, b)`` (value, jackknife s.e. and interval, permutation p-value) plus ``b_shuffled``
+    (each metric on B's rows permuted, seed 1: what independent data gives at this N) and ``samples`` per metric."""
+    import numpy as np
+
+    from ..stages.compare import compare_arrays
+
+    table = compare_arrays(a, b, metrics=metrics, permutations=permutations, groups=groups)
+    shuffled = compare_arrays(a, b[np.random.default_rng(1).permutation(b.shape[0])], metrics=metrics,
+                              permutations=0, groups=groups)
+    table["b_shuffled"] = shuffled.set_index("metric")["value"].reindex(table["metric"]).to_numpy()
+    counts = table.set_index("metric")["value"]
+    n_train = int(counts.get("n_train", a.shape[0]))
+    n_heldout = int(counts.get("n_heldout", 0))
+    table["samples"] = [n_heldout if "heldout" in m else (n_train if m not in ("n_train", "n_heldout") else int(v))
+                        for m, v in zip(table["metric"], table["value"])]
+    return table
 
 
 _COMMANDS = {"run": _cmd_run, "attribute": _cmd_attribute, "status": _cmd_status, "report": _cmd_report, "verify": _cmd_verify,

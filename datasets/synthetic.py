@@ -14,8 +14,9 @@ the class label) plus optional smaller distractors, with pixel-level categories
 * ``part``     — two layers: ``rim``/``core`` (a band along the outline vs the inside) and ``corner``
   (regions around convex vertices and tips);
 
-and five landmarks on the main object (``center`` and the ``top``/``bottom``/``left``/``right`` extreme
-pixels), invisible when outside the image or hidden by a distractor.
+and five landmarks on the main object (``center`` and ``top``/``bottom``/``left``/``right``: points on the
+object's own axes, 0.45 r from its centre, turning with it), invisible when outside the image, off the
+drawn shape or hidden by a distractor.
 
 The constraints that shaped it:
 
@@ -34,6 +35,8 @@ The constraints that shaped it:
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -53,7 +56,7 @@ __all__ = [
 ]
 
 #: bump when the drawing changes, so cached results keyed by the digest are invalidated
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 SHAPE_NAMES = ("circle", "ellipse", "square", "triangle", "star", "cross", "semicircle", "heart")
 COLOR_NAMES = ("black", "blue", "brown", "grey", "green", "orange", "pink", "purple", "red", "white", "yellow")
@@ -85,10 +88,13 @@ _TINT_VS_BACKGROUND = 60.0
 _BACKGROUND2_VS_BACKGROUND = 60.0
 
 # Object geometry, in units of the object scale r (pixels = units · r).
-_MAIN_CENTER = (0.28, 0.72)  # centre range, fraction of the image side
-_MAIN_SCALE = (0.19, 0.31)  # r range, fraction of the image side
+# v3: smaller main objects over a wider range of positions. Large, central objects made the image centre
+# a near-perfect predictor of every landmark (the Zhang et al. baseline beat trained nets), and whole-image
+# colour dominated every unit's top activations (random-init nets had more "detectors" than trained ones).
+_MAIN_CENTER = (0.2, 0.8)  # centre range, fraction of the image side
+_MAIN_SCALE = (0.14, 0.22)  # r range, fraction of the image side
 _DISTRACTOR_CENTER = (0.05, 0.95)
-_DISTRACTOR_SCALE = (0.06, 0.10)
+_DISTRACTOR_SCALE = (0.045, 0.075)  # well below the main object's, so the class stays the main object's shape
 _RIM_FRACTION, _RIM_MIN_PX = 0.2, 1.0  # rim band width = max(1 px, 0.2 r)
 _CORNER_RADIUS = 0.4  # corner region radius (units)
 _SQUARE_HALF = 0.9
@@ -99,6 +105,11 @@ _ELLIPSE_MAJOR = 1.25
 _SEMI_RADIUS = 1.2
 _SEMI_OFFSET = 4 * _SEMI_RADIUS / (3 * math.pi)  # flat edge sits this far from the centroid (the origin)
 _HEART_SCALE, _HEART_SHIFT = 1.7, 0.5
+# Landmarks other than the centre sit on the object's own axes, this far from its centre (units of r): points
+# fixed to the object (like a bird's head or tail), so they move and turn with it. Every shape contains
+# them (the tightest is the semicircle's flat edge at 0.51 below the centroid).
+_LANDMARK_OFFSET = 0.45
+_LANDMARK_FRAME = np.array([(0.0, -1.0), (0.0, 1.0), (-1.0, 0.0), (1.0, 0.0)]) * _LANDMARK_OFFSET  # top bottom left right
 
 
 def _regular(count: int, radius: float, start_deg: float = -90.0) -> np.ndarray:
@@ -353,30 +364,58 @@ def _render_scene(p: dict, size: int, texture: np.ndarray) -> tuple[np.ndarray, 
     return index, modulation
 
 
-def _extreme_points(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray) -> np.ndarray:
-    """Top, bottom, left, right landmarks (n, 4, 2) as (x, y) from per-image windows ``mask`` (n, h, w) bool.
+def _axis_landmarks(p: dict) -> np.ndarray:
+    """Top, bottom, left, right landmarks (n, 4, 2) as (x, y): points on the object's own axes.
 
-    Each is the middle object pixel of the outermost object row/column, so it always lies on the object;
-    ``(x0, y0)`` are the windows' top-left pixels in image coordinates.
+    Object-frame point ``(u, v)`` (units of r; ``v`` grows downwards when upright) maps to image coordinates
+    ``x = cx + r (u cos θ − v sin θ)``, ``y = cy + r (u sin θ + v cos θ)`` — the inverse of the frame
+    rotation in :func:`_render_objects`.
     """
-    n, h, w = mask.shape
-    out = np.empty((n, 4, 2), dtype=np.float64)
-    arange = np.arange(n)
-    rows_any, cols_any = mask.any(axis=2), mask.any(axis=1)
-    ends = {
-        "top": np.argmax(rows_any, axis=1),
-        "bottom": h - 1 - np.argmax(rows_any[:, ::-1], axis=1),
-        "left": np.argmax(cols_any, axis=1),
-        "right": w - 1 - np.argmax(cols_any[:, ::-1], axis=1),
-    }
-    for k, name in enumerate(("top", "bottom", "left", "right")):
-        horizontal = name in ("top", "bottom")
-        line = mask[arange, ends[name], :] if horizontal else mask[arange, :, ends[name]]
-        cumulative = np.cumsum(line, axis=1)
-        middle = np.argmax(cumulative >= (cumulative[:, -1:] + 1) // 2, axis=1)
-        x, y = (middle, ends[name]) if horizontal else (ends[name], middle)
-        out[:, k, 0], out[:, k, 1] = x0 + x + 0.5, y0 + y + 0.5
+    cos_t, sin_t = np.cos(p["theta"])[:, None], np.sin(p["theta"])[:, None]
+    u, v = _LANDMARK_FRAME[None, :, 0], _LANDMARK_FRAME[None, :, 1]
+    r = p["r"][:, None]
+    out = np.empty((p["r"].shape[0], 4, 2), dtype=np.float64)
+    out[..., 0] = p["cx"][:, None] + r * (u * cos_t - v * sin_t)
+    out[..., 1] = p["cy"][:, None] + r * (u * sin_t + v * cos_t)
     return out
+
+
+#: per-process bytes of rendered blocks kept for reuse (512 MiB holds the demo's 4000 64-px items)
+BLOCK_CACHE_BYTES = 512 << 20
+_BLOCK_CACHE: "OrderedDict[tuple[str, int], Batch]" = OrderedDict()
+_BLOCK_CACHE_USED = 0
+_BLOCK_LOCK = threading.Lock()
+
+
+def clear_block_cache() -> None:
+    """Drop every cached block of this process."""
+    global _BLOCK_CACHE_USED
+    with _BLOCK_LOCK:
+        _BLOCK_CACHE.clear()
+        _BLOCK_CACHE_USED = 0
+
+
+def _batch_bytes(batch: Batch) -> int:
+    arrays = [batch.index, batch.images, batch.landmarks, batch.landmark_visible, batch.class_label,
+              *batch.pixel_labels.values(), *batch.image_labels.values()]
+    return sum(int(a.nbytes) for a in arrays if a is not None)
+
+
+def _gather(parts: list[Batch], where: np.ndarray, index: np.ndarray) -> Batch:
+    """Rows ``where`` of the concatenation of ``parts`` (fresh arrays, never views of a cached block)."""
+    def take(arrays: list[np.ndarray]) -> np.ndarray:
+        return (np.concatenate(arrays) if len(arrays) > 1 else arrays[0])[where]
+
+    first = parts[0]
+    return Batch(
+        index=index.copy(),
+        images=take([b.images for b in parts]),
+        pixel_labels={k: take([b.pixel_labels[k] for b in parts]) for k in first.pixel_labels},
+        image_labels={k: take([b.image_labels[k] for b in parts]) for k in first.image_labels},
+        landmarks=take([b.landmarks for b in parts]),
+        landmark_visible=take([b.landmark_visible for b in parts]),
+        class_label=take([b.class_label for b in parts]),
+    )
 
 
 @register_dataset("synthetic")
@@ -433,6 +472,7 @@ class SyntheticWorld(ConceptDataset):
         self._main_half = int(math.ceil(_MAX_EXTENT * _MAIN_SCALE[1] * self.size)) + 1
         self._distractor_half = int(math.ceil(_MAX_EXTENT * _DISTRACTOR_SCALE[1] * self.size)) + 1
         self._concepts = _concepts()
+        self._block_key = self.digest()
 
     # --------------------------------------------------------------------------------------------- protocol
 
@@ -471,19 +511,55 @@ class SyntheticWorld(ConceptDataset):
         return canonical_digest({"kind": self.kind, "generator": GENERATOR_VERSION, "params": self.params()})
 
     def load(self, indices: np.ndarray) -> Batch:
+        """Render (or fetch from the block cache) the items at ``indices``; the arrays are always fresh copies.
+
+        Items live in aligned blocks of ``_CHUNK`` indexes. A block the request covers by at least a quarter
+        (a shard, a forward batch) is rendered whole and kept in a per-process LRU cache of
+        :data:`BLOCK_CACHE_BYTES`, so the stages that read the same shard in one worker (extraction, every
+        instance's and layer's IoU tally and stability) render it once; scattered requests (exemplars)
+        render just their items. Either way item ``i``'s bytes are the same (per-item determinism).
+        """
         index = self._check_indices(indices)
-        parts = [self._render(index[start : start + _CHUNK]) for start in range(0, index.size, _CHUNK)]
-        if len(parts) == 1:
-            return parts[0]
-        return Batch(
-            index=index,
-            images=np.concatenate([b.images for b in parts]),
-            pixel_labels={k: np.concatenate([b.pixel_labels[k] for b in parts]) for k in parts[0].pixel_labels},
-            image_labels={k: np.concatenate([b.image_labels[k] for b in parts]) for k in parts[0].image_labels},
-            landmarks=np.concatenate([b.landmarks for b in parts]),
-            landmark_visible=np.concatenate([b.landmark_visible for b in parts]),
-            class_label=np.concatenate([b.class_label for b in parts]),
-        )
+        if index.size == 0:
+            return self._render(index)
+        blocks, counts = np.unique(index // _CHUNK, return_counts=True)
+        parts, where = [], np.empty(index.size, dtype=np.int64)
+        offset = 0
+        for block, count in zip(blocks.tolist(), counts.tolist()):
+            start = block * _CHUNK
+            size = min(_CHUNK, self.images - start)
+            mine = np.flatnonzero(index // _CHUNK == block)
+            cached = self._cached_block(block, render=4 * count >= size)
+            if cached is None:
+                parts.append(self._render(index[mine]))
+                where[mine] = offset + np.arange(mine.size)
+            else:
+                parts.append(cached)
+                where[mine] = offset + (index[mine] - start)
+            offset += len(parts[-1])
+        return _gather(parts, where, index)
+
+    def _cached_block(self, block: int, render: bool) -> Batch | None:
+        key = (self._block_key, block)
+        with _BLOCK_LOCK:
+            hit = _BLOCK_CACHE.get(key)
+            if hit is not None:
+                _BLOCK_CACHE.move_to_end(key)
+                return hit
+        if not render:
+            return None
+        start = block * _CHUNK
+        batch = self._render(np.arange(start, min(start + _CHUNK, self.images), dtype=np.int64))
+        nbytes = _batch_bytes(batch)
+        global _BLOCK_CACHE_USED
+        with _BLOCK_LOCK:
+            if key not in _BLOCK_CACHE and nbytes <= BLOCK_CACHE_BYTES:
+                _BLOCK_CACHE[key] = batch
+                _BLOCK_CACHE_USED += nbytes
+                while _BLOCK_CACHE_USED > BLOCK_CACHE_BYTES:
+                    _, old = _BLOCK_CACHE.popitem(last=False)
+                    _BLOCK_CACHE_USED -= _batch_bytes(old)
+        return batch
 
     # ------------------------------------------------------------------------------------------- generation
 
@@ -555,8 +631,8 @@ class SyntheticWorld(ConceptDataset):
         size, n = self.size, index.size
         params, noise = self._draw(index)
         background_index, modulation = _render_scene(params, size, noise[:, 3])
-        # Objects are drawn in windows around their centres (large enough for the whole shape, so the main
-        # object's extreme points are found even off the image), then pasted into per-pixel slot maps.
+        # Objects are drawn in windows around their centres (large enough for the whole shape), then pasted
+        # into per-pixel slot maps.
         owner = np.zeros((n, size, size), dtype=np.int8)  # 0 background, 1 main object, 2.. distractors
         flags = {key: np.zeros((n, size, size), dtype=bool) for key in ("pattern", "rim", "corner")}
 
@@ -575,7 +651,6 @@ class SyntheticWorld(ConceptDataset):
         main_x0 = np.floor(params["cx"]).astype(np.int64) - half
         main_y0 = np.floor(params["cy"]).astype(np.int64) - half
         drawn = _render_objects(params, main_x0, main_y0, 2 * half + 2)
-        extremes = _extreme_points(drawn["inside"], main_x0, main_y0)
         paste(all_rows, main_x0, main_y0, drawn, 1)
 
         half = self._distractor_half
@@ -618,10 +693,10 @@ class SyntheticWorld(ConceptDataset):
             rgb += f32(self.noise) * noise[:, :3]
         images = np.rint(np.clip(rgb, 0, 255)).astype(np.uint8)
 
-        # Landmarks: centre (analytic anchor, always inside the shape) + extreme object pixels.
+        # Landmarks: centre (analytic anchor, always inside the shape) + four points on the object's axes.
         landmarks = np.empty((n, len(LANDMARK_NAMES), 2), dtype=np.float64)
         landmarks[:, 0, 0], landmarks[:, 0, 1] = params["cx"], params["cy"]
-        landmarks[:, 1:] = extremes
+        landmarks[:, 1:] = _axis_landmarks(params)
         landmarks = landmarks.astype(np.float32)  # visibility is judged on the coordinates handed out
         px, py = np.floor(landmarks[..., 0]).astype(np.int64), np.floor(landmarks[..., 1]).astype(np.int64)
         in_image = (px >= 0) & (px < size) & (py >= 0) & (py < size)

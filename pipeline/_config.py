@@ -92,7 +92,8 @@ class ModelConfig:
 
     ``init``: ``"trained"`` trains on the dataset's class labels; ``"random"`` keeps the seeded initial
     weights; ``"weights"`` loads ``weights`` (a local state dict / checkpoint file). ``random_baseline``
-    adds, for every seed, the untrained network with the same seed (the null baseline of the tables).
+    adds, for every seed, the untrained network with the same seed (dissected as the random-init baseline,
+    compared in the null and drift pairs).
     """
 
     name: str = "cnn"
@@ -193,8 +194,9 @@ class StabilityConfig:
 class CompareConfig:
     """Representation comparison between model pairs.
 
-    ``pairs``: ``"seeds"`` = every pair of seeds of each model plus each trained seed against its random-init
-    baseline; ``"none"`` disables comparisons. ``samples``: ``"positions"`` (image × position samples,
+    ``pairs``: ``"seeds"`` = every pair of trained seeds of each model, plus (with ``random_baseline``) the
+    null pairs — each seed vs another seed's untrained net (``unrelated``), untrained vs untrained
+    (``random_pair``) — and each seed vs its own init (``drift``); ``"none"`` disables comparisons. ``samples``: ``"positions"`` (image × position samples,
     grids resized per ``resize``) or ``"pooled"`` (one spatially averaged sample per image).
 
     ``lasso_tol`` and ``lasso_max_sweeps`` are the L1 regression's coordinate-descent stopping rule (stop when

@@ -19,8 +19,14 @@ Dissection nodes (thresholds, iou) exist only for datasets with concept masks, s
 datasets with landmarks; comparison nodes for every dataset.
 
 An *instance* is a model at one seed: trained (``cnn@s0``), untrained with the same seed
-(``cnn@s0-random``, the null baseline) or loaded from a weights file. Pairs are every two trained seeds
-of a model plus each trained seed against its own random init. What goes into ``params`` is exactly what
+(``cnn@s0-random``) or loaded from a weights file. Pairs, by ``kind`` (:data:`PAIR_KINDS`):
+
+* ``seed`` — every two trained seeds of a model (the comparison of interest);
+* ``unrelated`` — each trained seed against *another* seed's untrained network (seed s vs the next seed's
+  random init, cyclically): the null for "trained seeds are similar";
+* ``random_pair`` — every two untrained networks: what the architecture alone gives;
+* ``drift`` — each trained seed against its *own* initialisation: how far training moved it (not a null:
+  the trained net inherits its init's weights). What goes into ``params`` is exactly what
 changes results — for ``train`` and ``extract`` that includes the device class and its determinism mode
 (and the CPU thread count of training, :mod:`._device_key`); execution settings go to ``exec_params``.
 """
@@ -40,7 +46,10 @@ from ._device_key import DeviceKey, probe_device
 from ._dag_attribution import attribution_nodes
 from ._errors import ConfigError
 
-__all__ = ["Plan", "Instance", "build_plan"]
+__all__ = ["PAIR_KINDS", "Plan", "Instance", "build_plan"]
+
+#: comparison pair kinds, in report order (see the module docstring)
+PAIR_KINDS = ("seed", "unrelated", "random_pair", "drift")
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ class Plan:
     dataset_digest: str
     nodes: list[Node]
     instances: list[Instance]
-    pairs: list[tuple[Instance, Instance, str]]  # (a, b, kind: "seeds" | "random")
+    pairs: list[tuple[Instance, Instance, str]]  # (a, b, kind: one of PAIR_KINDS)
     device: DeviceKey = DeviceKey()
 
     def by_stage(self, stage: str) -> list[Node]:
@@ -275,10 +284,16 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
         for model in config.models:
             main = [i for i in instances if i.model is model and i.init == model.init]
             for a, b in itertools.combinations(main, 2):
-                pairs.append((a, b, "seeds"))
+                pairs.append((a, b, "seed"))
             if model.random_baseline and model.init != "random":
-                for a in main:
-                    pairs.append((a, Instance(model, a.seed, "random"), "random"))
+                randoms = [Instance(model, a.seed, "random") for a in main]
+                if len(main) > 1:
+                    for k, a in enumerate(main):
+                        pairs.append((a, randoms[(k + 1) % len(main)], "unrelated"))
+                for a, b in itertools.combinations(randoms, 2):
+                    pairs.append((a, b, "random_pair"))
+                for a, b in zip(main, randoms):
+                    pairs.append((a, b, "drift"))
     cc = config.compare
     for a, b, kind in pairs:
         ea, eb = extract_of[a.name], extract_of[b.name]

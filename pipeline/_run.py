@@ -76,6 +76,55 @@ class RunResult:
         return sum(not r.hit for r in self.results.values())
 
 
+class _LineProgress:
+    """Progress without a terminal (``run > log``): one line per finished stage, and at most one line per
+    ``every`` seconds of computed nodes, each with the elapsed time and an estimate of what is left.
+
+    The estimate is elapsed time × (nodes still to compute / nodes computed so far): crude — a training node
+    costs more than a comparison — and labelled as such.
+    """
+
+    def __init__(self, plan: Plan, stream: Any = None, every: float = 15.0) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.every = every
+        self.started = time.perf_counter()
+        self.last = self.started
+        unique = {n.key: n for n in plan.nodes}.values()
+        self.left: dict[str, int] = {}
+        for node in unique:
+            self.left[node.stage] = self.left.get(node.stage, 0) + 1
+        self.total = len(unique)
+        self.done = 0
+        self.computed = 0
+        self.cached = 0
+
+    def __call__(self, result: NodeResult) -> None:
+        stage = result.node.stage
+        self.done += 1
+        self.left[stage] = self.left.get(stage, 1) - 1
+        if result.hit:
+            self.cached += 1
+        else:
+            self.computed += 1
+        now = time.perf_counter()
+        finished_stage = self.left[stage] == 0
+        if not finished_stage and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.started
+        remaining = self.total - self.done
+        if remaining and self.computed:
+            estimate = f"≈{elapsed / self.computed * remaining:.0f} s left by node count"
+        else:
+            estimate = "done" if not remaining else "estimate after the first computed node"
+        what = f"stage {stage} finished" if finished_stage else f"{stage} node finished"
+        print(f"[{elapsed:7.1f} s] {what}; {self.done}/{self.total} nodes ({self.cached} cached); {estimate}",
+              file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 class _Progress:
     """One tqdm bar per stage on a terminal; silent otherwise."""
 
@@ -111,6 +160,9 @@ def run(config: Config | str | Path | None = None, *, print_summary: bool = Fals
 
     Keyword overrides: ``cache_dir``, ``out_dir``, ``scheduler``, ``workers``, ``device``, ``progress``.
     """
+    from ..stages import tune_allocator
+
+    tune_allocator()
     cfg = resolve_config(config, **overrides)
     started = time.time()
     store = CacheStore(cfg.run.cache_dir, verify_checksums=cfg.execution.verify_checksums)
@@ -170,7 +222,8 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
         link = getattr(client, "dashboard_link", None)
         if link and print_summary:
             print(f"Dask dashboard: {link}", file=sys.stderr)
-        progress = _Progress(plan, enabled=ex.progress and sys.stderr.isatty())
+        progress: Any = (_Progress(plan, enabled=True) if sys.stderr.isatty()
+                         else _LineProgress(plan)) if ex.progress else _Progress(plan, enabled=False)
         executor = Executor(store=store, client=client, dataset_spec=plan.dataset_spec, execution=execution,
                             known=found, on_done=progress)
         try:

@@ -132,4 +132,4 @@ class RunData:
 
     def seed_pairs(self, model: str | None = None) -> list[tuple[str, str]]:
         return [(a.name, b.name) for a, b, kind in self.plan.pairs
-                if kind == "seeds" and (model is None or a.model.name == model)]
+                if kind == "seed" and (model is None or a.model.name == model)]

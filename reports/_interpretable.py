@@ -148,7 +148,7 @@ def _seed_pairs(frame: pd.DataFrame, model: str, layer: str, seeds: tuple[int, .
     if frame.empty:
         return frame
     names = {f"{i.name}" for i in data.trained(model) if i.seed in seeds}
-    return frame[(frame.kind == "seeds") & (frame.layer == layer) & frame["a"].isin(names) & frame["b"].isin(names)]
+    return frame[(frame.kind == "seed") & (frame.layer == layer) & frame["a"].isin(names) & frame["b"].isin(names)]
 
 
 def icnn_comparison_table(data: RunData) -> PaperTable | None:
@@ -219,7 +219,7 @@ def icnn_comparison_table(data: RunData) -> PaperTable | None:
 def icnn_findings(data: RunData) -> list[dict[str, Any]]:
     """The findings row(s) for Zhang's claim, one per interpretable twin, from table 14's per-seed values.
 
-    Keys: ``claim``, ``source``, ``expected``, ``measured``, ``verdict`` (``"holds"``: lower in every seed;
+    Keys: ``claim``, ``source``, ``layer``, ``expected``, ``measured``, ``verdict`` (``"holds"``: lower in every seed;
     ``"mixed"``: lower on average but not in every seed; ``"does not hold"``; ``"no data"``) and ``evidence``
     (the table it comes from).
     """
@@ -227,7 +227,8 @@ def icnn_findings(data: RunData) -> list[dict[str, Any]]:
     for twin in icnn_twins(data):
         frame = icnn_instability_frame(data, twin)
         sub = frame[frame.layer == twin.layer].dropna(subset=["icnn", "ordinary"])
-        row = {"claim": CLAIM, "source": SOURCE, "expected": "interpretable < ordinary at the interpretable layer",
+        row = {"claim": CLAIM, "source": SOURCE, "layer": twin.layer,
+               "expected": "interpretable < ordinary at the interpretable layer",
                "evidence": "table 14_icnn_instability"}
         if sub.empty:
             row.update(measured="no paired seeds with instability values", verdict="no data")

@@ -59,7 +59,16 @@ log = logging.getLogger("repdissect.reports")
 TOP_UNITS = 5
 
 ROLE_TITLE = {"trained": "trained", "random": "random init"}
-KIND_TITLE = {"seeds": "seed pairs", "random": "trained vs random init"}
+#: comparison pair kinds in report order (the pipeline's PAIR_KINDS) and their titles
+PAIR_KINDS = ("seed", "unrelated", "random_pair", "drift")
+KIND_TITLE = {"seed": "seed pairs", "unrelated": "seed vs unrelated random init", "random_pair": "random vs random",
+              "drift": "training drift (seed vs own init)"}
+#: short column suffixes per kind
+KIND_SHORT = {"seed": "seeds", "unrelated": "unrelated rnd", "random_pair": "rnd vs rnd", "drift": "drift"}
+_NULLS_CAPTION = ("Seeds: pairs of trained networks. Unrelated rnd (the null): each trained network against "
+                  "another seed's untrained network. Rnd vs rnd: two untrained networks. Drift: each trained "
+                  "network against its own initialisation — how far training moved it, not a null (the trained "
+                  "net inherits its init's weights).")
 
 
 @dataclass
@@ -195,6 +204,13 @@ def location_instability(data: RunData) -> PaperTable | None:
 
 
 # ---------------------------------------------------------------------------------------- table 4
+def _samples(data: RunData) -> str:
+    """Which samples the comparison metrics use (the run's ``[compare].samples``), for captions."""
+    mode = getattr(getattr(data.config, "compare", None), "samples", "positions")
+    return ("one per image and spatial position (positions mode)" if mode == "positions"
+            else "one per image, spatially averaged (pooled mode)")
+
+
 def _pair_frame(data: RunData, table: str = "summary") -> pd.DataFrame:
     return data.table("compare", table)
 
@@ -209,23 +225,24 @@ def convergent_learning(data: RunData) -> PaperTable | None:
     )
     rows = []
     for model, layer in data.model_layers():
-        seeds = summary[(summary.model == model) & (summary.layer == layer) & (summary.kind == "seeds")]
-        random = summary[(summary.model == model) & (summary.layer == layer) & (summary.kind == "random")]
-        if seeds.empty and random.empty:
+        sub = summary[(summary.model == model) & (summary.layer == layer)]
+        if sub.empty:
             continue
+        seeds = sub[sub.kind == "seed"]
         rows.append([data.layer_title(model, layer), mean_std(seeds["semi"]), mean_std(seeds["hungarian_mean_corr"]),
-                     mean_std(seeds["bottleneck_mean_corr"]), mean_std(seeds["within"]),
-                     mean_std(random["hungarian_mean_corr"])])
+                     mean_std(seeds["bottleneck_mean_corr"]), mean_std(seeds["within"])]
+                    + [mean_std(sub.loc[sub.kind == k, "hungarian_mean_corr"]) for k in PAIR_KINDS[1:]])
     return PaperTable(
         name="4_convergent_learning",
         title="Convergent learning: mean correlation of matched units",
-        columns=["Layer", "Semi-matching", "Hungarian", "Bottleneck", "Within-net max", "Hungarian vs random init"],
+        columns=["Layer", "Semi-matching", "Hungarian", "Bottleneck", "Within-net max"]
+        + [f"Hungarian ({KIND_SHORT[k]})" for k in PAIR_KINDS[1:]],
         rows=rows,
         caption=("Li et al. (2016): mean between-net correlation of each unit's partner under semi-matching "
                  "(each unit takes its most correlated unit; both directions averaged), one-to-one Hungarian "
                  "matching (maximum total correlation) and bottleneck matching (maximum smallest correlation). "
                  "Within-net max: each unit's highest correlation with another unit of its own network, the "
-                 "baseline. Mean ± std (n seed pairs; last column: n trained/random-init pairs)."),
+                 "baseline. " + _NULLS_CAPTION + " Mean ± std (n pairs). Samples: " + _samples(data) + "."),
     )
 
 
@@ -244,22 +261,25 @@ def regression_table(data: RunData) -> PaperTable | None:
         if sub.empty:
             continue
         for alpha in sorted(sub["alpha"].unique()):
-            seeds = sub[(sub.kind == "seeds") & (sub.alpha == alpha)]
-            random = sub[(sub.kind == "random") & (sub.alpha == alpha)]
-            inputs = pd.concat([seeds, random])["inputs"]
+            at = sub[sub.alpha == alpha]
+            seeds = at[at.kind == "seed"]
+            inputs = at["inputs"]
             rows.append([data.layer_title(model, layer), "0 (unregularised)" if alpha == 0 else f"{alpha:g}",
                          mean_std(seeds["loss"]), mean_std(seeds["used"], digits=1),
-                         int(round(inputs.max())) if len(inputs) else None, mean_std(random["loss"])])
+                         int(round(inputs.max())) if len(inputs) else None]
+                        + [mean_std(at.loc[at.kind == k, "loss"]) for k in PAIR_KINDS[1:]])
             groups.append((model, layer))
     return PaperTable(
         name="5_regression",
         title="Predicting one network's channels from another's: loss and channels used",
-        columns=["Layer", "L1 α", "Held-out loss", "Channels used", "of", "Loss vs random init"],
+        columns=["Layer", "L1 α", "Held-out loss", "Channels used", "of"]
+        + [f"Loss ({KIND_SHORT[k]})" for k in PAIR_KINDS[1:]],
         rows=rows,
         caption=("Each channel of one network is predicted linearly from all channels of the other at the same "
                  "layer (standardised; α = 0: least squares, positive α: L1-regularised). Loss: held-out mean "
                  "squared error over target variance (1 = no information). Channels used: mean non-zero "
-                 "weights per target. Both directions averaged per pair; mean ± std (n seed pairs)."),
+                 "weights per target. Both directions averaged per pair; mean ± std (n pairs). " + _NULLS_CAPTION
+                 + " Samples: " + _samples(data) + "."),
         rules_after=_rules(groups),
     )
 
@@ -273,7 +293,7 @@ def similarity_table(data: RunData) -> PaperTable | None:
     titles = {"svcca_mean": "SVCCA", "pwcca": "PWCCA", "linear_cka": "Linear CKA"}
     columns = ["Layer"]
     for m in metrics:
-        columns += [f"{titles[m]} (seeds)", f"{titles[m]} (random init)"]
+        columns += [f"{titles[m]} ({KIND_SHORT[k]})" for k in PAIR_KINDS]
     rows = []
     for model, layer in data.model_layers():
         sub = summary[(summary.model == model) & (summary.layer == layer)]
@@ -281,17 +301,16 @@ def similarity_table(data: RunData) -> PaperTable | None:
             continue
         row: list[Any] = [data.layer_title(model, layer)]
         for m in metrics:
-            row += [mean_std(sub.loc[sub.kind == "seeds", m]), mean_std(sub.loc[sub.kind == "random", m])]
+            row += [mean_std(sub.loc[sub.kind == k, m]) for k in PAIR_KINDS]
         rows.append(row)
     return PaperTable(
         name="6_similarity",
-        title="Representation similarity per layer: trained seed pairs vs random-init baseline",
+        title="Representation similarity per layer: trained seed pairs vs null pairs",
         columns=columns,
         rows=rows,
         caption=("SVCCA: mean canonical correlation after keeping the top singular directions (99 % of the "
                  "spectrum); PWCCA: projection-weighted CCA (Morcos et al. 2018; google/svcca convention); linear CKA (Kornblith et al. "
-                 "2019). Seeds: pairs of trained networks; random init: each trained network against its own "
-                 "untrained initialisation. Mean ± std (n pairs)."),
+                 "2019). " + _NULLS_CAPTION + " Mean ± std (n pairs). Samples: " + _samples(data) + "."),
     )
 
 
@@ -345,7 +364,7 @@ def concept_agreement(data: RunData) -> PaperTable | None:
         return None
     rows, groups = [], []
     for model, layer in data.model_layers():
-        for kind in ("seeds", "random"):
+        for kind in PAIR_KINDS:
             sub = rows_frame[(rows_frame.model == model) & (rows_frame.layer == layer) & (rows_frame.kind == kind)]
             if sub.empty:
                 continue

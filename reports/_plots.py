@@ -25,11 +25,12 @@ import matplotlib.ticker as ticker
 import numpy as np
 import pandas as pd
 
+from . import _category
 from . import _figures as F
 from ._data import RunData
 from ._exemplars import layer_exemplars, search_exemplars
 from ._visualise import am_images, visualise_figures, with_am
-from ._paper import categories_of, concept_agreement_rows, stability_summary
+from ._paper import KIND_TITLE, PAIR_KINDS, _samples, categories_of, concept_agreement_rows, stability_summary
 
 __all__ = ["FigureResult", "build_figures", "safe_name", "exemplar_units", "EXEMPLAR_K", "GRID_UNITS"]
 
@@ -188,14 +189,14 @@ def svcca_figure(data: RunData, fig_dir: Path) -> FigureResult:
     for idx, (model, layer) in enumerate(layers):
         ax = axes[idx // cols, idx % cols]
         series = []
-        for kind, style, color in (("seeds", "-", F.PALETTE[0]), ("random", "--", F.PALETTE[5])):
+        for kind, style, color in (("seed", "-", F.PALETTE[0]), ("unrelated", "--", F.PALETTE[5]),
+                                   ("random_pair", ":", F.PALETTE[8]), ("drift", "-.", F.PALETTE[3])):
             sub = svcca[(svcca.model == model) & (svcca.layer == layer) & (svcca.kind == kind)]
             curves = [g.sort_values("index")["corr"].to_numpy() for _, g in sub.groupby(["a", "b"], sort=False)]
             if not curves:
                 continue
             x, mean, std = _mean_curve(curves)
-            series.append({"x": x, "y": mean, "band": std, "label": {"seeds": "seed pairs",
-                                                                      "random": "vs random init"}[kind],
+            series.append({"x": x, "y": mean, "band": std, "label": KIND_TITLE[kind],
                            "linestyle": style, "color": color})
         F.curves(ax, series, xlabel="SVCCA direction", ylabel="canonical corr." if idx % cols == 0 else "",
                  title=data.layer_title(model, layer), ylim=(0, 1.02), legend=False)
@@ -209,7 +210,9 @@ def svcca_figure(data: RunData, fig_dir: Path) -> FigureResult:
     return FigureResult(key, "SVCCA coefficient curves", path=path.name,
                         caption=("Canonical correlations of the SVD-reduced subspaces, sorted from highest to lowest, "
                                  "per layer. Solid: mean over trained seed pairs; dashed: each trained network "
-                                 "against its random initialisation. Bands: ± std over pairs."))
+                                 "against another seed's untrained network (the null); dotted: two untrained "
+                                 "networks; dash-dot: each trained network against its own initialisation "
+                                 f"(training drift, not a null). Bands: ± std over pairs. Samples: {_samples(data)}."))
 
 
 # ------------------------------------------------------------------------------------ regression
@@ -222,7 +225,7 @@ def regression_figure(data: RunData, fig_dir: Path) -> FigureResult:
     fig, ax = F.new_figure(F.COLUMN_INCHES + 0.6, 2.5)
     for idx, (model, layer) in enumerate(layers):
         color = F.PALETTE[idx % len(F.PALETTE)]
-        for kind, style in (("seeds", "-"), ("random", ":")):
+        for kind, style in (("seed", "-"), ("unrelated", ":")):
             sub = reg[(reg.model == model) & (reg.layer == layer) & (reg.kind == kind)]
             if sub.empty:
                 continue
@@ -231,8 +234,8 @@ def regression_figure(data: RunData, fig_dir: Path) -> FigureResult:
             curve = per_pair.groupby("alpha")[["heldout_loss", "mean_nonzero"]].mean().sort_index()
             ax.plot(curve["mean_nonzero"], curve["heldout_loss"], linestyle=style, marker="o", markersize=3,
                     color=color, linewidth=1.2,
-                    label=data.layer_title(model, layer) if kind == "seeds" else None)
-    ax.plot([], [], linestyle=":", color="black", label="vs random init")
+                    label=data.layer_title(model, layer) if kind == "seed" else None)
+    ax.plot([], [], linestyle=":", color="black", label="vs unrelated random init")
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -247,7 +250,8 @@ def regression_figure(data: RunData, fig_dir: Path) -> FigureResult:
                         caption=("Predicting each channel of one network from the other's channels at the same layer: "
                                  "held-out loss (1 = no information) against the mean number of input channels with "
                                  "non-zero weight, one point per L1 strength α (Li et al. 2016). Solid: trained seed "
-                                 "pairs (mean over pairs and both directions); dotted: trained vs random init."))
+                                 "pairs (mean over pairs and both directions); dotted: a trained network vs another "
+                                 f"seed's untrained network (the null). Samples: {_samples(data)}."))
 
 
 # ------------------------------------------------------------------------------------------- CKA
@@ -259,7 +263,7 @@ def cka_panels(data: RunData) -> list[tuple[str, str, list[str], np.ndarray, int
     cka = data.table("cka", "cka")
     if cka.empty or not set(CKA_COLUMNS) <= set(cka.columns):
         return []
-    kinds = [k for k in ("seeds", "random") if (cka.kind == k).any()]
+    kinds = [k for k in PAIR_KINDS if (cka.kind == k).any()]
     panels = []
     for model, layers in data.models:
         for kind in kinds:
@@ -284,7 +288,7 @@ def cka_figure(data: RunData, fig_dir: Path) -> FigureResult:
         return FigureResult(key, "Layer × layer CKA", skipped="no layer × layer CKA results in this run")
     fig, axes = F.new_figure(min(7.0, 3.0 * len(panels) + 0.4), 2.7, ncols=len(panels), squeeze=False)
     for j, (model, kind, layers, mat, n) in enumerate(panels):
-        title = {"seeds": "trained seed pairs", "random": "trained vs random init"}[kind]
+        title = KIND_TITLE[kind]
         if data.multi_model:
             title = f"{model}: {title}"
         F.heatmap(axes[0, j], mat, xlabels=layers, ylabels=layers, vmin=0, vmax=1, annotate=len(layers) <= 8,
@@ -295,7 +299,9 @@ def cka_figure(data: RunData, fig_dir: Path) -> FigureResult:
     return FigureResult(key, "Layer × layer linear CKA", path=path.name,
                         caption=("Linear CKA between every layer of one network (rows) and every layer of the other "
                                  "(columns), averaged over network pairs; a bright diagonal means corresponding "
-                                 "layers are most similar (Kornblith et al. 2019)."))
+                                 "layers are most similar (Kornblith et al. 2019). Samples: one per image, spatially "
+                                 "averaged (pooled), whatever [compare].samples says — so the diagonal differs from "
+                                 "the CKA of the similarity table when that uses positions."))
 
 
 # ------------------------------------------------------------------------------- location instability
@@ -341,7 +347,7 @@ def agreement_figure(data: RunData, fig_dir: Path) -> FigureResult:
     rows = concept_agreement_rows(data)
     if rows.empty:
         return FigureResult(key, "Concept agreement", skipped="needs both comparisons and IoU results")
-    rows = rows[rows.kind == "seeds"]
+    rows = rows[rows.kind == "seed"]
     layer_keys = list(data.model_layers())
     groups = [data.layer_title(m, l) for m, l in layer_keys]
     same = np.full(len(groups), np.nan)
@@ -397,7 +403,8 @@ def exemplar_units(units: pd.DataFrame, limit: int | None) -> pd.DataFrame:
 def exemplar_figures(data: RunData, fig_dir: Path, *, k: int = EXEMPLAR_K, grid_units: int = GRID_UNITS,
                      gallery_units: int | None = 48, gallery_dir: Path | None = None,
                      ) -> tuple[list[FigureResult], dict[tuple[str, str], list[dict[str, Any]]]]:
-    """Exemplar grids (figures) and gallery strips (page) for the first trained network of each model.
+    """Exemplar grids (figures) for the first trained network of each model, gallery strips (page) for every
+    trained network (every seed).
 
     Returns:
         ``(figures, galleries)`` where ``galleries[(instance, layer)]`` lists cards
@@ -412,38 +419,42 @@ def exemplar_figures(data: RunData, fig_dir: Path, *, k: int = EXEMPLAR_K, grid_
         trained = data.trained(model)
         if not trained:
             continue
-        inst = trained[0]
-        extract = data.entry("extract", instance=inst.name)
-        if extract is None:
-            continue
-        for layer in layers:
-            key = f"exemplars_{safe_name(inst.name)}_{safe_name(layer)}"
-            title = f"Exemplars: {data.layer_title(model, layer)} ({inst.name})"
-            units = units_all[(units_all.instance == inst.name) & (units_all.layer == layer)]
-            try:
-                figure, cards = _layer_exemplars(data, fig_dir, gallery_dir, extract, inst.name, model, layer, units,
-                                                 key, title, k=k, grid_units=grid_units, gallery_units=gallery_units)
-            except Exception as exc:  # noqa: BLE001 - one broken layer must not cost the run its whole report
-                log.warning("report exemplars of %s %s failed", inst.name, layer, exc_info=True)
-                plt.close("all")
-                figure, cards = FigureResult(key, title, skipped=f"failed: {type(exc).__name__}: {exc}"), None
-            figures.append(figure)
-            if cards is not None:
-                galleries[(inst.name, layer)] = cards
+        for position, inst in enumerate(trained if gallery_dir is not None else trained[:1]):
+            extract = data.entry("extract", instance=inst.name)
+            if extract is None:
+                continue
+            for layer in layers:
+                key = f"exemplars_{safe_name(inst.name)}_{safe_name(layer)}"
+                title = f"Exemplars: {data.layer_title(model, layer)} ({inst.name})"
+                units = units_all[(units_all.instance == inst.name) & (units_all.layer == layer)]
+                try:
+                    figure, cards = _layer_exemplars(data, fig_dir, gallery_dir, extract, inst.name, model, layer,
+                                                     units, key, title, k=k, grid_units=grid_units,
+                                                     gallery_units=gallery_units, make_figure=position == 0)
+                except Exception as exc:  # noqa: BLE001 - one broken layer must not cost the run its whole report
+                    log.warning("report exemplars of %s %s failed", inst.name, layer, exc_info=True)
+                    plt.close("all")
+                    figure, cards = FigureResult(key, title, skipped=f"failed: {type(exc).__name__}: {exc}"), None
+                if figure is not None and (position == 0 or figure.skipped):
+                    figures.append(figure)
+                if cards is not None:
+                    galleries[(inst.name, layer)] = cards
     return figures, galleries
 
 
 def _layer_exemplars(data: RunData, fig_dir: Path, gallery_dir: Path | None, extract: Any, instance: str, model: str,
                      layer: str, units: pd.DataFrame, key: str, title: str, *, k: int, grid_units: int,
-                     gallery_units: int | None) -> tuple[FigureResult, list[dict[str, Any]] | None]:
+                     gallery_units: int | None, make_figure: bool = True,
+                     ) -> tuple[FigureResult | None, list[dict[str, Any]] | None]:
+    """The layer's exemplar grid figure (when ``make_figure``) and its gallery cards (when ``gallery_dir``)."""
     thresholds = data.node_table("thresholds", "thresholds", instance=instance, layer=layer)
     tables = extract.manifest.get("tables", {})
     if units.empty or thresholds.empty or f"summaries@{layer}" not in tables or f"activations@{layer}" not in tables:
         return FigureResult(key, title, skipped="IoU, thresholds or extraction outputs missing for this layer"), None
     thr = np.zeros(int(thresholds["unit"].max()) + 1)
     thr[thresholds["unit"].to_numpy()] = thresholds["threshold"].to_numpy()
-    shown = exemplar_units(units, gallery_units)
-    grid = exemplar_units(units, grid_units)
+    shown = exemplar_units(units, gallery_units) if gallery_dir is not None else units.iloc[:0]
+    grid = exemplar_units(units, grid_units) if make_figure else units.iloc[:0]
     order = list(dict.fromkeys([int(u) for u in grid["unit"]] + [int(u) for u in shown["unit"]]))
     search = data.entry("dataset_search", instance=instance, layer=layer)
     if search is not None and k <= int(search.frame("top")["rank"].max()) + 1:
@@ -455,18 +466,20 @@ def _layer_exemplars(data: RunData, fig_dir: Path, gallery_dir: Path | None, ext
             [str(p) for p in extract.parts(f"activations@{layer}")], thr, order, data.dataset, k=k)}
     am = am_images(data, instance, layer)
     info = units.set_index("unit")
-    fig = F.exemplar_grid(
-        [ex[int(u)].pixels for u in grid["unit"]], [ex[int(u)].masks for u in grid["unit"]],
-        row_labels=[_unit_title(info.loc[int(u)], int(u)) for u in grid["unit"]],
-        col_labels=[[f"max {v:.2f}" for v in ex[int(u)].values] for u in grid["unit"]],
-        title=f"{data.layer_title(model, layer)} of {instance}: top units, top {k} images")
-    path = fig_dir / f"{key}.png"
-    F.save_figure(fig, path)
-    figure = FigureResult(
-        key, title, path=path.name, group="exemplars",
-        caption=(f"The {len(grid)} units of {layer} with the highest concept IoU; per unit its top {k} images by "
-                 "maximum activation, with the region where the upsampled activation exceeds the unit's threshold "
-                 "outlined (outside dimmed). Row labels: unit, concept (category), IoU."))
+    figure = None
+    if make_figure:
+        fig = F.exemplar_grid(
+            [ex[int(u)].pixels for u in grid["unit"]], [ex[int(u)].masks for u in grid["unit"]],
+            row_labels=[_unit_title(info.loc[int(u)], int(u)) for u in grid["unit"]],
+            col_labels=[[f"max {v:.2f}" for v in ex[int(u)].values] for u in grid["unit"]],
+            title=f"{data.layer_title(model, layer)} of {instance}: top units, top {k} images")
+        path = fig_dir / f"{key}.png"
+        F.save_figure(fig, path)
+        figure = FigureResult(
+            key, title, path=path.name, group="exemplars",
+            caption=(f"The {len(grid)} units of {layer} with the highest concept IoU; per unit its top {k} images by "
+                     "maximum activation, with the region where the upsampled activation exceeds the unit's "
+                     "threshold outlined (outside dimmed). Row labels: unit, concept (category), IoU."))
     if gallery_dir is None:
         return figure, None
     cards = []
@@ -497,7 +510,7 @@ def icnn_instability_figure(data: RunData, fig_dir: Path) -> FigureResult | list
 
 _BUILDERS: list[Callable[[RunData, Path], Any]] = [
     correlation_figures, detectors_figure, svcca_figure, cka_figure, regression_figure, instability_figure,
-    agreement_figure, visualise_figures, icnn_instability_figure,
+    agreement_figure, visualise_figures, icnn_instability_figure, _category.category_figure,
 ]
 
 

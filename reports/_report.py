@@ -75,7 +75,7 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
 
     from ._plots import build_figures, exemplar_figures  # matplotlib/torch load only when figures are drawn
 
-    tables = build_tables(data) + attribution_tables(data)
+    tables = _extra_tables(data) + build_tables(data) + attribution_tables(data)
     table_files: dict[str, dict[str, str]] = {}
     for t in tables:
         if t.table is not None:
@@ -103,6 +103,25 @@ def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
     _write_text_atomic(out / _REPORT_RECORD, json.dumps(record, indent=1))
     save_report(result, stamp, written, summary=_summary_body(result))
     return index
+
+
+def _extra_tables(data: RunData) -> list[TableResult]:
+    """The findings table first, then the per-category dissection table (their own modules)."""
+    from ._category import category_table
+    from ._findings import findings_table
+    from ._paper import TableResult
+
+    out = []
+    for key, builder, reason in (("findings", findings_table, "no finding could be checked in this run"),
+                                 ("category_detectors", category_table, "no IoU results in this run")):
+        try:
+            table = builder(data)
+        except Exception as exc:  # noqa: BLE001 - one broken table must not cost the run its whole report
+            log.warning("report table %s failed", key, exc_info=True)
+            out.append(TableResult(key, None, f"failed: {type(exc).__name__}: {exc}"))
+            continue
+        out.append(TableResult(key, table, "" if table is not None else reason))
+    return out
 
 
 def _prune_previous(out: Path, keep: set[str]) -> None:
@@ -263,7 +282,7 @@ def _summary_body(result: Any) -> str:
 
         t_iou = sel(iou, role="trained")
         t_stab, r_stab = sel(stab, role="trained"), sel(stab, role="random")
-        seeds, rnd = sel(cmp_, kind="seeds"), sel(cmp_, kind="random")
+        seeds, rnd = sel(cmp_, kind="seed"), sel(cmp_, kind="unrelated")
         within = ((seeds["within_a_mean_max_corr"] + seeds["within_b_mean_max_corr"]) / 2
                   if "within_a_mean_max_corr" in seeds else pd.Series(dtype=float))
         units = f"/{int(t_iou['units'].iloc[0])}" if not t_iou.empty else ""
@@ -284,7 +303,8 @@ def _summary_body(result: Any) -> str:
     head = [head[i] for i in keep]
     lines = [[r[i] for i in keep] for r in lines]
     widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(head)]
-    out = ["Summary (means over seeds / seed pairs; 'rnd' = random-init baseline):"]
+    out = ["Summary (means over seeds / seed pairs; 'rnd' = random-init networks; CKA rnd = a trained seed vs "
+           "another seed's untrained net):"]
     out.append("  " + "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))))
     for r in lines[:18]:
         out.append("  " + "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
@@ -306,7 +326,32 @@ def _summary_body(result: Any) -> str:
         out.append(line)
     if note := icnn_closing_note(data):
         out.append(f"  {note}")
+    out += _category_lines(data, iou)
+    from ._findings import findings_lines
+
+    out += findings_lines(data)
     return "\n".join(out)
+
+
+def _category_lines(data: RunData, iou: pd.DataFrame) -> list[str]:
+    """Detector units per category at each model's deepest layer, trained vs random init (means over seeds)."""
+    from ._paper import categories_of
+
+    if iou.empty:
+        return []
+    out = []
+    for model, layers in data.models:
+        if not layers:
+            continue
+        sub = iou[(iou.model == model) & (iou.layer == layers[-1])]
+        parts = []
+        for cat in categories_of(iou):
+            t = sub.loc[sub.role == "trained", f"detectors_{cat}"].mean()
+            r = sub.loc[sub.role == "random", f"detectors_{cat}"].mean()
+            parts.append(f"{cat} {t:.1f}/{r:.1f}" if math.isfinite(r) else f"{cat} {t:.1f}")
+        out.append(f"  detector units per category at {data.layer_title(model, layers[-1])} (trained/random): "
+                   + ", ".join(parts))
+    return out
 
 
 # ----------------------------------------------------------------------------------- from cache

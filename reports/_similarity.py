@@ -48,8 +48,8 @@ def similarity_uncertainty(data: RunData) -> PaperTable | None:
         if sub.empty:
             continue
         for metric in dict.fromkeys(sub.metric):
-            seeds = sub[(sub.metric == metric) & (sub.kind == "seeds")]
-            random = sub[(sub.metric == metric) & (sub.kind == "random")]
+            seeds = sub[(sub.metric == metric) & (sub.kind == "seed")]
+            random = sub[(sub.metric == metric) & (sub.kind == "unrelated")]
             p = seeds["p_value"].max() if len(seeds) else np.nan
             rows.append([data.layer_title(model, layer), metric, mean_std(seeds["value"]),
                          float(seeds["se"].mean()) if len(seeds) else np.nan,
@@ -60,14 +60,15 @@ def similarity_uncertainty(data: RunData) -> PaperTable | None:
     return PaperTable(
         name="9_similarity_uncertainty",
         title="Every metric with uncertainty: same layer of two seeds",
-        columns=["Layer", "Metric", "Seed pairs", "Jackknife s.e.", "Null 95%", "p (max)", "Random init"],
+        columns=["Layer", "Metric", "Seed pairs", "Jackknife s.e.", "Null 95%", "p (max)", "Unrelated random"],
         rows=rows,
         caption=("One sample per image (spatial mean). Seed pairs: mean ± std over pairs of trained seeds (seed "
                  "variance). Jackknife s.e.: leave-one-group-out over hashed image groups, mean over pairs "
                  "(stimulus variance). Null 95%: 95th percentile (toward 'similar') of the metric with one "
                  "network's images shuffled, on the fixed image subset; p: largest permutation p-value over "
                  "pairs. Distances (procrustes, shape_*, frechet): smaller is more similar. pwcca is "
-                 "google/svcca's convention, pwcca_morcos the paper's canonical-variate weights."),
+                 "google/svcca's convention, pwcca_morcos the paper's canonical-variate weights. Unrelated random: a trained "
+                 "seed against another seed's untrained network (the null pair)."),
         rules_after=rules[:-1],
     )
 
@@ -76,7 +77,7 @@ def layer_by_layer(data: RunData) -> PaperTable | None:
     frame = _frame(data)
     if frame.empty:
         return None
-    seeds = frame[frame.kind == "seeds"]
+    seeds = frame[frame.kind == "seed"]
     if seeds.empty:
         return None
     rows: list[list[Any]] = []
@@ -112,7 +113,7 @@ def layer_identification_table(data: RunData) -> PaperTable | None:
         return None
     rows: list[list[Any]] = []
     for model, layers in data.models:
-        seeds = frame[(frame.model == model) & (frame.kind == "seeds")]
+        seeds = frame[(frame.model == model) & (frame.kind == "seed")]
         if seeds.empty or len(layers) < 2:
             continue
         result = layer_identification(seeds, layers)

@@ -274,25 +274,26 @@ def test_visible_landmarks_are_inside_the_image_and_on_the_main_object(world, ba
 
 
 
-def test_extreme_landmarks_are_the_outermost_object_pixels():
-    world = SyntheticWorld(images=80, seed=12, distractors=0)
-    batch = world.load(np.arange(80))
-    obj = batch.pixel_labels["object"][:, 0] > 0
-    for k in range(80):
-        ys, xs = np.nonzero(obj[k])
-        top, bottom, left, right = batch.landmarks[k, 1:]
-        vis = batch.landmark_visible[k, 1:]
-        if vis[0]:
-            assert np.floor(top[1]) == ys.min()
-        if vis[1]:
-            assert np.floor(bottom[1]) == ys.max()
-        if vis[2]:
-            assert np.floor(left[0]) == xs.min()
-        if vis[3]:
-            assert np.floor(right[0]) == xs.max()
-        # Without distractors nothing occludes: hidden means outside the image.
-        inside = ((batch.landmarks[k] >= 0) & (batch.landmarks[k] < 64)).all(axis=1)
-        assert np.array_equal(batch.landmark_visible[k], inside)
+def test_axis_landmarks_sit_on_the_objects_own_axes():
+    """top/bottom/left/right are the centre ± 0.45 r along the object's rotated axes (they turn with it)."""
+    world = SyntheticWorld(images=80, seed=12, distractors=0, rotation=40)
+    index = np.arange(80)
+    p = world.scene_parameters(index)
+    batch = world.load(index)
+    xy = batch.landmarks.astype(np.float64)
+    for k, (du, dv) in enumerate([(0, -1), (0, 1), (-1, 0), (1, 0)], start=1):
+        c, s = np.cos(p["theta"]), np.sin(p["theta"])
+        x = p["cx"] + 0.45 * p["r"] * (du * c - dv * s)
+        y = p["cy"] + 0.45 * p["r"] * (du * s + dv * c)
+        np.testing.assert_allclose(xy[:, k, 0], x, atol=1e-4)
+        np.testing.assert_allclose(xy[:, k, 1], y, atol=1e-4)
+    # top and bottom are symmetric about the centre, and so are left and right
+    np.testing.assert_allclose(xy[:, 1] + xy[:, 2], 2 * xy[:, 0], atol=1e-3)
+    np.testing.assert_allclose(xy[:, 3] + xy[:, 4], 2 * xy[:, 0], atol=1e-3)
+    # Without distractors nothing occludes: an in-image landmark is hidden only when its pixel is off the shape.
+    inside = ((xy >= 0) & (xy < 64)).all(axis=2)
+    assert not (batch.landmark_visible & ~inside).any()
+    assert batch.landmark_visible[inside].mean() > 0.9
 
 
 def test_occluded_landmarks_are_hidden():
@@ -304,8 +305,9 @@ def test_occluded_landmarks_are_hidden():
     assert hidden_inside.any()  # some landmarks are covered by distractors
     n, p = np.nonzero(hidden_inside)
     px, py = np.floor(xy[n, p, 0]).astype(int), np.floor(xy[n, p, 1]).astype(int)
-    # Landmarks lie on the main object, so a hidden one inside the image is covered by a distractor.
-    assert (batch.pixel_labels["object"][n, 0, py, px] > 0).all()
+    # Landmarks lie on the main object's axes, so a hidden one inside the image is covered by a distractor
+    # (rarely, on a thin shape, its pixel centre falls just off the drawn outline).
+    assert (batch.pixel_labels["object"][n, 0, py, px] > 0).mean() > 0.9
 
 
 # ----------------------------------------------------------------------------------------------- bookkeeping
@@ -360,3 +362,26 @@ def test_bad_parameters_name_the_parameter_and_value(params, fragment):
 def test_bad_indices_are_rejected(indices):
     with pytest.raises(DatasetError):
         SyntheticWorld(images=5).load(indices)
+
+
+def test_block_cache_returns_the_same_bytes_as_rendering_and_fresh_arrays():
+    from repdissect.datasets import synthetic
+
+    synthetic.clear_block_cache()
+    world = SyntheticWorld(images=700, seed=5)
+    direct = world._render(np.array([3, 260, 699, 10], dtype=np.int64))
+    for request in (np.arange(0, 300), np.array([3, 260, 699, 10]), np.arange(256, 512), np.array([699])):
+        got = world.load(request)  # mixes cached whole blocks and directly rendered items
+        alone = [world._render(np.array([i], dtype=np.int64)) for i in request[:3]]
+        for k, one in enumerate(alone):
+            assert np.array_equal(got.images[k], one.images[0])
+            assert all(np.array_equal(got.pixel_labels[c][k], one.pixel_labels[c][0]) for c in one.pixel_labels)
+            assert np.array_equal(got.landmarks[k], one.landmarks[0])
+    again = world.load(np.array([3, 260, 699, 10]))
+    assert np.array_equal(again.images, direct.images)
+    again.images[:] = 0  # callers may write into what they get: the cache keeps its own copy
+    assert np.array_equal(world.load(np.array([3, 260, 699, 10])).images, direct.images)
+    assert synthetic._BLOCK_CACHE  # whole blocks were kept
+    other = SyntheticWorld(images=700, seed=6)  # another world never sees this world's blocks
+    assert not np.array_equal(other.load(np.arange(0, 300)).images, world.load(np.arange(0, 300)).images)
+    synthetic.clear_block_cache()

@@ -60,10 +60,17 @@ def test_compare_cli_writes_metric_table(tmp_path, capsys):
     out_csv = tmp_path / "t.csv"
     assert main(["compare", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out", str(out_csv)]) == 0
     table = pd.read_csv(out_csv)
-    assert list(table.columns) == ["metric", "value", "se", "ci_low", "ci_high", "p_value"]
+    assert list(table.columns) == ["metric", "value", "se", "ci_low", "ci_high", "p_value", "b_shuffled", "samples"]
     values = dict(zip(table["metric"], table["value"]))
     assert abs(values["hungarian_mean_corr"] - 1) < 1e-9 and abs(values["svcca_mean"] - 1) < 1e-6
     assert abs(values["shape_alpha0"]) < 1e-6 and abs(values["debiased_cka"] - 1) < 1e-9
+    # B's rows shuffled: what independent data gives — far below the real pairing
+    shuffled = dict(zip(table["metric"], table["b_shuffled"]))
+    assert shuffled["svcca_mean"] < 0.3 and shuffled["hungarian_mean_corr"] < 0.2
+    samples = dict(zip(table["metric"], table["samples"]))
+    assert samples["svcca_mean"] == values["n_train"] == 400
+    assert samples["lstsq_heldout_loss_a_from_b"] == values["n_heldout"] == 100
+    assert "b_shuffled" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--metrics", "procrustes,rsa",
                  "--permutations", "19", "--out", str(out_csv)]) == 0
     table = pd.read_csv(out_csv).set_index("metric")

@@ -85,7 +85,20 @@ def test_tables_api_adds_labels(tiny_config):
     assert list(units.columns[:2]) == ["instance", "layer"]
     assert set(units["instance"]) == {"cnn@s0", "cnn@s1", "cnn@s0-random", "cnn@s1-random"}
     pairs = result.tables("compare", "summary")
-    assert set(pairs["kind"]) == {"seeds", "random"}
+    assert set(pairs["kind"]) == {"seed", "unrelated", "random_pair", "drift"}
+    named = {(r.a, r.b, r.kind) for r in pairs[["a", "b", "kind"]].drop_duplicates().itertuples()}
+    # the null pairs each trained seed with ANOTHER seed's untrained net; own-init pairs are labelled drift
+    assert ("cnn@s0", "cnn@s1-random", "unrelated") in named and ("cnn@s1", "cnn@s0-random", "unrelated") in named
+    assert ("cnn@s0-random", "cnn@s1-random", "random_pair") in named
+    assert ("cnn@s0", "cnn@s0-random", "drift") in named and ("cnn@s1", "cnn@s1-random", "drift") in named
+    assert ("cnn@s0", "cnn@s1", "seed") in named
+    # dissection by category: detector units and unique detectors per category add up to the totals
+    summary = result.tables("iou", "summary")
+    cats = [c.removeprefix("unique_detectors_") for c in summary.columns
+            if c.startswith("unique_detectors_") and c != "unique_detectors_total"]
+    assert {"color", "object", "part", "material"} <= set(cats)
+    assert (summary[[f"detectors_{c}" for c in cats]].sum(axis=1) == summary["interpretable_units"]).all()
+    assert (summary[[f"unique_detectors_{c}" for c in cats]].sum(axis=1) == summary["unique_detectors_total"]).all()
 
 
 def test_sharding_does_not_change_results(tmp_path):
@@ -153,3 +166,24 @@ def test_multi_row_group_activation_parts_do_not_change_results(tmp_path, monkey
     assert one.keys() == many.keys()
     for key in one:
         assert one[key].equals(many[key]), key
+
+
+def test_progress_lines_without_a_terminal(tiny_config, capsys):
+    """Not a TTY (``run > log``): one line per finished stage with elapsed time and an estimate of what is left."""
+    result = run(tiny_config, progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[")]
+    stages = {n.stage for n in result.plan.nodes}
+    finished = {line.split("stage ", 1)[1].split(" finished")[0] for line in lines if "stage " in line}
+    assert finished == stages
+    assert all(" s] " in line and "nodes" in line for line in lines)
+    assert "left by node count" in err and lines[-1].endswith("done")
+    run(tiny_config, progress=False)
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+
+
+def test_status_prints_cached_once(tiny_config, capsys):
+    run(tiny_config)
+    assert main(["status", str(tiny_config)]) == 0
+    lines = capsys.readouterr().out.splitlines()[:-1]
+    assert lines and all(line.count("cached") == 1 for line in lines)

@@ -436,7 +436,7 @@ def test_models_over_different_datasets_are_not_compared(tmp_path):
         extracts.append(next(n for n in result.plan.nodes if n.stage == "extract"))
     a, b = extracts
     assert a.digests["dataset"] != b.digests["dataset"]
-    moments = Node(stage="moments", label={"a": "x", "b": "y", "kind": "seeds", "layer": "conv1"},
+    moments = Node(stage="moments", label={"a": "x", "b": "y", "kind": "seed", "layer": "conv1"},
                    params={"layer_a": "conv1", "layer_b": "conv1", "samples": "positions", "resize": "smaller",
                            "holdout": 0.2},
                    upstream={"a": a, "b": b}, version=1)

@@ -264,8 +264,11 @@ def build_fake_run(root: Path, *, seeds=(0, 1, 2), images=24, size=32, evil=True
             {"units": [1], "valid_units": [1], "landmarks": [5], "top_k": [20], "instability": [0.21]})})
 
     trained = [i for i in instances if i.init == "trained"]
-    pairs = [(a, b, "seeds") for k, a in enumerate(trained) for b in trained[k + 1:]]
-    pairs += [(a, Instance(model, a.seed, "random"), "random") for a in trained]
+    pairs = [(a, b, "seed") for k, a in enumerate(trained) for b in trained[k + 1:]]
+    randoms = [Instance(model, a.seed, "random") for a in trained]
+    pairs += [(a, randoms[(k + 1) % len(trained)], "unrelated") for k, a in enumerate(trained)]
+    pairs += [(a, b, "random_pair") for k, a in enumerate(randoms) for b in randoms[k + 1:]]
+    pairs += [(a, r, "drift") for a, r in zip(trained, randoms)]
     for a, b, kind in pairs:
         for layer in layers:
             xa = acts_of[(a.name, layer)].transpose(0, 2, 3, 1).reshape(-1, LAYER_SHAPES[layer][0]).astype(float)

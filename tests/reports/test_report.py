@@ -113,18 +113,20 @@ def test_convergent_learning_and_similarity_equal_stage_aggregates(fake_run):
     conv = _csv(index, "4_convergent_learning")
     sim = _csv(index, "6_similarity")
     for _, row in conv.iterrows():
-        seeds = stage[(stage.layer == row["Layer"]) & (stage.kind == "seeds")]
-        rnd = stage[(stage.layer == row["Layer"]) & (stage.kind == "random")]
+        seeds = stage[(stage.layer == row["Layer"]) & (stage.kind == "seed")]
+        layer = stage[stage.layer == row["Layer"]]
         _check(row, "Semi-matching", (seeds.semi_a_to_b_mean_corr + seeds.semi_b_to_a_mean_corr) / 2)
         _check(row, "Hungarian", seeds.hungarian_mean_corr)
         _check(row, "Bottleneck", seeds.bottleneck_mean_corr)
         _check(row, "Within-net max", (seeds.within_a_mean_max_corr + seeds.within_b_mean_max_corr) / 2)
-        _check(row, "Hungarian vs random init", rnd.hungarian_mean_corr)
+        for kind, short in (("unrelated", "unrelated rnd"), ("random_pair", "rnd vs rnd"), ("drift", "drift")):
+            _check(row, f"Hungarian ({short})", layer.loc[layer.kind == kind, "hungarian_mean_corr"])
     for _, row in sim.iterrows():
         sub = stage[stage.layer == row["Layer"]]
         for metric, title in (("svcca_mean", "SVCCA"), ("pwcca", "PWCCA"), ("linear_cka", "Linear CKA")):
-            _check(row, f"{title} (seeds)", sub.loc[sub.kind == "seeds", metric])
-            _check(row, f"{title} (random init)", sub.loc[sub.kind == "random", metric])
+            for kind, short in (("seed", "seeds"), ("unrelated", "unrelated rnd"), ("random_pair", "rnd vs rnd"),
+                                ("drift", "drift")):
+                _check(row, f"{title} ({short})", sub.loc[sub.kind == kind, metric])
 
 
 def test_regression_equals_stage_aggregates(fake_run):
@@ -135,10 +137,10 @@ def test_regression_equals_stage_aggregates(fake_run):
     for _, row in table.iterrows():
         alpha = 0.0 if row["L1 α"].startswith("0 ") else float(row["L1 α"])
         sub = stage[(stage.layer == row["Layer"]) & np.isclose(stage.alpha, alpha)]
-        for kind, col in (("seeds", "Held-out loss"), ("random", "Loss vs random init")):
+        for kind, col in (("seed", "Held-out loss"), ("unrelated", "Loss (unrelated rnd)"), ("drift", "Loss (drift)")):
             per_pair = [g.heldout_loss.mean() for _, g in sub[sub.kind == kind].groupby(["a", "b"])]
             _check(row, col, per_pair)
-        used = [g.mean_nonzero.mean() for _, g in sub[sub.kind == "seeds"].groupby(["a", "b"])]
+        used = [g.mean_nonzero.mean() for _, g in sub[sub.kind == "seed"].groupby(["a", "b"])]
         _check(row, "Channels used", used)
         assert row["of"] == sub["n_inputs"].max()
 
@@ -177,8 +179,10 @@ def test_concept_agreement_equals_loop_reference(fake_run):
     result, index = fake_run
     ref = _agreement_reference(result)
     table = _csv(index, "7_concept_agreement")
-    kinds = {"seed pairs": "seeds", "trained vs random init": "random"}
-    assert len(table) == 4
+    from repdissect.reports._paper import KIND_TITLE
+
+    kinds = {title: kind for kind, title in KIND_TITLE.items()}
+    assert len(table) == 2 * 4
     for _, row in table.iterrows():
         sub = ref[(ref.layer == row["Layer"]) & (ref.kind == kinds[row["Network pairs"]])]
         _check(row, "Matched pairs, both interpretable", sub["pairs"])
@@ -195,7 +199,7 @@ def test_concept_agreement_counts_planted_agreement():
     class Data:
         def table(self, stage, name):
             if stage == "compare":
-                return pd.DataFrame({"model": "m", "a": "x", "b": "y", "kind": "seeds", "layer": "L",
+                return pd.DataFrame({"model": "m", "a": "x", "b": "y", "kind": "seed", "layer": "L",
                                      "method": "hungarian", "unit_a": [0, 1, 2, 3], "unit_b": [3, 2, 1, 0],
                                      "corr": [0.9, 0.8, 0.7, 0.6]})
             labels = [5, 5, 6, 7]
@@ -259,7 +263,7 @@ def test_missing_stages_are_skipped_with_reasons(fake_run, tmp_path, inspect_htm
     index = write_report(partial)
     record = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(record["skipped"]) == {"dissection_summary", "top_units", "location_instability", "concept_agreement",
-                                      "detectors", "cka_layers", "exemplars"}
+                                      "detectors", "cka_layers", "exemplars", "category_detectors"}
     assert not (tmp_path / "out" / "tables" / "3_location_instability.csv").exists()
     assert (tmp_path / "out" / "tables" / "4_convergent_learning.csv").exists()
     assert "skipped" in index.read_text()
@@ -344,7 +348,7 @@ def test_cka_panels_average_the_stage_table(fake_run):
     result, _ = fake_run
     stage = result.tables("cka", "cka")
     panels = cka_panels(RunData(result))
-    assert [(p[1], p[4]) for p in panels] == [("seeds", 3), ("random", 3)]
+    assert [(p[1], p[4]) for p in panels] == [("seed", 3), ("unrelated", 3), ("random_pair", 3), ("drift", 3)]
     for _model, kind, layers, mat, _n in panels:
         for i, la in enumerate(layers):
             for j, lb in enumerate(layers):
@@ -398,7 +402,7 @@ def test_similarity_tables_trace_to_the_similarity_stage(fake_run):
 
     result, index = fake_run
     stage = result.tables("similarity", "similarity")
-    seeds = stage[stage.kind == "seeds"]
+    seeds = stage[stage.kind == "seed"]
     expected = layer_identification(seeds, ["conv1", "conv2"])
     table = pd.read_csv(index.parent / "tables" / "11_layer_identification.csv")
     assert list(table["Metric"]) == list(expected.metric)
