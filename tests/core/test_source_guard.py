@@ -145,7 +145,8 @@ def _relative_imports(path: Path) -> set[str]:
                 names += [(node.level, alias.name) for alias in node.names]
         elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "LazyModule":
             m = re.fullmatch(r"(\.+)(.*)", node.args[0].value)
-            names.append((len(m.group(1)), m.group(2)))
+            if m is not None:  # an absolute name (a third-party library loaded lazily) is not stage science
+                names.append((len(m.group(1)), m.group(2)))
         for level, name in names:
             base = here
             for _ in range(level - 1):
