@@ -17,6 +17,7 @@ import csv
 import io
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
@@ -131,13 +132,40 @@ _LATEX_SPECIALS = {
     "—": "---",
     "ρ": r"$\rho$",
     "α": r"$\alpha$",
+    "β": r"$\beta$",
+    "ε": r"$\varepsilon$",
+    "λ": r"$\lambda$",
+    "σ": r"$\sigma$",
+    "τ": r"$\tau$",
+    "−": r"$-$",
+    "·": r"$\cdot$",
+    "≈": r"$\approx$",
+    "≠": r"$\neq$",
+    "∞": r"$\infty$",
+    "²": r"$^2$",
+    "³": r"$^3$",
+    "…": r"\ldots{}",
+    "‖": r"$\|$",
+    "’": "'",
+    "“": "``",
+    "”": "''",
 }
-_LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIALS))
+#: any other character outside Latin-1 (which T1 + pdflatex's default UTF-8 input set up) would stop pdflatex
+_LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIALS) + "|[^\x00-\xff]")
+
+
+def _latex_char(char: str) -> str:
+    if char in _LATEX_SPECIALS:
+        return _LATEX_SPECIALS[char]
+    folded = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+    return latex_escape(folded) if folded else "?"
 
 
 def latex_escape(text: Any) -> str:
-    """Escape a string for LaTeX text mode (all ten specials, ``< >`` and a few Unicode symbols)."""
-    return _LATEX_RE.sub(lambda m: _LATEX_SPECIALS[m.group(0)], str(text).replace("\n", " "))
+    """Escape a string for LaTeX text mode: all ten specials, ``< >``, the Unicode symbols tables use
+    (minus, Greek letters, relations), and any other character outside Latin-1 folded to ASCII (or ``?``),
+    so a table always compiles with pdflatex."""
+    return _LATEX_RE.sub(lambda m: _latex_char(m.group(0)), str(text).replace("\n", " "))
 
 
 #: widths (in characters of table text) of one column of a two-column paper and of the full text width

@@ -169,3 +169,10 @@ def test_column_digits_override_plain_numbers_only():
     assert table.records() == [{"acc": "0.123", "time": "12.3"}]
     assert "| 0.123 | 12.3 |" in table.to_markdown()
     assert "0.123 & 12.3" in table.to_latex()
+
+
+@pytest.mark.parametrize("text", ["loss − 0.05", "≤ 0.25·inputs", "λ = 0.1, τ·n² = 5", "‖x‖ ≈ ∞", "✓ ⟨x⟩ ∑", "café"])
+def test_latex_escape_leaves_nothing_pdflatex_cannot_read(text):
+    """pdflatex (T1, default UTF-8 input) reads Latin-1; everything else becomes a command or ASCII."""
+    escaped = latex_escape(text)
+    assert all(ord(ch) < 256 for ch in escaped), escaped
