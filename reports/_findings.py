@@ -76,7 +76,9 @@ def _gap_test(better: pd.Series, worse: pd.Series, higher: bool) -> tuple[bool |
         return None, math.nan
     spread = math.sqrt(sum(s * s for s in (b.std, w.std) if math.isfinite(s)))
     gap = (b.mean - w.mean) if higher else (w.mean - b.mean)
-    return bool(gap > 2 * spread), gap / spread if spread > 0 else math.inf * np.sign(gap)
+    if spread > 0:
+        return bool(gap > 2 * spread), gap / spread
+    return bool(gap > 0), (math.copysign(math.inf, gap) if gap else 0.0)  # no spread: any gap is decisive
 
 
 def structured_detectors(iou_summary: pd.DataFrame) -> pd.Series:
