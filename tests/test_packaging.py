@@ -5,6 +5,7 @@ import importlib
 import importlib.metadata as md
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,32 @@ def test_pipeline_runs_without_the_fast_extra(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "computed" in proc.stdout
     assert list((tmp_path / "cache" / "iou").rglob("manifest.json")), "no IoU entry was published"
+
+
+#: import name -> distribution name, where they differ
+_DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "distributed": "dask"}
+#: optional libraries the code guards (an extra, or an opt-in backend) — never needed by the default install
+_OPTIONAL = {"numba", "polars", "openTSNE"}
+
+
+def test_every_library_the_code_imports_is_a_declared_dependency():
+    """A fresh ``pip install .`` must have every third-party module the package imports (anywhere, lazily
+    too), unless it is one of the guarded optional ones."""
+    import ast
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
+    imported = set()
+    for folder in ("core", "datasets", "stages", "pipeline", "reports", "cli", "configs"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "repdissect"} - _OPTIONAL
+    missing = sorted(m for m in third_party if _DISTRIBUTION.get(m, m).lower() not in declared)
+    assert not missing, f"imported by the package but not in [project].dependencies: {missing}"
