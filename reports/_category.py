@@ -58,13 +58,9 @@ def category_table(data: RunData) -> PaperTable | None:
     )
 
 
-def category_figure(data: RunData, fig_dir: Path) -> Any:
-    from ._plots import FigureResult
-
-    key = "category_detectors"
-    summary = data.table("iou", "summary")
-    if summary.empty:
-        return FigureResult(key, "Detector units per category", skipped="no IoU results in this run")
+def category_bars(data: RunData, summary: Any, column_prefix: str, total_column: str, ylabel: str) -> Any:
+    """One panel per role (trained, random init) of per-layer bars stacked by concept category: the mean over
+    seeds of ``<column_prefix><category>``, with the std over seeds of ``total_column`` as the error bar."""
     cats = categories_of(summary)
     roles = [(r, t) for r, t in _ROLES if (summary.role == r).any()]
     groups = [data.layer_title(m, l) for m, l in data.model_layers()]
@@ -76,11 +72,22 @@ def category_figure(data: RunData, fig_dir: Path) -> Any:
             sub = summary[(summary.model == model) & (summary.layer == layer) & (summary.role == role)]
             if sub.empty:
                 continue
-            means[g] = [sub[f"detectors_{c}"].mean() for c in cats]
+            means[g] = [sub[f"{column_prefix}{c}"].mean() for c in cats]
             if len(sub) > 1:
-                spread[g] = sub["interpretable_units"].std(ddof=1)
+                spread[g] = sub[total_column].std(ddof=1)
         F.stacked_bars(axes[0, j], groups, cats, means, total_std=spread,
-                       ylabel="detector units" if j == 0 else "", legend=j == len(roles) - 1, title=title)
+                       ylabel=ylabel if j == 0 else "", legend=j == len(roles) - 1, title=title)
+    return fig
+
+
+def category_figure(data: RunData, fig_dir: Path) -> Any:
+    from ._plots import FigureResult
+
+    key = "category_detectors"
+    summary = data.table("iou", "summary")
+    if summary.empty:
+        return FigureResult(key, "Detector units per category", skipped="no IoU results in this run")
+    fig = category_bars(data, summary, "detectors_", "interpretable_units", "detector units")
     path = fig_dir / f"{key}.png"
     F.save_figure(fig, path)
     return FigureResult(key, "Detector units per concept category", path=path.name,

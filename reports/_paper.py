@@ -446,10 +446,12 @@ def _icnn(builder: str, data: RunData) -> PaperTable | None:
     return getattr(_interpretable, builder)(data)
 
 
-def build_tables(data: RunData) -> list[TableResult]:
-    """All paper tables in order; a skipped table carries the reason."""
+def build_tables(data: RunData, builders: list[tuple[str, Callable[[RunData], Any], str]] | None = None
+                 ) -> list[TableResult]:
+    """All paper tables in order (or those of ``builders``: ``(key, builder, reason when absent)``); a skipped
+    table carries the reason, a failing one its error."""
     out = []
-    for key, builder, reason in _BUILDERS:
+    for key, builder, reason in (_BUILDERS if builders is None else builders):
         if key.startswith("icnn_") and not any(m.train.interpretable for m in data.config.models):
             continue  # tables 14–15 exist only in runs with an interpretable model
         try:

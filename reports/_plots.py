@@ -30,7 +30,7 @@ from . import _figures as F
 from ._data import RunData
 from ._exemplars import layer_exemplars, search_exemplars
 from ._visualise import am_images, visualise_figures, with_am
-from ._paper import KIND_TITLE, PAIR_KINDS, _samples, categories_of, concept_agreement_rows, stability_summary
+from ._paper import KIND_TITLE, PAIR_KINDS, _samples, concept_agreement_rows, stability_summary
 
 __all__ = ["FigureResult", "build_figures", "safe_name", "exemplar_units", "EXEMPLAR_K", "GRID_UNITS"]
 
@@ -136,23 +136,7 @@ def detectors_figure(data: RunData, fig_dir: Path) -> FigureResult:
     summary = data.table("iou", "summary")
     if summary.empty:
         return FigureResult(key, "Unique detectors", skipped="no IoU results in this run")
-    cats = categories_of(summary)
-    roles = [r for r in ("trained", "random") if (summary.role == r).any()]
-    groups = [data.layer_title(m, l) for m, l in data.model_layers()]
-    fig, axes = F.new_figure(3.0 * len(roles) + 1.2, 2.5, ncols=len(roles), squeeze=False, sharey=True)
-    for j, role in enumerate(roles):
-        means = np.zeros((len(groups), len(cats)))
-        spread = np.full(len(groups), np.nan)
-        for g, (model, layer) in enumerate(data.model_layers()):
-            sub = summary[(summary.model == model) & (summary.layer == layer) & (summary.role == role)]
-            if sub.empty:
-                continue
-            means[g] = [sub[f"unique_detectors_{c}"].mean() for c in cats]
-            if len(sub) > 1:
-                spread[g] = sub["unique_detectors_total"].std(ddof=1)
-        F.stacked_bars(axes[0, j], groups, cats, means, total_std=spread,
-                       ylabel="unique detectors" if j == 0 else "", legend=j == len(roles) - 1,
-                       title={"trained": "trained", "random": "random init"}[role])
+    fig = _category.category_bars(data, summary, "unique_detectors_", "unique_detectors_total", "unique detectors")
     path = fig_dir / f"{key}.png"
     F.save_figure(fig, path)
     return FigureResult(key, "Unique detectors per concept category", path=path.name,

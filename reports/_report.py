@@ -109,19 +109,10 @@ def _extra_tables(data: RunData) -> list[TableResult]:
     """The findings table first, then the per-category dissection table (their own modules)."""
     from ._category import category_table
     from ._findings import findings_table
-    from ._paper import TableResult
+    from ._paper import build_tables
 
-    out = []
-    for key, builder, reason in (("findings", findings_table, "no finding could be checked in this run"),
-                                 ("category_detectors", category_table, "no IoU results in this run")):
-        try:
-            table = builder(data)
-        except Exception as exc:  # noqa: BLE001 - one broken table must not cost the run its whole report
-            log.warning("report table %s failed", key, exc_info=True)
-            out.append(TableResult(key, None, f"failed: {type(exc).__name__}: {exc}"))
-            continue
-        out.append(TableResult(key, table, "" if table is not None else reason))
-    return out
+    return build_tables(data, [("findings", findings_table, "no finding could be checked in this run"),
+                               ("category_detectors", category_table, "no IoU results in this run")])
 
 
 def _prune_previous(out: Path, keep: set[str]) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from ..core import Context, Stage, StageOutput, StatisticStage, register_stage
 from ._errors import StageInputError
 from ._lazy import LazyModule
-from ._stage_inputs import aligned_part, read_part
+from ._stage_inputs import aligned_part, layer_blocks, layer_x_layer_shards, read_part
 
 __all__ = ["MomentsStage", "CompareStage", "CKAStage", "heldout_mask"]
 
@@ -115,20 +115,11 @@ class CKAStage(StatisticStage):
     version = 2  # 2: co-moments by chunked dsyrk (same values to rounding)
     depends_on = (".compare._cca", ".compare._moments", ".compare._correlation", "._stage_inputs", "._activations")
 
-    def _blocks(self, ctx: Context) -> tuple[list[str], list[int]]:
-        names, sizes = [], []
-        for role, key in (("a", "layers_a"), ("b", "layers_b")):
-            shapes = ctx.inputs[role].extras["layer_shapes"]
-            for layer in ctx.params[key]:
-                names.append(f"{role}:{layer}")
-                sizes.append(int(shapes[layer][0]))
-        return names, sizes
-
     def shards(self, ctx: Context) -> list[Any]:
-        return list(range(len(ctx.inputs["a"].parts(f"activations@{ctx.params['layers_a'][0]}"))))
+        return layer_x_layer_shards(ctx)
 
     def new_statistic(self, ctx: Context) -> Any:
-        names, sizes = self._blocks(ctx)
+        names, sizes = layer_blocks(ctx)
         return _compare.MultiMoments(sizes, names)
 
     def statistic_types(self, ctx: Context) -> type:

@@ -15,7 +15,7 @@ from ..core import Context
 from ._errors import StageInputError
 from ._lazy import LazyModule
 
-__all__ = ["layer_parts", "read_part", "aligned_part"]
+__all__ = ["layer_parts", "read_part", "aligned_part", "layer_blocks", "layer_x_layer_shards"]
 
 _activations = LazyModule("._activations")
 
@@ -53,3 +53,20 @@ def aligned_part(ctx: Context, role: str, layer: str, ids: np.ndarray) -> np.nda
             "extracted from the same dataset"
         )
     return np.concatenate(got)[rows]
+
+
+def layer_blocks(ctx: Context) -> tuple[list[str], list[int]]:
+    """The ``"a:<layer>"``/``"b:<layer>"`` block names and channel counts of a layer × layer statistic over
+    ``params["layers_a"]`` of input ``a`` and ``params["layers_b"]`` of input ``b``."""
+    names, sizes = [], []
+    for role, key in (("a", "layers_a"), ("b", "layers_b")):
+        shapes = ctx.inputs[role].extras["layer_shapes"]
+        for layer in ctx.params[key]:
+            names.append(f"{role}:{layer}")
+            sizes.append(int(shapes[layer][0]))
+    return names, sizes
+
+
+def layer_x_layer_shards(ctx: Context) -> list[int]:
+    """One shard per activation part of input ``a``'s first listed layer (every layer has the same parts)."""
+    return list(range(len(ctx.inputs["a"].parts(f"activations@{ctx.params['layers_a'][0]}"))))

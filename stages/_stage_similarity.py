@@ -20,7 +20,7 @@ import numpy as np
 from ..core import Context, StageOutput, StatisticStage, register_stage
 from ._errors import StageInputError
 from ._lazy import LazyModule
-from ._stage_inputs import aligned_part, read_part
+from ._stage_inputs import aligned_part, layer_blocks, layer_x_layer_shards, read_part
 
 __all__ = ["SimilarityStage"]
 
@@ -55,20 +55,11 @@ class SimilarityStage(StatisticStage):
                   ".compare._cca_batched", ".compare._cca", ".compare._moments", ".compare._correlation",
                   ".compare._pwcca_google", "._stage_inputs", "._activations")
 
-    def _blocks(self, ctx: Context) -> tuple[list[str], list[int]]:
-        names, sizes = [], []
-        for role, key in (("a", "layers_a"), ("b", "layers_b")):
-            shapes = ctx.inputs[role].extras["layer_shapes"]
-            for layer in ctx.params[key]:
-                names.append(f"{role}:{layer}")
-                sizes.append(int(shapes[layer][0]))
-        return names, sizes
-
     def shards(self, ctx: Context) -> list[Any]:
-        return list(range(len(ctx.inputs["a"].parts(f"activations@{ctx.params['layers_a'][0]}"))))
+        return layer_x_layer_shards(ctx)
 
     def new_statistic(self, ctx: Context) -> dict[str, Any]:
-        names, sizes = self._blocks(ctx)
+        names, sizes = layer_blocks(ctx)
         p = ctx.params
         return {
             "moments": _compare.GroupedMoments(sizes, names, int(p["groups"])),
