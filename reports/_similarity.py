@@ -128,7 +128,9 @@ def layer_identification_table(data: RunData) -> PaperTable | None:
         rows=rows,
         caption=("For every ordered seed pair and layer i of the first, the layer of the second with the highest "
                  "similarity (lowest distance) should be i. Kornblith et al. 2019 (Table 2) report linear CKA "
-                 "≈ 99 % and CCA-based indexes far lower on 10-layer CIFAR-10 CNNs."),
+                 "≈ 99 % and CCA-based indexes far lower on 10-layer CIFAR-10 CNNs. A trial counts only where the "
+                 "metric is defined for every candidate layer; Fréchet distance is undefined between layers of "
+                 "different widths, so with layers of distinct widths it has no trial (no accuracy)."),
     )
 
 

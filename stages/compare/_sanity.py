@@ -28,7 +28,9 @@ def layer_identification(table: pd.DataFrame, layers: Sequence[str]) -> pd.DataF
         layers: the layer order (ties go to the earlier layer).
 
     Returns:
-        DataFrame ``metric, hits, trials, accuracy`` in the metrics' first-appearance order.
+        DataFrame ``metric, hits, trials, accuracy`` in the metrics' first-appearance order. A trial (one layer
+        of one network against every layer of the other) counts only where the metric is defined for all
+        candidates; a metric with no such trial (Fréchet between layers of different widths) gets accuracy NaN.
     """
     need = {"a", "b", "layer_a", "layer_b", "metric", "metric_kind", "value"}
     if not need <= set(table.columns):
@@ -46,9 +48,11 @@ def layer_identification(table: pd.DataFrame, layers: Sequence[str]) -> pd.DataF
             for m in (matrix, matrix.T):  # A's layer → B's layers, and B's → A's
                 for i in range(len(layers)):
                     row = m[i]
-                    if np.isfinite(row).any():
+                    # A trial needs the metric on every candidate layer: where it is undefined for some
+                    # (Fréchet across widths), picking among the rest would be easier, not a pass.
+                    if np.isfinite(row).all():
                         trials += 1
-                        hits += int(np.nanargmax(np.where(np.isfinite(row), row, -np.inf)) == i)
+                        hits += int(np.argmax(row) == i)
         rows.append({"metric": metric, "hits": hits, "trials": trials,
                      "accuracy": hits / trials if trials else float("nan")})
     return pd.DataFrame(rows, columns=["metric", "hits", "trials", "accuracy"])

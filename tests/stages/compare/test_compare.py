@@ -182,3 +182,19 @@ def test_all_dead_side_gives_finite_zeros():
     for name in ("hungarian_mean_corr", "svcca_mean", "pwcca", "linear_cka", "cca_mean"):
         assert values[name] == 0.0, name
     assert values["dead_units_a"] == 4
+
+
+def test_layer_identification_does_not_count_a_metric_undefined_for_some_candidates():
+    """Fréchet is NaN between layers of different widths: picking the only defined layer is no pass."""
+    from repdissect.stages.compare import layer_identification
+
+    rows = []
+    for la in ("l1", "l2"):
+        for lb in ("l1", "l2"):
+            rows.append({"a": "s0", "b": "s1", "layer_a": la, "layer_b": lb, "metric": "frechet",
+                         "metric_kind": "distance", "value": 0.5 if la == lb else np.nan})
+            rows.append({"a": "s0", "b": "s1", "layer_a": la, "layer_b": lb, "metric": "linear_cka",
+                         "metric_kind": "similarity", "value": 0.9 if la == lb else 0.1})
+    table = layer_identification(pd.DataFrame(rows), ["l1", "l2"]).set_index("metric")
+    assert table.loc["linear_cka", "accuracy"] == 1.0 and table.loc["linear_cka", "trials"] == 4
+    assert table.loc["frechet", "trials"] == 0 and np.isnan(table.loc["frechet", "accuracy"])
