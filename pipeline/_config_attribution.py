@@ -35,6 +35,8 @@ class AttributionConfig:
     ``images``: dataset indexes for the per-class panels (empty = the first image of each class, at most
     ``classes_shown``). ``occlusion_baseline`` is a pixel value on the 0..1 scale, converted through the
     model's normalisation. ``mass_images``: images of the concept-mass pass (0 = the whole dataset).
+    ``lrp_rule = "alphabeta"`` uses ``lrp_alpha`` (β = α − 1). ``lime_segmentation``: ``"grid"`` (squares of
+    ``lime_cell`` pixels) or ``"slic"`` (``lime_segments`` SLIC superpixels of compactness ``lime_compactness``).
     """
 
     enabled: bool = False
@@ -54,7 +56,7 @@ class AttributionConfig:
     occlusion_window: int = 8
     occlusion_stride: int = 4
     occlusion_baseline: float = 0.5
-    lrp_rule: Literal["epsilon", "zplus"] = "epsilon"
+    lrp_rule: Literal["epsilon", "zplus", "alphabeta"] = "epsilon"
     lrp_epsilon: float = 1e-6
     lime_cell: int = 8
     lime_samples: int = 256
@@ -62,6 +64,10 @@ class AttributionConfig:
     mass_images: int = 512
     batch_size: int = 16
     unit_chunk: int = 16
+    lrp_alpha: float = 2.0
+    lime_segmentation: Literal["grid", "slic"] = "grid"
+    lime_segments: int = 64
+    lime_compactness: float = 3.0
 
     def validate(self, key: str) -> None:
         for name, allowed in (("unit_methods", UNIT_METHODS), ("class_methods", CLASS_METHODS)):
@@ -85,3 +91,9 @@ class AttributionConfig:
         _check(self.mass_images >= 0, f"{key}.mass_images", self.mass_images, "must be ≥ 0 (0 = every image)")
         _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "must be ≥ 1")
         _check(self.unit_chunk >= 1, f"{key}.unit_chunk", self.unit_chunk, "must be ≥ 1")
+        _check(self.lrp_alpha >= 1, f"{key}.lrp_alpha", self.lrp_alpha,
+               "the αβ rule's α, ≥ 1 (β = α − 1 ≥ 0), e.g. 2 (α2β1) or 1 (α1β0)")
+        _check(self.lime_segmentation in ("grid", "slic"), f"{key}.lime_segmentation", self.lime_segmentation,
+               "use 'grid' (lime_cell) or 'slic' (lime_segments, lime_compactness)")
+        _check(self.lime_segments >= 1, f"{key}.lime_segments", self.lime_segments, "SLIC superpixel count, ≥ 1")
+        _check(self.lime_compactness >= 0, f"{key}.lime_compactness", self.lime_compactness, "must be ≥ 0, e.g. 3")

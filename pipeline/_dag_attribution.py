@@ -17,7 +17,8 @@ from ._errors import ConfigError
 __all__ = ["attribution_nodes"]
 
 _METHOD_KEYS = ("smoothgrad_samples", "smoothgrad_stdev", "occlusion_window", "occlusion_stride", "occlusion_baseline",
-                "lrp_rule", "lrp_epsilon", "lime_cell", "lime_samples", "batch_size", "unit_chunk", "reduce")
+                "lrp_rule", "lrp_epsilon", "lime_cell", "lime_samples", "batch_size", "unit_chunk", "reduce",
+                "lrp_alpha", "lime_segmentation", "lime_segments", "lime_compactness")
 
 
 def attribution_nodes(config: Config, dataset: Any, instances: list[Any], extract_of: dict[str, Node],

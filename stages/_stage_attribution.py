@@ -41,7 +41,8 @@ pd = LazyModule("pandas")  # loaded when a stage runs: a warm rerun (report copy
 
 #: parameters of the map methods, passed through to :func:`repdissect.stages.attribution.attribute`
 METHOD_PARAMS = ("smoothgrad_samples", "smoothgrad_stdev", "occlusion_window", "occlusion_stride", "lrp_rule",
-                 "lrp_epsilon", "lime_cell", "lime_samples", "unit_chunk")
+                 "lrp_epsilon", "lime_cell", "lime_samples", "unit_chunk", "lrp_alpha", "lime_segmentation",
+                 "lime_segments", "lime_compactness")
 
 
 def _network(ctx: Context) -> tuple[Any, Any]:
@@ -111,6 +112,7 @@ _MODEL_AND_METHODS = (
     ".attribution._lrp",
     ".attribution._occlusion",
     ".attribution._relu",
+    ".attribution._slic",
 )
 
 
@@ -121,7 +123,7 @@ class AttributeStage(Stage):
 
     name = "attribute"
     depends_on = _MODEL_AND_METHODS
-    version = 1
+    version = 2  # 2: channels-last receptive-field crops (float32 rounding), αβ LRP and SLIC LIME keys
     uses_device = True
 
     def run(self, ctx: Context) -> StageOutput:
@@ -211,7 +213,7 @@ class AttributionMassStage(StatisticStage):
 
     name = "attribution_mass"
     depends_on = _MODEL_AND_METHODS
-    version = 1
+    version = 2  # 2: unit guided backprop on channels-last crops (float32 rounding)
     uses_device = True
 
     def _labelled(self, ctx: Context) -> pd.DataFrame:

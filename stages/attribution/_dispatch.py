@@ -29,11 +29,15 @@ def attribute(method: str, model: nn.Module, x: torch.Tensor, target: Target, *,
               head: str = "fc", smoothgrad_samples: int = 16, smoothgrad_stdev: float = 0.15,
               occlusion_window: int = 8, occlusion_stride: int = 4, occlusion_baseline: Any = 0.0,
               lrp_rule: str = "epsilon", lrp_epsilon: float = 1e-6, lime_cell: int = 8, lime_samples: int = 256,
-              image_ids: torch.Tensor | None = None, unit_chunk: int = 16, seed: int = 0, **_ignored: Any) -> torch.Tensor:
+              image_ids: torch.Tensor | None = None, unit_chunk: int = 16, seed: int = 0, lrp_alpha: float = 2.0,
+              lime_segmentation: str = "grid", lime_segments: int = 64, lime_compactness: float = 3.0,
+              **_ignored: Any) -> torch.Tensor:
     """Raw map(s) of ``method`` for ``target`` (shapes as the method's own function documents).
 
     ``cam_layer`` is where CAM / Grad-CAM / guided Grad-CAM are taken; ``head`` is CAM's linear layer.
-    SmoothGrad's and LIME's randomness derives from ``seed`` (LIME also from ``image_ids``).
+    SmoothGrad's and LIME's randomness derives from ``seed`` (LIME also from ``image_ids``). ``lrp_alpha`` is the
+    αβ rule's α (β = α − 1); ``lime_segmentation`` is ``"grid"`` (``lime_cell``) or ``"slic"`` (``lime_segments``,
+    ``lime_compactness``).
     """
     if method not in METHODS:
         raise StageInputError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
@@ -60,5 +64,7 @@ def attribute(method: str, model: nn.Module, x: torch.Tensor, target: Target, *,
     if method == "guided_grad_cam":
         return guided_grad_cam(model, x, target, layer=cam_layer, interpolate="bilinear", unit_chunk=unit_chunk)
     if method == "lrp":
-        return lrp(model, x, target, rule=lrp_rule, epsilon=lrp_epsilon, unit_chunk=unit_chunk)
-    return lime(model, x, target, cell=lime_cell, samples=lime_samples, seed=seed, image_ids=image_ids)
+        return lrp(model, x, target, rule=lrp_rule, epsilon=lrp_epsilon, alpha=lrp_alpha, beta=lrp_alpha - 1.0,
+                   unit_chunk=unit_chunk)
+    return lime(model, x, target, cell=lime_cell, samples=lime_samples, seed=seed, image_ids=image_ids,
+                segmentation=lime_segmentation, n_segments=lime_segments, compactness=lime_compactness)

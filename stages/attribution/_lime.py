@@ -2,9 +2,14 @@
 
 ``ξ(x) = argmin_g Σ_z π_x(z) (f(z) − g(z′))² + λ‖β‖²`` with ``g(z′) = b + z′ᵀβ``:
 
-* superpixels: ``segments`` given per image, else a regular grid of ``cell × cell`` squares
-  (:func:`grid_segments`) — deterministic and dependency-free (lime uses scikit-image's quickshift; pass
-  its labels as ``segments`` if you want them);
+* superpixels: ``segments`` given per image, else by name (``segmentation``): ``"grid"``, a regular grid of
+  ``cell × cell`` squares (:func:`grid_segments`), or ``"slic"``, SLIC superpixels (Achanta et al. 2012;
+  :func:`~._slic.slic_segments`, ``n_segments`` of them, compactness ``compactness``) computed on each input
+  image — both deterministic and dependency-free (lime uses scikit-image's quickshift; pass its labels as
+  ``segments`` if you want them). SLIC segments follow colour edges, so a superpixel rarely straddles an
+  object boundary (on piecewise-constant test images ≈ 93 % of each SLIC segment is one region vs ≈ 74 %
+  for a grid of the same count, see the tests); the grid is the default because it costs nothing and is what
+  earlier cache entries hold;
 * samples: ``z′ ∈ {0,1}^S`` uniform random bits, row 0 forced to all ones (the image itself), drawn from a
   generator seeded by ``(seed, image id)``; "off" superpixels take the superpixel's mean colour
   (``fill="mean"``, lime's ``hide_color=None``) or a constant;
@@ -26,8 +31,11 @@ from torch import nn
 
 from .._errors import StageInputError
 from ._engine import RowUnitTarget, Target, UnitTarget, resolve_units, target_scores
+from ._slic import slic_segments
 
-__all__ = ["lime", "grid_segments", "ridge_surrogate"]
+__all__ = ["lime", "grid_segments", "ridge_surrogate", "lime_segments", "SEGMENTATIONS"]
+
+SEGMENTATIONS = ("grid", "slic")
 
 
 def grid_segments(height: int, width: int, cell: int) -> torch.Tensor:
@@ -38,6 +46,17 @@ def grid_segments(height: int, width: int, cell: int) -> torch.Tensor:
     cols = torch.arange(width) // cell
     per_row = (width + cell - 1) // cell
     return rows[:, None] * per_row + cols[None, :]
+
+
+def lime_segments(x: torch.Tensor, segmentation: str = "grid", *, cell: int = 8, n_segments: int = 64,
+                  compactness: float = 3.0) -> torch.Tensor:
+    """``(N, H, W)`` int64 superpixel labels of the inputs ``(N, C, H, W)`` by method name (see module docstring)."""
+    n, _, h, w = x.shape
+    if segmentation == "grid":
+        return grid_segments(h, w, cell).expand(n, h, w)
+    if segmentation == "slic":
+        return torch.stack([slic_segments(img, n_segments, compactness=compactness) for img in x])
+    raise StageInputError(f"unknown LIME segmentation {segmentation!r}; use one of {', '.join(SEGMENTATIONS)}")
 
 
 def ridge_surrogate(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,16 +83,19 @@ def _one_target(target: Target, i: int) -> Target:
 
 def lime(model: nn.Module, x: torch.Tensor, target: Target, *, segments: torch.Tensor | None = None, cell: int = 8,
          samples: int = 256, kernel_width: float = 0.25, ridge: float = 1.0, fill: str | float = "mean",
-         seed: int = 0, image_ids: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
+         seed: int = 0, image_ids: torch.Tensor | None = None, batch: int = 256, segmentation: str = "grid",
+         n_segments: int = 64, compactness: float = 3.0) -> torch.Tensor:
     """LIME maps: each pixel gets its superpixel's surrogate coefficient.
 
-    Returns ``(N, H, W)`` for a class target, ``(N, U, H, W)`` for unit targets.
+    ``segmentation`` (``"grid"`` with ``cell``, or ``"slic"`` with ``n_segments`` and ``compactness``) is used
+    when ``segments`` is not given. Returns ``(N, H, W)`` for a class target, ``(N, U, H, W)`` for unit targets.
     """
     x = x.detach()
     n, c, h, w = x.shape
     if samples < 2:
         raise StageInputError(f"LIME needs at least 2 samples; got {samples}")
-    segs = grid_segments(h, w, cell).expand(n, h, w) if segments is None else torch.as_tensor(segments)
+    segs = (lime_segments(x, segmentation, cell=cell, n_segments=n_segments, compactness=compactness)
+            if segments is None else torch.as_tensor(segments))
     if segs.shape != (n, h, w):
         raise StageInputError(f"LIME segments must be (N, H, W) = {(n, h, w)}; got {tuple(segs.shape)}")
     ids = torch.arange(n) if image_ids is None else torch.as_tensor(image_ids)

@@ -1,4 +1,4 @@
-"""Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019): ε and z⁺ rules.
+"""Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019): ε, z⁺ and αβ rules.
 
 With ``z_ij = a_i w_ij`` and ``z_j = Σ_i z_ij + b_j``:
 
@@ -7,6 +7,14 @@ With ``z_ij = a_i w_ij`` and ``z_j = Σ_i z_ij + b_j``:
 * z⁺ rule: ``R_i = Σ_j a_i w⁺_ij / Σ_i a_i w⁺_ij · R_j`` (bias ignored): conservative, and ``R ≥ 0`` when the
   layer's inputs are ≥ 0 (post-ReLU) and ``R_j ≥ 0``. It is meant for layers with non-negative inputs;
   on the pixel layer of normalised images it is not (use ε there, ``input_rule="epsilon"``).
+* αβ rule (Bach et al. 2015, eq. 60): with ``z⁺_ij = (a_i w_ij)⁺``, ``z⁻_ij = (a_i w_ij)⁻``,
+  ``R_i = Σ_j [α·z⁺_ij / Σ_i z⁺_ij − β·z⁻_ij / Σ_i z⁻_ij] · R_j`` with ``α − β = 1`` (α2β1, α1β0, ...);
+  biases are left out of both denominators (Bach et al.'s variant without the bias split; captum's
+  ``Alpha1_Beta0_Rule(set_bias_to_zero=True)``), so each layer is conservative, ``Σ_i R_i = (α − β) Σ_j R_j``,
+  wherever ``z⁺_j > 0`` and ``z⁻_j < 0``. Unlike z⁺ it is defined for signed inputs: the four sign
+  combinations are computed separately, ``Σ_i z⁺_ij = a⁺·w⁺ + a⁻·w⁻`` and ``Σ_i z⁻_ij = a⁺·w⁻ + a⁻·w⁺``. A
+  denominator that is exactly 0 (no contribution of that sign) passes nothing (stabilised by ±1e-12), as in
+  zennit/captum; α1β0 on non-negative inputs is exactly z⁺.
 
 Implementation (the gradient trick of captum and zennit): every ``Conv2d``/``Linear`` (the rule's layers) and
 every ``BatchNorm2d``, average and max pool (always ε, i.e. pools pass relevance proportionally and
@@ -36,7 +44,7 @@ from ._relu import relu_rule
 
 __all__ = ["lrp", "LRP_RULES"]
 
-LRP_RULES = ("epsilon", "zplus")
+LRP_RULES = ("epsilon", "zplus", "alphabeta")
 
 _RULE_LAYERS = (nn.Conv2d, nn.Linear)
 _EPS_LAYERS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
@@ -49,39 +57,59 @@ def _stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(z >= 0, z + eps, z - eps)
 
 
-def _plus_forward(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    w = module.weight.clamp(min=0)
+def _weighted(module: nn.Module, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The layer's linear map with weight ``w`` and no bias."""
     if isinstance(module, nn.Linear):
         return F.linear(a, w)
     return F.conv2d(a, w, None, module.stride, module.padding, module.dilation, module.groups)
 
 
+def _plus_forward(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    return _weighted(module, a, module.weight.clamp(min=0))
+
+
+def _alpha_beta(module: nn.Module, a: torch.Tensor, relevance: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """``R_i`` of the αβ rule (module docstring) for one conv/linear layer: input ``a``, output relevance ``R_j``."""
+    wp, wn = module.weight.clamp(min=0), module.weight.clamp(max=0)
+    with torch.enable_grad():
+        ap = a.detach().clamp(min=0).requires_grad_(True)
+        an = a.detach().clamp(max=0).requires_grad_(True)
+        zp = _weighted(module, ap, wp) + _weighted(module, an, wn)  # Σ_i z⁺_ij ≥ 0
+        zn = _weighted(module, ap, wn) + _weighted(module, an, wp)  # Σ_i z⁻_ij ≤ 0
+        gp = torch.autograd.grad(zp, (ap, an), grad_outputs=relevance / (zp.detach() + 1e-12), retain_graph=False)
+        gn = torch.autograd.grad(zn, (ap, an), grad_outputs=relevance / (zn.detach() - 1e-12))
+    return alpha * (ap.detach() * gp[0] + an.detach() * gp[1]) - beta * (ap.detach() * gn[0] + an.detach() * gn[1])
+
+
 class _LRPFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, module: nn.Module, rule: str, eps: float) -> torch.Tensor:
-        ctx.module, ctx.rule, ctx.eps = module, rule, eps
+    def forward(ctx: Any, a: torch.Tensor, module: nn.Module, rule: str, eps: float,
+                alpha_beta: tuple[float, float]) -> torch.Tensor:
+        ctx.module, ctx.rule, ctx.eps, ctx.alpha_beta = module, rule, eps, alpha_beta
         ctx.save_for_backward(a)
         return module(a)
 
     @staticmethod
-    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         (a,) = ctx.saved_tensors
+        if ctx.rule == "alphabeta":
+            return _alpha_beta(ctx.module, a, relevance, *ctx.alpha_beta), None, None, None, None
         with torch.enable_grad():
             leaf = a.detach().requires_grad_(True)
             z = _plus_forward(ctx.module, leaf) if ctx.rule == "zplus" else ctx.module(leaf)
             eps = ctx.eps if ctx.rule == "epsilon" else 1e-12
             s = relevance / _stabilize(z.detach(), eps)
             c = torch.autograd.grad(z, leaf, grad_outputs=s)[0]
-        return a * c, None, None, None
+        return a * c, None, None, None, None
 
 
 class _LRPLayer(nn.Module):
-    def __init__(self, module: nn.Module, rule: str, eps: float) -> None:
+    def __init__(self, module: nn.Module, rule: str, eps: float, alpha_beta: tuple[float, float] = (1.0, 0.0)) -> None:
         super().__init__()
-        self.inner, self.rule, self.eps = module, rule, eps
+        self.inner, self.rule, self.eps, self.alpha_beta = module, rule, eps, alpha_beta
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return _LRPFn.apply(a, self.inner, self.rule, self.eps)
+        return _LRPFn.apply(a, self.inner, self.rule, self.eps, self.alpha_beta)
 
 
 def _check_graph(model: nn.Module) -> None:
@@ -111,7 +139,8 @@ def _check_graph(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _lrp_rules(model: nn.Module, rule: str, eps: float, input_rule: str | None) -> Iterator[None]:
+def _lrp_rules(model: nn.Module, rule: str, eps: float, input_rule: str | None,
+               alpha_beta: tuple[float, float] = (1.0, 0.0)) -> Iterator[None]:
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     first = True
     for parent in list(model.modules()):
@@ -120,7 +149,7 @@ def _lrp_rules(model: nn.Module, rule: str, eps: float, input_rule: str | None) 
                 layer_rule = input_rule if (first and input_rule) else rule
                 first = False
                 swapped.append((parent, name, child))
-                setattr(parent, name, _LRPLayer(child, layer_rule, eps))
+                setattr(parent, name, _LRPLayer(child, layer_rule, eps, alpha_beta))
             elif isinstance(child, _EPS_LAYERS):
                 swapped.append((parent, name, child))
                 setattr(parent, name, _LRPLayer(child, "epsilon", eps))
@@ -132,20 +161,25 @@ def _lrp_rules(model: nn.Module, rule: str, eps: float, input_rule: str | None) 
 
 
 def lrp(model: nn.Module, x: torch.Tensor, target: Target, *, rule: str = "epsilon", epsilon: float = 1e-9,
-        input_rule: str | None = None, unit_chunk: int = 16) -> torch.Tensor:
+        input_rule: str | None = None, alpha: float = 2.0, beta: float = 1.0, unit_chunk: int = 16) -> torch.Tensor:
     """Relevance at the input: ``(N, C, H, W)`` (class) or ``(N, U, C, H, W)`` (units); ``Σ R ≈`` the target value.
 
     Args:
-        rule: ``"epsilon"`` or ``"zplus"`` for every conv/linear layer.
+        rule: ``"epsilon"``, ``"zplus"`` or ``"alphabeta"`` for every conv/linear layer.
         epsilon: the ε of the ε rule (captum's default 1e-9).
         input_rule: a different rule for the first conv/linear layer (e.g. ``"epsilon"`` under z⁺, whose
             inputs are signed pixels). The layer order is module registration order.
+        alpha, beta: the αβ rule's weights (used when ``rule`` or ``input_rule`` is ``"alphabeta"``); they
+            must satisfy ``α − β = 1`` and ``β ≥ 0`` (α2β1 by default; α1β0 is z⁺ on non-negative inputs).
     """
     for r in (rule, input_rule):
         if r is not None and r not in LRP_RULES:
             raise StageInputError(f"unknown LRP rule {r!r}; use one of {LRP_RULES}")
+    if "alphabeta" in (rule, input_rule) and not (beta >= 0 and abs(float(alpha) - float(beta) - 1.0) <= 1e-9):
+        raise StageInputError(f"the LRP αβ rule needs α − β = 1 and β ≥ 0 (conservation); got α={alpha}, β={beta}: "
+                              "use e.g. α=2, β=1 or α=1, β=0")
     _check_graph(model)
     # Module layers are swapped in the model's own tree, so the target layer names of the engine's hooks
     # point at the wrapped modules; capture hooks are registered on the same names afterwards.
-    with relu_rule(model, "plain"), _lrp_rules(model, rule, float(epsilon), input_rule):
+    with relu_rule(model, "plain"), _lrp_rules(model, rule, float(epsilon), input_rule, (float(alpha), float(beta))):
         return backward_maps(model, x, target, relevance=True, unit_chunk=unit_chunk)[0]
