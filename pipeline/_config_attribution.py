@@ -67,7 +67,7 @@ class AttributionConfig:
     lrp_alpha: float = 2.0
     lime_segmentation: Literal["grid", "slic"] = "grid"
     lime_segments: int = 64
-    lime_compactness: float = 3.0
+    lime_compactness: float = 2.0
 
     def validate(self, key: str) -> None:
         for name, allowed in (("unit_methods", UNIT_METHODS), ("class_methods", CLASS_METHODS)):
@@ -96,4 +96,4 @@ class AttributionConfig:
         _check(self.lime_segmentation in ("grid", "slic"), f"{key}.lime_segmentation", self.lime_segmentation,
                "use 'grid' (lime_cell) or 'slic' (lime_segments, lime_compactness)")
         _check(self.lime_segments >= 1, f"{key}.lime_segments", self.lime_segments, "SLIC superpixel count, ≥ 1")
-        _check(self.lime_compactness >= 0, f"{key}.lime_compactness", self.lime_compactness, "must be ≥ 0, e.g. 3")
+        _check(self.lime_compactness >= 0, f"{key}.lime_compactness", self.lime_compactness, "must be ≥ 0, e.g. 2")

@@ -30,7 +30,7 @@ def attribute(method: str, model: nn.Module, x: torch.Tensor, target: Target, *,
               occlusion_window: int = 8, occlusion_stride: int = 4, occlusion_baseline: Any = 0.0,
               lrp_rule: str = "epsilon", lrp_epsilon: float = 1e-6, lime_cell: int = 8, lime_samples: int = 256,
               image_ids: torch.Tensor | None = None, unit_chunk: int = 16, seed: int = 0, lrp_alpha: float = 2.0,
-              lime_segmentation: str = "grid", lime_segments: int = 64, lime_compactness: float = 3.0,
+              lime_segmentation: str = "grid", lime_segments: int = 64, lime_compactness: float = 2.0,
               **_ignored: Any) -> torch.Tensor:
     """Raw map(s) of ``method`` for ``target`` (shapes as the method's own function documents).
 

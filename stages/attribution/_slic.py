@@ -81,7 +81,7 @@ def _connect(labels: np.ndarray, min_size: int) -> np.ndarray:
     return renumber[comp]
 
 
-def slic_segments(image: torch.Tensor, n_segments: int, *, compactness: float = 1.0, iterations: int = 10,
+def slic_segments(image: torch.Tensor, n_segments: int, *, compactness: float = 2.0, iterations: int = 10,
                   min_size_factor: float = 0.25, connectivity: bool = True) -> torch.Tensor:
     """``(H, W)`` int64 SLIC labels ``0..S'−1`` (``S' ≈ n_segments``) of one ``(C, H, W)`` image.
 
