@@ -283,6 +283,14 @@ def _receptive_field(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[int
     return result
 
 
+def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last for float32 image batches on the CPU, where max-pooling is ≈ 20× faster than on NCHW
+    (values equal to the NCHW computation up to float32 rounding); anything else unchanged."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def _crop_plan(size: int, stride: int, lo: int, hi: int) -> int | None:
     """Crop length along one axis: the receptive field ``lo + hi`` rounded out to the stride grid on each side
     (``(⌈lo/s⌉ + ⌈hi/s⌉)·s``), or None when it would not be smaller than ``size``."""
@@ -328,11 +336,7 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
         rr = torch.as_tensor(rows, device=x.device)
         cy = torch.as_tensor([y0[r] // sy for r in rows], device=x.device)
         cx = torch.as_tensor([x0[r] // sx for r in rows], device=x.device)
-        crops = windows[img[rr], :, cy, cx]  # (rows, C, ch, cw)
-        if crops.device.type == "cpu" and crops.dtype == torch.float32:
-            # channels-last: CPU max-pooling is ~20× faster than on NCHW (equal values up to float32 rounding)
-            crops = crops.contiguous(memory_format=torch.channels_last)
-        crops.requires_grad_(True)
+        crops = _fast_layout(windows[img[rr], :, cy, cx]).requires_grad_(True)  # (rows, C, ch, cw)
         _, st = _forward(model, crops, [layer], stop=True)
         ac = st[layer]
         ar = torch.arange(len(rows), device=ac.device)
@@ -343,7 +347,8 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
         out_windows[rr, :, cy, cx] = g  # each row writes only its own map
     tied = [r for r in range(total) if ties[r]]
     if tied:  # several maxima share the gradient (amax): the whole-image path for those rows
-        g, _ = _unit_rows(model, x[[image_of_row[r] for r in tied]], [cols[r] for r in tied], layer, "max", None, False)
+        g, _ = _unit_rows(model, _fast_layout(x[[image_of_row[r] for r in tied]]), [cols[r] for r in tied], layer,
+                          "max", None, False)
         out[tied] = g
     return out
 
