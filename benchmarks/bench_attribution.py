@@ -12,8 +12,11 @@ Both outputs are compared (max abs difference printed, must be ≤ 1e-5 relative
 interleaved repeats on one thread (``--threads``). ``--memory N`` also streams N images through the unit
 loop in batches and prints the process's resident memory every 1,000 images: it must stay flat.
 
+``--channels-last`` builds the network channels-last, as the pipeline does, so captum's loop also runs the
+fast channels-last kernels (ours lays its crops out channels-last on the CPU either way).
+
 Usage: python benchmarks/bench_attribution.py [--images 16 --width 16 --layer conv3 --size 64 --chunk 64
-       --repeat 3 --threads 1 --memory 10000]
+       --repeat 3 --threads 1 --memory 10000 --channels-last]
 """
 
 from __future__ import annotations
@@ -51,11 +54,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="build the network channels-last, as the pipeline does (both sides run on it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     wrapper = build_model(ModelSpec(architecture="builtin:cnn", arch_kwargs={"width": args.width, "depth": 4},
-                                    num_classes=8), seed=0, channels_last=False)
+                                    num_classes=8), seed=0, channels_last=args.channels_last)
     net = wrapper.net.to(device).eval()
     theirs_net = copy.deepcopy(net)
     for module in theirs_net.modules():
@@ -80,7 +85,7 @@ def main() -> None:
     diff = float((results["ours"] - results["captum"]).abs().max())
     scale = float(results["captum"].abs().max())
     print(f"guided backprop, all {units} units of {args.layer} (width {args.width}), {args.images} images "
-          f"{args.size}px, {args.threads} thread(s), {device}:")
+          f"{args.size}px, {args.threads} thread(s), {device}{', channels-last network' if args.channels_last else ''}:")
     print(f"  captum NeuronGuidedBackprop loop: {times['captum']:.3f} s   ours: {times['ours']:.3f} s   "
           f"max |diff| {diff:.2e} (scale {scale:.2e})")
     print(ratio_line("speed-up (captum / ours)", times["captum"], times["ours"]))

@@ -68,6 +68,8 @@ def test_attribution_is_cached_and_sharding_never_changes_a_bit(tmp_path: Path) 
     ("[attribution]\nenabled = true\nunit_methods = [\"cam\"]\n", "unit_methods"),
     ("[attribution]\nenabled = true\nlayers = [\"conv1\"]\n", "cam_layer"),
     ("[attribution]\nenabled = true\nimages = [100000]\n", "past the dataset"),
+    ("[attribution]\nenabled = true\nlrp_rule = \"alphabeta\"\nlrp_alpha = 0.5\n", "lrp_alpha"),
+    ("[attribution]\nenabled = true\nlime_segmentation = \"quickshift\"\n", "lime_segmentation"),
 ])
 def test_bad_attribution_config_is_one_clear_error(tmp_path: Path, extra: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
