@@ -137,7 +137,7 @@ def _concept_caption(data: Any, points: Any) -> str:
             "categories the class does not decide")
     if excluded:
         shown = ", ".join(f"{c} {purity.get(c, float('nan')):.2f}" for c in excluded)
-        from ..stages.visualise import MAX_PURITY
+        from ..stages import MAX_PURITY
 
         text += (f"; left out as class-defining (purity ≥ {MAX_PURITY:g}: the share of images whose dominant concept of "
                  f"the category is their class's most common one): {shown}")

@@ -12,7 +12,7 @@
 * ``tsne`` (per instance × layer): a seeded t-SNE of the images' spatially pooled unit activations (the
   extraction's per-image maxima or means, ``features``) for a seeded sample of images; table ``points`` (image, x, y, class_label,
   concept, concept_name, concept_category: the image's dominant concept outside the class-defining categories,
-  :func:`~repdissect.stages.visualise.dominant_concepts`); extras ``concept_purity`` and ``class_defining``.
+  :func:`~repdissect.stages.dominant_concepts`); extras ``concept_purity`` and ``class_defining``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ _topk = LazyModule("._topk")
 _models = LazyModule("._models")
 _training = LazyModule("._training")
 _visualise = LazyModule(".visualise")
+_concepts = LazyModule("._concepts")
 pd = LazyModule("pandas")  # loaded when a stage runs: a warm rerun (report copy) never imports pandas
 
 
@@ -108,7 +109,6 @@ _MODEL_AND_METHODS = (
     "._training",
     ".visualise",
     ".visualise._activation_max",
-    ".visualise._concepts",
     ".visualise._dream",
     ".visualise._filters",
     ".visualise._param",
@@ -210,7 +210,7 @@ class TsneStage(Stage):
     """A seeded t-SNE of one layer's per-image pooled activations (a seeded sample of images)."""
 
     name = "tsne"
-    depends_on = _MODEL_AND_METHODS
+    depends_on = _MODEL_AND_METHODS + ("._concepts",)
     version = 2  # v2: the dominant concept leaves out class-defining categories (it equalled the class before)
 
     def run(self, ctx: Context) -> StageOutput:
@@ -231,7 +231,7 @@ class TsneStage(Stage):
         dataset = ctx.dataset()
         batch = dataset.load(image)
         classes = batch.class_label if batch.class_label is not None else np.full(image.size, -1)
-        dominant = _visualise.dominant_concepts(batch.pixel_labels, batch.class_label)
+        dominant = _concepts.dominant_concepts(batch.pixel_labels, batch.class_label)
         names = {c.label: c.name for c in dataset.concepts}
         points_table = pd.DataFrame({"image": image, "x": xy[:, 0], "y": xy[:, 1],
                                      "class_label": np.asarray(classes, np.int64), "concept": dominant.concept,

@@ -1,5 +1,4 @@
-"""Seeing what a unit or a class looks for: activation maximisation, class models, deep dream, filters, t-SNE
-(coloured by class and by each image's dominant concept).
+"""Seeing what a unit or a class looks for: activation maximisation, class models, deep dream, filters, t-SNE.
 
 Pure functions on a network (``NormalizedModel``: uint8-range RGB in) or on arrays; the pipeline stages that
 cache them (``activation_max``, ``filters``, ``tsne``; ``dataset_search`` lives with the top-k statistic) are
@@ -8,7 +7,6 @@ Distill 2017; Mordvintsev et al. 2015; van der Maaten & Hinton 2008.
 """
 
 from ._activation_max import AMResult, AMSettings, activation_maximisation, layer_output
-from ._concepts import MAX_PURITY, DominantConcepts, class_purity, dominant_concepts
 from ._dream import deep_dream
 from ._filters import filter_grid, first_conv
 from ._param import COLOR_CORRELATION_SQRT, ImageParam
@@ -16,4 +14,4 @@ from ._tsne import OPENTSNE_FROM, opentsne_available, tsne_embedding
 
 __all__ = ["AMResult", "AMSettings", "activation_maximisation", "layer_output", "deep_dream", "filter_grid",
            "first_conv", "COLOR_CORRELATION_SQRT", "ImageParam", "OPENTSNE_FROM", "opentsne_available",
-           "tsne_embedding", "DominantConcepts", "dominant_concepts", "class_purity", "MAX_PURITY"]
+           "tsne_embedding"]

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics.cluster import contingency_matrix
 
 from repdissect.datasets import create_dataset
-from repdissect.stages.visualise import class_purity, dominant_concepts
+from repdissect.stages import class_purity, dominant_concepts
 
 
 def _labels(rows: list[list[int]]) -> np.ndarray:
