@@ -473,7 +473,7 @@ def _layer_exemplars(data: RunData, fig_dir: Path, gallery_dir: Path | None, ext
     for u in shown["unit"]:
         u = int(u)
         file = folder / f"unit_{u:04d}.png"
-        unit_card_image(F.exemplar_strip(ex[u].pixels, ex[u].masks, cell=96), ex[u].images, views.am.get(u),
+        unit_card_image(F.exemplar_strip(ex[u].pixels, ex[u].masks, cell=96, dim=1.0), ex[u].images, views.am.get(u),
                         views.gb.get(u)).save(file, compress_level=4)
         rec = info.loc[u]
         cards.append({"unit": u, "label": rec["name"], "category": rec["category"], "iou": float(rec["iou"]),

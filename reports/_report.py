@@ -227,8 +227,8 @@ def _card_note(cards: list[dict[str, Any]]) -> str:
                 "[attribution].seeds and .layers choose which have them).")
     return " ".join(filter(None, [
         "Right: the unit's activation-maximisation image (one batched, seeded optimisation)." if am else "",
-        "Bottom row: guided backprop of the unit's maximum on each exemplar above it (0.5 + g / 2 max|g| per "
-        "map; blank where the attribution entry has no map for that image)." if gb else ""]))
+        "Bottom row: guided backprop of the unit's maximum on each exemplar above it (0.5 + g / 2s, s the 99.5th "
+        "percentile of |g| per map; blank where the attribution entry has no map for that image)." if gb else ""]))
 
 
 def _display_width(path: Path) -> int | None:

@@ -3,9 +3,12 @@
 One card per unit of every trained network (every seed), built only from cache entries:
 
 * top row — the unit's top images by maximum activation (``dataset_search``), the region where its upsampled
-  activation exceeds its threshold outlined and the rest dimmed (as in the exemplar grids);
+  activation exceeds its threshold outlined; nothing is dimmed, unlike the exemplar grids: at card size a
+  dimmed part of an object reads as a second, darker object (a triangle's tips outside a conv4 unit's region
+  made the triangle look like an oval beside a dark triangle);
 * bottom row — guided backprop of the unit on each of those images (the ``attribute`` entry's
-  ``unit_maps``: the unit's own spatial maximum explained, shown as ``0.5 + g / (2 max|g|)`` per map), under
+  ``unit_maps``: the unit's own spatial maximum explained, shown as ``0.5 + g / (2 s)`` with ``s`` a high
+  percentile of ``|g|`` per map), under
   the image it explains; a blank cell where the entry has no map for that image (an exemplar beyond
   ``[attribution].top_k``);
 * right — the unit's activation-maximisation image (``activation_max``), spanning both rows, with how far it
@@ -73,8 +76,14 @@ def layer_views(data: Any, instance: str, layer: str) -> UnitViews:
 
 
 def _gb_tile(m: np.ndarray, cell: int) -> Image.Image:
-    """A raw ``(3, H, W)`` guided-backprop map as a ``cell``-pixel tile: ``0.5 + g / (2 max|g|)``."""
-    peak = float(np.abs(m).max()) or 1.0
+    """A raw ``(3, H, W)`` guided-backprop map as a ``cell``-pixel tile: ``0.5 + g / (2 s)`` clipped to [0, 1],
+    ``s`` = the 99.5th percentile of ``|g|`` over the map (its maximum when that is 0).
+
+    Guided backprop concentrates on a few edge pixels; scaled by the maximum the rest of the outline fades
+    to grey at card size, so a high percentile sets the scale and the few brightest pixels saturate.
+    """
+    a = np.abs(m)
+    peak = float(np.percentile(a, 99.5)) or float(a.max()) or 1.0
     rgb = np.clip(0.5 + np.transpose(m, (1, 2, 0)) / (2 * peak), 0, 1)
     return Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).resize((cell, cell), Image.Resampling.BILINEAR)
 

@@ -100,11 +100,16 @@ def _tsne_figures(data: Any, fig_dir: Path) -> list[Any]:
                         extra = [c for c in concepts if c not in classes]
                         colour = {c: classes.index(c) if c in classes else len(classes) + extra.index(c) for c in cats}
                     cmap = F.plt.get_cmap("tab10" if max(colour.values(), default=0) < 10 else "tab20")
+                    named = _named_colours(cats) if field == "concept_name" else None
                     for c in cats:
                         m = values == c
                         label = (names[c] if field == "class_label" and 0 <= c < len(names) else str(c))
-                        ax.scatter(g["x"][m], g["y"][m], s=3, color=cmap(colour[c] % cmap.N), label=label,
-                                   linewidths=0)
+                        if named:  # colour concepts drawn in their own colour, edged so white shows on white
+                            ax.scatter(g["x"][m], g["y"][m], s=4, color=named[c], label=label, edgecolors="0.35",
+                                       linewidths=0.2)
+                        else:
+                            ax.scatter(g["x"][m], g["y"][m], s=3, color=cmap(colour[c] % cmap.N), label=label,
+                                       linewidths=0)
                     ax.set_xticks([]), ax.set_yticks([])
                     ax.set_title(f"{inst}: by {'class' if row == 0 else _concept_title(g)}", fontsize=7)
                     if col == len(panels) - 1:
@@ -117,6 +122,16 @@ def _tsne_figures(data: Any, fig_dir: Path) -> list[Any]:
                                    "trained network vs its random initialisation. Distances between clusters and "
                                    "cluster sizes carry no meaning. " + _concept_caption(data, sub)))
     return out
+
+
+def _named_colours(concepts: list[str]) -> dict[str, Any] | None:
+    """``{concept: RGBA}`` when every concept is a colour name (Broden's ``-c`` suffix allowed), else ``None``."""
+    from matplotlib.colors import is_color_like, to_rgba
+
+    bare = {c: c[:-2] if c.endswith("-c") else c for c in concepts}
+    if not bare or not all(is_color_like(b) and not b.replace(".", "").isdigit() for b in bare.values()):
+        return None
+    return {c: to_rgba(b) for c, b in bare.items()}
 
 
 def _concept_title(points: Any) -> str:
