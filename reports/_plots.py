@@ -29,7 +29,8 @@ from . import _category
 from . import _figures as F
 from ._data import RunData
 from ._exemplars import layer_exemplars, search_exemplars
-from ._visualise import am_images, visualise_figures, with_am
+from ._unitcards import card_lines, layer_views, unit_card_image
+from ._visualise import visualise_figures
 from ._paper import KIND_TITLE, PAIR_KINDS, _samples, concept_agreement_rows, stability_summary
 
 __all__ = ["FigureResult", "build_figures", "safe_name", "exemplar_units", "EXEMPLAR_K", "GRID_UNITS"]
@@ -448,7 +449,7 @@ def _layer_exemplars(data: RunData, fig_dir: Path, gallery_dir: Path | None, ext
         ex = {e.unit: e for e in layer_exemplars(
             [str(p) for p in extract.parts(f"summaries@{layer}")],
             [str(p) for p in extract.parts(f"activations@{layer}")], thr, order, data.dataset, k=k)}
-    am = am_images(data, instance, layer)
+    views = layer_views(data, instance, layer)
     info = units.set_index("unit")
     figure = None
     if make_figure:
@@ -472,10 +473,12 @@ def _layer_exemplars(data: RunData, fig_dir: Path, gallery_dir: Path | None, ext
     for u in shown["unit"]:
         u = int(u)
         file = folder / f"unit_{u:04d}.png"
-        with_am(F.exemplar_strip(ex[u].pixels, ex[u].masks, cell=96), am.get(u)).save(file, compress_level=4)
+        unit_card_image(F.exemplar_strip(ex[u].pixels, ex[u].masks, cell=96, dim=1.0), ex[u].images, views.am.get(u),
+                        views.gb.get(u)).save(file, compress_level=4)
         rec = info.loc[u]
         cards.append({"unit": u, "label": rec["name"], "category": rec["category"], "iou": float(rec["iou"]),
-                      "interpretable": bool(rec["interpretable"]), "image": file, "values": ex[u].values.tolist()})
+                      "interpretable": bool(rec["interpretable"]), "image": file, "values": ex[u].values.tolist(),
+                      "lines": card_lines(u, views, ex[u].images)})
     return figure, cards
 
 

@@ -206,16 +206,29 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
         interpretable = sum(c["interpretable"] for c in cards)
         sec.text(f"{len(cards)} of {units_total} units, best IoU first; {interpretable} of them are interpretable "
                  f"(IoU > {data.iou_threshold:g}); the others have dashed frames. Each card shows the unit's top images by "
-                 "maximum activation; the outline marks where its upsampled activation exceeds its threshold.",
-                 cls="caption")
+                 "maximum activation; the outline marks where its upsampled activation exceeds its threshold. "
+                 + _card_note(cards), cls="caption")
         sec.add(gallery_html([
             UnitCard(_rel(c["image"], out), f"unit {c['unit']}: {c['label'] or 'no concept'}",
                      [f"{c['category'] or '–'} · IoU {c['iou']:.3f}",
-                      "max activation " + ", ".join(f"{v:.2f}" for v in c["values"])],
+                      "max activation " + ", ".join(f"{v:.2f}" for v in c["values"]), *c.get("lines", [])],
                      dim=not c["interpretable"])
             for c in cards
         ]))
     return page.render()
+
+
+def _card_note(cards: list[dict[str, Any]]) -> str:
+    """What the cards of one layer show besides the exemplars (activation maximisation, guided backprop)."""
+    am = any(line.startswith("right:") for c in cards for line in c.get("lines", []))
+    gb = any(line.startswith("bottom:") for c in cards for line in c.get("lines", []))
+    if not (am or gb):
+        return ("This network has no activation-maximisation images or guided-backprop maps ([visualise].instances, "
+                "[attribution].seeds and .layers choose which have them).")
+    return " ".join(filter(None, [
+        "Right: the unit's activation-maximisation image (one batched, seeded optimisation)." if am else "",
+        "Bottom row: guided backprop of the unit's maximum on each exemplar above it (0.5 + g / 2s, s the 99.5th "
+        "percentile of |g| per map; blank where the attribution entry has no map for that image)." if gb else ""]))
 
 
 def _display_width(path: Path) -> int | None:

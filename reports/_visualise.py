@@ -3,10 +3,11 @@
 * ``am_<instance>_<layer>`` — the AM image of the layer's most interpretable units (by IoU), titled with the
   unit's concept and how far the image drove it (AM max / dataset max);
 * ``tsne_<model>_<layer>`` — the t-SNE of the first seed's images, trained vs random-init side by side,
-  coloured by class (top row) and by dominant concept (bottom row);
+  coloured by class (top row) and by dominant concept outside the class-defining categories (bottom row; on
+  the procedural world the dominant colour, since the ``object`` category is the class);
 * ``filters_<model>`` — the first RGB convolution of the trained and the random-init network.
 
-The unit cards of the page get the AM image appended to their exemplar strip (:func:`with_am`).
+The unit cards of the page show the AM image next to each unit's exemplars (``_unitcards``).
 """
 
 from __future__ import annotations
@@ -14,30 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 
 from ..stages import table_images
 from . import _figures as F
 
-__all__ = ["am_images", "with_am", "visualise_figures"]
-
-
-def am_images(data: Any, instance: str, layer: str) -> dict[int, np.ndarray]:
-    """``{unit: (H, W, 3) uint8}`` of a cached ``activation_max`` node (empty when the run has none)."""
-    frame = data.node_table("activation_max", "images", instance=instance, layer=layer)
-    return {} if frame.empty else table_images(frame)
-
-
-def with_am(strip: Image.Image, am: np.ndarray | None, gap: int = 9) -> Image.Image:
-    """The exemplar strip with the unit's activation-maximisation image appended (same cell height)."""
-    if am is None:
-        return strip
-    cell = strip.height
-    out = Image.new("RGB", (strip.width + gap + cell, cell), (255, 255, 255))
-    out.paste(strip, (0, 0))
-    out.paste(Image.fromarray(am).resize((cell, cell), Image.Resampling.NEAREST), (strip.width + gap, 0))
-    return out
+__all__ = ["visualise_figures"]
 
 
 def _fig_result(key: str, title: str, path: Path | None = None, caption: str = "", skipped: str = "") -> Any:
@@ -118,24 +100,69 @@ def _tsne_figures(data: Any, fig_dir: Path) -> list[Any]:
                         extra = [c for c in concepts if c not in classes]
                         colour = {c: classes.index(c) if c in classes else len(classes) + extra.index(c) for c in cats}
                     cmap = F.plt.get_cmap("tab10" if max(colour.values(), default=0) < 10 else "tab20")
+                    named = _named_colours(cats) if field == "concept_name" else None
                     for c in cats:
                         m = values == c
                         label = (names[c] if field == "class_label" and 0 <= c < len(names) else str(c))
-                        ax.scatter(g["x"][m], g["y"][m], s=3, color=cmap(colour[c] % cmap.N), label=label,
-                                   linewidths=0)
+                        if named:  # colour concepts drawn in their own colour, edged so white shows on white
+                            ax.scatter(g["x"][m], g["y"][m], s=4, color=named[c], label=label, edgecolors="0.35",
+                                       linewidths=0.2)
+                        else:
+                            ax.scatter(g["x"][m], g["y"][m], s=3, color=cmap(colour[c] % cmap.N), label=label,
+                                       linewidths=0)
                     ax.set_xticks([]), ax.set_yticks([])
-                    ax.set_title(f"{inst}: by {'class' if row == 0 else 'dominant concept'}", fontsize=7)
+                    ax.set_title(f"{inst}: by {'class' if row == 0 else _concept_title(g)}", fontsize=7)
                     if col == len(panels) - 1:
                         ax.legend(fontsize=5, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
             key = f"tsne_{safe_name(model)}_{safe_name(layer)}"
             path = fig_dir / f"{key}.png"
             F.save_figure(fig, path)
             out.append(_fig_result(key, f"t-SNE of {data.layer_title(model, layer)}", path,
-                                   "t-SNE of each image's spatially pooled unit activations (seeded; PCA init; "
-                                   "colours shared by a class and the concept of the same name), "
+                                   "t-SNE of each image's spatially pooled unit activations (seeded; PCA init), "
                                    "trained network vs its random initialisation. Distances between clusters and "
-                                   "cluster sizes carry no meaning."))
+                                   "cluster sizes carry no meaning. " + _concept_caption(data, sub)))
     return out
+
+
+def _named_colours(concepts: list[str]) -> dict[str, Any] | None:
+    """``{concept: RGBA}`` when every concept is a colour name (Broden's ``-c`` suffix allowed), else ``None``."""
+    from matplotlib.colors import is_color_like, to_rgba
+
+    bare = {c: c[:-2] if c.endswith("-c") else c for c in concepts}
+    if not bare or not all(is_color_like(b) and not b.replace(".", "").isdigit() for b in bare.values()):
+        return None
+    return {c: to_rgba(b) for c, b in bare.items()}
+
+
+def _concept_title(points: Any) -> str:
+    """``dominant <category>`` when one category supplies every point's concept, else ``dominant concept``."""
+    cats = set(points["concept_category"]) - {""} if "concept_category" in points else set()
+    return f"dominant {next(iter(cats))}" if len(cats) == 1 else "dominant concept"
+
+
+def _concept_caption(data: Any, points: Any) -> str:
+    """What the bottom row's colour means, with the class-defining categories left out and their purities."""
+    purity: dict[str, float] = {}
+    excluded: list[str] = []
+    for label, entry in data.entries("tsne"):
+        if label.get("instance") in set(points["instance"]):
+            purity = purity or dict(entry.extras.get("concept_purity") or {})
+            excluded = excluded or list(entry.extras.get("class_defining") or [])
+    text = ("Bottom row: each image's dominant concept, the pixel-level concept covering the most pixels among the "
+            "categories the class does not decide")
+    if excluded:
+        shown = ", ".join(f"{c} {purity.get(c, float('nan')):.2f}" for c in excluded)
+        from ..stages import MAX_PURITY
+
+        text += (f"; left out as class-defining (purity ≥ {MAX_PURITY:g}: the share of images whose dominant concept of "
+                 f"the category is their class's most common one): {shown}")
+    used = sorted(set(points.get("concept_category", [])) - {""} - set(excluded))
+    if used:
+        text += f". It comes from {', '.join(used)}"
+        if purity:
+            text += " (purity " + ", ".join(f"{purity[c]:.2f}" for c in used if c in purity) + ")"
+    return text + (": an attribute the class does not decide, so the two rows show whether the layer groups images "
+                   "by their class or by something else.")
 
 
 def _filter_figures(data: Any, fig_dir: Path) -> list[Any]:

@@ -43,6 +43,7 @@ _EXPORTS = {
     "_iou_tables": ["DEFAULT_IOU_THRESHOLD", "iou_tables"],
     "_iou_geometry": ["upsample_bilinear"],
     "_topk": ["TopK", "keep_largest", "select_top"],
+    "_concepts": ["DominantConcepts", "MAX_PURITY", "class_purity", "dominant_concepts"],
     "_stage_visualise": ["OPENTSNE_FROM", "image_table", "read_image_maps", "table_images"],
     "_stability": ["LandmarkTopK", "argmax_locations", "center_baseline", "spatial_max_argmax", "stability_tables"],
 }

@@ -11,7 +11,8 @@
   pixels).
 * ``tsne`` (per instance × layer): a seeded t-SNE of the images' spatially pooled unit activations (the
   extraction's per-image maxima or means, ``features``) for a seeded sample of images; table ``points`` (image, x, y, class_label,
-  concept, concept_name).
+  concept, concept_name, concept_category: the image's dominant concept outside the class-defining categories,
+  :func:`~repdissect.stages.dominant_concepts`); extras ``concept_purity`` and ``class_defining``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _topk = LazyModule("._topk")
 _models = LazyModule("._models")
 _training = LazyModule("._training")
 _visualise = LazyModule(".visualise")
+_concepts = LazyModule("._concepts")
 pd = LazyModule("pandas")  # loaded when a stage runs: a warm rerun (report copy) never imports pandas
 
 
@@ -203,29 +205,13 @@ class FiltersStage(Stage):
         return StageOutput(tables={"grid": table})
 
 
-def _dominant_concepts(batch: Any) -> np.ndarray:
-    """Per image, the pixel-level concept label covering the most pixels (0 = none); objects preferred."""
-    labels = dict(batch.pixel_labels)
-    if not labels:
-        return np.zeros(len(batch), np.int64)
-    cats = ["object"] if "object" in labels else list(labels)
-    out = np.zeros(len(batch), np.int64)
-    for n in range(len(batch)):
-        values = np.concatenate([labels[c][n].ravel() for c in cats])
-        values = values[values > 0]
-        if values.size:
-            counts = np.bincount(values)
-            out[n] = int(counts.argmax())
-    return out
-
-
 @register_stage
 class TsneStage(Stage):
     """A seeded t-SNE of one layer's per-image pooled activations (a seeded sample of images)."""
 
     name = "tsne"
-    depends_on = _MODEL_AND_METHODS
-    version = 1
+    depends_on = _MODEL_AND_METHODS + ("._concepts",)
+    version = 2  # v2: the dominant concept leaves out class-defining categories (it equalled the class before)
 
     def run(self, ctx: Context) -> StageOutput:
         parts = layer_parts(ctx, "activations", "summaries")
@@ -245,9 +231,11 @@ class TsneStage(Stage):
         dataset = ctx.dataset()
         batch = dataset.load(image)
         classes = batch.class_label if batch.class_label is not None else np.full(image.size, -1)
-        concept = _dominant_concepts(batch)
+        dominant = _concepts.dominant_concepts(batch.pixel_labels, batch.class_label)
         names = {c.label: c.name for c in dataset.concepts}
         points_table = pd.DataFrame({"image": image, "x": xy[:, 0], "y": xy[:, 1],
-                                     "class_label": np.asarray(classes, np.int64), "concept": concept,
-                                     "concept_name": [names.get(int(c), "") for c in concept]})
-        return StageOutput(tables={"points": points_table})
+                                     "class_label": np.asarray(classes, np.int64), "concept": dominant.concept,
+                                     "concept_name": [names.get(int(c), "") for c in dominant.concept],
+                                     "concept_category": [str(c) for c in dominant.category]})
+        return StageOutput(tables={"points": points_table},
+                           extras={"concept_purity": dominant.purity, "class_defining": dominant.excluded})
