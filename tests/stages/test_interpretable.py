@@ -105,6 +105,20 @@ def test_hook_masks_in_training_and_at_eval_only_if_asked(mask_eval):
     handle.remove()
 
 
+@pytest.mark.parametrize("head_pool,inert", [("max", True), ("avg", False)])
+def test_mask_changes_the_output_only_when_the_head_sees_more_than_the_peak(head_pool, inert):
+    # The mask is 1 at the argmax and ≤ 1 elsewhere, so a global max-pool head (the built-in CNN's default)
+    # sees exactly the unmasked maximum: there the forward mask is inert and only the filter loss acts.
+    spec = ModelSpec("builtin:cnn", {"depth": 2, "width": 4, "head_pool": head_pool})
+    model = build_model(spec, seed=0, num_classes=2)
+    images = torch.from_numpy(SquaresAndDisks().load(np.arange(4)).images)
+    with torch.no_grad():
+        plain = model(images)
+        with InterpretableLayer(model, "conv2", mask_eval=True):
+            masked = model(images)
+    assert torch.equal(plain, masked) is inert
+
+
 # ------------------------------------------------------------------------------------------- filter loss
 def _joint_reference(x: np.ndarray, positives: np.ndarray, tau: float, beta: float, alpha: float) -> list[np.ndarray]:
     """Per filter, the joint p(T, x) of the paper's definition, written out directly (float64, no log-space)."""
@@ -233,7 +247,7 @@ def test_filter_loss_decreases_and_finds_the_planted_part():
             model(images)
             if step == 0:
                 before = near_part(hook.features)
-            loss = filter_mi_terms(hook.features, positives, tau=5.0, alpha=0.5)["loss"].sum()
+            loss = filter_mi_terms(hook.features, positives, tau=5.0)["loss"].sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
