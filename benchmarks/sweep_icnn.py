@@ -41,8 +41,8 @@ from repdissect.stages import (
     resolve_layers,
     spatial_max_argmax,
     stability_tables,
+    train_model_full,
 )
-from repdissect.stages._training import train_model_full  # noqa: the benchmark reaches into the stage's helper
 
 KEYS = {"weight": "interpretable_weight", "tau": "interpretable_tau", "beta": "interpretable_beta",
         "alpha": "interpretable_alpha"}
