@@ -11,7 +11,8 @@ by a forward hook, so any registry network whose layer is a named module can tak
   ``d_μ(i, j) = |i − μ_i|/H + |j − μ_j|/W`` (the paper's ``‖[i, j] − μ‖₁ / n`` for an n×n map).
 * **Backward: the filter loss** ``Loss_f = −MI(X; T)`` between the batch's feature maps of filter f and the
   templates ``T ∈ {T⁻, T_μ1 … T_μHW}``: positive templates ``t⁺_μ = τ·m_μ`` (one per location) and the
-  negative template ``T⁻ ≡ −τ``; priors ``p(T⁻) = α``, ``p(T_μ) = (1 − α)/HW``; likelihood
+  negative template ``T⁻ ≡ −τ``; priors ``p(T_μ) = α/HW``, ``p(T⁻) = 1 − α`` with the paper's
+  ``α = HW/(1 + HW)``, i.e. the uniform prior ``1/(1 + HW)`` over the ``1 + HW`` templates; likelihood
   ``p(x|T) = exp(tr(x·T)) / Z_T`` with ``Z_T`` summed over the mini-batch (log-sum-exp). A filter belongs to
   one category: its positive templates range over the batch images of that category only, T⁻ over all
   images. Computed with autograd on the **pre-mask** map (the reference implementations inject a
@@ -163,7 +164,8 @@ def filter_mi_terms(x: torch.Tensor, positives: torch.Tensor, *, tau: float = 0.
             these images; T⁻ ranges over all of them).
         tau: τ·(H·W): the templates' magnitude is ``τ = tau / (H·W)`` (paper: 0.5/n²).
         beta: template slope β (paper: 4).
-        alpha: prior of the negative template; 0 means the paper's ``HW / (1 + HW)``.
+        alpha: the paper's α, the prior mass of the positive templates: ``p(T_μ) = α/HW`` and
+            ``p(T⁻) = 1 − α``; 0 means the paper's ``HW / (1 + HW)`` (every template ``1/(1 + HW)``).
         templates: precomputed :func:`positive_templates` (optional).
 
     Returns:
@@ -182,7 +184,7 @@ def filter_mi_terms(x: torch.Tensor, positives: torch.Tensor, *, tau: float = 0.
         return {k: zero for k in ("loss", "mi", "neg_entropy", "inter_category", "spatial")}
     alpha = float(alpha) if alpha else _default_alpha(cells)
     if not 0 < alpha < 1:
-        raise StageInputError(f"negative-template prior alpha must be in (0, 1); got {alpha!r}")
+        raise StageInputError(f"positive-template prior mass alpha must be in (0, 1); got {alpha!r}")
     tau_abs = float(tau) / cells
     if templates is None:
         templates = positive_templates(h, w, tau_abs, beta, device=x.device)
@@ -201,8 +203,8 @@ def filter_mi_terms(x: torch.Tensor, positives: torch.Tensor, *, tau: float = 0.
     neg_inf = torch.tensor(float("-inf"), dtype=x32.dtype, device=x.device)
     masked = torch.where(support, scores, neg_inf)
     log_lik = masked - torch.logsumexp(masked, dim=0, keepdim=True)  # log p(x_b | T), −inf off the support
-    prior = torch.cat([torch.full((c, 1), alpha, device=x.device),
-                       torch.full((c, cells), (1 - alpha) / cells, device=x.device)], dim=1)
+    prior = torch.cat([torch.full((c, 1), 1 - alpha, device=x.device),
+                       torch.full((c, cells), alpha / cells, device=x.device)], dim=1)
     prior = torch.where(has_pos.unsqueeze(1), prior, torch.cat(
         [torch.ones((c, 1), device=x.device), torch.zeros((c, cells), device=x.device)], dim=1))
     valid = support & (prior > 0).unsqueeze(0)  # (B, C, T): p(T, x_b) > 0

@@ -37,7 +37,7 @@ class TrainStage(Stage):
     """Train one model spec from one seed on the dataset's class labels (deterministic on the CPU)."""
 
     name = "train"
-    version = 1
+    version = 2  # 2: the interpretable filter loss's prior is the paper's (p(T⁻) = 1 − α, not α)
     depends_on = ("._training", "._train_config", "._models", "._cnn", "._model_registry", "._checkpoints",
                   "._device", "._interpretable")
     uses_device = True

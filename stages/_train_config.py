@@ -38,7 +38,8 @@ class TrainConfig:
             0 = ordinary training, bit for bit (the mask is off too).
         interpretable_tau: the templates' magnitude times the map's cell count: τ = value / (H·W) (paper 0.5).
         interpretable_beta: the templates' slope β (paper 4): the mask is zero from L1 distance n/β.
-        interpretable_alpha: prior of the negative template; 0 = the paper's n²/(1 + n²).
+        interpretable_alpha: the paper's α, the prior mass of the positive templates (p(T_μ) = α/n²,
+            p(T⁻) = 1 − α); 0 = the paper's n²/(1 + n²), a uniform prior over the n² + 1 templates.
         interpretable_locate: the part location μ̂: ``"argmax"`` (paper) or ``"centroid"`` (authors' code).
         interpretable_mask_eval: apply the mask at evaluation too (it is part of the model, as in the
             authors' code; validation accuracy is then the masked network's).

@@ -105,19 +105,33 @@ def test_hook_masks_in_training_and_at_eval_only_if_asked(mask_eval):
     handle.remove()
 
 
+@pytest.mark.parametrize("head_pool,inert", [("max", True), ("avg", False)])
+def test_mask_changes_the_output_only_when_the_head_sees_more_than_the_peak(head_pool, inert):
+    # The mask is 1 at the argmax and ≤ 1 elsewhere, so a global max-pool head (the built-in CNN's default)
+    # sees exactly the unmasked maximum: there the forward mask is inert and only the filter loss acts.
+    spec = ModelSpec("builtin:cnn", {"depth": 2, "width": 4, "head_pool": head_pool})
+    model = build_model(spec, seed=0, num_classes=2)
+    images = torch.from_numpy(SquaresAndDisks().load(np.arange(4)).images)
+    with torch.no_grad():
+        plain = model(images)
+        with InterpretableLayer(model, "conv2", mask_eval=True):
+            masked = model(images)
+    assert torch.equal(plain, masked) is inert
+
+
 # ------------------------------------------------------------------------------------------- filter loss
 def _joint_reference(x: np.ndarray, positives: np.ndarray, tau: float, beta: float, alpha: float) -> list[np.ndarray]:
     """Per filter, the joint p(T, x) of the paper's definition, written out directly (float64, no log-space)."""
     b, c, h, w = x.shape
     cells = h * w
-    alpha = alpha or cells / (1 + cells)
+    alpha = alpha or cells / (1 + cells)  # the paper: p(T_μ) = α/n², p(T⁻) = 1 − α
     templates = positive_templates(h, w, tau / cells, beta).double().numpy().reshape(cells, -1)
     out = []
     for f in range(c):
         flat = x[:, f].reshape(b, -1).astype(np.float64)
         scores = np.concatenate([(-tau / cells) * flat.sum(1, keepdims=True), flat @ templates.T], axis=1)
         pos = positives[:, f]
-        prior = np.r_[alpha, np.full(cells, (1 - alpha) / cells)] if pos.any() else np.r_[1.0, np.zeros(cells)]
+        prior = np.r_[1 - alpha, np.full(cells, alpha / cells)] if pos.any() else np.r_[1.0, np.zeros(cells)]
         support = np.ones_like(scores, dtype=bool)
         support[:, 1:] = pos[:, None] if pos.any() else True
         lik = np.where(support, np.exp(scores - scores.max()), 0.0)
@@ -148,6 +162,36 @@ def test_filter_loss_is_minus_mutual_information_and_decomposes(case):
     assert float(terms["loss"][0]) == 0.0
     torch.testing.assert_close(terms["neg_entropy"] + terms["inter_category"] + terms["spatial"], terms["loss"],
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("h,w", [(3, 3), (8, 8), (4, 7)])
+def test_default_prior_is_the_papers_uniform_one(h, w):
+    # Zhang et al.: p(T_μ) = α/n², p(T⁻) = 1 − α with α = n²/(1 + n²): every one of the n² + 1 templates has
+    # prior 1/(1 + n²), so −H(T) = −log(1 + n²) bounds the loss from below. (The negative template taking α
+    # instead caps the mutual information at ≈ 0.14 nats for an 8×8 map and left the loss inert.)
+    x = torch.rand(6, 2, h, w, generator=torch.Generator().manual_seed(h * w))
+    terms = filter_mi_terms(x, torch.ones(6, 2, dtype=torch.bool), tau=5.0)
+    torch.testing.assert_close(terms["neg_entropy"], torch.full((2,), -float(np.log(1 + h * w))))
+    half = filter_mi_terms(x, torch.ones(6, 2, dtype=torch.bool), tau=5.0, alpha=0.5)
+    expected = 0.5 * np.log(0.5) + 0.5 * np.log(0.5 / (h * w))  # p(T⁻) = 1 − α = 0.5, each T_μ 0.5/HW
+    torch.testing.assert_close(half["neg_entropy"], torch.full((2,), float(expected)))
+
+
+def test_a_part_detector_scores_far_below_a_diffuse_filter():
+    # One filter peaks sharply at a different cell in each positive image and is silent on the negatives;
+    # the other is diffuse noise. Under the paper's prior the detector's loss is well below −½·log(positives)
+    # (its images are told apart by their templates) while the diffuse one stays near 0; with the roles of
+    # the priors swapped (p(T⁻) = n²/(1 + n²)) even the perfect detector could not pass −H(T) ≈ −0.22.
+    b, n = 8, 6
+    x = torch.rand(b, 2, n, n, generator=torch.Generator().manual_seed(0)) * 0.1
+    x[:, 0] = 0.0
+    for i in range(b // 2):
+        x[i, 0, i, (2 * i) % n] = 40.0
+    positives = (torch.arange(b) < b // 2).view(-1, 1).expand(b, 2)
+    loss = filter_mi_terms(x, positives, tau=5.0)["loss"]
+    assert float(loss[0]) < -0.5 * np.log(b // 2) and float(loss[1]) > -0.1
+    swapped = filter_mi_terms(x, positives, tau=5.0, alpha=1 / (1 + n * n))
+    assert float(swapped["loss"][0]) >= float(swapped["neg_entropy"][0]) > -0.25
 
 
 @pytest.mark.parametrize("name,x,positives", [
@@ -203,7 +247,7 @@ def test_filter_loss_decreases_and_finds_the_planted_part():
             model(images)
             if step == 0:
                 before = near_part(hook.features)
-            loss = filter_mi_terms(hook.features, positives, tau=5.0, alpha=0.5)["loss"].sum()
+            loss = filter_mi_terms(hook.features, positives, tau=5.0)["loss"].sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
