@@ -45,6 +45,7 @@ _EXPORTS = {
     "_topk": ["TopK", "keep_largest", "select_top"],
     "_stage_visualise": ["OPENTSNE_FROM", "image_table", "read_image_maps", "table_images"],
     "_stability": ["LandmarkTopK", "argmax_locations", "center_baseline", "spatial_max_argmax", "stability_tables"],
+    "_warmup": ["warm_kernels"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
