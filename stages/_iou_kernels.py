@@ -4,15 +4,27 @@ The IoU tally's work is a loop over (image, unit, quad, pixel) whose useful part
 most maps never exceed their threshold, most pixels of a hot map are off, most label quads carry a single
 label. Vectorised array code (the torch path in ``_iou``, used on the GPU) must materialise index lists and
 bool masks for every evaluated pixel and pays several memory passes per pixel. The compiled loops read each
-activation once from memory (a branch-free scan that also catches NaN/inf), then visit only the quads around
-cells above the pruning bound, skip or take whole the quad rows whose two ends decide them, and increment
-the (unit, label) counters in place. On one CPU core that is 5–10× the torch path.
+map once from memory: a vectorised scan (is any cell above the pruning bound? is any value NaN/inf?) and, for
+a hot map only, a byte mask of its hot cells, found eight at a time through 64-bit words; then they visit only
+the quads around those cells while the map is in the L1 cache, skip or take whole the quad rows whose two
+ends decide them, and increment the (unit, label) counters in place. On one CPU core that is 5–14× the torch
+path.
 
-Both kernels are Numba ``njit`` functions, compiled on first use (a few seconds) and cached on disk in the
-package directory or Numba's user cache; where neither is writable they are compiled once per process.
-Arithmetic is plain IEEE float32 without fast-math, so every bilinear value is bit-identical to the torch
-path's ``_bilinear`` (same operations in the same order, no fused multiply-add) and both paths count the
-same pixels; the tests hold them to exact equality.
+What bounds them (measured): the scan runs near memory speed only when its loop vectorises, which needs two
+things Numba does not give by default — float32 sums with LLVM's ``reassoc`` flag (integer or boolean
+accumulators kept it scalar) and indexes that cannot be negative (an index ``base + k`` into a flat array
+made Numba's negative-index wrap-around a per-element select, which LLVM turned into gathers: slices indexed
+from 0 avoid it). At 56² maps → 112² labels a quad is 2 × 2 pixels, so the per-quad bookkeeping (listing,
+dedup, corners, per-layer label lookups) dominates; at 7² → 112² a quad is 16 × 16 pixels and the per-pixel
+evaluation and mixed-quad label runs do.
+
+The kernels are Numba ``njit`` functions, compiled on first use (10–30 s on a loaded machine) and cached on
+disk in the package directory or Numba's user cache; where neither is writable they are compiled once per
+process. Loading them from the cache still costs about a second, so a run loads them in a background thread
+from its start (``_warmup.warm_kernels``). Only the scan carries a fast-math flag (``reassoc``, for its sums);
+the bilinear arithmetic is plain IEEE float32, so every value is bit-identical to the torch path's
+``_bilinear`` (same operations in the same order, no fused multiply-add) and both paths count the same
+pixels; the tests hold them to exact equality.
 
 Geometry arguments describe the *segments* of ``_iou._Axis``: consecutive pixel runs sharing a lower corner
 cell (``start``, ``count``), the corner cells (``lower``, ``upper``) and per-pixel weights.
