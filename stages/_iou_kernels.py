@@ -96,17 +96,20 @@ def prepare_labels(
                     columns[i, out, y, x] = run_column
                     run_length += 1
             per_image[i, run_column] += run_length
+            # Unsigned indexes: Numba adds no negative-index wrap-around, so the row compares vectorise.
+            plane = columns[i, out]
             for sy in range(len(y_start)):
+                y0 = np.uint64(y_start[sy])
                 for sx in range(len(x_start)):
-                    label = columns[i, out, y_start[sy], x_start[sx]]
-                    for y in range(y_start[sy], y_start[sy] + y_count[sy]):
-                        for x in range(x_start[sx], x_start[sx] + x_count[sx]):
-                            if columns[i, out, y, x] != label:
-                                label = -1
-                                break
-                        if label < 0:
+                    x0 = np.uint64(x_start[sx])
+                    label = plane[y0, x0]
+                    differ = 0
+                    for y in range(y0, y0 + np.uint64(y_count[sy])):
+                        for x in range(x0, x0 + np.uint64(x_count[sx])):
+                            differ += plane[y, x] != label
+                        if differ:
                             break
-                    uniform[i, out, sy, sx] = label
+                    uniform[i, out, sy, sx] = -1 if differ else label
     return unknown
 
 
