@@ -201,7 +201,7 @@ def count_quads(
     y_touch, y_touch_start = _touching(y_lower, y_upper, h)
     x_touch, x_touch_start = _touching(x_lower, x_upper, w)
     marked = np.zeros((num_sy, num_sx), np.bool_)
-    quads = np.empty((num_sy * num_sx, 2), np.int64)
+    quads = np.empty((num_sy * num_sx, 2), np.uint64)
     cell_row = np.arange(h * w) // w
     geometry = (y_lower, y_upper, y_start, y_count, wy_lo, wy_hi, x_lower, x_upper, x_start, x_count, wx_lo, wx_hi,
                 y_touch, y_touch_start, x_touch, x_touch_start)
@@ -356,7 +356,7 @@ def _touching(lower, upper, cells):  # pragma: no cover - compiled
         if upper[s] != lower[s]:
             counts[upper[s] + 1] += 1
     start = np.cumsum(counts)
-    segments = np.empty(start[-1], np.int64)
+    segments = np.empty(start[-1], np.uint64)
     fill = start[:-1].copy()
     for s in range(len(lower)):
         segments[fill[lower[s]]] = s
@@ -364,4 +364,5 @@ def _touching(lower, upper, cells):  # pragma: no cover - compiled
         if upper[s] != lower[s]:
             segments[fill[upper[s]]] = s
             fill[upper[s]] += 1
-    return segments, start
+    # Unsigned: indexes read from these lists get no negative-index wrap-around in the kernels' loops.
+    return segments, start.astype(np.uint64)
