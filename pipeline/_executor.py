@@ -61,9 +61,11 @@ def environment_info() -> dict[str, Any]:
 # Task functions: run on workers (or in-process). Module-level so they pickle by reference.
 # ---------------------------------------------------------------------------------------------------
 def _prepare_worker(ctx: Context) -> None:
-    from ..stages import tune_allocator
+    from ..stages import tune_allocator, warm_kernels
 
     tune_allocator()  # once per process: keep freed batch buffers mapped (see stages/_allocator.py)
+    if ctx.execution.get("warm_kernels"):
+        warm_kernels()  # once per process, in the background (see stages/_warmup.py)
     threads = int(ctx.execution.get("torch_threads") or 0)
     if threads > 0:
         import torch

@@ -216,9 +216,17 @@ def _execute(cfg: Config, store: CacheStore, plan: Plan, found: dict[str, Entry]
     try:
         gpu_workers = _gpu_workers(client)
         resolved = "cuda" if plan.device.is_cuda else "cpu"
+        # IoU tallies to count on a CPU: load their compiled kernels in the background from the start (here and
+        # in each worker, see _prepare_worker), so that no tally waits for a compile or a cache load.
+        warm = resolved == "cpu" and any(found.get(n.key) is None for n in plan.by_stage("iou"))
         execution = {"shard_size": ex.shard_size, "resolved_device": resolved,
                      "gpu_resource": gpu_workers > 0 and resolved == "cuda",
-                     "torch_threads": ex.threads_per_worker, "parquet_engine": ex.parquet_engine}
+                     "torch_threads": ex.threads_per_worker, "parquet_engine": ex.parquet_engine,
+                     "warm_kernels": warm}
+        if warm and choice.scheduler == "sync":
+            from ..stages import warm_kernels
+
+            warm_kernels()
         link = getattr(client, "dashboard_link", None)
         if link and print_summary:
             print(f"Dask dashboard: {link}", file=sys.stderr)

@@ -46,6 +46,7 @@ _EXPORTS = {
     "_concepts": ["DominantConcepts", "MAX_PURITY", "class_purity", "dominant_concepts"],
     "_stage_visualise": ["OPENTSNE_FROM", "image_table", "read_image_maps", "table_images"],
     "_stability": ["LandmarkTopK", "argmax_locations", "center_baseline", "spatial_max_argmax", "stability_tables"],
+    "_warmup": ["warm_kernels"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -40,7 +40,8 @@ which at the usual top-0.5 % threshold skips ~98 % of the pixels. A quad whose p
 a layer) adds its on-count to that label; only mixed quads look up labels per on-pixel. All counts are int64
 and merge by addition, exactly.
 
-* ``compiled`` (the CPU default, ``_iou_kernels``): Numba loops that read each activation once, visit only
+* ``compiled`` (the CPU default, ``_iou_kernels``): Numba loops that read each map once (a vectorised scan,
+  then a byte mask of a hot map's cells above the bound while it is in cache), visit only
   the quads around cells above the bound, skip (or take whole) quad rows whose two ends are below (or
   safely above) ``T``, and increment the counters in place; one core, no temporaries per pixel.
 * ``torch`` (GPUs): the same quads as index tensors — hot-quad ``nonzero``, gathered corners, a bincount
