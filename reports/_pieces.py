@@ -159,6 +159,9 @@ class _ConfigView:
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._obj, name)
         path = f"{self._path}.{name}" if self._path else name
+        if name == "to_dict":  # the whole section: recorded as one value
+            self._owner._ask(f"config:{self._path}")
+            return value
         if callable(value) and not isinstance(value, type):
             raise AttributeError(f"report pieces read config values, not methods ({path})")
         return self._owner._wrap(value, path)

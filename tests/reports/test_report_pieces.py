@@ -186,7 +186,7 @@ def test_a_damaged_piece_is_redrawn(fake_run, tmp_path):
 @pytest.mark.parametrize("reads", [
     lambda data: data.plan.nodes,
     lambda data: data.result.results,
-    lambda data: data.config.to_dict(),
+    lambda data: data.config.with_overrides(),
 ])
 def test_a_piece_cannot_read_around_its_trace(fake_run, tmp_path, reads):
     result, _ = fake_run
