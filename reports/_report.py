@@ -5,7 +5,8 @@ The constraint: the report is regenerated from the cache at any time (``repdisse
 never recompute a statistic, so everything goes through :class:`RunData` over cached entries. Outputs land
 in ``<out>/tables``, ``<out>/figures`` and ``<out>/units``; ``<out>/report.json`` lists every file written,
 so a regenerated report removes the files of the previous one that it no longer writes — and nothing else
-in the output folder.
+in the output folder. Each table, figure and gallery is a cached piece (``_pieces``, ``_piece_list``): drawn
+once per set of inputs, copied into every later report.
 """
 
 from __future__ import annotations
