@@ -10,7 +10,7 @@ question the piece asks and the answer at the level of cache keys, never data:
 
 * ``stage:S`` — the ``(label, key)`` of every node of stage ``S`` (asked by ``table``/``entries``);
 * ``entry:S:{label}`` — the key of the one node a piece looked up (``entry``/``node_table``);
-* ``has:S``, ``instances``, ``pairs``, ``dataset`` (the dataset spec: images are drawn from it);
+* ``has:S``, ``instances``, ``pairs``, ``dataset`` (its spec and digest: exemplar images are drawn from it);
 * ``config:PATH`` — one config value the piece read (``config.iou.threshold``), through a read-only proxy;
 * ``source`` — a digest of the report package's code (any edit to it redraws every piece).
 
@@ -19,7 +19,7 @@ The piece's files and page fragment are then published under ``<cache>/_reports/
 question against the current plan — all answered from node keys, so nothing is loaded — and serves the
 first stored version whose answers all match (a *verifying trace*, as in build systems with dynamic
 dependencies). A piece that reads through anything but the view (``data.plan``, ``data.result``) fails,
-so no dependency goes unrecorded. ``repdissect clean`` drops a piece once an entry it read is gone.
+so no dependency goes unrecorded; a piece in which a builder failed is served once and not kept. ``repdissect clean`` drops a piece once an entry it read is gone.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _raw_answer(data: RunData, query: str) -> Any:
     if kind == "pairs":
         return [[a.name, b.name, k, a.model.name] for a, b, k in plan.pairs]
     if kind == "dataset":
-        return _canon(plan.dataset_spec)
+        return {"spec": plan.dataset_spec, "digest": getattr(plan, "dataset_digest", None)}
     if kind == "config":
         return _canon(_config_value(data.config, arg))
     if kind == "config-len":
@@ -326,11 +326,22 @@ def serve_piece(piece: Piece, data: RunData, out: Path, copies: Path) -> PieceOu
         files = _files_under(tmp)
         for rel in files:
             _copy_file(tmp / rel, out / rel)
-        if copies is not None:
+        if copies is not None and not _failed(payload):
             _publish(tmp, copies, piece, view.trace, payload, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PieceOutcome(piece.name, payload, files, drawn=True)
+
+
+def _failed(payload: Any) -> bool:
+    """Whether a builder failed inside the piece (its skip reason says so): such a piece is not kept, so the
+    next report tries again instead of serving the failure until an input changes."""
+    if isinstance(payload, dict):
+        skipped = payload.get("skipped")
+        return (isinstance(skipped, str) and skipped.startswith("failed:")) or any(map(_failed, payload.values()))
+    if isinstance(payload, list):
+        return any(map(_failed, payload))
+    return False
 
 
 def _publish(tmp: Path, copies: Path, piece: Piece, trace: dict[str, Any], payload: Any, files: list[str]) -> None:

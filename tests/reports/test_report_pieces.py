@@ -251,3 +251,19 @@ def test_the_warm_path_imports_no_heavy_library():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_failed_builder_is_not_kept(fake_run, tmp_path):
+    """A figure whose builder raised is shown as failed this time and drawn again the next (never cached)."""
+    result, _ = fake_run
+    calls = []
+
+    def draw(data, root):
+        calls.append(1)
+        return [{"key": "x", "skipped": "failed: OSError: disk hiccup"}]
+
+    piece = Piece("flaky", draw)
+    for _ in range(2):
+        outcome = serve_piece(piece, RunData(result), tmp_path / "out", tmp_path / "copies")
+        assert outcome.drawn
+    assert len(calls) == 2 and not list((tmp_path / "copies").glob(f"*/{MANIFEST}"))
