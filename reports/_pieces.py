@@ -19,7 +19,8 @@ The piece's files and page fragment are then published under ``<cache>/_reports/
 question against the current plan — all answered from node keys, so nothing is loaded — and serves the
 first stored version whose answers all match (a *verifying trace*, as in build systems with dynamic
 dependencies). A piece that reads through anything but the view (``data.plan``, ``data.result``) fails,
-so no dependency goes unrecorded; a piece in which a builder failed is served once and not kept. ``repdissect clean`` drops a piece once an entry it read is gone.
+so no dependency goes unrecorded; a piece in which a builder failed is served once and not kept; a
+version drawn by other report code (an upgrade, an edit) is removed when the piece is next looked up. ``repdissect clean`` drops a piece once an entry it read is gone.
 """
 
 from __future__ import annotations
@@ -308,7 +309,12 @@ def _files_under(root: Path) -> list[str]:
 def serve_piece(piece: Piece, data: RunData, out: Path, copies: Path) -> PieceOutcome:
     """Put ``piece``'s files into ``out`` — copied from a stored version whose trace still holds, else drawn
     (through a :class:`TracedData` view) and stored under ``copies`` for the next report."""
+    source = report_source()
     for copy, manifest in _stored(copies, piece):
+        if manifest["trace"].get("source") != source:
+            # Drawn by other report code: it can never be served again (every trace asks for the source).
+            shutil.rmtree(copy, ignore_errors=True)
+            continue
         if _matches(data, manifest["trace"]):
             for rel in manifest["files"]:
                 _copy_file(copy / rel, out / rel)

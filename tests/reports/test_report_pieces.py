@@ -267,3 +267,17 @@ def test_a_failed_builder_is_not_kept(fake_run, tmp_path):
         outcome = serve_piece(piece, RunData(result), tmp_path / "out", tmp_path / "copies")
         assert outcome.drawn
     assert len(calls) == 2 and not list((tmp_path / "copies").glob(f"*/{MANIFEST}"))
+
+
+def test_a_version_drawn_by_other_report_code_is_replaced(fake_run, tmp_path, monkeypatch):
+    import repdissect.reports._pieces as pieces
+
+    result, _ = fake_run
+    piece = Piece("versioned", lambda data, root: {"n": len(data.instances)})
+    copies = tmp_path / "copies"
+    assert serve_piece(piece, RunData(result), tmp_path / "out", copies).drawn
+    assert not serve_piece(piece, RunData(result), tmp_path / "out", copies).drawn
+    monkeypatch.setattr(pieces, "report_source", lambda: "edited report code")
+    assert serve_piece(piece, RunData(result), tmp_path / "out", copies).drawn
+    [manifest] = [json.loads(m.read_text()) for m in copies.glob(f"*/{MANIFEST}")]
+    assert manifest["trace"]["source"] == "edited report code"
