@@ -39,7 +39,7 @@ CRASH_POINTS: dict[str, str] = {
     "part-before-rename": "an atomic file is complete and fsynced but not renamed into place (where: its path)",
     "publish-before-rename": "an entry's files and manifest are in its temp dir, not yet renamed (where: stage/key)",
     "node-published": "an entry is published, its staging dir not yet removed (where: node id)",
-    "report-before-publish": "a report copy is written to its temp dir, not yet renamed into the cache",
+    "report-before-publish": "a report piece is written to its temp dir, not yet renamed into the cache (where: piece)",
 }
 
 

@@ -176,7 +176,7 @@ class CleanPlan:
     """What ``clean`` removes (or, in a dry run, would remove) and the bytes that frees."""
 
     entries: list[Path] = field(default_factory=list)
-    other: list[Path] = field(default_factory=list)  # quarantine, stale temp/staging dirs, stale report copies
+    other: list[Path] = field(default_factory=list)  # quarantine, stale temp/staging dirs, stale report pieces
     records: list[RunRecord] = field(default_factory=list)  # run records dropped by the policy
     kept_records: list[RunRecord] = field(default_factory=list)
     bytes_freed: int = 0

@@ -40,7 +40,7 @@ MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
 _QUARANTINE = "_quarantine"
 _RUNS = "_runs"
-#: report copies (``<cache>/_reports/<stamp>/``), kept while every entry they were drawn from is live
+#: report pieces (``<cache>/_reports/<piece>-<trace>/``), kept while every entry they were drawn from is live
 REPORTS = "_reports"
 
 
@@ -368,7 +368,7 @@ class CacheStore:
 
     @staticmethod
     def _dead_report_copies(reports: Path, live_keys: set[str], now: float, max_temp_age_s: float) -> list[Path]:
-        """Report copies (``<cache>/_reports/<stamp>``) made from an entry that is no longer live."""
+        """Report pieces (``<cache>/_reports/<piece>-<trace>``) drawn from an entry that is no longer live."""
         dead = []
         for copy in reports.iterdir():
             if copy.name.startswith("."):

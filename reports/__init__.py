@@ -59,7 +59,7 @@ def sanity_table(result: Any) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    # RunData imports pandas; loaded on first use so that restoring a cached report copy never pays for it.
+    # RunData loads pandas on its first table read; imported lazily all the same, like the other builders.
     if name == "RunData":
         from ._data import RunData
 

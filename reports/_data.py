@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas loads on the first table read, not when a report's cached pieces are served
+    import pandas as pd
 
 __all__ = ["RunData", "InstanceInfo"]
 
@@ -85,6 +86,8 @@ class RunData:
 
     def table(self, stage: str, table: str | None = None) -> pd.DataFrame:
         """``RunResult.tables(stage, table)`` with node labels first; empty when the stage/table is absent."""
+        import pandas as pd
+
         key = (stage, table)
         if key not in self._cache:
             frame = pd.DataFrame()
@@ -117,6 +120,8 @@ class RunData:
 
     def node_table(self, stage: str, table: str, **label: str) -> pd.DataFrame:
         """One node's table (no label columns); empty when the node or table is absent."""
+        import pandas as pd
+
         entry = self.entry(stage, **label)
         if entry is None or table not in entry.manifest.get("tables", {}):
             return pd.DataFrame()

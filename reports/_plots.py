@@ -33,7 +33,8 @@ from ._unitcards import card_lines, layer_views, unit_card_image
 from ._visualise import visualise_figures
 from ._paper import KIND_TITLE, PAIR_KINDS, _samples, concept_agreement_rows, stability_summary
 
-__all__ = ["FigureResult", "build_figures", "safe_name", "exemplar_units", "EXEMPLAR_K", "GRID_UNITS"]
+__all__ = ["FigureResult", "build_figures", "safe_name", "exemplar_units", "layer_exemplar_figure", "EXEMPLAR_K",
+           "GRID_UNITS"]
 
 log = logging.getLogger("repdissect.reports")
 
@@ -405,26 +406,45 @@ def exemplar_figures(data: RunData, fig_dir: Path, *, k: int = EXEMPLAR_K, grid_
         if not trained:
             continue
         for position, inst in enumerate(trained if gallery_dir is not None else trained[:1]):
-            extract = data.entry("extract", instance=inst.name)
-            if extract is None:
-                continue
             for layer in layers:
-                key = f"exemplars_{safe_name(inst.name)}_{safe_name(layer)}"
-                title = f"Exemplars: {data.layer_title(model, layer)} ({inst.name})"
                 units = units_all[(units_all.instance == inst.name) & (units_all.layer == layer)]
-                try:
-                    figure, cards = _layer_exemplars(data, fig_dir, gallery_dir, extract, inst.name, model, layer,
-                                                     units, key, title, k=k, grid_units=grid_units,
-                                                     gallery_units=gallery_units, make_figure=position == 0)
-                except Exception as exc:  # noqa: BLE001 - one broken layer must not cost the run its whole report
-                    log.warning("report exemplars of %s %s failed", inst.name, layer, exc_info=True)
-                    plt.close("all")
-                    figure, cards = FigureResult(key, title, skipped=f"failed: {type(exc).__name__}: {exc}"), None
-                if figure is not None and (position == 0 or figure.skipped):
+                figure, cards = layer_exemplar_figure(data, fig_dir, gallery_dir, model, inst.name, layer, units,
+                                                      make_figure=position == 0, k=k, grid_units=grid_units,
+                                                      gallery_units=gallery_units)
+                if figure is not None:
                     figures.append(figure)
                 if cards is not None:
                     galleries[(inst.name, layer)] = cards
     return figures, galleries
+
+
+def layer_exemplar_figure(data: RunData, fig_dir: Path, gallery_dir: Path | None, model: str, instance: str,
+                          layer: str, units: pd.DataFrame | None = None, *, make_figure: bool, k: int = EXEMPLAR_K,
+                          grid_units: int = GRID_UNITS, gallery_units: int | None = 48,
+                          ) -> tuple[FigureResult | None, list[dict[str, Any]] | None]:
+    """One layer of one network: its exemplar grid (when ``make_figure``, or the reason it is skipped) and its
+    gallery cards (when ``gallery_dir``); ``(None, None)`` when the network was not extracted.
+
+    ``units``: the layer's IoU units (read from its node when ``None``).
+    """
+    extract = data.entry("extract", instance=instance)
+    if extract is None:
+        return None, None
+    if units is None:
+        units = data.node_table("iou", "units", instance=instance, layer=layer)
+    key = f"exemplars_{safe_name(instance)}_{safe_name(layer)}"
+    title = f"Exemplars: {data.layer_title(model, layer)} ({instance})"
+    try:
+        figure, cards = _layer_exemplars(data, fig_dir, gallery_dir, extract, instance, model, layer, units, key,
+                                         title, k=k, grid_units=grid_units, gallery_units=gallery_units,
+                                         make_figure=make_figure)
+    except Exception as exc:  # noqa: BLE001 - one broken layer must not cost the run its whole report
+        log.warning("report exemplars of %s %s failed", instance, layer, exc_info=True)
+        plt.close("all")
+        figure, cards = FigureResult(key, title, skipped=f"failed: {type(exc).__name__}: {exc}"), None
+    if figure is not None and not (make_figure or figure.skipped):
+        figure = None
+    return figure, cards
 
 
 def _layer_exemplars(data: RunData, fig_dir: Path, gallery_dir: Path | None, extract: Any, instance: str, model: str,
@@ -501,11 +521,12 @@ _BUILDERS: list[Callable[[RunData, Path], Any]] = [
 ]
 
 
-def build_figures(data: RunData, fig_dir: Path) -> list[FigureResult]:
-    """Every summary figure (not the exemplars) in order; skipped ones carry the reason."""
+def build_figures(data: RunData, fig_dir: Path, names: list[str] | None = None) -> list[FigureResult]:
+    """Every summary figure (not the exemplars) in order, or those of the builders ``names``; skipped ones
+    carry the reason."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     out: list[FigureResult] = []
-    for builder in _BUILDERS:
+    for builder in _BUILDERS if names is None else [b for b in _BUILDERS if b.__name__ in names]:
         try:
             result = builder(data, fig_dir)
         except Exception as exc:  # noqa: BLE001 - one broken figure must not cost the run its whole report

@@ -5,7 +5,8 @@ The constraint: the report is regenerated from the cache at any time (``repdisse
 never recompute a statistic, so everything goes through :class:`RunData` over cached entries. Outputs land
 in ``<out>/tables``, ``<out>/figures`` and ``<out>/units``; ``<out>/report.json`` lists every file written,
 so a regenerated report removes the files of the previous one that it no longer writes — and nothing else
-in the output folder.
+in the output folder. Each table, figure and gallery is a cached piece (``_pieces``, ``_piece_list``): drawn
+once per set of inputs, copied into every later report.
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-from ._html import Page, UnitCard, definition_list, esc, figure_html, gallery_html, link, table_html
+from ._html import Page, definition_list, esc, figure_html, link
 from ._tables import mean_std
 
 if TYPE_CHECKING:
     from ._data import RunData
-    from ._paper import TableResult
 
-from ._report_cache import cached_summary, report_stamp, restore_report, save_report
+from ..core import REPORTS, digest
+from ._pieces import PieceOutcome, serve_piece
 from ._version import REPORT_VERSION
 
-__all__ = ["REPORT_VERSION", "write_report", "summary_text", "report_from_cache"]
+__all__ = ["REPORT_VERSION", "write_report", "write_run_report", "summary_text", "summary_body", "report_from_cache",
+           "report_stamp"]
 
 #: bumped whenever the report's content or layout changes, so callers that skip an up-to-date report
 #: (same cache keys, same config) know to write it again.
@@ -48,71 +50,64 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _rel(path: Path | str, root: Path) -> str:
-    """``path`` relative to the (absolute) output folder, as a POSIX link target."""
-    return Path(path).absolute().relative_to(root).as_posix()
+def report_stamp(result: Any, *, gallery_units: int | None = 48) -> str:
+    """Digest of everything the output folder's files depend on: every node's key, the config (output and
+    cache paths left out), the report version and what the page states about the run (cache hits, whether
+    a ``run.json`` sits next to it). :func:`write_run_report` skips a folder whose report has this stamp."""
+    config = result.plan.config.to_dict()
+    run = dict(config.get("run", {}))
+    for path_field in ("out_dir", "cache_dir"):
+        run.pop(path_field, None)
+    config = {**config, "run": run}
+    out = Path(result.out_dir)
+    return digest({"keys": sorted(n.key for n in result.plan.nodes), "config": config,
+                   "report_version": REPORT_VERSION, "gallery_units": gallery_units,
+                   "nodes": len(result.results), "hits": getattr(result, "hits", 0),
+                   "run_json": (out / "run.json").is_file()})
 
 
 def write_report(result: Any, *, gallery_units: int | None = 48) -> Path:
     """Write every table, figure and the page for ``result`` (a ``RunResult``); returns ``<out>/index.html``.
 
+    Each table, figure and gallery is a cached piece (``_pieces``): copied from the cache when the entries
+    it read have the same keys, drawn (and stored) otherwise. ``<out>/report.json`` lists the files and
+    which pieces were drawn this time.
+
     Args:
         result: a finished run (``plan``, per-node cache entries, ``out_dir``).
         gallery_units: units per layer in the page's unit galleries (best IoU first; ``None`` = all).
     """
+    from ._data import RunData
+    from ._piece_list import report_pieces
+
     out = Path(result.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    stamp = report_stamp(result, gallery_units=gallery_units)
-    restored = restore_report(result, stamp, _prune_previous)  # drawn before from the same entries: copy it
-    if restored is not None:
-        return restored
-    from ._attribution import attribution_figures, attribution_tables
-    from ._data import RunData  # pandas loads only when the report is drawn (not when a copy is restored)
-    from ._paper import build_tables
-
     data = RunData(result)
-    tables_dir, fig_dir, units_dir = out / "tables", out / "figures", out / "units"
-
-    from ._plots import build_figures, exemplar_figures  # matplotlib/torch load only when figures are drawn
-
-    tables = _extra_tables(data) + build_tables(data) + attribution_tables(data)
-    table_files: dict[str, dict[str, str]] = {}
-    for t in tables:
-        if t.table is not None:
-            table_files[t.key] = {fmt: _rel(p, out) for fmt, p in t.table.write(tables_dir).items()}
-
-    figures = build_figures(data, fig_dir)
-    figures += attribution_figures(data, fig_dir)
-    exemplars, galleries = exemplar_figures(data, fig_dir, gallery_units=gallery_units, gallery_dir=units_dir)
-    for f in figures + exemplars:
-        if f.path:
-            f.path = _rel(fig_dir / f.path, out)
-
-    page = _page(data, result, tables, table_files, figures, exemplars, galleries, out)
+    copies = _copies(result)
+    parts = {part: [serve_piece(p, data, out, copies) for p in pieces]
+             for part, pieces in report_pieces(data, gallery_units=gallery_units).items()}
+    outcomes = [o for pieces in parts.values() for o in pieces]
+    page = _page(data, result, parts, out)
     index = out / "index.html"
     _write_text_atomic(index, page)
 
-    written = {index.name}
-    written |= {p for files in table_files.values() for p in files.values()}
-    written |= {f.path for f in figures + exemplars if f.path}
-    written |= {_rel(c["image"], out) for cards in galleries.values() for c in cards}
+    written = {index.name} | {f for o in outcomes for f in o.files}
     _prune_previous(out, written)
+    tables = [t for o in parts["tables"] for t in o.payload]
+    figures = [f for o in parts["figures"] for f in o.payload] + [o.payload["figure"] for o in parts["exemplars"]
+                                                                  if o.payload["figure"] is not None]
     record = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "files": sorted(written),
-              "skipped": {t.key: t.skipped for t in tables if t.table is None}
-              | {f.key: f.skipped for f in figures + exemplars if f.skipped}}
+              "skipped": {t["key"]: t["skipped"] for t in tables if t["html"] is None}
+              | {f["key"]: f["skipped"] for f in figures if f["skipped"]},
+              "pieces": {"drawn": [o.name for o in outcomes if o.drawn],
+                         "reused": sum(not o.drawn for o in outcomes)}}
     _write_text_atomic(out / _REPORT_RECORD, json.dumps(record, indent=1))
-    save_report(result, stamp, written, summary=_summary_body(result))
     return index
 
 
-def _extra_tables(data: RunData) -> list[TableResult]:
-    """The findings table first, then the per-category dissection table (their own modules)."""
-    from ._category import category_table
-    from ._findings import findings_table
-    from ._paper import build_tables
-
-    return build_tables(data, [("findings", findings_table, "no finding could be checked in this run"),
-                               ("category_detectors", category_table, "no IoU results in this run")])
+def _copies(result: Any) -> Path:
+    """Where the report's pieces are kept: ``<cache>/_reports``."""
+    return Path(result.plan.config.run.cache_dir) / REPORTS
 
 
 def _prune_previous(out: Path, keep: set[str]) -> None:
@@ -132,9 +127,9 @@ def _prune_previous(out: Path, keep: set[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ page
-def _page(data: RunData, result: Any, tables: list[TableResult], table_files: dict[str, dict[str, str]],
-          figures: list[Any], exemplars: list[Any],
-          galleries: dict[tuple[str, str], list[dict[str, Any]]], out: Path) -> str:
+def _page(data: RunData, result: Any, parts: dict[str, list[PieceOutcome]], out: Path) -> str:
+    """The page from the pieces' payloads; only what is specific to this run (cache hits, run.json, the
+    time) is stated here, from the plan (nothing loaded)."""
     cfg = data.config
     spec = data.plan.dataset_spec
     params = ", ".join(f"{k}={v}" for k, v in spec.get("params", {}).items())
@@ -154,92 +149,45 @@ def _page(data: RunData, result: Any, tables: list[TableResult], table_files: di
     if (out / "run.json").is_file():
         overview.add(f'<p><a href="{link("run.json")}">run.json</a>: configuration, environment and the cache '
                      "key of every node.</p>")
-    from ._convergence import convergence_lines
-
-    for i, line in enumerate(convergence_lines(data)):
-        overview.text(line.strip(), cls="warning" if i == 0 else "caption")
+    notes = {o.name: o.payload for o in parts["overview"]}
+    for i, line in enumerate(notes["overview"]["lines"]):
+        overview.text(line, cls="warning" if i == 0 else "caption")
     overview.add('<p class="caption">Every number below is read from the run\'s cache; regenerate this page with '
                  "<code>repdissect report CONFIG</code>.</p>")
 
     sec = page.section("tables", "Tables")
-    for t in tables:
-        if t.table is None:
-            sec.add(f'<p class="empty">Table “{esc(t.key.replace("_", " "))}” skipped: {esc(t.skipped)}.</p>')
-            continue
-        downloads = {fmt.upper() if fmt != "md" else "Markdown": path
-                     for fmt, path in table_files[t.key].items()}
-        sec.add(table_html(t.table, {"CSV": downloads["CSV"], "LaTeX": downloads["TEX"],
-                                     "Markdown": downloads["Markdown"]}))
-
-    from ._interpretable import icnn_closing_note
-
-    if note := icnn_closing_note(data):
+    for t in (t for o in parts["tables"] for t in o.payload):
+        if t["html"] is None:
+            sec.add(f'<p class="empty">Table “{esc(t["key"].replace("_", " "))}” skipped: {esc(t["skipped"])}.</p>')
+        else:
+            sec.add(t["html"])
+    if note := notes["icnn_note"]["note"]:
         sec.text(note, cls="caption")
 
     sec = page.section("figures", "Figures")
-    for f in figures:
-        if f.path:
-            sec.heading(f.title, anchor=f"figure-{f.key}")
-            sec.add(figure_html(f.path, f.caption, alt=f.title, width=_display_width(out / f.path)))
+    for f in (f for o in parts["figures"] for f in o.payload):
+        if f["path"]:
+            sec.heading(f["title"], anchor=f"figure-{f['key']}")
+            sec.add(figure_html(f["path"], f["caption"], alt=f["title"], width=f["width"]))
         else:
-            sec.add(f'<p class="empty">Figure “{esc(f.title)}” skipped: {esc(f.skipped)}.</p>')
+            sec.add(f'<p class="empty">Figure “{esc(f["title"])}” skipped: {esc(f["skipped"])}.</p>')
 
     sec = page.section("exemplars", "Unit exemplars")
-    shown = False
+    exemplars = [o.payload["figure"] for o in parts["exemplars"] if o.payload["figure"] is not None]
     for f in exemplars:
-        if f.path:
-            sec.heading(f.title, anchor=f"figure-{f.key}")
-            sec.add(figure_html(f.path, f.caption, alt=f.title, width=_display_width(out / f.path)))
-            shown = True
-        elif f.skipped:
-            sec.add(f'<p class="empty">{esc(f.title)} skipped: {esc(f.skipped)}.</p>')
-    if not shown and not exemplars:
+        if f["path"]:
+            sec.heading(f["title"], anchor=f"figure-{f['key']}")
+            sec.add(figure_html(f["path"], f["caption"], alt=f["title"], width=f["width"]))
+        elif f["skipped"]:
+            sec.add(f'<p class="empty">{esc(f["title"])} skipped: {esc(f["skipped"])}.</p>')
+    if not exemplars:
         sec.text("No exemplars: the run has no trained network with dissection results.", cls="empty")
 
-    for (instance, layer), cards in galleries.items():
-        info = data.instance(instance)
-        title = data.layer_title(info.model if info else "", layer)
-        from ._plots import safe_name
-
-        sec = page.section(f"units-{safe_name(instance)}-{safe_name(layer)}", f"Units of {title} ({instance})")
-        units_total = len(data.node_table("iou", "units", instance=instance, layer=layer))
-        interpretable = sum(c["interpretable"] for c in cards)
-        sec.text(f"{len(cards)} of {units_total} units, best IoU first; {interpretable} of them are interpretable "
-                 f"(IoU > {data.iou_threshold:g}); the others have dashed frames. Each card shows the unit's top images by "
-                 "maximum activation; the outline marks where its upsampled activation exceeds its threshold. "
-                 + _card_note(cards), cls="caption")
-        sec.add(gallery_html([
-            UnitCard(_rel(c["image"], out), f"unit {c['unit']}: {c['label'] or 'no concept'}",
-                     [f"{c['category'] or '–'} · IoU {c['iou']:.3f}",
-                      "max activation " + ", ".join(f"{v:.2f}" for v in c["values"]), *c.get("lines", [])],
-                     dim=not c["interpretable"])
-            for c in cards
-        ]))
+    for gallery in (o.payload["gallery"] for o in parts["exemplars"] if o.payload["gallery"] is not None):
+        sec = page.section(gallery["anchor"], gallery["title"])
+        sec.text(gallery["caption"], cls="caption")
+        sec.add(gallery["html"])
     return page.render()
-
-
-def _card_note(cards: list[dict[str, Any]]) -> str:
-    """What the cards of one layer show besides the exemplars (activation maximisation, guided backprop)."""
-    am = any(line.startswith("right:") for c in cards for line in c.get("lines", []))
-    gb = any(line.startswith("bottom:") for c in cards for line in c.get("lines", []))
-    if not (am or gb):
-        return ("This network has no activation-maximisation images or guided-backprop maps ([visualise].instances, "
-                "[attribution].seeds and .layers choose which have them).")
-    return " ".join(filter(None, [
-        "Right: the unit's activation-maximisation image (one batched, seeded optimisation)." if am else "",
-        "Bottom row: guided backprop of the unit's maximum on each exemplar above it (0.5 + g / 2s, s the 99.5th "
-        "percentile of |g| per map; blank where the attribution entry has no map for that image)." if gb else ""]))
-
-
-def _display_width(path: Path) -> int | None:
-    """On-screen width for a 150-dpi figure: 80 % of its pixels (≈ 120 CSS px per inch), so text reads like print."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return int(im.size[0] * 0.8)
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------------------- summary
@@ -252,22 +200,21 @@ def _fmt(stat: Any, digits: int = 2) -> str:
 def summary_text(result: Any) -> str:
     """A compact (≤ ~25 lines) console summary: headline numbers per layer, means over seeds / seed pairs.
 
-    Read from the report copy in the cache when there is one (it is a function of the same entries).
+    A cached piece like the report's tables: served from the cache when the entries it reads are unchanged.
     """
-    body = cached_summary(result, report_stamp(result))
-    if body is None:
-        body = _summary_body(result)
-    return body + f"\n  report: {Path(result.out_dir) / 'index.html'}"
+    from ._data import RunData
+    from ._piece_list import summary_piece
+
+    outcome = serve_piece(summary_piece(), RunData(result), Path(result.out_dir).absolute(), _copies(result))
+    return outcome.payload["text"] + f"\n  report: {Path(result.out_dir) / 'index.html'}"
 
 
-def _summary_body(result: Any) -> str:
-    """:func:`summary_text` without its last line (the report's path)."""
+def summary_body(data: RunData) -> str:
+    """:func:`summary_text` without its last line (the report's path), drawn from ``data``."""
     import pandas as pd
 
-    from ._data import RunData
     from ._paper import stability_summary
 
-    data = RunData(result)
     iou = data.table("iou", "summary")
     stab = stability_summary(data)
     center = data.table("stability_center", "summary")
@@ -378,13 +325,21 @@ def report_from_cache(config: Any = None, *, cache_dir: str | Path | None = None
     cfg = resolve_config(config, cache_dir=None if cache_dir is None else str(cache_dir),
                          out_dir=None if out_dir is None else str(out_dir))
     store = CacheStore(cfg.run.cache_dir)
-    plan = build_plan(cfg)
+    found: dict[str, Any] = {}
+
+    def look_up(node: Any) -> Any:
+        if node.key not in found:
+            found[node.key] = store.get(node.stage, node.key)
+        return found[node.key]
+
+    # With every node cached, the plan skips building each model once (which loads torch): nothing runs.
+    plan = build_plan(cfg, is_cached=lambda node: look_up(node) is not None)
     results: dict[str, Any] = {}
     missing = []
     for node in plan.nodes:
         if node.key in results:
             continue
-        entry = store.get(node.stage, node.key)
+        entry = look_up(node)
         if entry is None:
             missing.append(node.node_id)
             continue
@@ -399,7 +354,7 @@ def report_from_cache(config: Any = None, *, cache_dir: str | Path | None = None
     out = cfg.run.out_path
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {}
-    try:
+    try:  # the page links run.json when the folder has one (a run's); a report alone writes none
         record = json.loads((out / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass

@@ -1,7 +1,11 @@
 """report_from_cache: refuses (naming the missing nodes and the fix) when the cache lacks the run; regenerates
-the same tables as the run wrote when it has it (the slow test runs the real pipeline on a tiny config)."""
+the same tables as the run wrote when it has it, copying every piece into a new folder without loading
+torch, pandas or matplotlib (the slow test runs the real pipeline on a tiny config)."""
 
 import filecmp
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -81,9 +85,19 @@ def test_regenerated_report_equals_the_run_report(tiny_config, tmp_path):
     assert again.misses == 0
     first = sorted(p.name for p in (tmp_path / "run-out" / "tables").iterdir())
     second = sorted(p.name for p in (tmp_path / "regen-out" / "tables").iterdir())
-    assert first == second and len(first) == 24
+    assert first == second and len(first) == 3 * 13  # 13 tables, each as Markdown, LaTeX and CSV
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "run-out" / "tables", tmp_path / "regen-out" / "tables",
                                                first, shallow=False)
     # Training times are the same cached numbers, so every table file is byte-identical.
     assert mismatch == [] and errors == []
     assert summary_text(again).splitlines()[1:-1] == summary_text(result).splitlines()[1:-1]
+    # Into a new folder (no run.json there, every node a hit): every piece is copied, none drawn ...
+    assert json.loads((tmp_path / "regen-out" / "report.json").read_text())["pieces"]["drawn"] == []
+    # ... and the command loads neither torch (the plan skips building cached models) nor pandas/matplotlib.
+    code = ("import sys; from repdissect.cli import main; "
+            f"code = main(['report', {str(tiny_config)!r}, '--cache', {str(tmp_path / 'cache')!r}, "
+            f"'--out', {str(tmp_path / 'cli-out')!r}]); "
+            "print(code, sorted(m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stderr[-2000:]
+    assert json.loads((tmp_path / "cli-out" / "report.json").read_text())["pieces"]["drawn"] == []
