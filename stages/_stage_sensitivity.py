@@ -81,8 +81,6 @@ class SensitivityStage(StatisticStage):
         stat.update(*blocks, ids=ids)
 
     def publish(self, ctx: Context, stat: Any) -> StageOutput:
-        import pandas as pd
-
         p = ctx.params
         rows = stat.rows()
         labels = rows.pop(_LABEL)[:, 0].astype(np.int64)
@@ -94,26 +92,10 @@ class SensitivityStage(StatisticStage):
                 f"the sensitivity test needs ≥ 2 labelled training and ≥ 4 labelled held-out images; got "
                 f"{int((train & known).sum())} and {int((~train & known).sum())}. Use more images or set "
                 "[sensitivity].enabled = false")
-        tables_rows, summaries = [], []
-        for layer in p["layers"]:
-            reps = {str(role)[1:]: rows[f"{role}:{layer}"][known] for role in p["roles"]}
-            table = _compare.sensitivity_rows(
-                reps, labels[known], train[known], list(p["metrics"]), orders=list(p["orders"]),
-                steps=int(p["steps"]), design="seeds", rows_limit=int(p["rsa_images"]))
-            table.insert(0, "layer", layer)
-            tables_rows.append(table)
-            for design in ("self", "seeds"):
-                summary = _compare.sensitivity_summary(table, design)
-                summary.insert(0, "design", design)
-                summary.insert(0, "layer", layer)
-                summaries.append(summary)
-        detail = pd.concat(tables_rows, ignore_index=True)
-        detail.insert(detail.columns.get_loc("value") + 1, "valid", np.isfinite(detail["value"].to_numpy(float)))
-        for column in ("value", "dissimilarity"):
-            detail[column] = np.nan_to_num(detail[column].to_numpy(float), nan=0.0, posinf=0.0, neginf=0.0)
-        summary = pd.concat(summaries, ignore_index=True)
-        summary["defined"] = np.isfinite(summary["rho"].to_numpy(float))
-        for column in ("rho", "rho_p", "tau", "tau_p", "bad_frac"):
-            summary[column] = np.nan_to_num(summary[column].to_numpy(float), nan=0.0)
+        layers = {layer: {str(role)[1:]: rows[f"{role}:{layer}"][known] for role in p["roles"]}
+                  for layer in p["layers"]}
+        summary, detail = _compare.sensitivity_test(
+            layers, labels[known], train[known], list(p["metrics"]), orders=list(p["orders"]), steps=int(p["steps"]),
+            rows_limit=int(p["rsa_images"]))
         return StageOutput(tables={"sensitivity": summary, "sensitivity_rows": detail},
                            extras={"images": int(known.sum()), "heldout": int((~train & known).sum())})

@@ -74,6 +74,7 @@ from ._sensitivity import (
     rank_statistics,
     sensitivity_rows,
     sensitivity_summary,
+    sensitivity_test,
 )
 from ._uncertainty import jackknife, permutation_pvalue, permuted_states, similarity_table
 
@@ -159,4 +160,5 @@ __all__ = [
     "rank_statistics",
     "sensitivity_rows",
     "sensitivity_summary",
+    "sensitivity_test",
 ]

@@ -57,6 +57,7 @@ __all__ = [
     "rank_statistics",
     "sensitivity_rows",
     "sensitivity_summary",
+    "sensitivity_test",
 ]
 
 Order = Literal["low", "high"]
@@ -303,3 +304,47 @@ def sensitivity_summary(rows: pd.DataFrame, design: Literal["self", "seeds"] = "
         out.append({"order": order, "metric": metric, "metric_kind": group.metric_kind.iloc[0],
                     **rank_statistics(group.dissimilarity.to_numpy(), group.functional.to_numpy())})
     return pd.DataFrame(out)
+
+
+def sensitivity_test(
+    layers: Mapping[str, Mapping[str, np.ndarray]],
+    labels: np.ndarray,
+    train: np.ndarray,
+    metrics: Sequence[str | Metric] | None = None,
+    *,
+    orders: Sequence[Order] = ("low", "high"),
+    steps: int = 12,
+    rows_limit: int = 300,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The whole test on several layers: :func:`sensitivity_rows` (design ``"seeds"``, which holds the ``"self"``
+    rows) per layer and :func:`sensitivity_summary` for both designs, as NaN-free tables for the cache.
+
+    Args:
+        layers: ``{layer: {seed: (n, p) rows}}``.
+        labels, train, metrics, orders, steps, rows_limit: as :func:`sensitivity_rows`.
+
+    Returns:
+        ``(summary, rows)``: summary ``layer, design, order, metric, metric_kind, rho, rho_p, tau, tau_p,
+        bad_frac, rows, defined``; rows as :func:`sensitivity_rows` with ``layer`` first and ``valid`` after
+        ``value``. Undefined cells are 0 and flagged False.
+    """
+    details, summaries = [], []
+    for layer, reps in layers.items():
+        table = sensitivity_rows(reps, labels, train, metrics, orders=orders, steps=steps, design="seeds",
+                                 rows_limit=rows_limit)
+        table.insert(0, "layer", layer)
+        details.append(table)
+        for design in _DESIGNS:
+            summary = sensitivity_summary(table, design)
+            summary.insert(0, "design", design)
+            summary.insert(0, "layer", layer)
+            summaries.append(summary)
+    detail = pd.concat(details, ignore_index=True)
+    detail.insert(detail.columns.get_loc("value") + 1, "valid", np.isfinite(detail["value"].to_numpy(float)))
+    for column in ("value", "dissimilarity"):
+        detail[column] = np.nan_to_num(detail[column].to_numpy(float), nan=0.0, posinf=0.0, neginf=0.0)
+    summary = pd.concat(summaries, ignore_index=True)
+    summary["defined"] = np.isfinite(summary["rho"].to_numpy(float))
+    for column in ("rho", "rho_p", "tau", "tau_p", "bad_frac"):
+        summary[column] = np.nan_to_num(summary[column].to_numpy(float), nan=0.0)
+    return summary, detail
