@@ -36,6 +36,7 @@ never moves has no ranking and scores ρ = τ = 0 (p = 0.5) rather than NaN.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Literal, Mapping, Sequence
 
@@ -328,6 +329,19 @@ def sensitivity_test(
         bad_frac, rows, defined``; rows as :func:`sensitivity_rows` with ``layer`` first and ``valid`` after
         ``value``. Undefined cells are 0 and flagged False.
     """
+    try:  # one BLAS thread: results bit-identical in-process and on single-threaded workers (and faster here)
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        limit = contextlib.nullcontext()
+    else:
+        limit = threadpool_limits(limits=1)
+    with limit:
+        return _sensitivity_test(layers, labels, train, metrics, orders, steps, rows_limit)
+
+
+def _sensitivity_test(layers: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray, train: np.ndarray,
+                      metrics: Sequence[str | Metric] | None, orders: Sequence[Order], steps: int,
+                      rows_limit: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     details, summaries = [], []
     for layer, reps in layers.items():
         table = sensitivity_rows(reps, labels, train, metrics, orders=orders, steps=steps, design="seeds",
