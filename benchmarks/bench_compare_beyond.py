@@ -9,6 +9,13 @@
    vs hashed into G groups and read on the full data plus G leave-one-group-out replicates (total − group, no
    second pass) with the weighted jackknife, for the cheap metrics and for every moment-based metric.
 
+3. **All 12 registry metrics, end to end** (what the ``similarity`` stage does for one layer pair, without the
+   permutation null): the samples streamed into the per-group sums and the fixed RSA subset, then every metric
+   read once (point estimate; RSA on the subset) vs read with its leave-one-group-out jackknife s.e. and interval
+   (:func:`similarity_table`: the moment metrics' replicates are total − group, RSA's drop the group's subset rows
+   from the RDM computed once). Wall and process CPU time are both reported (the CPU ratio is steadier on a
+   shared machine).
+
 Both sides of each race are interleaved, median of ``--repeat``.
 
 Usage: python benchmarks/bench_compare_beyond.py [--samples 100000] [--units 128] [--repeat 3]
@@ -17,6 +24,8 @@ Usage: python benchmarks/bench_compare_beyond.py [--samples 100000] [--units 128
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 import tracemalloc
 from typing import Callable
 
@@ -26,10 +35,12 @@ from _timing import interleaved
 from repdissect.stages.compare import (
     REGISTRY,
     GroupedMoments,
+    SubsetRows,
     debiased_cka_moments,
     group_of,
     jackknife,
     procrustes_moments,
+    similarity_table,
 )
 
 BATCH = 8192
@@ -92,16 +103,71 @@ def _read(g: GroupedMoments, names: list[str], jack: bool) -> dict[str, tuple[fl
     return out
 
 
+def _stream_with_subset(a: np.ndarray, b: np.ndarray, groups: int, hashed: bool,
+                        subset: int) -> tuple[GroupedMoments, SubsetRows]:
+    g = GroupedMoments([a.shape[1], b.shape[1]], ["a", "b"], max(groups, 2))
+    rows = SubsetRows([a.shape[1], b.shape[1]], ["a", "b"], subset)
+    ids = np.arange(a.shape[0])
+    for start in range(0, a.shape[0], BATCH):
+        part = slice(start, start + BATCH)
+        group = group_of(ids[part], groups) if hashed else np.zeros(ids[part].size, np.int64)
+        g.update(a[part], b[part], group=group)
+        rows.update(a[part], b[part], ids=ids[part])
+    return g, rows
+
+
+def _read_point(g: GroupedMoments, rows: SubsetRows) -> dict[str, float]:
+    """Every registry metric once, under the same one-BLAS-thread limit as :func:`similarity_table`."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        state = g.states(jackknife=False)
+        sub = rows.rows()
+        return {name: float(m.moments(state, "a", "b")[0]) if m.moments is not None
+                else float(m.rows(sub["a"], sub["b"])) for name, m in REGISTRY.items()}
+
+
+def _all_point(a: np.ndarray, b: np.ndarray, subset: int) -> dict[str, float]:
+    return _read_point(*_stream_with_subset(a, b, 1, False, subset))
+
+
+def _all_jackknife(a: np.ndarray, b: np.ndarray, groups: int, subset: int) -> dict[str, tuple[float, float]]:
+    g, rows = _stream_with_subset(a, b, groups, True, subset)
+    table = similarity_table(g, [("a", "b")], list(REGISTRY), subset=rows.rows(), subset_ids=rows.ids, permutations=0)
+    return {r.metric: (r.value, r.se) for r in table.itertuples()}
+
+
+def _interleaved_cpu(candidates: dict[str, Callable[[], object]], repeat: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU seconds per candidate, run in turn (A, B, A, B, …) after one warm-up each."""
+    for fn in candidates.values():
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in candidates}
+    cpu: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(repeat):
+        for name, fn in candidates.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--units", type=int, default=128)
     parser.add_argument("--groups", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--subset", type=int, default=300, help="RSA subset size (the [similarity] default)")
+    parser.add_argument("--only-all", action="store_true", help="run section 3 alone")
     args = parser.parse_args()
     a, b = _activations(args.samples, args.units)
     print(f"N = {args.samples} samples, {args.units} + {args.units} units, batches of {BATCH}, "
           f"G = {args.groups} groups, median of {args.repeat}")
+
+    if args.only_all:
+        _section_all(a, b, args)
+        return
 
     # 1. end to end vs in-memory numpy
     def ours() -> tuple[float, float]:
@@ -142,6 +208,26 @@ def main() -> None:
         for name in names[:4]:
             value, se = results["jackknife"][name]
             print(f"    {name:<16s} {value:.4f} ± {se:.4f}")
+
+    _section_all(a, b, args)
+
+
+def _section_all(a: np.ndarray, b: np.ndarray, args: argparse.Namespace) -> None:
+    # 3. all 12 registry metrics (RSA included) end to end: point estimate vs with the jackknife
+    wall, cpu = _interleaved_cpu({
+        "point": lambda: _all_point(a, b, args.subset),
+        "jackknife": lambda: _all_jackknife(a, b, args.groups, args.subset),
+    }, args.repeat)
+    print(f"\n3. all {len(REGISTRY)} registry metrics end to end (stream + read; RSA on {args.subset} images)")
+    for label, t in (("wall", wall), ("CPU ", cpu)):
+        print(f"  {label}: point estimate {t['point']:8.3f} s   with jackknife s.e. {t['jackknife']:8.3f} s   "
+              f"overhead {100 * (t['jackknife'] / t['point'] - 1):+6.1f} %")
+    g, rows = _stream_with_subset(a, b, args.groups, True, args.subset)
+    read_point = _interleaved_cpu({"r": lambda: _read_point(g, rows)}, args.repeat)[1]["r"]
+    read_jack = _interleaved_cpu({"r": lambda: similarity_table(g, [("a", "b")], list(REGISTRY), subset=rows.rows(),
+                                                                subset_ids=rows.ids, permutations=0)},
+                                 args.repeat)[1]["r"]
+    print(f"  read-out alone (CPU): point {read_point:.3f} s, with jackknife {read_jack:.3f} s")
 
 
 if __name__ == "__main__":

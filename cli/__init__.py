@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-n", type=int, default=24, help="number of images")
 
     s = sub.add_parser("sanity", help="built-in sanity test of every comparison metric on the config's own seeds "
-                                      "(Kornblith et al. 2019 layer identification); runs what is not cached")
+                                      "(Kornblith et al. 2019 layer identification, Ding et al. 2021 principal-component "
+                                      "deletion sensitivity); runs what is not cached")
     s.add_argument("config", nargs="?", default=None, help="config file (default: the packaged demo)")
     s.add_argument("--cache-dir", default=None)
     s.add_argument("--out-dir", default=None)
@@ -362,15 +363,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_sanity(args: argparse.Namespace) -> int:
     from ..pipeline import run
-    from ..reports import sanity_table
+    from ..reports import sanity_tables
     from ..stages import StageInputError
 
     result = run(args.config, cache_dir=args.cache_dir, out_dir=args.out_dir, progress=False)
-    table = sanity_table(result)
-    if table is None:
-        raise StageInputError("the sanity test needs [similarity] enabled and at least two trained seeds of a model "
-                              "with two or more layers; add seeds or layers to the config")
-    print(table.to_markdown())
+    tables = sanity_tables(result)
+    if not tables:
+        raise StageInputError("the sanity tests need [similarity] enabled with at least two trained seeds of a model "
+                              "with two or more layers, or [sensitivity] enabled with trained seeds on a dataset "
+                              "with class labels; add seeds or layers to the config")
+    print("\n\n".join(table.to_markdown() for table in tables))
     return 0
 
 

@@ -7,7 +7,7 @@ the value received and what is allowed. Free-form sub-tables exist only where a 
 (dataset parameters, architecture keyword arguments).
 
 Sections: ``[run]``, ``[dataset]``, ``[[models]]`` (with ``[models.train]``), ``[extract]``, ``[thresholds]``, ``[iou]``,
-``[stability]``, ``[compare]``, ``[execution]``, ``[visualise]``, ``[attribution]``, ``[similarity]``.
+``[stability]``, ``[compare]``, ``[execution]``, ``[visualise]``, ``[attribution]``, ``[similarity]``, ``[sensitivity]``.
 """
 
 from __future__ import annotations
@@ -260,6 +260,42 @@ class SimilarityConfig:
 
 
 @dataclass(frozen=True)
+class SensitivityConfig:
+    """Ding et al. 2021's sensitivity test (``repdissect sanity``): delete principal components of one seed's
+    layer, rank-correlate each metric's dissimilarity with a linear probe's accuracy change.
+
+    Runs for every model with trained seeds on a dataset with class labels. ``metrics``: registry names (as
+    ``[similarity].metrics``). ``orders``: ``"low"`` deletes the lowest-variance components first (Ding et al.),
+    ``"high"`` the highest first. ``steps``: about how many deletion counts from 0 to units − 1. ``images``: at
+    most this many images (a seeded hash picks them; probes train on the dataset's train split, everything is
+    measured on its held-out split). ``rsa_images``: held-out images RSA uses (its cost grows as their square).
+    """
+
+    enabled: bool = True
+    metrics: list[str] = field(default_factory=lambda: [
+        "linear_cka", "debiased_cka", "cca_mean", "svcca", "pwcca", "pwcca_morcos", "procrustes", "shape_alpha1",
+        "shape_alpha0.5", "shape_alpha0", "frechet", "rsa"])
+    orders: list[str] = field(default_factory=lambda: ["low", "high"])
+    steps: int = 12
+    images: int = 5000
+    rsa_images: int = 300
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        known = ("linear_cka", "debiased_cka", "cca_mean", "svcca", "pwcca", "pwcca_morcos", "procrustes",
+                 "shape_alpha1", "shape_alpha0.5", "shape_alpha0", "frechet", "rsa")
+        unknown = [m for m in self.metrics if m not in known]
+        _check(bool(self.metrics) and not unknown, f"{key}.metrics", self.metrics,
+               f"choose a non-empty list from {list(known)}")
+        bad = [o for o in self.orders if o not in ("low", "high")]
+        _check(bool(self.orders) and not bad and len(set(self.orders)) == len(self.orders), f"{key}.orders",
+               self.orders, 'choose a non-empty list of distinct orders from ["low", "high"]')
+        _check(self.steps >= 2, f"{key}.steps", self.steps, "must be an integer ≥ 2 (12 recommended)")
+        _check(self.images >= 8, f"{key}.images", self.images, "must be an integer ≥ 8")
+        _check(self.rsa_images >= 4, f"{key}.rsa_images", self.rsa_images, "must be an integer ≥ 4 (RSA needs 4 images)")
+
+
+@dataclass(frozen=True)
 class ExecutionConfig:
     """How work runs: these fields change speed, not results, with two exceptions the keys capture.
 
@@ -369,6 +405,7 @@ class Config:
     visualise: VisualiseConfig = field(default_factory=VisualiseConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
 
     def validate(self, key: str = "") -> None:
         self.run.validate("[run]")
@@ -382,6 +419,7 @@ class Config:
         self.visualise.validate("[visualise]")
         self.attribution.validate("[attribution]")
         self.similarity.validate("[similarity]")
+        self.sensitivity.validate("[sensitivity]")
         _check(len(self.models) > 0, "[[models]]", [], "define at least one [[models]] table")
         names = [m.name for m in self.models]
         for i, model in enumerate(self.models):

@@ -6,6 +6,7 @@ Shape (one node per box; keys chain through ``upstream``)::
                                          ├──► stability[instance,layer]          (datasets with landmarks)
                                          └──► moments[pair,layer] ─► compare[pair,layer]
                                          └──► cka[pair]                          (layer × layer, pooled)
+    extract[every trained seed of a model] ─► sensitivity[model]                 (Ding et al. deletion test)
     stability_center[dataset]                                                    (image-centre baseline)
                                          ├──► dataset_search[instance,layer]     (top-k images per unit)
                                          ├──► activation_max[instance,layer]     ([visualise]; + train weights;
@@ -97,6 +98,26 @@ def _node(stage: str, label: dict[str, str], params: dict[str, Any], *, upstream
           digests: dict[str, str] | None = None, exec_params: dict[str, Any] | None = None) -> Node:
     return Node(stage=stage, label=label, params=params, upstream=upstream or {}, digests=digests or {},
                 exec_params=exec_params or {}, version=type(get_stage(stage)).version)
+
+
+def _sensitivity_nodes(config: Config, dataset: Any, instances: list[Instance], extract_of: dict[str, Node],
+                       digests: dict[str, str]) -> list[Node]:
+    """One ``sensitivity`` node per model with trained seeds, on a dataset with class labels (the probes' targets)."""
+    sc = config.sensitivity
+    if not sc.enabled or not dataset.class_names:
+        return []
+    nodes = []
+    for model in config.models:
+        trained = [i for i in instances if i.model is model and i.init == "trained"]
+        if not trained:
+            continue
+        roles = [f"s{i.seed}" for i in trained]
+        nodes.append(_node("sensitivity", {"model": model.name},
+                           {"roles": roles, "layers": list(model.layers), "metrics": list(sc.metrics),
+                            "orders": list(sc.orders), "steps": sc.steps, "images": sc.images,
+                            "rsa_images": sc.rsa_images, "seed": sc.seed},
+                           upstream={r: extract_of[i.name] for r, i in zip(roles, trained)}, digests=digests))
+    return nodes
 
 
 def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int, int]) -> None:
@@ -318,6 +339,7 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
                                 "metrics": list(sc.metrics), "groups": sc.groups, "subset": sc.subset,
                                 "permutations": sc.permutations, "seed": sc.seed},
                                upstream={"a": ea, "b": eb}))
+    nodes += _sensitivity_nodes(config, dataset, instances, extract_of, digests)
     nodes += attribution_nodes(config, dataset, instances, extract_of, nodes, _node, digests, exec_common)
     for model, classes in checks:
         extracts = [extract_of[i.name] for i in instances if i.model is model]

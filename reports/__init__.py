@@ -40,6 +40,7 @@ __all__ = [
     "summary_text",
     "report_from_cache",
     "sanity_table",
+    "sanity_tables",
     "PaperTable",
     "MeanStd",
     "mean_std",
@@ -54,6 +55,13 @@ __all__ = [
 def sanity_table(result: Any) -> Any:
     """Layer-identification accuracy of every comparison metric (pandas loads here, not at import)."""
     from ._similarity import sanity_table as build
+
+    return build(result)
+
+
+def sanity_tables(result: Any) -> Any:
+    """The ``repdissect sanity`` tables: layer identification and deletion sensitivity, those the run has."""
+    from ._similarity import sanity_tables as build
 
     return build(result)
 

@@ -21,7 +21,7 @@ __all__ = ["FIGURE_BUILDERS", "TABLE_KEYS", "report_pieces", "summary_piece"]
 #: attribution (each name one piece)
 TABLE_KEYS = ("findings", "category_detectors", "dissection_summary", "top_units", "location_instability",
               "convergent_learning", "regression", "similarity", "concept_agreement", "training", "icnn_instability",
-              "icnn_comparison", "similarity_uncertainty", "layer_by_layer", "layer_identification",
+              "icnn_comparison", "similarity_uncertainty", "layer_by_layer", "layer_identification", "sensitivity",
               "attribution_mass")
 #: summary figure builders of ``_plots`` in report order, then the attribution figures
 FIGURE_BUILDERS = ("correlation_figures", "detectors_figure", "svcca_figure", "cka_figure", "regression_figure",

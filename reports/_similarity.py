@@ -8,6 +8,8 @@ Built from cached stage tables only (the ``similarity`` table of each model pair
 10. ``10_layer_by_layer`` — every metric's layer × layer matrix, mean over seed pairs.
 11. ``11_layer_identification`` — Kornblith et al. 2019's sanity test: how often each metric picks the same layer
     of the other seed as most similar (both directions of every seed pair).
+
+Table 17 (Ding et al.'s deletion sensitivity, ``_sensitivity``) is appended to the same builders.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import pandas as pd
 
 from ..stages.compare import layer_identification
 from ._data import RunData
+from ._sensitivity import sensitivity_table
 from ._tables import PaperTable, mean_std
 
-__all__ = ["SIMILARITY_BUILDERS", "sanity_table", "similarity_uncertainty", "layer_by_layer", "layer_identification_table"]
+__all__ = ["SIMILARITY_BUILDERS", "sanity_table", "sanity_tables", "similarity_uncertainty", "layer_by_layer", "layer_identification_table"]
 
 
 def _frame(data: RunData) -> pd.DataFrame:
@@ -139,9 +142,17 @@ SIMILARITY_BUILDERS = [
     ("similarity_uncertainty", similarity_uncertainty, "no similarity results ([similarity].enabled = false or no pairs)"),
     ("layer_by_layer", layer_by_layer, "no similarity results for seed pairs"),
     ("layer_identification", layer_identification_table, "needs seed pairs of a model with ≥ 2 layers"),
+    ("sensitivity", sensitivity_table, "no sensitivity results ([sensitivity] disabled or no trained seeds with labels)"),
 ]
 
 
 def sanity_table(result: object) -> PaperTable | None:
-    """Table 11 (layer identification per metric) of a finished run: the ``repdissect sanity`` read-out."""
+    """Table 11 (layer identification per metric) of a finished run."""
     return layer_identification_table(RunData(result))
+
+
+def sanity_tables(result: object) -> list[PaperTable]:
+    """Tables 11 (layer identification) and 17 (deletion sensitivity) of a finished run, those it has: the
+    ``repdissect sanity`` read-out."""
+    data = RunData(result)
+    return [t for t in (layer_identification_table(data), sensitivity_table(data)) if t is not None]

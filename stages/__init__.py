@@ -21,6 +21,7 @@ from ._errors import StageInputError
 from . import _stage_compare, _stage_dissect, _stage_extract, _stage_stability, _stage_train  # noqa: F401
 from . import _stage_attribution, _stage_visualise  # noqa: F401
 from . import _stage_similarity  # noqa: F401
+from . import _stage_sensitivity  # noqa: F401
 
 _EXPORTS = {
     "_stage_train": ["model_spec_from_params"],

@@ -12,7 +12,8 @@ fourth-order terms of debiased CKA, so every registered metric (:data:`REGISTRY`
 netrep shape metrics, Fréchet distance, google/svcca's PWCCA, …) comes with a leave-one-group-out jackknife
 (:func:`jackknife`, total − group, no second pass); :class:`SubsetRows` keeps a fixed seeded image subset for
 RSA and the permutation null; :func:`similarity_table` puts it together for layer × layer tables and
-:func:`layer_identification` is Kornblith et al.'s sanity test.
+:func:`layer_identification` is Kornblith et al.'s sanity test; :func:`sensitivity_rows` /
+:func:`sensitivity_summary` are Ding et al.'s principal-component deletion test.
 """
 
 from ._arrays import (
@@ -64,6 +65,17 @@ from ._grouped import GroupedMoments, MomentState, SubsetRows, group_of, hash_id
 from ._pwcca_google import GooglePWCCAResult, pwcca_google_arrays, pwcca_google_from_moments
 from ._registry import DEFAULT_METRICS, REGISTRY, Metric, resolve_metrics
 from ._sanity import layer_identification
+from ._sensitivity import (
+    delete_components,
+    deletion_counts,
+    fit_probe,
+    principal_components,
+    probe_accuracy,
+    rank_statistics,
+    sensitivity_rows,
+    sensitivity_summary,
+    sensitivity_test,
+)
 from ._uncertainty import jackknife, permutation_pvalue, permuted_states, similarity_table
 
 __all__ = [
@@ -139,4 +151,14 @@ __all__ = [
     "permuted_states",
     "similarity_table",
     "layer_identification",
+    # Ding et al. 2021's principal-component deletion test
+    "principal_components",
+    "delete_components",
+    "deletion_counts",
+    "fit_probe",
+    "probe_accuracy",
+    "rank_statistics",
+    "sensitivity_rows",
+    "sensitivity_summary",
+    "sensitivity_test",
 ]

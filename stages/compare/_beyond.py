@@ -99,10 +99,10 @@ def procrustes_moments(state: MomentState, a: str, b: str) -> np.ndarray:
     return 2.0 - 2.0 * np.minimum(cos, 1.0)
 
 
-def _partial_whitener(m: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """netrep's partial whitening of scatter stack m (R, p, p): (Z (R, p, p), tr(Z M Z) (R,))."""
-    lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
-    lam = np.maximum(lam, 0.0)
+def _partial_whitener(spectrum: tuple[np.ndarray, np.ndarray], alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """netrep's partial whitening of a scatter stack from its decomposition (λ ≥ 0 (R, p), V (R, p, p)):
+    (Z (R, p, p), tr(Z M Z) (R,))."""
+    lam, vec = spectrum
     d = alpha + (1.0 - alpha) / np.sqrt(np.maximum(lam, NETREP_EIGVAL_TOL))
     z = (vec * d[:, None, :]) @ np.swapaxes(vec, 1, 2)
     return z, (d**2 * lam).sum(axis=1)
@@ -116,15 +116,16 @@ def shape_metric_moments(state: MomentState, a: str, b: str, alpha: float = 1.0)
     if alpha == 1.0:
         cos = _ratio(_nuclear(mxy), np.sqrt(_trace(mxx) * _trace(myy)))
     else:
-        zx, vx = _partial_whitener(mxx, alpha)
-        zy, vy = _partial_whitener(myy, alpha)
+        zx, vx = _partial_whitener(state.spectrum(a), alpha)
+        zy, vy = _partial_whitener(state.spectrum(b), alpha)
         cos = _ratio(_nuclear(zx @ mxy @ zy), np.sqrt(vx * vy))
     return np.arccos(np.clip(cos, -1.0, 1.0))
 
 
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-    lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
-    return (vec * np.sqrt(np.maximum(lam, 0.0))[:, None, :]) @ np.swapaxes(vec, 1, 2)
+def _sqrt_psd(spectrum: tuple[np.ndarray, np.ndarray], scale: np.ndarray) -> np.ndarray:
+    """(R, p, p) square root of the PSD stack with decomposition ``spectrum`` (λ ≥ 0, V) times ``scale`` (R,)."""
+    lam, vec = spectrum
+    return (vec * np.sqrt(lam * scale[:, None])[:, None, :]) @ np.swapaxes(vec, 1, 2)
 
 
 def frechet_moments(state: MomentState, a: str, b: str) -> np.ndarray:
@@ -132,10 +133,10 @@ def frechet_moments(state: MomentState, a: str, b: str) -> np.ndarray:
     mxx, myy, _ = _blocks(state, a, b)
     if mxx.shape[1] != myy.shape[1]:
         return np.full(state.n.size, np.nan)
-    dof = np.maximum(state.n - 1, 1.0)[:, None, None]
-    cx, cy = mxx / dof, myy / dof
+    dof = np.maximum(state.n - 1, 1.0)
+    cx, cy = mxx / dof[:, None, None], myy / dof[:, None, None]
     mean_term = ((state.mean[:, state.block(a)] - state.mean[:, state.block(b)]) ** 2).sum(axis=1)
-    cross = _nuclear(_sqrt_psd(cx) @ _sqrt_psd(cy))
+    cross = _nuclear(_sqrt_psd(state.spectrum(a), 1.0 / dof) @ _sqrt_psd(state.spectrum(b), 1.0 / dof))
     return np.maximum(mean_term + _trace(cx) + _trace(cy) - 2.0 * cross, 0.0)
 
 

@@ -4,7 +4,8 @@ The same definitions and rank rule as :mod:`._cca` (eigenvalues ≤ eps·λ_max 
 clipped to [0, 1], PWCCA weights from the side with fewer non-degenerate directions, A on ties), computed for
 R replicates at once: each side's eigen-decomposition is one batched ``eigh``, and directions beyond a
 replicate's rank are masked to zero so one batched SVD serves every replicate. Inputs are the centred scatter
-blocks M (R, p, p), M (R, q, q), M (R, p, q); every index is invariant to the scatter's scale.
+blocks M (R, p, p), M (R, q, q), M (R, p, q); every index is invariant to the scatter's scale. ``spectra``:
+both sides' decompositions when the caller already has them (:meth:`MomentState.spectrum`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ from ._cca import svcca_dims
 __all__ = ["cca_mean_batched", "svcca_batched", "pwcca_morcos_batched"]
 
 
-def _spectra(m: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
-    lam, vec = np.maximum(lam[:, ::-1], 0.0), vec[:, :, ::-1]
+Spectrum = tuple[np.ndarray, np.ndarray]
+
+
+def _spectra(m: np.ndarray, eps: float, pre: Spectrum | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(λ decreasing ≥ 0, V, rank) of a scatter stack; ``pre`` is its decomposition when already known."""
+    if pre is None:
+        lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
+        lam, vec = np.maximum(lam[:, ::-1], 0.0), vec[:, :, ::-1]
+    else:
+        lam, vec = pre
     top = lam[:, :1] if lam.shape[1] else np.zeros((lam.shape[0], 1))
     rank = np.where(top[:, 0] > 0, (lam > eps * top).sum(axis=1), 0)
     return lam, vec, rank
@@ -36,20 +44,21 @@ def _masked_mean(s: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.where(k > 0, total / np.maximum(k, 1), 0.0)
 
 
-def cca_mean_batched(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+def cca_mean_batched(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, eps: float = 1e-10,
+                     spectra: tuple[Spectrum, Spectrum] | None = None) -> np.ndarray:
     """(R,) mean canonical correlation over the non-degenerate directions of both sides."""
-    lx, vx, rx = _spectra(mxx, eps)
-    ly, vy, ry = _spectra(myy, eps)
+    lx, vx, rx = _spectra(mxx, eps, spectra[0] if spectra else None)
+    ly, vy, ry = _spectra(myy, eps, spectra[1] if spectra else None)
     wx, wy = _whitener(lx, vx, rx), _whitener(ly, vy, ry)
     s = np.linalg.svd(np.swapaxes(wx, 1, 2) @ mxy @ wy, compute_uv=False)
     return _masked_mean(s, np.minimum(rx, ry))
 
 
 def svcca_batched(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, keep: float = 0.99, eps: float = 1e-10,
-                  convention: str = "singular_values") -> np.ndarray:
+                  convention: str = "singular_values", spectra: tuple[Spectrum, Spectrum] | None = None) -> np.ndarray:
     """(R,) SVCCA ρ̄: each replicate keeps its own leading directions (:func:`svcca_dims`), then CCA."""
-    lx, vx, rx = _spectra(mxx, eps)
-    ly, vy, ry = _spectra(myy, eps)
+    lx, vx, rx = _spectra(mxx, eps, spectra[0] if spectra else None)
+    ly, vy, ry = _spectra(myy, eps, spectra[1] if spectra else None)
     mx = np.array([min(svcca_dims(l, keep, convention), r) for l, r in zip(lx, rx)], dtype=np.int64)
     my = np.array([min(svcca_dims(l, keep, convention), r) for l, r in zip(ly, ry)], dtype=np.int64)
     wx, wy = _whitener(lx, vx, mx), _whitener(ly, vy, my)
@@ -57,10 +66,11 @@ def svcca_batched(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, keep: float
     return _masked_mean(s, np.minimum(mx, my))
 
 
-def pwcca_morcos_batched(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+def pwcca_morcos_batched(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, eps: float = 1e-10,
+                         spectra: tuple[Spectrum, Spectrum] | None = None) -> np.ndarray:
     """(R,) PWCCA with the paper's weights α_i = Σ_j |⟨h_i, x_j⟩| (see :func:`pwcca_from_covariance`)."""
-    lx, vx, rx = _spectra(mxx, eps)
-    ly, vy, ry = _spectra(myy, eps)
+    lx, vx, rx = _spectra(mxx, eps, spectra[0] if spectra else None)
+    ly, vy, ry = _spectra(myy, eps, spectra[1] if spectra else None)
     wx, wy = _whitener(lx, vx, rx), _whitener(ly, vy, ry)
     u, s, vt = np.linalg.svd(np.swapaxes(wx, 1, 2) @ mxy @ wy, full_matrices=False)
     k = np.minimum(rx, ry)

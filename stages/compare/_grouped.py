@@ -19,7 +19,7 @@ permutation nulls): the ``size`` samples with the smallest seeded hash of their 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self, Sequence
 
 import numpy as np
@@ -61,11 +61,23 @@ class MomentState:
     sq: np.ndarray
     slices: dict[str, slice]
     index: dict[str, int]
+    _spectra: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
 
     def block(self, name: str) -> slice:
         if name not in self.slices:
             raise StageInputError(f"unknown block {name!r}; blocks are {list(self.slices)}")
         return self.slices[name]
+
+    def spectrum(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Eigen-decomposition of block ``name``'s scatter for every replicate: ``(λ (R, p) in decreasing order,
+        clipped at 0; V (R, p, p), columns in the same order)``. Computed once per state and shared by every
+        metric that whitens or takes square roots (CCA family, shape metrics, Fréchet distance)."""
+        if name not in self._spectra:
+            s = self.block(name)
+            m = self.m2[:, s, s]
+            lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
+            self._spectra[name] = (np.maximum(lam[:, ::-1], 0.0), vec[:, :, ::-1])
+        return self._spectra[name]
 
 
 class GroupedMoments(StreamingStatistic):

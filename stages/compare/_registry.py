@@ -85,7 +85,8 @@ def _batched(fn: Callable[..., np.ndarray]) -> Callable[[MomentState, str, str],
     def lifted(state: MomentState, a: str, b: str) -> np.ndarray:
         sa, sb = state.block(a), state.block(b)
         m = state.m2
-        return np.where(state.n >= 2, fn(m[:, sa, sa], m[:, sb, sb], m[:, sa, sb]), np.nan)
+        spectra = (state.spectrum(a), state.spectrum(b))
+        return np.where(state.n >= 2, fn(m[:, sa, sa], m[:, sb, sb], m[:, sa, sb], spectra=spectra), np.nan)
 
     return lifted
 

@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from .._errors import StageInputError
-from ._beyond import rdm_correlation
+from ._beyond import rdm_correlation, rsa_arrays
 from ._grouped import GroupedMoments, MomentState, _centre, group_of
 from ._registry import Metric, resolve_metrics
 
@@ -129,6 +129,33 @@ def _rsa_null(x: np.ndarray, y: np.ndarray, perms: np.ndarray) -> np.ndarray:
     return out
 
 
+def _rdm_matrix(x: np.ndarray) -> np.ndarray:
+    """(k, k) correlation-distance RDM (the full matrix of :func:`rdm_correlation`'s upper triangle)."""
+    k = x.shape[0]
+    full = np.zeros((k, k))
+    i, j = np.triu_indices(k, k=1)
+    full[i, j] = rdm_correlation(x)
+    return full + full.T
+
+
+def _spearman_upper(dx: np.ndarray, dy: np.ndarray, keep: np.ndarray) -> float:
+    """Spearman ρ of the upper triangles of two RDMs restricted to rows/columns ``keep`` (NaN when constant)."""
+    idx = np.flatnonzero(keep)
+    i, j = np.triu_indices(idx.size, k=1)
+    rx, ry = stats.rankdata(dx[idx[i], idx[j]]), stats.rankdata(dy[idx[i], idx[j]])
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = np.linalg.norm(rx) * np.linalg.norm(ry)
+    return float(rx @ ry / den) if den > 0 else float("nan")
+
+
+def _rsa_jackknife(x: np.ndarray, y: np.ndarray, groups: np.ndarray, present: Sequence[int]) -> tuple[float, np.ndarray]:
+    """RSA on all subset rows and without each present group, from the two RDMs computed once (a group's
+    replicate is the RDMs with its rows and columns removed: the same value as recomputing from its rows)."""
+    dx, dy = _rdm_matrix(x), _rdm_matrix(y)
+    everyone = np.ones(x.shape[0], bool)
+    return _spearman_upper(dx, dy, everyone), np.array([_spearman_upper(dx, dy, groups != g) for g in present])
+
+
 def similarity_table(
     moments: GroupedMoments,
     pairs: Sequence[tuple[str, str]],
@@ -221,10 +248,13 @@ def _similarity_table(
                 n = int(states.n[0])
             else:
                 x, y = subset[a], subset[b]  # type: ignore[index]
-                estimate = float(m.rows(x, y))
                 assert sub_groups is not None
                 present = [g for g in range(moments.groups) if (sub_groups == g).any()]
-                reps = np.array([m.rows(x[sub_groups != g], y[sub_groups != g]) for g in present])
+                if m.rows is rsa_arrays and k >= 4:  # the RDMs once, each replicate drops its group's rows
+                    estimate, reps = _rsa_jackknife(x, y, sub_groups, present)
+                else:
+                    estimate = float(m.rows(x, y))
+                    reps = np.array([m.rows(x[sub_groups != g], y[sub_groups != g]) for g in present])
                 group_n = np.array([(sub_groups == g).sum() for g in present])
                 n = k
             jk = jackknife(estimate, reps, group_n, confidence)

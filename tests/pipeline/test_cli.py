@@ -77,13 +77,16 @@ def test_compare_cli_writes_metric_table(tmp_path, capsys):
     assert list(table.index) == ["procrustes", "rsa"] and (table.p_value == 0.05).all()
 
 
-def test_sanity_command_prints_the_layer_identification_table(tmp_path, capsys):
+def test_sanity_command_prints_layer_identification_and_deletion_sensitivity(tmp_path, capsys):
     from helpers import write_tiny_config
 
     config = write_tiny_config(tmp_path, layers=("conv1", "conv2"))
     assert main(["sanity", str(config)]) == 0
     out = capsys.readouterr().out
     assert "layer identification" in out and "| cnn | linear\\_cka |" in out and "/4 |" in out
+    # Ding et al.'s deletion test: one row per (layer, metric) and the mean over layers
+    assert "sensitivity to principal-component deletion" in out
+    assert "| conv1 | procrustes |" in out and "| mean over layers | rsa |" in out
 
 
 def test_dataset_export_and_preview(tmp_path, capsys):

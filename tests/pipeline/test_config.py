@@ -60,6 +60,9 @@ BAD = [
     ("[similarity]\nmetrics = ['cka9']\n", r"\[similarity\]\.metrics = \['cka9'\] is invalid: choose a non-empty list"),
     ("[similarity]\ngroups = 1\n", r"\[similarity\]\.groups = 1 is invalid"),
     ("[similarity]\nsubset = 2\n", r"\[similarity\]\.subset = 2 is invalid"),
+    ("[sensitivity]\norders = ['middle']\n", r"\[sensitivity\]\.orders = \['middle'\] is invalid: choose a non-empty"),
+    ("[sensitivity]\nsteps = 1\n", r"\[sensitivity\]\.steps = 1 is invalid"),
+    ("[sensitivity]\nmetrics = []\n", r"\[sensitivity\]\.metrics = \[\] is invalid"),
 ]
 
 

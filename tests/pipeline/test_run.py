@@ -38,7 +38,7 @@ def test_rerun_is_all_hits_and_run_record(tiny_config):
     stages = {n.stage for n in first.plan.nodes}
     assert stages == {"train", "extract", "thresholds", "iou", "stability", "stability_center", "moments",
                       "compare", "cka", "dataset_search", "activation_max", "filters", "tsne",
-                      "similarity"}
+                      "similarity", "sensitivity"}
     second = run(tiny_config)
     assert second.misses == 0 and second.hits == len(first.results)
     record = json.loads((second.out_dir / "run.json").read_text())

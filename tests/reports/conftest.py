@@ -190,7 +190,8 @@ def build_fake_run(root: Path, *, seeds=(0, 1, 2), images=24, size=32, evil=True
     from repdissect.core import Node
     from repdissect.stages._activations import activations_table
     from repdissect.stages import summaries_table
-    from repdissect.stages.compare import GroupedMoments, JointMoments, compare_moments, group_of, similarity_table
+    from repdissect.stages.compare import (GroupedMoments, JointMoments, compare_moments, group_of, sensitivity_test,
+                                           similarity_table)
 
     rng = np.random.default_rng(7)
     layers = list(LAYER_SHAPES)
@@ -292,6 +293,12 @@ def build_fake_run(root: Path, *, seeds=(0, 1, 2), images=24, size=32, evil=True
                                subset={n: x for n, x in zip(names, pooled)}, permutations=9)
         sim["layer_a"], sim["layer_b"] = sim["layer_a"].str.slice(2), sim["layer_b"].str.slice(2)
         publish("similarity", {"a": a.name, "b": b.name, "kind": kind}, {"similarity": sim})
+    labels = np.arange(images) % 3
+    reps = {layer: {str(i.seed): acts_of[(i.name, layer)].mean(axis=(2, 3)) + labels[:, None] for i in trained}
+            for layer in layers}
+    summary, detail = sensitivity_test(reps, labels, np.arange(images) % 5 != 4,
+                                       ["linear_cka", "procrustes", "cca_mean", "rsa"], steps=3)
+    publish("sensitivity", {"model": "cnn"}, {"sensitivity": summary, "sensitivity_rows": detail})
     plan = Plan(config=cfg, dataset_spec=spec, dataset_digest=dataset.digest(), nodes=nodes, instances=instances,
                 pairs=pairs)
     return RunResult(plan=plan, results=results, out_dir=Path(cfg.run.out_dir), seconds=1.0, record={})

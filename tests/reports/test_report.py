@@ -16,7 +16,7 @@ from repdissect.reports import summary_text, write_report
 
 TABLES = ["1_dissection_summary", "2_top_units", "3_location_instability", "4_convergent_learning", "5_regression",
           "6_similarity", "7_concept_agreement", "8_training", "9_similarity_uncertainty", "10_layer_by_layer",
-          "11_layer_identification"]
+          "11_layer_identification", "17_sensitivity"]
 FIGURES = ["correlation_cnn", "detectors", "svcca_curves", "cka_layers", "regression_curves", "location_instability",
            "concept_agreement",
            "exemplars_cnn_s0_conv1", "exemplars_cnn_s0_conv2"]

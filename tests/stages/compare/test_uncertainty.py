@@ -150,3 +150,20 @@ def test_batched_cca_family_equals_the_covariance_functions(seed):
         assert REGISTRY["svcca"].moments(states, "x", "y")[r] == pytest.approx(svcca_from_covariance(*blocks).mean, abs=1e-9)
         assert REGISTRY["pwcca_morcos"].moments(states, "x", "y")[r] == pytest.approx(
             pwcca_from_covariance(*blocks).value, abs=1e-9)
+
+
+def test_rsa_jackknife_equals_brute_force_recomputation_on_the_kept_rows():
+    from repdissect.stages.compare import rsa_arrays
+
+    x, y = _blocks(n=60, seed=4)
+    ids = np.arange(100, 160)
+    groups = 5
+    table = similarity_table(_fill(x, y, groups, ids), [("x", "y")], ["rsa"], subset={"x": x, "y": y},
+                             subset_ids=ids, permutations=0, group_seed=3)
+    row = table.iloc[0]
+    assignment = group_of(ids, groups, 3)
+    present = [g for g in range(groups) if (assignment == g).any()]
+    reps = np.array([rsa_arrays(x[assignment != g], y[assignment != g]) for g in present])
+    sizes = np.array([(assignment == g).sum() for g in present])
+    assert row["value"] == pytest.approx(rsa_arrays(x, y), abs=1e-12)
+    assert row["se"] == pytest.approx(jackknife(rsa_arrays(x, y), reps, sizes).se, rel=1e-9, abs=1e-12)
