@@ -58,7 +58,8 @@ def region_masks(maps: np.ndarray, threshold: float, size: tuple[int, int]) -> n
     import torch  # only the figure path needs it; `summary_text` on a cached run must not load torch
     import torch.nn.functional as F
 
-    x = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
+    # a copy: cached maps are read-only views of Arrow buffers, which torch refuses to wrap without a warning
+    x = torch.from_numpy(np.array(maps, dtype=np.float32))[:, None]
     up = F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[:, 0]
     return (up > float(threshold)).numpy()
 
