@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import queue
 import re
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -146,6 +147,12 @@ class PolarsParquetWriter(AtomicPartFile):
         from polars.io.plugins import register_io_source
 
         super().__init__(path)
+        # polars' sink may still create its output file after `sink_parquet` has raised (its I/O runs on its
+        # own executor), i.e. after an abort removed the temp file. The temp file therefore lives in a private
+        # hidden folder: once the folder is gone, such a late creation fails instead of leaving a stray file.
+        self._tmp_dir = self._tmp.with_name(self._tmp.name + "dir")
+        self._tmp_dir.mkdir()
+        self._tmp = self._tmp_dir / "part.parquet"
         self._schema = schema
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
         self._errors: list[BaseException] = []
@@ -194,3 +201,26 @@ class PolarsParquetWriter(AtomicPartFile):
     def _discard(self) -> None:
         self._todo.put(_ABORT)
         self._thread.join()
+
+    def close(self) -> Path:
+        try:
+            return super().close()
+        finally:
+            self._remove_tmp_dir()
+
+    def abort(self) -> None:
+        try:
+            super().abort()
+        finally:
+            self._remove_tmp_dir()
+
+    def _remove_tmp_dir(self) -> None:
+        # a late file creation can race the removal (ENOTEMPTY): retry until the folder is gone
+        for _ in range(1000):
+            try:
+                shutil.rmtree(self._tmp_dir)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                continue

@@ -92,6 +92,21 @@ def test_polars_writer_rejects_a_table_of_another_schema(tmp_path):
 
 
 @needs_polars
+@pytest.mark.parametrize("finish", ["abort", "close"])
+def test_a_late_temp_file_creation_after_the_writer_ends_cannot_leave_a_file(tmp_path, finish):
+    # polars' sink can create its output after `sink_parquet` has raised; emulate that creation, deterministically,
+    # at the worst moment: after the writer has finished and cleaned up
+    schema = _schema(3, pa.float32())
+    writer = PolarsParquetWriter(tmp_path / "m.parquet", schema)
+    writer.write(_table(schema, 0, 4, np.float32))
+    late_path = writer._tmp
+    getattr(writer, finish)()
+    with pytest.raises(FileNotFoundError):
+        late_path.write_bytes(b"late")
+    assert [p.name for p in tmp_path.iterdir()] == ([] if finish == "abort" else ["m.parquet"])
+
+
+@needs_polars
 def test_an_encoder_failure_surfaces_at_close_and_leaves_no_file(tmp_path, monkeypatch):
     import polars as pl
 
