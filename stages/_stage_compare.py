@@ -18,7 +18,8 @@ import numpy as np
 from ..core import Context, Stage, StageOutput, StatisticStage, register_stage
 from ._errors import StageInputError
 from ._lazy import LazyModule
-from ._stage_inputs import aligned_part, layer_blocks, layer_x_layer_shards, read_part
+from ._stage_inputs import (aligned_part, aligned_pooled, layer_blocks, layer_x_layer_shards, read_part,
+                            read_pooled_part)
 
 __all__ = ["MomentsStage", "CompareStage", "CKAStage", "heldout_mask"]
 
@@ -95,7 +96,8 @@ class CompareStage(Stage):
     #: the science modules this stage's result depends on (compare_arrays' registry path included)
     depends_on = (".compare._compare", ".compare._cca", ".compare._correlation", ".compare._matching",
                   ".compare._moments", ".compare._regression", ".compare._pwcca_google", ".compare._registry",
-                  ".compare._grouped", ".compare._uncertainty", ".compare._beyond", ".compare._cca_batched")
+                  ".compare._grouped", ".compare._uncertainty", ".compare._beyond", ".compare._cca_batched",
+                  ".compare._factor_cache")
 
     def run(self, ctx: Context) -> StageOutput:
         p = ctx.params
@@ -112,7 +114,9 @@ class CKAStage(StatisticStage):
     """Layer × layer linear CKA between two models from one joint statistic of pooled samples."""
 
     name = "cka"
-    version = 2  # 2: co-moments by chunked dsyrk (same values to rounding)
+    # 2: co-moments by chunked dsyrk (same values to rounding); 3: pooled samples are the float32 spatial means
+    # extraction stores (summaries), not means of the float16-stored maps (differences ~1e-4 relative)
+    version = 3
     depends_on = (".compare._cca", ".compare._moments", ".compare._correlation", "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
@@ -126,11 +130,13 @@ class CKAStage(StatisticStage):
         return _compare.MultiMoments
 
     def update(self, ctx: Context, stat: Any, shard_index: int, shard: Any) -> None:
-        ids, _ = read_part(ctx.inputs["a"].parts(f"activations@{ctx.params['layers_a'][0]}")[shard])
+        # Pooled samples are the units' spatial means, which extraction already stored (summary parts):
+        # the maps themselves are never read here.
+        ids, _ = read_pooled_part(ctx.inputs["a"].parts(f"summaries@{ctx.params['layers_a'][0]}")[shard])
         blocks = []
         for name in stat.names:
             role, layer = name.split(":", 1)
-            blocks.append(aligned_part(ctx, role, layer, ids).astype(np.float32).mean(axis=(2, 3)))
+            blocks.append(aligned_pooled(ctx, role, layer, ids))
         stat.update(*blocks)
 
     def publish(self, ctx: Context, stat: Any) -> StageOutput:

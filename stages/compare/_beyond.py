@@ -28,6 +28,7 @@ import numpy as np
 from scipy import stats
 
 from .._errors import StageInputError
+from ._factor_cache import sym_eigh
 from ._grouped import MomentState
 
 __all__ = [
@@ -101,7 +102,7 @@ def procrustes_moments(state: MomentState, a: str, b: str) -> np.ndarray:
 
 def _partial_whitener(m: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """netrep's partial whitening of scatter stack m (R, p, p): (Z (R, p, p), tr(Z M Z) (R,))."""
-    lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
+    lam, vec = sym_eigh((m + np.swapaxes(m, 1, 2)) * 0.5)  # identical replicates factorised once
     lam = np.maximum(lam, 0.0)
     d = alpha + (1.0 - alpha) / np.sqrt(np.maximum(lam, NETREP_EIGVAL_TOL))
     z = (vec * d[:, None, :]) @ np.swapaxes(vec, 1, 2)
@@ -123,7 +124,7 @@ def shape_metric_moments(state: MomentState, a: str, b: str, alpha: float = 1.0)
 
 
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-    lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
+    lam, vec = sym_eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
     return (vec * np.sqrt(np.maximum(lam, 0.0))[:, None, :]) @ np.swapaxes(vec, 1, 2)
 
 
@@ -227,7 +228,8 @@ def rdm_correlation(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(c, axis=1)
     c = c / np.where(norm > 0, norm, 1.0)[:, None]
     i, j = np.triu_indices(x.shape[0], k=1)
-    return 1.0 - np.einsum("ij,ij->i", c[i], c[j])
+    # One (k, k) Gram product instead of k(k−1)/2 row pairs gathered into two (k²/2, units) temporaries.
+    return 1.0 - (c @ c.T)[i, j]
 
 
 def rsa_arrays(x: np.ndarray, y: np.ndarray) -> float:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from ._cca import svcca_dims
+from ._factor_cache import sym_eigh
 
 __all__ = ["cca_mean_batched", "svcca_batched", "pwcca_morcos_batched"]
 
 
 def _spectra(m: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
+    lam, vec = sym_eigh((m + np.swapaxes(m, 1, 2)) * 0.5)  # identical replicates factorised once
     lam, vec = np.maximum(lam[:, ::-1], 0.0), vec[:, :, ::-1]
     top = lam[:, :1] if lam.shape[1] else np.zeros((lam.shape[0], 1))
     rank = np.where(top[:, 0] > 0, (lam > eps * top).sum(axis=1), 0)
