@@ -1,6 +1,7 @@
 """The ``similarity`` stage: every registered metric, layer × layer, with jackknife s.e. and a permutation null.
 
-One node per model pair. It streams the pooled (one sample per image: the spatial mean of each channel)
+One node per model pair. It streams the pooled (one sample per image: the spatial mean of each channel, read
+from extraction's summary parts)
 activations of every layer of both models into one :class:`~repdissect.stages.compare.GroupedMoments`
 (per-group raw sums with the fourth-order terms of debiased CKA; an image's jackknife group is a seeded hash of
 its index) and one :class:`~repdissect.stages.compare.SubsetRows` (the fixed seeded subset of ``subset``
