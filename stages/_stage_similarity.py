@@ -1,12 +1,12 @@
 """The ``similarity`` stage: every registered metric, layer × layer, with jackknife s.e. and a permutation null.
 
 One node per model pair. It streams the pooled (one sample per image: the spatial mean of each channel, read
-from extraction's summary parts)
-activations of every layer of both models into one :class:`~repdissect.stages.compare.GroupedMoments`
-(per-group raw sums with the fourth-order terms of debiased CKA; an image's jackknife group is a seeded hash of
-its index) and one :class:`~repdissect.stages.compare.SubsetRows` (the fixed seeded subset of ``subset``
-images for RSA and the permutation null), and publishes :func:`~repdissect.stages.compare.similarity_table`
-over all (layer of A, layer of B) pairs:
+from extraction's summary parts) activations of every layer of both models into one
+:class:`~repdissect.stages.compare.GroupedMoments` (per-group raw sums with the fourth-order terms of debiased
+CKA; an image's jackknife group is a seeded hash of its index) and one
+:class:`~repdissect.stages.compare.SubsetRows` (the fixed seeded subset of ``subset`` images for RSA and the
+permutation null), and publishes :func:`~repdissect.stages.compare.similarity_table` over all (layer of A,
+layer of B) pairs:
 
 ``similarity``  layer_a, layer_b, metric, metric_kind, value, se, ci_low, ci_high, jackknife_value, null_mean, null_q95,
                 p_value, n, n_subset, groups
