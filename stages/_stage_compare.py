@@ -44,7 +44,9 @@ class MomentsStage(StatisticStage):
     """Streaming joint first/second moments of two nets' channels (train and held-out image splits)."""
 
     name = "moments"
-    version = 2  # 2: co-moments by chunked dsyrk (same values to rounding)
+    # 2: co-moments by chunked dsyrk (same values to rounding); 3: per-position samples of equal grids streamed
+    # from the maps (update_maps: same sums in another order, equal to rounding)
+    version = 3
     depends_on = (".compare._moments", ".compare._correlation", ".compare._samples", "._stage_inputs", "._activations")
 
     def _channels(self, ctx: Context) -> tuple[int, int]:
@@ -66,8 +68,15 @@ class MomentsStage(StatisticStage):
         ids, acts_a = read_part(ctx.inputs["a"].parts(f"activations@{p['layer_a']}")[shard])
         acts_b = aligned_part(ctx, "b", p["layer_b"], ids)
         held = heldout_mask(ids, float(p["holdout"]))
+        # Per-position samples of equal grids go straight from the maps into the rank-k update (no channels-last
+        # float32 copy of the samples); other layouts are cut into samples first.
+        direct = (p["samples"] == "positions" and acts_a.ndim == 4 and acts_b.ndim == 4
+                  and acts_a.shape[2:] == acts_b.shape[2:])
         for split, mask in (("train", ~held), ("heldout", held)):
             if mask.any():
+                if direct:
+                    stat[split].update_maps(acts_a[mask], acts_b[mask])
+                    continue
                 a, b = _compare.samples_from_maps(acts_a[mask], acts_b[mask], mode=p["samples"], resize=p["resize"])
                 stat[split].update(a, b)
 
