@@ -28,7 +28,7 @@ import numpy as np
 from scipy import stats
 
 from .._errors import StageInputError
-from ._factor_cache import sym_eigh
+from ._factor_cache import memoised, sym_eigh
 from ._grouped import MomentState
 
 __all__ = [
@@ -90,7 +90,8 @@ def debiased_cka_moments(state: MomentState, a: str, b: str) -> np.ndarray:
 
 
 def _nuclear(m: np.ndarray) -> np.ndarray:
-    return np.linalg.svd(m, compute_uv=False).sum(axis=-1)
+    # Procrustes and the α = 1 shape metric take the nuclear norm of the same cross block: computed once.
+    return memoised("nuclear", m, lambda x: np.linalg.svd(x, compute_uv=False).sum(axis=-1)).copy()
 
 
 def procrustes_moments(state: MomentState, a: str, b: str) -> np.ndarray:
