@@ -17,6 +17,7 @@ and identical inputs give identical outputs (the callers run BLAS single-threade
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -28,13 +29,15 @@ __all__ = ["sym_eigh", "memoised", "clear_factor_cache"]
 _CAPACITY_BYTES = 64 << 20
 _CACHE: OrderedDict[tuple[str, bytes], tuple[Any, int]] = OrderedDict()
 _held = 0
+_LOCK = threading.Lock()  # a Dask worker may run several tasks in threads of one process
 
 
 def clear_factor_cache() -> None:
     """Drop every cached factorisation (tests; memory is bounded by ``_CAPACITY_BYTES`` anyway)."""
     global _held
-    _CACHE.clear()
-    _held = 0
+    with _LOCK:
+        _CACHE.clear()
+        _held = 0
 
 
 def _digest(matrix: np.ndarray) -> bytes:
@@ -46,11 +49,12 @@ def _digest(matrix: np.ndarray) -> bytes:
 
 
 def _lookup(tag: str, key: bytes) -> Any:
-    hit = _CACHE.get((tag, key))
-    if hit is None:
-        return None
-    _CACHE.move_to_end((tag, key))
-    return hit[0]
+    with _LOCK:
+        hit = _CACHE.get((tag, key))
+        if hit is None:
+            return None
+        _CACHE.move_to_end((tag, key))
+        return hit[0]
 
 
 def _nbytes(value: Any) -> int:
@@ -64,13 +68,14 @@ def _nbytes(value: Any) -> int:
 def _store(tag: str, key: bytes, value: Any) -> None:
     global _held
     size = _nbytes(value)
-    if size > _CAPACITY_BYTES // 4 or (tag, key) in _CACHE:  # huge results are not worth keeping
-        return
-    _CACHE[(tag, key)] = (value, size)
-    _held += size
-    while _held > _CAPACITY_BYTES:
-        _, (_, dropped) = _CACHE.popitem(last=False)
-        _held -= dropped
+    with _LOCK:
+        if size > _CAPACITY_BYTES // 4 or (tag, key) in _CACHE:  # huge results are not worth keeping
+            return
+        _CACHE[(tag, key)] = (value, size)
+        _held += size
+        while _held > _CAPACITY_BYTES:
+            _, (_, dropped) = _CACHE.popitem(last=False)
+            _held -= dropped
 
 
 def memoised(tag: str, matrix: np.ndarray, compute: Callable[[np.ndarray], Any]) -> Any:
