@@ -110,7 +110,9 @@ def pack_arrays(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | Non
         if arr.dtype.kind not in "biuf":
             raise TypeError(f"pack_arrays: array {name!r} has dtype {arr.dtype}; only bool/int/uint/float pack")
         flat = arr.reshape(-1)
-        columns[name] = pa.array([pa.array(flat)], type=pa.large_list(pa.from_numpy_dtype(arr.dtype)))
+        # from_arrays wraps the values buffer as is; ``pa.array([pa.array(flat)])`` would convert every element
+        # through Python (0.6 s for a 2-million-value co-moment stack, on every shard of a statistic stage).
+        columns[name] = pa.LargeListArray.from_arrays(pa.array([0, flat.size], pa.int64()), pa.array(flat))
         meta["arrays"][name] = {"shape": list(arr.shape), "dtype": arr.dtype.str}
     table = pa.table(columns) if columns else pa.table({"_empty": pa.array([0], pa.int8())})
     return table.replace_schema_metadata({_META_KEY: json.dumps(meta, sort_keys=True).encode()})

@@ -18,7 +18,8 @@ import numpy as np
 from ..core import Context, Stage, StageOutput, StatisticStage, register_stage
 from ._errors import StageInputError
 from ._lazy import LazyModule
-from ._stage_inputs import aligned_part, layer_blocks, layer_x_layer_shards, read_part
+from ._stage_inputs import (aligned_part, aligned_pooled, layer_blocks, layer_x_layer_shards, read_part,
+                            read_pooled_part)
 
 __all__ = ["MomentsStage", "CompareStage", "CKAStage", "heldout_mask"]
 
@@ -43,7 +44,9 @@ class MomentsStage(StatisticStage):
     """Streaming joint first/second moments of two nets' channels (train and held-out image splits)."""
 
     name = "moments"
-    version = 2  # 2: co-moments by chunked dsyrk (same values to rounding)
+    # 2: co-moments by chunked dsyrk (same values to rounding); 3: per-position samples of equal grids streamed
+    # from the maps (update_maps: same sums in another order, equal to rounding)
+    version = 3
     depends_on = (".compare._moments", ".compare._correlation", ".compare._samples", "._stage_inputs", "._activations")
 
     def _channels(self, ctx: Context) -> tuple[int, int]:
@@ -65,8 +68,15 @@ class MomentsStage(StatisticStage):
         ids, acts_a = read_part(ctx.inputs["a"].parts(f"activations@{p['layer_a']}")[shard])
         acts_b = aligned_part(ctx, "b", p["layer_b"], ids)
         held = heldout_mask(ids, float(p["holdout"]))
+        # Per-position samples of equal grids go straight from the maps into the rank-k update (no channels-last
+        # float32 copy of the samples); other layouts are cut into samples first.
+        direct = (p["samples"] == "positions" and acts_a.ndim == 4 and acts_b.ndim == 4
+                  and acts_a.shape[2:] == acts_b.shape[2:])
         for split, mask in (("train", ~held), ("heldout", held)):
             if mask.any():
+                if direct:
+                    stat[split].update_maps(acts_a[mask], acts_b[mask])
+                    continue
                 a, b = _compare.samples_from_maps(acts_a[mask], acts_b[mask], mode=p["samples"], resize=p["resize"])
                 stat[split].update(a, b)
 
@@ -95,7 +105,8 @@ class CompareStage(Stage):
     #: the science modules this stage's result depends on (compare_arrays' registry path included)
     depends_on = (".compare._compare", ".compare._cca", ".compare._correlation", ".compare._matching",
                   ".compare._moments", ".compare._regression", ".compare._pwcca_google", ".compare._registry",
-                  ".compare._grouped", ".compare._uncertainty", ".compare._beyond", ".compare._cca_batched")
+                  ".compare._grouped", ".compare._uncertainty", ".compare._beyond", ".compare._cca_batched",
+                  ".compare._factor_cache")
 
     def run(self, ctx: Context) -> StageOutput:
         p = ctx.params
@@ -112,7 +123,9 @@ class CKAStage(StatisticStage):
     """Layer × layer linear CKA between two models from one joint statistic of pooled samples."""
 
     name = "cka"
-    version = 2  # 2: co-moments by chunked dsyrk (same values to rounding)
+    # 2: co-moments by chunked dsyrk (same values to rounding); 3: pooled samples are the float32 spatial means
+    # extraction stores (summaries), not means of the float16-stored maps (differences ~1e-4 relative)
+    version = 3
     depends_on = (".compare._cca", ".compare._moments", ".compare._correlation", "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
@@ -126,11 +139,13 @@ class CKAStage(StatisticStage):
         return _compare.MultiMoments
 
     def update(self, ctx: Context, stat: Any, shard_index: int, shard: Any) -> None:
-        ids, _ = read_part(ctx.inputs["a"].parts(f"activations@{ctx.params['layers_a'][0]}")[shard])
+        # Pooled samples are the units' spatial means, which extraction already stored (summary parts):
+        # the maps themselves are never read here.
+        ids, _ = read_pooled_part(ctx.inputs["a"].parts(f"summaries@{ctx.params['layers_a'][0]}")[shard])
         blocks = []
         for name in stat.names:
             role, layer = name.split(":", 1)
-            blocks.append(aligned_part(ctx, role, layer, ids).astype(np.float32).mean(axis=(2, 3)))
+            blocks.append(aligned_pooled(ctx, role, layer, ids))
         stat.update(*blocks)
 
     def publish(self, ctx: Context, stat: Any) -> StageOutput:

@@ -7,6 +7,7 @@ downstream of ``extract`` shard over those parts, so these readers are shared by
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,7 +16,8 @@ from ..core import Context
 from ._errors import StageInputError
 from ._lazy import LazyModule
 
-__all__ = ["layer_parts", "read_part", "aligned_part", "layer_blocks", "layer_x_layer_shards"]
+__all__ = ["layer_parts", "read_part", "aligned_part", "read_pooled_part", "aligned_pooled", "layer_blocks",
+           "layer_x_layer_shards"]
 
 _activations = LazyModule("._activations")
 
@@ -30,8 +32,31 @@ def read_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return _activations.table_to_arrays(pq.read_table(path))
 
 
+def read_pooled_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(image ids (N,), spatial means (N, C) float32)`` of one *summary* part (``summaries@<layer>``).
+
+    The pooled sample of an image (one value per channel: its map's spatial mean) without reading the map:
+    extraction stores each unit's spatial mean beside the activations, computed in float32 from the layer's
+    output before the activations are cast to their storage dtype (so it is the float32 mean even where the
+    maps are stored as float16).
+    """
+    summary = _activations.read_summaries(pq.read_table(path))
+    return summary.image, summary.mean
+
+
 def aligned_part(ctx: Context, role: str, layer: str, ids: np.ndarray) -> np.ndarray:
     """Activations of ``layer`` in extract entry ``role`` for exactly the images ``ids`` (any part layout)."""
+    return _aligned(ctx, role, layer, ids, "activations", read_part)
+
+
+def aligned_pooled(ctx: Context, role: str, layer: str, ids: np.ndarray) -> np.ndarray:
+    """Spatial means ``(N, C)`` float32 of ``layer``'s units in extract entry ``role`` for exactly the images
+    ``ids``, from the summary parts (see :func:`read_pooled_part`)."""
+    return _aligned(ctx, role, layer, ids, "summaries", read_pooled_part)
+
+
+def _aligned(ctx: Context, role: str, layer: str, ids: np.ndarray, kind: str,
+             reader: Callable[[Path], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     datasets = {r: e.manifest.get("digests", {}).get("dataset") for r, e in ctx.inputs.items()}
     if len(set(datasets.values())) > 1:  # equal image counts would otherwise pair unrelated images silently
         shown = ", ".join(f"{r}: {str(d)[:12]}" for r, d in sorted(datasets.items()))
@@ -43,8 +68,8 @@ def aligned_part(ctx: Context, role: str, layer: str, ids: np.ndarray) -> np.nda
     shards = entry.table("shards").to_pandas()
     lo, hi = int(ids.min()), int(ids.max()) + 1
     chosen = [i for i, (start, stop) in enumerate(zip(shards["start"], shards["stop"])) if start < hi and stop > lo]
-    parts = entry.parts(f"activations@{layer}")
-    got_ids, got = zip(*(read_part(parts[i]) for i in chosen)) if chosen else ((), ())
+    parts = entry.parts(f"{kind}@{layer}")
+    got_ids, got = zip(*(reader(parts[i]) for i in chosen)) if chosen else ((), ())
     all_ids = np.concatenate(got_ids) if got_ids else np.zeros(0, np.int64)
     rows = np.searchsorted(all_ids, ids)
     if rows.size and (rows.max() >= len(all_ids) or not np.array_equal(all_ids[rows], ids)):

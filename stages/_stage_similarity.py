@@ -1,11 +1,12 @@
 """The ``similarity`` stage: every registered metric, layer × layer, with jackknife s.e. and a permutation null.
 
-One node per model pair. It streams the pooled (one sample per image: the spatial mean of each channel)
-activations of every layer of both models into one :class:`~repdissect.stages.compare.GroupedMoments`
-(per-group raw sums with the fourth-order terms of debiased CKA; an image's jackknife group is a seeded hash of
-its index) and one :class:`~repdissect.stages.compare.SubsetRows` (the fixed seeded subset of ``subset``
-images for RSA and the permutation null), and publishes :func:`~repdissect.stages.compare.similarity_table`
-over all (layer of A, layer of B) pairs:
+One node per model pair. It streams the pooled (one sample per image: the spatial mean of each channel, read
+from extraction's summary parts) activations of every layer of both models into one
+:class:`~repdissect.stages.compare.GroupedMoments` (per-group raw sums with the fourth-order terms of debiased
+CKA; an image's jackknife group is a seeded hash of its index) and one
+:class:`~repdissect.stages.compare.SubsetRows` (the fixed seeded subset of ``subset`` images for RSA and the
+permutation null), and publishes :func:`~repdissect.stages.compare.similarity_table` over all (layer of A,
+layer of B) pairs:
 
 ``similarity``  layer_a, layer_b, metric, metric_kind, value, se, ci_low, ci_high, jackknife_value, null_mean, null_q95,
                 p_value, n, n_subset, groups
@@ -20,7 +21,7 @@ import numpy as np
 from ..core import Context, StageOutput, StatisticStage, register_stage
 from ._errors import StageInputError
 from ._lazy import LazyModule
-from ._stage_inputs import aligned_part, layer_blocks, layer_x_layer_shards, read_part
+from ._stage_inputs import aligned_pooled, layer_blocks, layer_x_layer_shards, read_pooled_part
 
 __all__ = ["SimilarityStage"]
 
@@ -49,11 +50,13 @@ class SimilarityStage(StatisticStage):
     """Layer × layer similarity for every registered metric, with uncertainty, from per-group sums."""
 
     name = "similarity"
-    version = 1
+    # 2: pooled samples are the float32 spatial means extraction stores (summaries), not means of the
+    # float16-stored maps (differences ~1e-4 relative)
+    version = 2
     #: the science modules this stage's result depends on (closed under their imports)
     depends_on = (".compare._grouped", ".compare._uncertainty", ".compare._registry", ".compare._beyond",
                   ".compare._cca_batched", ".compare._cca", ".compare._moments", ".compare._correlation",
-                  ".compare._pwcca_google", "._stage_inputs", "._activations")
+                  ".compare._pwcca_google", ".compare._factor_cache", "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
         return layer_x_layer_shards(ctx)
@@ -70,13 +73,13 @@ class SimilarityStage(StatisticStage):
         return {"moments": _compare.GroupedMoments, "subset": _compare.SubsetRows}
 
     def update(self, ctx: Context, stat: dict[str, Any], shard_index: int, shard: Any) -> None:
-        ids, _ = read_part(ctx.inputs["a"].parts(f"activations@{ctx.params['layers_a'][0]}")[shard])
+        # Pooled samples are the units' spatial means, which extraction already stored (summary parts):
+        # the maps themselves are never read here.
+        ids, _ = read_pooled_part(ctx.inputs["a"].parts(f"summaries@{ctx.params['layers_a'][0]}")[shard])
         blocks = []
         for name in stat["moments"].names:
             role, layer = name.split(":", 1)
-            acts = aligned_part(ctx, role, layer, ids)
-            pooled = acts.astype(np.float32).mean(axis=(2, 3), dtype=np.float64) if acts.ndim == 4 else acts
-            blocks.append(np.asarray(pooled, dtype=np.float64))
+            blocks.append(aligned_pooled(ctx, role, layer, ids).astype(np.float64))
         stat["moments"].update(*blocks, group=_compare.group_of(ids, int(ctx.params["groups"]), int(ctx.params["seed"])))
         stat["subset"].update(*blocks, ids=ids)
 

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import stats
 
 from .._errors import StageInputError
+from ._factor_cache import memoised
 from ._grouped import MomentState
 
 __all__ = [
@@ -89,7 +90,8 @@ def debiased_cka_moments(state: MomentState, a: str, b: str) -> np.ndarray:
 
 
 def _nuclear(m: np.ndarray) -> np.ndarray:
-    return np.linalg.svd(m, compute_uv=False).sum(axis=-1)
+    # Procrustes and the α = 1 shape metric take the nuclear norm of the same cross block: computed once.
+    return memoised("nuclear", m, lambda x: np.linalg.svd(x, compute_uv=False).sum(axis=-1)).copy()
 
 
 def procrustes_moments(state: MomentState, a: str, b: str) -> np.ndarray:
@@ -228,7 +230,8 @@ def rdm_correlation(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(c, axis=1)
     c = c / np.where(norm > 0, norm, 1.0)[:, None]
     i, j = np.triu_indices(x.shape[0], k=1)
-    return 1.0 - np.einsum("ij,ij->i", c[i], c[j])
+    # One (k, k) Gram product instead of k(k−1)/2 row pairs gathered into two (k²/2, units) temporaries.
+    return 1.0 - (c @ c.T)[i, j]
 
 
 def rsa_arrays(x: np.ndarray, y: np.ndarray) -> float:

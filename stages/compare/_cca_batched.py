@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._cca import svcca_dims
+from ._factor_cache import sym_eigh
 
 __all__ = ["cca_mean_batched", "svcca_batched", "pwcca_morcos_batched"]
 
@@ -23,7 +24,7 @@ Spectrum = tuple[np.ndarray, np.ndarray]
 def _spectra(m: np.ndarray, eps: float, pre: Spectrum | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(λ decreasing ≥ 0, V, rank) of a scatter stack; ``pre`` is its decomposition when already known."""
     if pre is None:
-        lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
+        lam, vec = sym_eigh((m + np.swapaxes(m, 1, 2)) * 0.5)  # identical replicates factorised once
         lam, vec = np.maximum(lam[:, ::-1], 0.0), vec[:, :, ::-1]
     else:
         lam, vec = pre

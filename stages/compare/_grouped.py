@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from .._errors import StageInputError
 from ...core import StreamingStatistic, pack_arrays, unpack_arrays
+from ._factor_cache import sym_eigh
 
 __all__ = ["GroupedMoments", "MomentState", "SubsetRows", "hash_ids", "group_of"]
 
@@ -75,7 +76,7 @@ class MomentState:
         if name not in self._spectra:
             s = self.block(name)
             m = self.m2[:, s, s]
-            lam, vec = np.linalg.eigh((m + np.swapaxes(m, 1, 2)) * 0.5)
+            lam, vec = sym_eigh((m + np.swapaxes(m, 1, 2)) * 0.5)  # identical replicates factorised once
             self._spectra[name] = (np.maximum(lam[:, ::-1], 0.0), vec[:, :, ::-1])
         return self._spectra[name]
 

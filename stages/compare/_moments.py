@@ -114,6 +114,57 @@ def _numpy_batch_moments(blocks: Sequence[Any], dim: int, names: Sequence[str]) 
     return rows, shift + offset, _symmetrize_upper(comoment)  # mirrored last: exactly symmetric
 
 
+def _maps_batch_moments(maps: Sequence[np.ndarray], names: Sequence[str]) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n, mean (D,), centred co-moment (D, D))`` of the per-position samples of (N, C_i, H, W) maps, in float64.
+
+    The samples are the N·H·W (image, position) pairs of :func:`samples_from_maps`'s ``"positions"`` mode, but no
+    (N·H·W, C) channels-last copy is made: a chunk of whole images is written, shifted and converted to
+    float64, channel-major into one cache-resident buffer ``B = [x − s; 1]`` of D + 1 rows (each image's H·W
+    values of a channel are contiguous in the maps and stay contiguous in the buffer), and BLAS ``dsyrk``
+    folds ``B Bᵀ`` into the accumulator — the same sums as :func:`_numpy_batch_moments` (the order of the
+    samples inside a sum differs, so equal to rounding).
+    """
+    from scipy.linalg.blas import dsyrk
+
+    n, (h, w) = int(maps[0].shape[0]), maps[0].shape[2:]
+    hw = int(h) * int(w)
+    sizes = [int(m.shape[1]) for m in maps]
+    dim = sum(sizes)
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    per_image = (dim + 1) * hw
+    step = max(1, _CHUNK_ELEMENTS // per_image)
+    head = min(n, step)
+    flat = [m.reshape(n, c, hw) for m, c in zip(maps, sizes)]
+    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf in a bad channel: refused just below
+        shift = np.concatenate([np.add.reduce(f[:head], axis=(0, 2), dtype=np.float64) for f in flat]) / (head * hw)
+    if not np.isfinite(shift).all():
+        bad = next(i for i in range(len(maps)) if not np.isfinite(shift[bounds[i]:bounds[i + 1]]).all())
+        raise _not_finite(names[bad])
+    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F")
+    buffer = None
+    for start in range(0, n, step):
+        k = min(step, n - start)
+        if buffer is None or buffer.shape[1] != k * hw:  # the first chunk, and a shorter last one
+            buffer = np.empty((dim + 1, k * hw), dtype=np.float64)
+            buffer[dim] = 1.0
+        for i, f in enumerate(flat):
+            lo, hi = bounds[i], bounds[i + 1]
+            # (k, C, HW) maps → (C, k, HW) rows of the buffer: a view, written in one pass with the conversion
+            np.subtract(f[start : start + k].transpose(1, 0, 2), shift[lo:hi, None, None],
+                        out=buffer[lo:hi].reshape(hi - lo, k, hw), dtype=np.float64)
+        # buffer.T is Fortran-ordered (k·HW, D+1): BLAS reads it in place; trans=1 gives bufferᵀᵀ·bufferᵀ = B Bᵀ
+        acc = dsyrk(1.0, buffer.T, beta=1.0, c=acc, trans=1, lower=0, overwrite_c=1)
+    rows = n * hw
+    sums = acc[:dim, dim]
+    for i, name in enumerate(names):
+        if not np.isfinite(sums[bounds[i]:bounds[i + 1]]).all():
+            raise _not_finite(name)
+    offset = sums / rows
+    comoment = np.ascontiguousarray(acc[:dim, :dim])
+    comoment -= np.outer(sums, offset)
+    return rows, shift + offset, _symmetrize_upper(comoment)
+
+
 def _all_finite(x: Any) -> bool:
     if _is_tensor(x):
         import torch
@@ -197,6 +248,27 @@ class MultiMoments(StreamingStatistic):
         else:
             n_b, mean_b, m2_b = _numpy_batch_moments(blocks, self.dim, self.names)
         self._combine(n_b, mean_b, m2_b)
+
+    def update_maps(self, *maps: Any) -> None:
+        """Fold in the per-position samples of one batch of maps: ``maps[i]`` is an (N, sizes[i], H, W) numpy
+        array, all with the same N images and H × W grid; every (image, position) is one sample.
+
+        The same statistic as ``update(*samples_from_maps(...))`` (mode ``"positions"``, equal grids) without
+        the channels-last copy of the maps (see :func:`_maps_batch_moments`).
+        """
+        if len(maps) != len(self.sizes):
+            raise StageInputError(f"update_maps got {len(maps)} blocks but this statistic has {len(self.sizes)} "
+                                  f"({self.names})")
+        arrays = [np.asarray(m) for m in maps]
+        for name, size, m in zip(self.names, self.sizes, arrays):
+            if m.ndim != 4 or m.shape[1] != size or m.shape[0] != arrays[0].shape[0] or m.shape[2:] != arrays[0].shape[2:]:
+                raise StageInputError(
+                    f"block {name!r} must be an (N, {size}, H, W) map array with the same N, H, W as the other "
+                    f"blocks; got shapes {[tuple(a.shape) for a in arrays]}. Resize the grids first (samples_from_maps)"
+                )
+        if arrays[0].shape[0] == 0 or 0 in arrays[0].shape[2:]:
+            return
+        self._combine(*_maps_batch_moments(arrays, self.names))
 
     def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         if n_b == 0:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._errors import StageInputError
+from ._factor_cache import memoised
 
 __all__ = ["GooglePWCCAResult", "pwcca_google_from_moments", "pwcca_google_arrays"]
 
@@ -60,6 +61,11 @@ class GooglePWCCAResult:
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     values, vectors = np.linalg.eigh((matrix + matrix.T) * 0.5)
     return (vectors * np.sqrt(np.maximum(values, 0.0))) @ vectors.T
+
+
+def _inverse_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """google/svcca's whitening ``√(pinv(Σ))`` of one side's (scaled) covariance."""
+    return _psd_sqrt(np.linalg.pinv(matrix))
 
 
 def _fix_signs(rotation: np.ndarray, signs: str) -> np.ndarray:
@@ -139,8 +145,9 @@ def pwcca_google_from_moments(
     s_aa = s_aa[np.ix_(keep_a, keep_a)] + epsilon * np.eye(ka)
     s_bb = s_bb[np.ix_(keep_b, keep_b)] + epsilon * np.eye(kb)
     s_ab = s_ab[np.ix_(keep_a, keep_b)]
-    white_a = _psd_sqrt(np.linalg.pinv(s_aa))
-    white_b = _psd_sqrt(np.linalg.pinv(s_bb))
+    # Each side's whitening depends on that side alone: permutation replicates share it (see _factor_cache).
+    white_a = memoised("pwcca_google_whitener", s_aa, _inverse_sqrt)
+    white_b = memoised("pwcca_google_whitener", s_bb, _inverse_sqrt)
     u, s, vt = np.linalg.svd(white_a @ s_ab @ white_b)
     corrs = np.abs(s)
     if ka <= kb:

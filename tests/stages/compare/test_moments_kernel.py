@@ -74,3 +74,52 @@ def test_plus_and_minus_inf_in_one_column_is_refused():
     a[0, 0], a[1, 0] = np.inf, -np.inf
     with pytest.raises(StageInputError, match="block '0' contains NaN or inf"):
         MultiMoments([2]).update(a)
+
+
+MAP_CASES = [
+    # (images, channels per block, grid, dtype, chunk elements (None = default), offset)
+    (1, [3, 2], (1, 1), np.float64, None, 0.0),
+    (9, [4, 6], (5, 3), np.float32, 11 * 15 * 2, 0.0),     # two images per chunk, ragged last chunk
+    (9, [4, 6], (5, 3), np.float16, 11 * 15 * 2, 0.0),
+    (7, [4, 0, 5], (4, 4), np.float32, 10 * 16, 0.0),        # an empty block, one image per chunk
+    (12, [8, 8], (6, 6), np.float32, 17 * 36 * 5, 1e4),     # mean ≫ spread: no cancellation
+    (30, [5], (8, 8), np.float64, None, -3e6),
+]
+
+
+@pytest.mark.parametrize("images, sizes, grid, dtype, chunk, offset", MAP_CASES)
+def test_update_maps_equals_update_of_position_samples(monkeypatch, images, sizes, grid, dtype, chunk, offset):
+    """update_maps (no channels-last copy) = update of samples_from_maps' position samples = numpy's covariance."""
+    from repdissect.stages.compare import samples_from_maps
+
+    if chunk is not None:
+        monkeypatch.setattr(_moments, "_CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng(images)
+    maps = [(rng.standard_normal((images, s) + grid) * rng.uniform(0.5, 3, (1, s, 1, 1)) + offset).astype(dtype)
+            for s in sizes]
+    fast = MultiMoments(sizes)
+    fast.update_maps(*maps)
+    samples = [m.transpose(0, 2, 3, 1).reshape(images * grid[0] * grid[1], m.shape[1]) for m in maps]
+    mean, m2 = _reference(samples)
+    scale = max(1.0, abs(offset))
+    assert fast.n == images * grid[0] * grid[1]
+    np.testing.assert_allclose(fast.mean, mean, rtol=1e-12, atol=1e-12 * scale)
+    np.testing.assert_allclose(fast.comoment, m2, rtol=1e-9, atol=1e-9 * fast.n)
+    if len(sizes) == 2:
+        slow = JointMoments(*sizes)
+        slow.update(*samples_from_maps(maps[0], maps[1]))
+        np.testing.assert_allclose(fast.comoment, slow.comoment, rtol=1e-9, atol=1e-9 * fast.n)
+
+
+def test_update_maps_refuses_bad_input() -> None:
+    stat = JointMoments(2, 3)
+    good_a, good_b = np.ones((4, 2, 3, 3)), np.ones((4, 3, 3, 3))
+    with pytest.raises(StageInputError, match="same N, H, W"):
+        stat.update_maps(good_a, np.ones((4, 3, 2, 2)))
+    with pytest.raises(StageInputError, match="same N, H, W"):
+        stat.update_maps(good_a, np.ones((4, 2, 3, 3)))
+    bad = good_b.copy()
+    bad[2, 1, 0, 0] = np.nan
+    with pytest.raises(StageInputError, match="'b' contains NaN"):
+        stat.update_maps(good_a, bad)
+    assert stat.n == 0  # nothing half-folded in
