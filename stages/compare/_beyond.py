@@ -230,8 +230,11 @@ def rdm_correlation(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(c, axis=1)
     c = c / np.where(norm > 0, norm, 1.0)[:, None]
     i, j = np.triu_indices(x.shape[0], k=1)
-    # One (k, k) Gram product instead of k(k−1)/2 row pairs gathered into two (k²/2, units) temporaries.
-    return 1.0 - (c @ c.T)[i, j]
+    # One (k, k) product instead of k(k−1)/2 row pairs gathered into two (k²/2, units) temporaries. einsum's own
+    # loop (not BLAS, whose blocking depends on k) makes each entry a function of its two rows only, so an RDM
+    # restricted to some rows equals the RDM of those rows bit for bit (the RSA jackknife reuses it that way;
+    # tied distances then stay tied).
+    return 1.0 - np.einsum("ik,jk->ij", c, c, optimize=False)[i, j]
 
 
 def rsa_arrays(x: np.ndarray, y: np.ndarray) -> float:

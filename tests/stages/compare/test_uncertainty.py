@@ -167,3 +167,18 @@ def test_rsa_jackknife_equals_brute_force_recomputation_on_the_kept_rows():
     sizes = np.array([(assignment == g).sum() for g in present])
     assert row["value"] == pytest.approx(rsa_arrays(x, y), abs=1e-12)
     assert row["se"] == pytest.approx(jackknife(rsa_arrays(x, y), reps, sizes).se, rel=1e-9, abs=1e-12)
+
+
+def test_an_rdm_restricted_to_some_rows_equals_the_rdm_of_those_rows_bit_for_bit():
+    # the RSA jackknife reuses the full RDMs; a BLAS Gram product would round differently per matrix size
+    # and break exact ties between distances
+    from repdissect.stages.compare import rdm_correlation
+
+    x = np.random.default_rng(5).normal(size=(97, 13))
+    x[10] = x[11] * 2.0 + 1.0  # a correlation tie: rows 10 and 11 are at distance 0, and equidistant to the rest
+    full = np.zeros((97, 97))
+    i, j = np.triu_indices(97, k=1)
+    full[i, j] = rdm_correlation(x)
+    for keep in (np.arange(0, 97, 3), np.r_[5:40], np.flatnonzero(np.arange(97) % 5 != 2)):
+        a, b = np.triu_indices(keep.size, k=1)
+        assert np.array_equal(full[keep[a], keep[b]], rdm_correlation(x[keep]))
