@@ -229,6 +229,18 @@ class CompareConfig:
                "must be an integer ≥ 1, e.g. 2000")
 
 
+#: the metrics of the layer × layer comparison and of the deletion test (the compare registry's moment and RSA
+#: metrics), in report order
+SIMILARITY_METRICS = ("linear_cka", "debiased_cka", "cca_mean", "svcca", "pwcca", "pwcca_morcos", "procrustes",
+                      "shape_alpha1", "shape_alpha0.5", "shape_alpha0", "frechet", "rsa")
+
+
+def _check_metrics(key: str, metrics: list[str]) -> None:
+    unknown = [m for m in metrics if m not in SIMILARITY_METRICS]
+    _check(bool(metrics) and not unknown, f"{key}.metrics", metrics,
+           f"choose a non-empty list from {list(SIMILARITY_METRICS)}")
+
+
 @dataclass(frozen=True)
 class SimilarityConfig:
     """Layer × layer comparison with every registered metric, jackknife s.e. and a permutation null.
@@ -240,20 +252,14 @@ class SimilarityConfig:
     """
 
     enabled: bool = True
-    metrics: list[str] = field(default_factory=lambda: [
-        "linear_cka", "debiased_cka", "cca_mean", "svcca", "pwcca", "pwcca_morcos", "procrustes", "shape_alpha1",
-        "shape_alpha0.5", "shape_alpha0", "frechet", "rsa"])
+    metrics: list[str] = field(default_factory=lambda: list(SIMILARITY_METRICS))
     groups: int = 10
     subset: int = 300
     permutations: int = 99
     seed: int = 0
 
     def validate(self, key: str) -> None:
-        known = ("linear_cka", "debiased_cka", "cca_mean", "svcca", "pwcca", "pwcca_morcos", "procrustes",
-                 "shape_alpha1", "shape_alpha0.5", "shape_alpha0", "frechet", "rsa")
-        unknown = [m for m in self.metrics if m not in known]
-        _check(bool(self.metrics) and not unknown, f"{key}.metrics", self.metrics,
-               f"choose a non-empty list from {list(known)}")
+        _check_metrics(key, self.metrics)
         _check(self.groups >= 2, f"{key}.groups", self.groups, "must be an integer ≥ 2 (10 recommended)")
         _check(self.subset >= 4, f"{key}.subset", self.subset, "must be an integer ≥ 4 (RSA needs 4 images)")
         _check(self.permutations >= 0, f"{key}.permutations", self.permutations, "must be an integer ≥ 0")
@@ -272,9 +278,7 @@ class SensitivityConfig:
     """
 
     enabled: bool = True
-    metrics: list[str] = field(default_factory=lambda: [
-        "linear_cka", "debiased_cka", "cca_mean", "svcca", "pwcca", "pwcca_morcos", "procrustes", "shape_alpha1",
-        "shape_alpha0.5", "shape_alpha0", "frechet", "rsa"])
+    metrics: list[str] = field(default_factory=lambda: list(SIMILARITY_METRICS))
     orders: list[str] = field(default_factory=lambda: ["low", "high"])
     steps: int = 12
     images: int = 5000
@@ -282,11 +286,7 @@ class SensitivityConfig:
     seed: int = 0
 
     def validate(self, key: str) -> None:
-        known = ("linear_cka", "debiased_cka", "cca_mean", "svcca", "pwcca", "pwcca_morcos", "procrustes",
-                 "shape_alpha1", "shape_alpha0.5", "shape_alpha0", "frechet", "rsa")
-        unknown = [m for m in self.metrics if m not in known]
-        _check(bool(self.metrics) and not unknown, f"{key}.metrics", self.metrics,
-               f"choose a non-empty list from {list(known)}")
+        _check_metrics(key, self.metrics)
         bad = [o for o in self.orders if o not in ("low", "high")]
         _check(bool(self.orders) and not bad and len(set(self.orders)) == len(self.orders), f"{key}.orders",
                self.orders, 'choose a non-empty list of distinct orders from ["low", "high"]')

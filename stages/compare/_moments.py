@@ -104,14 +104,7 @@ def _numpy_batch_moments(blocks: Sequence[Any], dim: int, names: Sequence[str]) 
             np.subtract(b[start : start + chunk.shape[0]], shift[lo:hi], out=chunk[:, lo:hi], dtype=np.float64)
         # chunk.T is Fortran-ordered (D+1, k): BLAS reads it in place and updates acc's upper triangle in place.
         acc = dsyrk(1.0, chunk.T, beta=1.0, c=acc, trans=0, lower=0, overwrite_c=1)
-    sums = acc[:dim, dim]
-    for i, name in enumerate(names):
-        if not np.isfinite(sums[bounds[i]:bounds[i + 1]]).all():
-            raise _not_finite(name)
-    offset = sums / rows
-    comoment = np.ascontiguousarray(acc[:dim, :dim])
-    comoment -= np.outer(sums, offset)
-    return rows, shift + offset, _symmetrize_upper(comoment)  # mirrored last: exactly symmetric
+    return _read_accumulator(acc, rows, shift, bounds, names)
 
 
 def _maps_batch_moments(maps: Sequence[np.ndarray], names: Sequence[str]) -> tuple[int, np.ndarray, np.ndarray]:
@@ -154,7 +147,14 @@ def _maps_batch_moments(maps: Sequence[np.ndarray], names: Sequence[str]) -> tup
                         out=buffer[lo:hi].reshape(hi - lo, k, hw), dtype=np.float64)
         # buffer.T is Fortran-ordered (k·HW, D+1): BLAS reads it in place; trans=1 gives bufferᵀᵀ·bufferᵀ = B Bᵀ
         acc = dsyrk(1.0, buffer.T, beta=1.0, c=acc, trans=1, lower=0, overwrite_c=1)
-    rows = n * hw
+    return _read_accumulator(acc, n * hw, shift, bounds, names)
+
+
+def _read_accumulator(acc: np.ndarray, rows: int, shift: np.ndarray, bounds: np.ndarray,
+                      names: Sequence[str]) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n, mean, centred co-moment)`` from the upper triangle of ``[x − s; 1][x − s; 1]ᵀ`` summed over ``rows``
+    samples (both batch kernels): a non-finite block's sums are refused by name."""
+    dim = acc.shape[0] - 1
     sums = acc[:dim, dim]
     for i, name in enumerate(names):
         if not np.isfinite(sums[bounds[i]:bounds[i + 1]]).all():
@@ -162,7 +162,7 @@ def _maps_batch_moments(maps: Sequence[np.ndarray], names: Sequence[str]) -> tup
     offset = sums / rows
     comoment = np.ascontiguousarray(acc[:dim, :dim])
     comoment -= np.outer(sums, offset)
-    return rows, shift + offset, _symmetrize_upper(comoment)
+    return rows, shift + offset, _symmetrize_upper(comoment)  # mirrored last: exactly symmetric
 
 
 def _all_finite(x: Any) -> bool:
