@@ -61,14 +61,13 @@ import importlib.util
 from typing import Sequence, Self
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import torch
 
 from ..core import StreamingStatistic, pack_arrays, unpack_arrays
 from ..datasets import Batch, Concept
 from ._errors import StageInputError
-from ._iou_geometry import _axis, _bilinear, _full_thresholds, _prune_thresholds, _QuadGeometry, _uniform_quads
+from ._iou_geometry import _axis, _full_thresholds, _prune_thresholds, _QuadGeometry, _uniform_quads
 
 __all__ = ["IoUTally", "UNIONS"]
 

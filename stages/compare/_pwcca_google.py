@@ -184,7 +184,7 @@ def pwcca_google_arrays(
     """
     acts1 = np.asarray(a, np.float64).T
     acts2 = np.asarray(b, np.float64).T
-    p, q = acts1.shape[0], acts2.shape[0]
+    p = acts1.shape[0]
     cov = np.cov(np.vstack([acts1, acts2]))
     s_aa, s_ab, s_bb = cov[:p, :p], cov[:p, p:], cov[p:, p:]
     max_a, max_b = np.max(np.abs(s_aa)), np.max(np.abs(s_bb))
@@ -196,10 +196,10 @@ def pwcca_google_arrays(
     u, s, vt = np.linalg.svd(_psd_sqrt(np.linalg.pinv(s_aa)) @ s_ab @ _psd_sqrt(np.linalg.pinv(s_bb)))
     mean1, mean2 = acts1.mean(axis=1, keepdims=True), acts2.mean(axis=1, keepdims=True)
     if keep_a.sum() <= keep_b.sum():
-        side, acts, idx = "a", acts1[keep_a], keep_a
+        side, acts = "a", acts1[keep_a]
         dirns = _fix_signs(u.T, signs) @ (acts - mean1[keep_a]) + mean1[keep_a]
     else:
-        side, acts, idx = "b", acts2[keep_b], keep_b
+        side, acts = "b", acts2[keep_b]
         dirns = _fix_signs(vt, signs) @ (acts - mean2[keep_b]) + mean2[keep_b]
     basis, _ = np.linalg.qr(dirns.T)
     weights = np.abs(basis.T @ acts.T).sum(axis=1)
