@@ -45,8 +45,9 @@ class MomentsStage(StatisticStage):
 
     name = "moments"
     # 2: co-moments by chunked dsyrk (same values to rounding); 3: per-position samples of equal grids streamed
-    # from the maps (update_maps: same sums in another order, equal to rounding)
-    version = 3
+    # from the maps (update_maps: same sums in another order, equal to rounding); 4: batches summed about one
+    # reference shift, settled once (equal to rounding), and the keyed precision (float32 products opt-in)
+    version = 4
     depends_on = (".compare._moments", ".compare._correlation", ".compare._samples", "._stage_inputs", "._activations")
 
     def _channels(self, ctx: Context) -> tuple[int, int]:
@@ -58,7 +59,8 @@ class MomentsStage(StatisticStage):
         return list(range(len(ctx.inputs["a"].parts(f"activations@{ctx.params['layer_a']}"))))
 
     def new_statistic(self, ctx: Context) -> dict[str, Any]:
-        return {split: _compare.JointMoments(*self._channels(ctx)) for split in _SPLITS}
+        precision = ctx.params.get("precision", "float64")
+        return {split: _compare.JointMoments(*self._channels(ctx), precision) for split in _SPLITS}
 
     def statistic_types(self, ctx: Context) -> dict[str, type]:
         return {split: _compare.JointMoments for split in _SPLITS}
@@ -101,7 +103,9 @@ class CompareStage(Stage):
     """Correlation, matching, regression, SVCCA/PWCCA/CKA of one layer pair from its moments."""
 
     name = "compare"
-    version = 2  # 2: pwcca is google/svcca's convention, the paper form is pwcca_morcos
+    # 2: pwcca is google/svcca's convention, the paper form is pwcca_morcos; 3: CCA and SVCCA take singular
+    # values alone (no singular vectors: the same values to rounding)
+    version = 3
     #: the science modules this stage's result depends on (compare_arrays' registry path included)
     depends_on = (".compare._compare", ".compare._cca", ".compare._correlation", ".compare._matching",
                   ".compare._moments", ".compare._regression", ".compare._pwcca_google", ".compare._registry",
@@ -124,8 +128,9 @@ class CKAStage(StatisticStage):
 
     name = "cka"
     # 2: co-moments by chunked dsyrk (same values to rounding); 3: pooled samples are the float32 spatial means
-    # extraction stores (summaries), not means of the float16-stored maps (differences ~1e-4 relative)
-    version = 3
+    # extraction stores (summaries), not means of the float16-stored maps (differences ~1e-4 relative);
+    # 4: moments summed about one reference shift (equal to rounding), and the keyed precision
+    version = 4
     depends_on = (".compare._cca", ".compare._moments", ".compare._correlation", "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
@@ -133,7 +138,7 @@ class CKAStage(StatisticStage):
 
     def new_statistic(self, ctx: Context) -> Any:
         names, sizes = layer_blocks(ctx)
-        return _compare.MultiMoments(sizes, names)
+        return _compare.MultiMoments(sizes, names, ctx.params.get("precision", "float64"))
 
     def statistic_types(self, ctx: Context) -> type:
         return _compare.MultiMoments
