@@ -85,6 +85,13 @@ PRECISIONS = ("float64", "float32")
 #: and the shift cost almost nothing on top of BLAS
 _CHUNK_ELEMENTS = 1 << 21
 
+#: a float32 chunk holds this many times _CHUNK_ELEMENTS: ~4,000 rows of 512 channels, long enough for BLAS
+#: to run at full speed, short enough to bound the float32 sums (their rounding grows with the rows summed)
+_F32_CHUNKS = 2
+
+#: elements per slice in which a chunk is filled (≤ 1 MiB: the slice is still in L2 when it is shifted)
+_FILL_ELEMENTS = 1 << 17
+
 #: a batch whose mean sits more than √_DRIFT within-batch standard deviations from the statistic's reference
 #: shift (in some channel) is recomputed about its own mean, so a fixed reference never costs more than
 #: log2(1 + _DRIFT) bits of the product's precision
@@ -122,16 +129,23 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
 
         dtype, step = np.float64, max(64, _CHUNK_ELEMENTS // (dim + 1))
     else:
-        dtype, step = np.float32, max(64, 2 * _CHUNK_ELEMENTS // (dim + 1))
-    s = shift.astype(dtype)
+        dtype, step = np.float32, max(64, _F32_CHUNKS * _CHUNK_ELEMENTS // (dim + 1))
+    step = -(-rows // -(-rows // step))  # equal chunks: no short last one
+    fill = max(8, _FILL_ELEMENTS // (dim + 1))
+    s = np.append(shift, 0.0).astype(dtype)  # the column of ones is not shifted
     buffer = np.empty((min(rows, step), dim + 1), dtype=dtype)
     buffer[:, dim] = 1.0
-    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F")
+    # dsyrk updates a Fortran-ordered C in place; numpy's float32 products come C-ordered (added without strides)
+    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F" if precision == "float64" else "C")
     for start in range(0, rows, step):
         chunk = buffer[: min(step, rows - start)]
-        for i, b in enumerate(arrays):
-            lo, hi = bounds[i], bounds[i + 1]
-            np.subtract(b[start : start + chunk.shape[0]], s[lo:hi], out=chunk[:, lo:hi], dtype=dtype)
+        # Filled in slices that stay in L2: a converting copy of each block into its columns, then one
+        # contiguous in-place subtraction of the shift (≈1.5× faster than a subtraction into the strided columns)
+        for sub in range(0, chunk.shape[0], fill):
+            part = chunk[sub : sub + fill]
+            for i, b in enumerate(arrays):
+                part[:, bounds[i] : bounds[i + 1]] = b[start + sub : start + sub + part.shape[0]]
+            part -= s
         if precision == "float64":
             # chunk.T is Fortran-ordered (D+1, k): BLAS reads it in place and updates acc's upper triangle in place
             acc = dsyrk(1.0, chunk.T, beta=1.0, c=acc, trans=0, lower=0, overwrite_c=1)
@@ -157,20 +171,25 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
 
         dtype, step = np.float64, max(1, _CHUNK_ELEMENTS // ((dim + 1) * hw))
     else:
-        dtype, step = np.float32, max(1, 2 * _CHUNK_ELEMENTS // ((dim + 1) * hw))
-    s = shift.astype(dtype)
-    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F")
+        dtype, step = np.float32, max(1, _F32_CHUNKS * _CHUNK_ELEMENTS // ((dim + 1) * hw))
+    step = -(-n // -(-n // step))  # equal chunks: no short last one
+    fill = max(1, _FILL_ELEMENTS // ((dim + 1) * hw))
+    s = np.append(shift, 0.0).astype(dtype)  # the row of ones is not shifted
+    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F" if precision == "float64" else "C")
     buffer = None
     for start in range(0, n, step):
         k = min(step, n - start)
         if buffer is None or buffer.shape[1] != k * hw:  # the first chunk, and a shorter last one
             buffer = np.empty((dim + 1, k * hw), dtype=dtype)
             buffer[dim] = 1.0
-        for i, f in enumerate(maps):
-            lo, hi = bounds[i], bounds[i + 1]
-            # (k, C, HW) maps → (C, k, HW) rows of the buffer: a view, written in one pass with the conversion
-            np.subtract(f[start : start + k].transpose(1, 0, 2), s[lo:hi, None, None],
-                        out=buffer[lo:hi].reshape(hi - lo, k, hw), dtype=dtype)
+        images = buffer.reshape(dim + 1, k, hw)  # (D+1, k, HW) view of the buffer
+        # (k, C, HW) maps → (C, k, HW) rows of the buffer, in slices of images that stay in L2: a converting
+        # copy, then an in-place subtraction of the shift (the ones row is shifted by 0)
+        for sub in range(0, k, fill):
+            part = images[:, sub : sub + fill]
+            for i, f in enumerate(maps):
+                part[bounds[i] : bounds[i + 1]] = f[start + sub : start + sub + part.shape[1]].transpose(1, 0, 2)
+            part -= s[:, None, None]
         if precision == "float64":
             # buffer.T is Fortran-ordered (k·HW, D+1): BLAS reads it in place; trans=1 gives B Bᵀ
             acc = dsyrk(1.0, buffer.T, beta=1.0, c=acc, trans=1, lower=0, overwrite_c=1)
@@ -314,7 +333,7 @@ class MultiMoments(StreamingStatistic):
             self._combine(*_tensor_batch_moments(_concat(blocks), self.precision))
             return
         arrays = [np.asarray(b) for b in blocks]
-        per_chunk = (1 if self.precision == "float64" else 2) * _CHUNK_ELEMENTS // (self.dim + 1)
+        per_chunk = (1 if self.precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS // (self.dim + 1)
         self._fold(arrays, _numpy_batch_sums, head=min(int(rows), max(64, per_chunk)), rows=int(rows))
 
     def update_maps(self, *maps: Any) -> None:
@@ -338,7 +357,7 @@ class MultiMoments(StreamingStatistic):
         if n == 0 or h == 0 or w == 0:
             return
         flat = [m.reshape(n, m.shape[1], h * w) for m in arrays]
-        per_chunk = (1 if self.precision == "float64" else 2) * _CHUNK_ELEMENTS // ((self.dim + 1) * h * w)
+        per_chunk = (1 if self.precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS // ((self.dim + 1) * h * w)
         self._fold(flat, _maps_batch_sums, head=min(n, max(1, per_chunk)), rows=n * h * w)
 
     def _fold(self, arrays: list[np.ndarray], kernel: Any, head: int, rows: int) -> None:
