@@ -118,6 +118,10 @@ def bench_svcca(args: argparse.Namespace) -> None:
 
     a, b = _activations(args.samples, args.units, args.units)
     a, b = a.astype(args.dtype), b.astype(args.dtype)
+    if args.dtype == "float16":  # as in a pipeline run, torch is loaded: the moments convert float16 through it
+        import torch
+
+        torch.set_num_threads(args.threads or 1)
     at, bt = np.ascontiguousarray(a.T, dtype=np.float64), np.ascontiguousarray(b.T, dtype=np.float64)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"\n[1] SVCCA, {args.samples} samples × {args.units}+{args.units} units, {args.dtype} activations "

@@ -163,3 +163,31 @@ def test_float32_torch_tensors_agree_with_float64():
     stat.update(torch.from_numpy(a), torch.from_numpy(b))
     cov_error, mean_error = _errors(stat, mean, cov)
     assert cov_error < FLOAT32_BOUND and mean_error < 1e-6
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_float16_inputs_convert_identically_with_and_without_torch(monkeypatch, precision):
+    """float16 → float32 is exact, so torch's fast conversion (used when torch is loaded) changes nothing."""
+    pytest.importorskip("torch")
+    import sys
+
+    rng = np.random.default_rng(6)
+    values = np.maximum(rng.standard_normal((300, 7)), 0) * np.array([1, 1e-5, 1e-7, 10, 100, 1e3, 1])
+    rows = [values[:, :4].astype(np.float16), values[:, 4:].astype(np.float16)]
+    maps = [np.ascontiguousarray(r[:200].reshape(8, 5, 5, -1).transpose(0, 3, 1, 2)) for r in rows]
+    bad = rows[1].copy()
+    bad[123, 2] = np.nan
+
+    def run() -> tuple[JointMoments, JointMoments]:
+        stat, from_maps = JointMoments(4, 3, precision), JointMoments(4, 3, precision)
+        stat.update(*rows)
+        from_maps.update_maps(*maps)
+        with pytest.raises(StageInputError, match="block 'b' contains NaN"):
+            stat.update(rows[0], bad)
+        return stat, from_maps
+
+    with_torch = run()
+    monkeypatch.delitem(sys.modules, "torch")
+    without = run()
+    for fast, slow in zip(with_torch, without):
+        assert np.array_equal(fast.comoment, slow.comoment) and np.array_equal(fast.mean, slow.mean)
