@@ -259,9 +259,9 @@ def _check_sums(acc: np.ndarray, bounds: np.ndarray, names: Sequence[str], preci
             raise _not_finite(name)
         if not np.isfinite(squares[bounds[i]:bounds[i + 1]]).all():
             raise StageInputError(
-                f"block {name!r} has values whose squares overflow {precision} (|x| up to "
-                f"{float(np.abs(sums[bounds[i]:bounds[i + 1]]).max()):.3g} summed); rescale the activations or "
-                "accumulate in float64 precision"
+                f"block {name!r} has values whose squares overflow {precision} (values more than "
+                f"~{np.sqrt(np.finfo(precision).max / acc[dim, dim]):.1g} from an earlier batch's mean); rescale "
+                'the activations or accumulate in float64 precision ([compare].moments_precision = "float64")'
             )
 
 
