@@ -140,7 +140,19 @@ def bench_svcca(args: argparse.Namespace) -> None:
     # runs XᵀX as a symmetric rank-k update, ssyrk); the statistic is float64, so also the float64 product.
     both = np.concatenate([a, b], axis=1).astype(np.float32)
     both64 = both.astype(np.float64)
+    # The same samples as NCHW maps of 7 × 7 positions (update_maps: the pipeline's per-position samples)
+    images = args.samples // 49
+    maps_a, maps_b = (np.ascontiguousarray(x[: images * 49].reshape(images, 7, 7, -1).transpose(0, 3, 1, 2))
+                      for x in (a, b))
+
+    def from_maps(precision: str) -> JointMoments:
+        m, step = JointMoments(a.shape[1], b.shape[1], precision), max(1, args.batch // 49)
+        for start in range(0, images, step):
+            m.update_maps(maps_a[start : start + step], maps_b[start : start + step])
+        return m
+
     races = {
+        "maps32": lambda: from_maps("float32"),
         "ours": lambda: end_to_end("float64"),
         "ours32": lambda: end_to_end("float32"),
         "moments32": lambda: _accumulate(a, b, args.batch, "float32"),
@@ -173,6 +185,8 @@ def bench_svcca(args: argparse.Namespace) -> None:
           f"({times['ours'] / times['gram64']:.2f}× the float64 one)")
     print(f"  ours end to end, float32 products      {times['ours32'] / gram:8.2f}× the float32 Gram   "
           f"(the moments alone {times['moments32'] / gram:.2f}×, SVCCA from them {times['moments'] / gram:.2f}×)")
+    print(f"  float32 moments from NCHW maps         {times['maps32'] / gram:8.2f}× the float32 Gram   ({images} "
+          "images of 7 × 7, update_maps)")
     if args.memory:
         peak_acc = _peak_bytes(lambda: _accumulate(a, b, args.batch))
         peak_tut = _peak_bytes(lambda: tutorial_svcca(at, bt))

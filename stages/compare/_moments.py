@@ -13,9 +13,9 @@ Batches are summed about one reference shift ``s`` (the mean of the first batch'
 (ReLU maps with mean ≫ standard deviation) do not cancel catastrophically as they would in a raw
 ``Σxxᵀ − n·μμᵀ``. A batch costs one symmetric rank-k update over cache-sized chunks, fed without copying the
 batch (:func:`_numpy_batch_sums`), and one (D+1)² addition; the pending sums become ``(n, mean, M2)`` once, at
-a read-out or merge. A batch whose mean has drifted far from ``s`` (more than 4 of its own standard deviations
-in some channel) settles the pending sums and becomes the new reference, so the fixed shift never costs more
-than a few bits. Memory is O(D²) whatever the number of samples.
+a read-out or merge. A batch whose mean has drifted far from ``s`` in some channel (more than 4 of its own standard
+deviations in float32 precision, 1024 in float64) settles the pending sums and becomes the new reference, so
+the fixed shift never costs more than a few bits. Memory is O(D²) whatever the number of samples.
 
 **Precision.** ``precision="float64"`` (the default) forms every product in float64 (BLAS ``dsyrk``).
 ``precision="float32"`` rounds the shifted samples to float32, forms each chunk's product (≤ ~4,000 samples of
@@ -107,8 +107,9 @@ _FILL_ELEMENTS = 1 << 17
 
 #: a batch whose mean sits more than √_DRIFT within-batch standard deviations from the statistic's reference
 #: shift (in some channel) is recomputed about its own mean, so a fixed reference never costs more than
-#: log2(1 + _DRIFT) bits of the product's precision
-_DRIFT = 16.0
+#: log2(1 + _DRIFT) bits of the product's precision: ≤ 2 of float32's 24, ≤ 10 of float64's 53 (float64 thus
+#: recomputes only for extreme drifts, e.g. class-sorted shards of class-selective units cost nothing)
+_DRIFT = {"float64": 2.0**20, "float32": 16.0}
 
 
 def _assign(dest: np.ndarray, src: np.ndarray) -> None:
@@ -265,14 +266,14 @@ def _check_sums(acc: np.ndarray, bounds: np.ndarray, names: Sequence[str], preci
             )
 
 
-def _drifted(acc: np.ndarray) -> bool:
+def _drifted(acc: np.ndarray, precision: str) -> bool:
     """True when the batch's mean is far (√_DRIFT within-batch standard deviations) from the shift in any
     channel of non-zero spread: its products then lost precision to the offset and are recomputed."""
     dim = acc.shape[0] - 1
     rows = acc[dim, dim]
     offset = acc[:dim, dim] / rows
     spread = np.diagonal(acc)[:dim] / rows - offset * offset
-    return bool(np.any((offset * offset > _DRIFT * spread) & (spread > 0)))
+    return bool(np.any((offset * offset > _DRIFT[precision] * spread) & (spread > 0)))
 
 
 def _all_finite(x: Any) -> bool:
@@ -408,7 +409,7 @@ class MultiMoments(StreamingStatistic):
             shift = _shift_of(arrays, head, self.precision) if fresh else self._ref
             acc = kernel(arrays, self.dim, shift, self.precision)
             _check_sums(acc, self._bounds, self.names, self.precision)
-            if not fresh and _drifted(acc):
+            if not fresh and _drifted(acc, self.precision):
                 shift = _shift_of(arrays, head, self.precision)
                 acc = kernel(arrays, self.dim, shift, self.precision)
                 self._settle()
