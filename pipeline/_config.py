@@ -206,7 +206,7 @@ class CompareConfig:
 
     ``moments_precision``: ``"float64"`` (default) forms every co-moment product in float64; ``"float32"``
     forms each chunk's product (a few thousand samples) in float32 and sums the chunks in float64 — about
-    2.3× faster on CPUs, with covariance errors of ~1e-6 of σᵢσⱼ and metric errors of 1e-7 to 1e-5
+    2× faster on CPUs, with covariance errors of ~1e-6 of σᵢσⱼ and metric errors of 1e-7 to 1e-5
     (relative; largest for PWCCA on ill-conditioned layers). Keyed (``moments`` and ``cka`` nodes).
     """
 

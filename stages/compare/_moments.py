@@ -19,7 +19,7 @@ the fixed shift never costs more than a few bits. Memory is O(D²) whatever the 
 
 **Precision.** ``precision="float64"`` (the default) forms every product in float64 (BLAS ``dsyrk``).
 ``precision="float32"`` rounds the shifted samples to float32, forms each chunk's product (≤ ~4,000 samples of
-512 channels) with ``ssyrk`` and sums the chunk products in float64: about 2.3× faster on CPUs (a float64
+512 channels) with ``ssyrk`` and sums the chunk products in float64: about 2× faster on CPUs (a float64
 product costs 2× a float32 one), with covariance errors of a few 1e-6 of σᵢσⱼ at most (about 1e-8 typically)
 and metric errors of 1e-8 to 1e-5 relative, largest for CCA-family metrics of ill-conditioned layers (see the
 README's "Scaling out"). A statistic records its precision (in its table too) and refuses to merge with the
@@ -299,9 +299,9 @@ class MultiMoments(StreamingStatistic):
         sizes: channel count of each block, e.g. ``[96, 256, 384]`` for three layers.
         names: one unique name per block (defaults to ``"0", "1", …``).
         precision: ``"float64"`` (default: every product in float64) or ``"float32"`` (each chunk's product in
-            float32, at most a few thousand rows, summed in float64: about 2.5× faster on CPUs, with errors of
-            ~1e-7 of the channels' standard deviations in the covariance; see the module docstring). Statistics
-            of different precisions refuse to merge.
+            float32, at most a few thousand rows, summed in float64: about 2× faster on CPUs, with covariance
+            errors up to a few 1e-6 of σᵢσⱼ; see the module docstring). Statistics of different precisions
+            refuse to merge.
 
     State: ``n`` (int), ``mean`` (D,), ``m2`` (D, D) float64 with D = Σ sizes; between read-outs, the sums of
     the batches folded in since the last one, about a fixed reference shift (``[x − s, 1]ᵀ[x − s, 1]``), so a
