@@ -17,6 +17,10 @@ synthetic ReLU activations:
    at one α and along a warm-started path of ``--path-alphas`` values; ``precompute=False`` as a secondary line.
    Coefficients must agree.
 
+The SVCCA race also prints ours with the opt-in float32 products (``JointMoments(..., "float32")``) and both
+against the floor: one bare Gram product of the concatenated activations (``--threads 1`` for one BLAS
+thread, ``--clock cpu`` for process CPU time on a shared machine).
+
 Usage: python benchmarks/bench_compare.py [--samples 100000] [--units 256] [--repeat 3] [--skip lasso] ...
 """
 
@@ -61,8 +65,8 @@ def _activations(samples: int, ca: int, cb: int, seed: int = 0) -> tuple[np.ndar
     return np.maximum(a, 0), np.maximum(b, 0)
 
 
-def _accumulate(a: np.ndarray, b: np.ndarray, batch: int) -> JointMoments:
-    moments = JointMoments(a.shape[1], b.shape[1])
+def _accumulate(a: np.ndarray, b: np.ndarray, batch: int, precision: str = "float64") -> JointMoments:
+    moments = JointMoments(a.shape[1], b.shape[1], precision)
     for start in range(0, a.shape[0], batch):
         moments.update(a[start : start + batch], b[start : start + batch])
     return moments
@@ -97,43 +101,92 @@ def tutorial_svcca(acts1: np.ndarray, acts2: np.ndarray, keep: float = 0.99, eps
     return np.abs(np.linalg.svd(inv_sqrt(sxx) @ sxy @ inv_sqrt(syy), compute_uv=False))
 
 
+def _threads(count: int | None):
+    """A BLAS thread limit for the race (``None``: the library's default)."""
+    import contextlib
+
+    if count is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=count)
+
+
 def bench_svcca(args: argparse.Namespace) -> None:
+    import os
+    import time
+
     a, b = _activations(args.samples, args.units, args.units)
+    a, b = a.astype(args.dtype), b.astype(args.dtype)
+    if args.dtype == "float16":  # as in a pipeline run, torch is loaded: the moments convert float16 through it
+        import torch
+
+        torch.set_num_threads(args.threads or 1)
     at, bt = np.ascontiguousarray(a.T, dtype=np.float64), np.ascontiguousarray(b.T, dtype=np.float64)
-    print(f"\n[1] SVCCA, {args.samples} samples × {args.units}+{args.units} units (batch {args.batch}), "
-          f"median of {args.repeat} interleaved")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"\n[1] SVCCA, {args.samples} samples × {args.units}+{args.units} units, {args.dtype} activations "
+          f"(batch {args.batch}), BLAS threads: {args.threads or 'default'}, {args.clock} time, median of "
+          f"{args.repeat} interleaved; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     moments = _accumulate(a, b, args.batch)
 
-    def end_to_end():
-        m = _accumulate(a, b, args.batch)
+    def end_to_end(precision: str):
+        m = _accumulate(a, b, args.batch, precision)
         return svcca_from_covariance(m.cov_aa(), m.cov_bb(), m.cov_ab())
 
     def from_moments():
         return svcca_from_covariance(moments.cov_aa(), moments.cov_bb(), moments.cov_ab())
 
-    both = np.concatenate([a, b], axis=1)
-    both64 = both.astype(np.float64)  # the statistic is float64: its BLAS floor is the float64 Gram product
-    times, out = interleaved({
-        "tutorial": lambda: tutorial_svcca(at, bt),
-        "ours": end_to_end,
+    # The floor a user would compare with: one Gram product of the concatenated activations in float32 (numpy
+    # runs XᵀX as a symmetric rank-k update, ssyrk); the statistic is float64, so also the float64 product.
+    both = np.concatenate([a, b], axis=1).astype(np.float32)
+    both64 = both.astype(np.float64)
+    # The same samples as NCHW maps of 7 × 7 positions (update_maps: the pipeline's per-position samples)
+    images = args.samples // 49
+    maps_a, maps_b = (np.ascontiguousarray(x[: images * 49].reshape(images, 7, 7, -1).transpose(0, 3, 1, 2))
+                      for x in (a, b))
+
+    def from_maps(precision: str) -> JointMoments:
+        m, step = JointMoments(a.shape[1], b.shape[1], precision), max(1, args.batch // 49)
+        for start in range(0, images, step):
+            m.update_maps(maps_a[start : start + step], maps_b[start : start + step])
+        return m
+
+    races = {
+        "maps32": lambda: from_maps("float32"),
+        "ours": lambda: end_to_end("float64"),
+        "ours32": lambda: end_to_end("float32"),
+        "moments32": lambda: _accumulate(a, b, args.batch, "float32"),
         "moments": from_moments,
-        "numpy": lambda: svcca_arrays(a, b),
         "gram": lambda: both.T @ both,
         "gram64": lambda: both64.T @ both64,
-    }, repeat=args.repeat, warmup=False)
-    ours, tutorial = out["ours"], out["tutorial"]
-    print(f"  google/svcca tutorial recipe           {times['tutorial']:8.3f} s   mean ρ {tutorial.mean():.6f} "
-          f"({len(tutorial)} dims)")
-    print(f"  ours, accumulate moments + SVCCA       {times['ours']:8.3f} s   mean ρ {ours.mean:.6f} "
+    }
+    if args.tutorial:
+        races = {"tutorial": lambda: tutorial_svcca(at, bt), "numpy": lambda: svcca_arrays(a, b), **races}
+    with _threads(args.threads):
+        times, out = interleaved(races, repeat=args.repeat, warmup=False, clock=clock)
+    ours, ours32, gram = out["ours"], out["ours32"], times["gram"]
+    if args.tutorial:
+        tutorial = out["tutorial"]
+        print(f"  google/svcca tutorial recipe           {times['tutorial']:8.3f} s   mean ρ {tutorial.mean():.6f} "
+              f"({len(tutorial)} dims)")
+    print(f"  ours, accumulate moments + SVCCA       {times['ours']:8.3f} s   mean ρ {ours.mean:.10f} "
           f"({ours.dims_a}/{ours.dims_b} dims)")
-    print(f"  ratio, end to end (headline)           {times['tutorial'] / times['ours']:8.1f}×")
-    print(f"  secondary: ours from accumulated moments {times['moments']:6.3f} s  "
-          f"({times['tutorial'] / times['moments']:.0f}× the tutorial; the moments are shared by every metric)")
-    print(f"  secondary: in-memory numpy SVCCA       {times['numpy']:8.3f} s")
-    print(f"  floor: one bare Gram product XᵀX       {times['gram']:8.3f} s   "
-          f"(ours end to end = {times['ours'] / times['gram']:.2f}× it)")
-    print(f"  floor: the same product in float64     {times['gram64']:8.3f} s   "
-          f"(ours end to end = {times['ours'] / times['gram64']:.2f}× it; the moments are float64)")
+    print(f"  ours, float32 products (opt-in)        {times['ours32']:8.3f} s   mean ρ {ours32.mean:.10f} "
+          f"(relative difference {abs(ours32.mean - ours.mean) / ours.mean:.1e})")
+    if args.tutorial:
+        print(f"  ratio, end to end (headline)           {times['tutorial'] / times['ours']:8.1f}×")
+        print(f"  secondary: in-memory numpy SVCCA       {times['numpy']:8.3f} s")
+    print(f"  secondary: ours from accumulated moments {times['moments']:6.3f} s  (the moments are shared by "
+          "every metric)")
+    print(f"  floor: one bare Gram product XᵀX       {gram:8.3f} s   (float32, ssyrk)")
+    print(f"  floor: the same product in float64     {times['gram64']:8.3f} s   ({times['gram64'] / gram:.2f}× the "
+          "float32 one)")
+    print(f"  ours end to end, float64 products      {times['ours'] / gram:8.2f}× the float32 Gram   "
+          f"({times['ours'] / times['gram64']:.2f}× the float64 one)")
+    print(f"  ours end to end, float32 products      {times['ours32'] / gram:8.2f}× the float32 Gram   "
+          f"(the moments alone {times['moments32'] / gram:.2f}×, SVCCA from them {times['moments'] / gram:.2f}×)")
+    print(f"  float32 moments from NCHW maps         {times['maps32'] / gram:8.2f}× the float32 Gram   ({images} "
+          "images of 7 × 7, update_maps)")
     if args.memory:
         peak_acc = _peak_bytes(lambda: _accumulate(a, b, args.batch))
         peak_tut = _peak_bytes(lambda: tutorial_svcca(at, bt))
@@ -240,6 +293,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repeats; the median is quoted")
     parser.add_argument("--skip", nargs="*", default=[], choices=["svcca", "matching", "lasso"])
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="trace peak memory")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS threads for the SVCCA race (threadpoolctl)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                        help="dtype of the activations the SVCCA race streams (the Gram floor is float32)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="time the SVCCA race by wall clock or by process CPU time (steadier on a shared "
+                             "machine; equal to wall time for one thread)")
+    parser.add_argument("--tutorial", action=argparse.BooleanOptionalAction, default=True,
+                        help="include google/svcca's tutorial recipe and the in-memory numpy SVCCA")
     args = parser.parse_args()
     for name, bench in (("svcca", bench_svcca), ("matching", bench_matching), ("lasso", bench_lasso)):
         if name not in args.skip:

@@ -203,6 +203,11 @@ class CompareConfig:
     every target's duality gap ≤ ``lasso_tol`` · its squared norm, scikit-learn's criterion, or after
     ``lasso_max_sweeps`` full sweeps). Both are keyed; a fit that hits the sweep limit is reported as not
     converged in the run summary and the report.
+
+    ``moments_precision``: ``"float64"`` (default) forms every co-moment product in float64; ``"float32"``
+    forms each chunk's product (a few thousand samples) in float32 and sums the chunks in float64 — about
+    2× faster on CPUs, with covariance errors of ~1e-6 of σᵢσⱼ and metric errors of 1e-7 to 1e-5
+    (relative; largest for PWCCA on ill-conditioned layers). Keyed (``moments`` and ``cka`` nodes).
     """
 
     pairs: Literal["seeds", "none"] = "seeds"
@@ -215,6 +220,7 @@ class CompareConfig:
     cka_layers: bool = True
     lasso_tol: float = 1e-6
     lasso_max_sweeps: int = 2000
+    moments_precision: Literal["float64", "float32"] = "float64"
 
     def validate(self, key: str) -> None:
         _check(0 < self.holdout < 1, f"{key}.holdout", self.holdout, "must be strictly between 0 and 1, e.g. 0.2")

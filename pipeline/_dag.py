@@ -321,7 +321,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
         for layer in a.model.layers:
             label = {"a": a.name, "b": b.name, "kind": kind, "layer": layer}
             mom = _node("moments", label, {"layer_a": layer, "layer_b": layer, "samples": cc.samples,
-                                           "resize": cc.resize, "holdout": cc.holdout},
+                                           "resize": cc.resize, "holdout": cc.holdout,
+                                           "precision": cc.moments_precision},
                         upstream={"a": ea, "b": eb})
             cmp_ = _node("compare", label, {"alphas": list(cc.alphas), "match_thresholds": list(cc.match_thresholds),
                                             "svcca_keep": cc.svcca_keep, "lasso_tol": cc.lasso_tol,
@@ -330,7 +331,8 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
             nodes += [mom, cmp_]
         if cc.cka_layers:
             nodes.append(_node("cka", {"a": a.name, "b": b.name, "kind": kind},
-                               {"layers_a": list(a.model.layers), "layers_b": list(b.model.layers)},
+                               {"layers_a": list(a.model.layers), "layers_b": list(b.model.layers),
+                                "precision": cc.moments_precision},
                                upstream={"a": ea, "b": eb}))
         sc = config.similarity
         if sc.enabled:

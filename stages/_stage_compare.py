@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,16 @@ from ._stage_inputs import (aligned_part, aligned_pooled, layer_blocks, layer_x_
 __all__ = ["MomentsStage", "CompareStage", "CKAStage", "heldout_mask"]
 
 _compare = LazyModule(".compare")
+
+
+def _one_blas_thread() -> Any:
+    """One BLAS thread for the small-matrix read-outs (eigh/SVD of C×C blocks): extra threads only contend
+    there (a 256 × 256 ``eigh`` took 1.6 s with two threads on a busy 2-core machine, 36 ms with one)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
 
 
 def heldout_mask(image_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -45,8 +56,9 @@ class MomentsStage(StatisticStage):
 
     name = "moments"
     # 2: co-moments by chunked dsyrk (same values to rounding); 3: per-position samples of equal grids streamed
-    # from the maps (update_maps: same sums in another order, equal to rounding)
-    version = 3
+    # from the maps (update_maps: same sums in another order, equal to rounding); 4: batches summed about one
+    # reference shift, settled once (equal to rounding), and the keyed precision (float32 products opt-in)
+    version = 4
     depends_on = (".compare._moments", ".compare._correlation", ".compare._samples", "._stage_inputs", "._activations")
 
     def _channels(self, ctx: Context) -> tuple[int, int]:
@@ -58,7 +70,8 @@ class MomentsStage(StatisticStage):
         return list(range(len(ctx.inputs["a"].parts(f"activations@{ctx.params['layer_a']}"))))
 
     def new_statistic(self, ctx: Context) -> dict[str, Any]:
-        return {split: _compare.JointMoments(*self._channels(ctx)) for split in _SPLITS}
+        precision = ctx.params.get("precision", "float64")
+        return {split: _compare.JointMoments(*self._channels(ctx), precision) for split in _SPLITS}
 
     def statistic_types(self, ctx: Context) -> dict[str, type]:
         return {split: _compare.JointMoments for split in _SPLITS}
@@ -101,7 +114,9 @@ class CompareStage(Stage):
     """Correlation, matching, regression, SVCCA/PWCCA/CKA of one layer pair from its moments."""
 
     name = "compare"
-    version = 2  # 2: pwcca is google/svcca's convention, the paper form is pwcca_morcos
+    # 2: pwcca is google/svcca's convention, the paper form is pwcca_morcos; 3: CCA and SVCCA take singular
+    # values alone (no singular vectors: the same values to rounding)
+    version = 3
     #: the science modules this stage's result depends on (compare_arrays' registry path included)
     depends_on = (".compare._compare", ".compare._cca", ".compare._correlation", ".compare._matching",
                   ".compare._moments", ".compare._regression", ".compare._pwcca_google", ".compare._registry",
@@ -112,9 +127,11 @@ class CompareStage(Stage):
         p = ctx.params
         train = _compare.JointMoments.from_table(ctx.inputs["moments"].table("train"))
         heldout = _compare.JointMoments.from_table(ctx.inputs["moments"].table("heldout"))
-        tables = _compare.compare_moments(train, heldout, alphas=list(p["alphas"]),
-                                          thresholds=list(p["match_thresholds"]), svcca_keep=float(p["svcca_keep"]),
-                                          lasso_tol=float(p["lasso_tol"]), max_sweeps=int(p["lasso_max_sweeps"]))
+        with _one_blas_thread():
+            tables = _compare.compare_moments(train, heldout, alphas=list(p["alphas"]),
+                                              thresholds=list(p["match_thresholds"]),
+                                              svcca_keep=float(p["svcca_keep"]), lasso_tol=float(p["lasso_tol"]),
+                                              max_sweeps=int(p["lasso_max_sweeps"]))
         return StageOutput(tables=tables)
 
 
@@ -124,8 +141,9 @@ class CKAStage(StatisticStage):
 
     name = "cka"
     # 2: co-moments by chunked dsyrk (same values to rounding); 3: pooled samples are the float32 spatial means
-    # extraction stores (summaries), not means of the float16-stored maps (differences ~1e-4 relative)
-    version = 3
+    # extraction stores (summaries), not means of the float16-stored maps (differences ~1e-4 relative);
+    # 4: moments summed about one reference shift (equal to rounding), and the keyed precision
+    version = 4
     depends_on = (".compare._cca", ".compare._moments", ".compare._correlation", "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
@@ -133,7 +151,7 @@ class CKAStage(StatisticStage):
 
     def new_statistic(self, ctx: Context) -> Any:
         names, sizes = layer_blocks(ctx)
-        return _compare.MultiMoments(sizes, names)
+        return _compare.MultiMoments(sizes, names, ctx.params.get("precision", "float64"))
 
     def statistic_types(self, ctx: Context) -> type:
         return _compare.MultiMoments

@@ -38,7 +38,7 @@ from ._cca import (
 from ._compare import DEFAULT_THRESHOLDS, METRICS, compare_arrays, compare_moments
 from ._correlation import correlation_from_covariance, dead_units, within_net_max_correlation
 from ._matching import Matching, bottleneck_matching, hungarian_matching, matched_counts, semi_matching
-from ._moments import JointMoments, MultiMoments
+from ._moments import PRECISIONS, JointMoments, MultiMoments
 from ._regression import (
     DEFAULT_ALPHAS,
     LassoSolution,
@@ -82,6 +82,7 @@ __all__ = [
     # statistics and sample preparation
     "JointMoments",
     "MultiMoments",
+    "PRECISIONS",
     "samples_from_maps",
     # one call per layer pair
     "compare_moments",

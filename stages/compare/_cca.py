@@ -131,13 +131,17 @@ def _cca_on_bases(
     values_a: np.ndarray,
     basis_b: np.ndarray,
     values_b: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CCA restricted to eigen-bases: returns (corrs, canonical weights of A (Ca, k), of B (Cb, k))."""
+    weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """CCA restricted to eigen-bases: returns (corrs, canonical weights of A (Ca, k), of B (Cb, k)); with
+    ``weights=False`` only the correlations (singular values alone: about half the SVD's cost) and ``None``s."""
     white_a = basis_a / np.sqrt(values_a)
     white_b = basis_b / np.sqrt(values_b)
     k = min(white_a.shape[1], white_b.shape[1])
     if k == 0:
         return np.zeros(0), np.zeros((basis_a.shape[0], 0)), np.zeros((basis_b.shape[0], 0))
+    if not weights:
+        return np.clip(np.linalg.svd(white_a.T @ cov_ab @ white_b, compute_uv=False)[:k], 0.0, 1.0), None, None
     u, s, vt = np.linalg.svd(white_a.T @ cov_ab @ white_b, full_matrices=False)
     return np.clip(s[:k], 0.0, 1.0), white_a @ u[:, :k], white_b @ vt[:k].T
 
@@ -157,9 +161,11 @@ class _Spectrum:
         return cls(cov, values, vectors, _nondegenerate(values, eps))
 
 
-def _cca(cov_ab: np.ndarray, side_a: _Spectrum, side_b: _Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cca(cov_ab: np.ndarray, side_a: _Spectrum, side_b: _Spectrum,
+         weights: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     ka, kb = side_a.rank, side_b.rank
-    return _cca_on_bases(cov_ab, side_a.vectors[:, :ka], side_a.values[:ka], side_b.vectors[:, :kb], side_b.values[:kb])
+    return _cca_on_bases(cov_ab, side_a.vectors[:, :ka], side_a.values[:ka], side_b.vectors[:, :kb],
+                         side_b.values[:kb], weights)
 
 
 def _svcca(
@@ -168,7 +174,7 @@ def _svcca(
     ma = min(svcca_dims(side_a.values, keep, convention), side_a.rank)
     mb = min(svcca_dims(side_b.values, keep, convention), side_b.rank)
     corrs, _, _ = _cca_on_bases(
-        cov_ab, side_a.vectors[:, :ma], side_a.values[:ma], side_b.vectors[:, :mb], side_b.values[:mb]
+        cov_ab, side_a.vectors[:, :ma], side_a.values[:ma], side_b.vectors[:, :mb], side_b.values[:mb], weights=False
     )
     return CanonicalCorrelations(corrs, ma, mb)
 
@@ -222,7 +228,7 @@ def cca_from_covariance(
     """
     cov_aa, cov_bb, cov_ab = _check_blocks(cov_aa, cov_bb, cov_ab)
     side_a, side_b = _Spectrum.of(cov_aa, eps), _Spectrum.of(cov_bb, eps)
-    corrs, _, _ = _cca(cov_ab, side_a, side_b)
+    corrs, _, _ = _cca(cov_ab, side_a, side_b, weights=False)
     return CanonicalCorrelations(corrs, side_a.rank, side_b.rank)
 
 

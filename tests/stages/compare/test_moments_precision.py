@@ -1,0 +1,194 @@
+"""The float32-product path of the moment statistics: its error against the exact float64 accumulation on
+adversarial inputs, the drift guard of the fixed reference shift, and the rules that keep precisions apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from repdissect.stages import StageInputError
+from repdissect.stages.compare import JointMoments, MultiMoments, PRECISIONS
+from repdissect.stages.compare import _moments
+
+#: worst observed float32-path error on the fixtures below is ~5e-6 of σᵢσⱼ (the README's measurements agree);
+#: the bound leaves a margin for other BLAS builds' summation orders
+FLOAT32_BOUND = 3e-5
+
+
+def _adversarial(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 channels with offsets up to 1e4, spreads down to 1e-2 (σ/μ ~ 1e-6), ReLU zeros, correlations."""
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((rows, 4))
+    a = latent @ rng.standard_normal((4, 6)) + 0.3 * rng.standard_normal((rows, 6))
+    b = latent @ rng.standard_normal((4, 5)) + 0.3 * rng.standard_normal((rows, 5))
+    a = a * np.array([1e-2, 1e-1, 1, 10, 1e2, 1]) + np.array([1e4, -3e3, 0, 50, 0, 2])
+    b = b * np.array([1e-2, 1, 1e3, 1, 0.5]) + np.array([1e3, 0, 0, -7, 0])
+    a[:, 2], b[:, 4] = np.maximum(a[:, 2], 0), np.maximum(b[:, 4], 0)  # ReLU units, mostly off / half off
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def _exact(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate([a, b], axis=1).astype(np.float64)  # the float32 inputs, exactly
+    return x.mean(axis=0), np.cov(x, rowvar=False, ddof=1)
+
+
+def _errors(stat: MultiMoments, mean: np.ndarray, cov: np.ndarray) -> tuple[float, float]:
+    """(max covariance error in units of σᵢσⱼ, max mean error in units of σᵢ)."""
+    sd = np.sqrt(np.diag(cov))
+    return (float((np.abs(stat.covariance() - cov) / np.outer(sd, sd)).max()),
+            float((np.abs(stat.mean - mean) / sd).max()))
+
+
+@pytest.mark.parametrize("batch", [997, 8192])
+def test_float32_products_stay_within_the_bound_of_the_exact_moments(batch):
+    a, b = _adversarial(20_000)
+    mean, cov = _exact(a, b)
+    errors = {}
+    for precision in PRECISIONS:
+        stat = JointMoments(6, 5, precision)
+        for start in range(0, len(a), batch):
+            stat.update(a[start:start + batch], b[start:start + batch])
+        assert stat.n == len(a)
+        errors[precision] = _errors(stat, mean, cov)
+    assert errors["float64"][0] < 1e-11 and errors["float64"][1] < 1e-11
+    assert errors["float32"][0] < FLOAT32_BOUND and errors["float32"][1] < 1e-6
+    assert errors["float32"][0] > errors["float64"][0]  # the float32 path is really taken
+
+
+def test_float32_maps_path_stays_within_the_bound():
+    rng = np.random.default_rng(5)
+    maps_a = (rng.standard_normal((40, 3, 6, 6)) * [[[[1e-2]], [[1.0]], [[30.0]]]] + [[[[5e3]], [[0.0]], [[-2.0]]]])
+    maps_b = np.maximum(rng.standard_normal((40, 2, 6, 6)) + 0.5 * maps_a[:, 1:], 0)
+    maps_a, maps_b = maps_a.astype(np.float32), maps_b.astype(np.float32)
+    stat = JointMoments(3, 2, "float32")
+    for start in range(0, 40, 16):
+        stat.update_maps(maps_a[start:start + 16], maps_b[start:start + 16])
+    samples = [m.transpose(0, 2, 3, 1).reshape(-1, m.shape[1]) for m in (maps_a, maps_b)]
+    mean, cov = _exact(*samples)
+    cov_error, mean_error = _errors(stat, mean, cov)
+    assert stat.n == 40 * 36 and cov_error < FLOAT32_BOUND and mean_error < 1e-6
+
+
+def _drifting_batches() -> list[np.ndarray]:
+    """The first batch sits at 0 with a tiny spread, every later one at 3e3 ± 1: far from the first reference."""
+    rng = np.random.default_rng(0)
+    batches = [1e-3 * rng.standard_normal((4096, 8))]
+    batches += [rng.standard_normal((4096, 8)) + 3e3 for _ in range(6)]
+    return [x.astype(np.float32) for x in batches]
+
+
+@pytest.mark.parametrize("precision, bound", [("float64", 1e-13), ("float32", 1e-9)])
+def test_a_batch_far_from_the_reference_gets_its_own(monkeypatch, precision, bound):
+    batches = _drifting_batches()
+    x = np.concatenate(batches).astype(np.float64)
+    cov = np.cov(x, rowvar=False)
+    sd = np.sqrt(np.diag(cov))
+
+    def error() -> float:
+        stat = MultiMoments([8], precision=precision)
+        for batch in batches:
+            stat.update(batch)
+        return float((np.abs(stat.covariance() - cov) / np.outer(sd, sd)).max())
+
+    guarded = error()
+    # never re-reference: the offset eats the products' bits
+    monkeypatch.setattr(_moments, "_DRIFT", dict.fromkeys(PRECISIONS, np.inf))
+    unguarded = error()
+    assert guarded < bound < unguarded
+
+
+def test_statistics_of_different_precisions_refuse_to_merge():
+    rng = np.random.default_rng(1)
+    a, b = rng.random((50, 3)), rng.random((50, 2))
+    exact, fast = JointMoments(3, 2), JointMoments(3, 2, "float32")
+    exact.update(a, b)
+    fast.update(a, b)
+    for into, other in ((exact, fast), (fast, exact)):
+        with pytest.raises(StageInputError, match=f"cannot merge a {other.precision}-precision JointMoments"):
+            into.copy().merge(other)
+    with pytest.raises(StageInputError, match="unknown moment precision 'float16'"):
+        MultiMoments([3], precision="float16")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_precision_survives_the_table_and_sharded_equals_whole(precision):
+    a, b = _adversarial(6_000, seed=2)
+    whole = JointMoments(6, 5, precision)
+    for start in range(0, 6_000, 1_000):
+        whole.update(a[start:start + 1_000], b[start:start + 1_000])
+    shards = []
+    for lo, hi in ((0, 2_500), (2_500, 2_600), (2_600, 6_000)):
+        shard = JointMoments(6, 5, precision)
+        for start in range(lo, hi, 1_000):
+            shard.update(a[start:min(start + 1_000, hi)], b[start:min(start + 1_000, hi)])
+        shards.append(JointMoments.from_table(shard.to_table()))
+    merged = shards[0].merge(shards[1]).merge(shards[2])
+    assert merged.precision == precision and merged.n == whole.n
+    scale = np.sqrt(np.outer(whole.variance(), whole.variance()))
+    tolerance = 1e-10 if precision == "float64" else FLOAT32_BOUND  # offsets of 1e6 σ cost float64 digits too
+    assert (np.abs(merged.covariance() - whole.covariance()) / scale).max() < tolerance
+    swapped = merged.swapped()
+    assert swapped.precision == precision and np.allclose(swapped.cov_ab(), merged.cov_ab().T, rtol=0, atol=0)
+
+
+def test_pending_sums_about_one_reference_merge_exactly():
+    rng = np.random.default_rng(3)
+    first, second = rng.random((300, 4)) + 5, rng.random((200, 4)) + 5
+    sequential = MultiMoments([4])
+    sequential.update(first)
+    shard = sequential.copy()  # same reference shift as `sequential`
+    sequential.update(second)
+    other = MultiMoments([4])
+    other._ref = shard._ref.copy()
+    other.update(second)
+    shard.merge(other)
+    assert shard.n == sequential.n == 500
+    assert np.array_equal(shard.comoment, sequential.comoment) and np.array_equal(shard.mean, sequential.mean)
+
+
+def test_float32_squares_that_overflow_are_refused_and_leave_the_state():
+    stat = MultiMoments([2], names=["conv5"], precision="float32")
+    stat.update(np.ones((10, 2)))
+    huge = np.full((10, 2), 1e20)
+    huge[:, 1] = 1.0
+    with pytest.raises(StageInputError, match="block 'conv5' has values whose squares overflow float32"):
+        stat.update(huge)
+    assert stat.n == 10 and np.array_equal(stat.comoment, np.zeros((2, 2)))
+
+
+def test_float32_torch_tensors_agree_with_float64():
+    torch = pytest.importorskip("torch")
+    a, b = _adversarial(3_000, seed=4)
+    mean, cov = _exact(a, b)
+    stat = JointMoments(6, 5, "float32")
+    stat.update(torch.from_numpy(a), torch.from_numpy(b))
+    cov_error, mean_error = _errors(stat, mean, cov)
+    assert cov_error < FLOAT32_BOUND and mean_error < 1e-6
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_float16_inputs_convert_identically_with_and_without_torch(monkeypatch, precision):
+    """float16 → float32 is exact, so torch's fast conversion (used when torch is loaded) changes nothing."""
+    pytest.importorskip("torch")
+    import sys
+
+    rng = np.random.default_rng(6)
+    values = np.maximum(rng.standard_normal((300, 7)), 0) * np.array([1, 1e-5, 1e-7, 10, 100, 1e3, 1])
+    rows = [values[:, :4].astype(np.float16), values[:, 4:].astype(np.float16)]
+    maps = [np.ascontiguousarray(r[:200].reshape(8, 5, 5, -1).transpose(0, 3, 1, 2)) for r in rows]
+    bad = rows[1].copy()
+    bad[123, 2] = np.nan
+
+    def run() -> tuple[JointMoments, JointMoments]:
+        stat, from_maps = JointMoments(4, 3, precision), JointMoments(4, 3, precision)
+        stat.update(*rows)
+        from_maps.update_maps(*maps)
+        with pytest.raises(StageInputError, match="block 'b' contains NaN"):
+            stat.update(rows[0], bad)
+        return stat, from_maps
+
+    with_torch = run()
+    monkeypatch.delitem(sys.modules, "torch")
+    without = run()
+    for fast, slow in zip(with_torch, without):
+        assert np.array_equal(fast.comoment, slow.comoment) and np.array_equal(fast.mean, slow.mean)
