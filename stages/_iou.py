@@ -58,6 +58,7 @@ This module holds :class:`IoUTally`, the mergeable statistic; the upsampling and
 from __future__ import annotations
 
 import importlib.util
+import threading
 from typing import Sequence, Self
 
 import numpy as np
@@ -88,6 +89,20 @@ def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray
             categories.append(c.category)
     label_category = np.array([categories.index(concepts[i].category) for i in order], dtype=np.int64)
     return labels[order], label_category, categories
+
+
+_scratch_arrays = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A per-thread array of this shape and dtype, reused across calls (contents undefined)."""
+    arrays = getattr(_scratch_arrays, "arrays", None)
+    if arrays is None:
+        arrays = _scratch_arrays.arrays = {}
+    array = arrays.get(name)
+    if array is None or array.shape != shape or array.dtype != dtype:
+        array = arrays[name] = np.empty(shape, dtype)
+    return array
 
 
 def _nonfinite_error() -> StageInputError:
@@ -315,14 +330,17 @@ class IoUTally(StreamingStatistic):
         sh, sw = self.seg_size
         ay, ax = _axis(h, sh), _axis(w, sw)
         layers = sum(maps.shape[1] for _, maps in pixel_maps)
-        columns = np.empty((n, layers, sh, sw), np.int32)
-        uniform = np.empty((n, layers, h, w), np.int32)
-        extent = np.empty((n, layers, h, w), np.int32)
+        # Label tables, overwritten whole by the kernel: reused between batches (fresh pages cost more to
+        # fault in than the kernel takes to fill them).
+        columns = _scratch("columns", (n, layers, sh, sw), np.int32)
+        uniform = _scratch("uniform", (n, layers, h, w), np.int32)
+        extent = _scratch("extent", (n, layers, h, w), np.int32)
+        row_uniform = _scratch("row_uniform", (n, layers, sh, w), np.int32)
         per_image = np.zeros((n, len(self.labels) + 1), np.int64)
         first = 0
         for category, maps in pixel_maps:
-            unknown = prepare_labels(maps, self._lookup, ay.cell_start, ax.cell_start, columns, per_image,
-                                     uniform, extent, first)
+            unknown = prepare_labels(np.ascontiguousarray(maps), self._lookup, ay.cell_start, ax.cell_start, columns,
+                                     per_image, uniform, extent, row_uniform, first)
             if unknown:
                 self._columns(maps, f"pixel_labels[{category!r}]")  # raises, naming the unknown numbers
             first += maps.shape[1]
@@ -335,7 +353,7 @@ class IoUTally(StreamingStatistic):
             np.ascontiguousarray(acts, dtype=np.float32), *self._kernel_thresholds(thresholds),
             ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.base, ax.upper[ax.base],
             ax.w_lo, ax.w_hi,
-            columns, uniform, extent, self.label_category, on_count, self.intersection, hits,
+            columns, uniform, extent, row_uniform, self.label_category, on_count, self.intersection, hits,
         ):
             raise _nonfinite_error()
         scalar_rows, scalar_cols, relevant = self._count_labels(per_image, scalar)

@@ -65,12 +65,12 @@ def _compiled(function=None, **options):
 
 @_compiled
 def prepare_labels(
-    pixel, lookup, y_cells, x_cells, columns, per_image, uniform, extent, first_layer
+    pixel, lookup, y_cells, x_cells, columns, per_image, uniform, extent, row_uniform, first_layer
 ):  # pragma: no cover - compiled
     """Label numbers → column indexes, per-image label histograms and the one-label quad runs, in one pass.
 
     Args:
-        pixel: ``(N, layers, sh, sw)`` integer label numbers of one category (0 = unlabelled).
+        pixel: ``(N, layers, sh, sw)`` C-contiguous integer label numbers of one category (0 = unlabelled).
         lookup: ``(max_label + 1,)`` int32 column of each label number, −1 for numbers that are not concepts;
             label 0 maps to the last column of ``per_image``.
         y_cells, x_cells: ``(H + 1,)``, ``(W + 1,)`` pixels of each lower corner cell (``cell_start``).
@@ -80,6 +80,8 @@ def prepare_labels(
             its pixels (in that layer) carry one label, else −1 (also for quads without pixels).
         extent: ``(N, all layers, H, W)`` int32 output: for a one-label quad, the end (exclusive) of the
             stretch of quads to its right in the same strip carrying the same single label.
+        row_uniform: ``(N, all layers, sh, W)`` int32 output: per pixel row and lower corner column, the label
+            column when that row of the quad carries one label, else −1.
 
     Returns:
         the number of runs of label numbers that are not concepts' (counted as unlabelled; the caller raises).
@@ -87,50 +89,55 @@ def prepare_labels(
     n, layers, sh, sw = pixel.shape
     unlabelled = per_image.shape[1] - 1
     num_y, num_x = len(y_cells) - 1, len(x_cells) - 1
+    labels_flat = columns.reshape(columns.size)
+    pixel_flat = pixel.reshape(pixel.size)  # C-contiguous (the caller makes sure)
     unknown = 0
     for i in range(n):
         for layer in range(layers):
             out = first_layer + layer
             # Labels come in runs along a row: look a number up once per run and add the run's length at
             # its end (no lookup and no store-to-load chain on one counter per pixel).
-            run_value = pixel[i, layer, 0, 0]
+            source = np.uint64((i * layers + layer) * sh * sw)
+            target = np.uint64((i * columns.shape[1] + out) * sh * sw)
+            run_value = pixel_flat[source]
             run_column = _column(run_value, lookup)
             if run_column < 0:
                 unknown += 1
                 run_column = unlabelled
             run_length = 0
-            for y in range(sh):
-                for x in range(sw):
-                    value = pixel[i, layer, y, x]
-                    if value != run_value:
-                        per_image[i, run_column] += run_length
-                        run_length = 0
-                        run_value = value
-                        run_column = _column(value, lookup)
-                        if run_column < 0:
-                            unknown += 1
-                            run_column = unlabelled
-                    columns[i, out, y, x] = run_column
-                    run_length += 1
+            for k in range(np.uint64(sh * sw)):  # flat unsigned indexes: no per-pixel index arithmetic
+                value = pixel_flat[source + k]
+                if value != run_value:
+                    per_image[i, run_column] += run_length
+                    run_length = 0
+                    run_value = value
+                    run_column = _column(value, lookup)
+                    if run_column < 0:
+                        unknown += 1
+                        run_column = unlabelled
+                labels_flat[target + k] = run_column
+                run_length += 1
             per_image[i, run_column] += run_length
-            # Unsigned indexes: Numba adds no negative-index wrap-around, so the row compares vectorise.
-            plane = columns[i, out]
+            # Per quad row (pixel row × lower corner column) its label or −1; a quad is one-label when all its
+            # rows carry the same one. Flat unsigned indexes: no slices (reference counts), no wrap-around.
             for cy in range(num_y):
-                y0, y1 = np.uint64(y_cells[cy]), np.uint64(y_cells[cy + 1])
+                y0, y1 = y_cells[cy], y_cells[cy + 1]
                 for cx in range(num_x):
                     x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
-                    if y0 == y1 or x0 == x1:
-                        uniform[i, out, cy, cx] = -1
-                        continue
-                    label = plane[y0, x0]
-                    differ = 0
+                    quad = -2  # no row seen yet
                     for y in range(y0, y1):
-                        row = plane[y]
-                        for x in range(x0, x1):
-                            differ += row[x] != label
-                        if differ:
-                            break
-                    uniform[i, out, cy, cx] = -1 if differ else label
+                        label = -1
+                        if x1 > x0:
+                            row = np.uint64(((i * columns.shape[1] + out) * sh + y) * sw)
+                            label = labels_flat[row + x0]
+                            differ = 0
+                            for x in range(row + x0 + np.uint64(1), row + x1):
+                                differ += labels_flat[x] != label
+                            if differ:
+                                label = -1
+                        row_uniform[i, out, y, cx] = label
+                        quad = label if quad == -2 or quad == label else -1
+                    uniform[i, out, cy, cx] = -1 if quad == -2 else quad
                 # Right to left: how far each one-label quad's label continues.
                 end = num_x
                 for cx in range(num_x - 1, -1, -1):
@@ -188,7 +195,7 @@ def _nonfinite(flat, base, size):  # pragma: no cover - compiled
 def count_maps(
     acts, thresholds, bounds, full_bounds,
     y_cells, y_upper, wy_lo, wy_hi, x_cells, x_upper, x_lower_px, x_upper_px, wx_lo, wx_hi,
-    columns, uniform, extent, label_category, on_count, intersection, hits,
+    columns, uniform, extent, row_uniform, label_category, on_count, intersection, hits,
 ):  # pragma: no cover - compiled
     """Add each unit's on-pixels per image to ``on_count`` and per (unit, label column) to ``intersection``.
 
@@ -220,6 +227,7 @@ def count_maps(
             lower / upper corner column of each pixel column.
         columns: ``(N, layers, sh, sw)`` int32 label columns (``width − 1`` = unlabelled, not counted).
         uniform, extent: ``(N, layers, H, W)`` int32 one-label quads and their stretches (``prepare_labels``).
+        row_uniform: ``(N, layers, sh, W)`` int32 one-label quad rows (``prepare_labels``).
         label_category: ``(width − 1,)`` int64 category of each label column.
         on_count: ``(N, C)`` int64, added to.
         intersection: ``(C, width − 1)`` int64, added to.
@@ -384,9 +392,12 @@ def count_maps(
                         if label >= 0:
                             stretch = min(extent[i, layer, r, a], end)
                             if label < unlabelled:
-                                count = 0
-                                for x in range(x_cells[a], x_cells[stretch]):
-                                    count += column_on[x]
+                                if a == first and stretch == end:  # one label over the whole run
+                                    count = in_run
+                                else:
+                                    count = 0
+                                    for x in range(x_cells[a], x_cells[stretch]):
+                                        count += column_on[x]
                                 if count > 0:
                                     intersection[u, label] += sign * count
                                     if track:
@@ -405,6 +416,17 @@ def count_maps(
                                 if group_on[row, a] == 0:
                                     continue
                                 flags = row * sw
+                                label = row_uniform[i, layer, p0 + row, a]
+                                if label >= 0:  # this row of the quad carries one label
+                                    if label < unlabelled:
+                                        count = 0
+                                        for x in range(x0, x1):
+                                            count += on[flags + x]
+                                        if count > 0:
+                                            intersection[u, label] += sign * count
+                                            if track:
+                                                hits[i, u, label_category[label]] = 1
+                                    continue
                                 pixels = image_labels + (layer * sh + p0 + row) * sw
                                 for x in range(x0, x1):
                                     label = labels_flat[pixels + x]
