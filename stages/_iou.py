@@ -41,9 +41,10 @@ a layer) adds its on-count to that label; only mixed quads look up labels per on
 and merge by addition, exactly.
 
 * ``compiled`` (the CPU default, ``_iou_kernels``): Numba loops that read each map once (a vectorised scan,
-  then a byte mask of a hot map's cells above the bound while it is in cache), visit only
-  the quads around cells above the bound, skip (or take whole) quad rows whose two ends are below (or
-  safely above) ``T``, and increment the counters in place; one core, no temporaries per pixel.
+  then a hot map's cells above the bound as bits per cell row while it is in cache), evaluate, strip by
+  strip of pixel rows, only the corner columns next to such cells, skip (or take whole) groups whose two
+  ends are below (or safely above) ``T``, add stretches of one-label quads in one step, and increment the
+  counters in place; one core, no temporaries per pixel.
 * ``torch`` (GPUs): the same quads as index tensors — hot-quad ``nonzero``, gathered corners, a bincount
   over (unit, label) for mixed quads, scatter-adds — in blocks of ``block_pixels``. On a CPU it is several
   times slower than the compiled loops (it materialises every evaluated pixel); the tests hold the two to

@@ -8,26 +8,35 @@ once from memory and touch only what can be on:
 
 * **Scan.** A vectorised pass per map: is any cell above the pruning bound, is any value NaN/inf? Most maps
   end here.
-* **Hot bits.** For a hot map (still in the L1 cache): a byte mask of its cells above the bound, packed into
-  one 64-bit word of column bits per cell row (eight bytes to eight bits with one multiplication).
+* **Hot bits.** For a hot map (still in the L1 cache): a vectorised compare writes a byte per cell, eight
+  bytes become eight bits with one multiplication, and each cell row's bits are cut out of the packed words
+  (one 64-bit word per 64 columns).
 * **Strips.** The pixel rows sharing a lower corner row ``r`` form a strip; it needs work only where cell
   rows ``r`` or ``r + 1`` hold a hot cell: ``hot(r) | hot(r + 1)``, widened by one column (``bits | bits >> 1``),
   is the set of lower corner columns whose 2×2 cells include a hot one, found run by run with trailing-zero
-  counts. Each pixel row of the strip interpolates the two corner rows over those columns once, then each
-  (pixel row, corner column) group is skipped when both its ends are ≤ the bound, taken whole when both are
-  safely above the threshold, else evaluated pixel by pixel into a byte row of on-flags.
-* **Labels.** Per strip and label layer, a precomputed run-length table of *quads* (a quad: the pixels of
-  one strip with one lower corner column) gives, for each quad that carries a single label, how far the
-  same label continues to the right: a stretch of such quads adds the strip's on-count of the stretch to
-  that label in one step. Only quads that mix labels look at per-pixel labels, in runs of one label.
+  counts. Each pixel row of the strip interpolates the two corner rows over those columns once. Where a
+  corner column spans more than 4 pixels (7² or 14² maps → 112²), each (pixel row, corner column) group is
+  skipped when both its ends are ≤ the bound, taken whole when both are safely above the threshold, else
+  evaluated pixel by pixel; narrower groups are evaluated in one branch-free loop per run.
+* **Labels.** Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
+  lower corner column) say which quads carry a single label and how far that label continues to the right:
+  a stretch of such quads adds the strip's on-count of the stretch to that label in one step. A quad that
+  mixes labels adds the on-count of each of its one-label rows in one step too; only its mixed rows look
+  at per-pixel labels, in runs of one label.
 
-On the benchmark (64 images × 512 units, 112² labels) the costs per hot map are then a few strips and runs,
-not the ~5 µs of per-quad listing, deduplication and per-layer label lookups of the earlier quad-list layout.
-What bounds them (measured): the scan runs near memory speed only when its loop vectorises, which needs two
-things Numba does not give by default — float32 sums with LLVM's ``reassoc`` flag (integer or boolean
-accumulators kept it scalar) and indexes that cannot be negative (an index ``base + k`` into a flat array
-made Numba's negative-index wrap-around a per-element select, which LLVM turned into gathers: slices indexed
-from 0, or unsigned indexes, avoid it).
+It is one compiled function per batch with its helpers inlined and no array slices in the loops: every call
+of a compiled function and every slice updates reference counts atomically, per array, which cost more than
+the work of a small hot map.
+
+What bounds it (measured on 64 images × 512 units → 112² labels, 3 label layers, one core): at 56² maps the
+scan itself (all 411 MB of maps read once, ~30 ms at ~14 GB/s, where a bare float32 sum reaches ~21 GB/s),
+then per hot map (half of the maps are hot) about 0.5 µs for the hot bits and 3 µs for ~25 strips of two
+pixel rows each (interpolation, evaluation, three label layers); at 7² the label preparation (~0.6 ns per
+label pixel for the runs, plus the one-label tables) and, per hot map, the 16 × 16-pixel quads that mix
+labels. The scan is vectorised only because of two details: float32 sums with LLVM's ``reassoc`` flag
+(integer or boolean accumulators kept it scalar) and indexes that cannot be negative (an index ``base + k``
+into a flat array made Numba's negative-index wrap-around a per-element select, which LLVM turned into
+gathers: unsigned indexes avoid it).
 
 The kernels are Numba ``njit`` functions, compiled on first use (10–30 s on a loaded machine) and cached on
 disk in the package directory or Numba's user cache; where neither is writable they are compiled once per
