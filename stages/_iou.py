@@ -93,10 +93,13 @@ def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray
 
 
 _scratch_arrays = threading.local()
+_SCRATCH_BYTES = 16 * 2**20  # larger tables are allocated per batch: kept, they would raise the memory floor
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A per-thread array of this shape and dtype, reused across calls (contents undefined)."""
+    """A per-thread array of this shape and dtype, reused across calls (contents undefined) when it is small."""
+    if int(np.prod(shape)) * np.dtype(dtype).itemsize > _SCRATCH_BYTES:
+        return np.empty(shape, dtype)
     arrays = getattr(_scratch_arrays, "arrays", None)
     if arrays is None:
         arrays = _scratch_arrays.arrays = {}
@@ -331,8 +334,8 @@ class IoUTally(StreamingStatistic):
         sh, sw = self.seg_size
         ay, ax = _axis(h, sh), _axis(w, sw)
         layers = sum(maps.shape[1] for _, maps in pixel_maps)
-        # Label tables, overwritten whole by the kernel: reused between batches (fresh pages cost more to
-        # fault in than the kernel takes to fill them).
+        # Label tables, overwritten whole by the kernel: reused between batches of one shape (no fresh pages
+        # to fault in per batch).
         columns = _scratch("columns", (n, layers, sh, sw), np.int32)
         uniform = _scratch("uniform", (n, layers, h, w), np.int32)
         extent = _scratch("extent", (n, layers, h, w), np.int32)

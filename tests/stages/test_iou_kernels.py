@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from repdissect.datasets import Batch, Concept
 from repdissect.stages import IoUTally, upsample_bilinear
+from repdissect.stages._errors import StageInputError
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("numba") is None, reason="Numba (the optional [fast] extra) is not installed"
@@ -179,7 +180,7 @@ def test_nan_in_a_late_map_leaves_a_tally_with_counts_unchanged():
         before = (tally.intersection.copy(), tally.activation.copy(), tally.truth.copy())
         bad = acts.copy()
         bad[3, 4, 7, 7] = np.nan
-        with pytest.raises(Exception, match="NaN/inf"):
+        with pytest.raises(StageInputError, match="NaN/inf"):
             tally.update(bad, thresholds, batch)
         for got, want in zip((tally.intersection, tally.activation, tally.truth), before):
             np.testing.assert_array_equal(got, want)
