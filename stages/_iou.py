@@ -41,9 +41,10 @@ a layer) adds its on-count to that label; only mixed quads look up labels per on
 and merge by addition, exactly.
 
 * ``compiled`` (the CPU default, ``_iou_kernels``): Numba loops that read each map once (a vectorised scan,
-  then a byte mask of a hot map's cells above the bound while it is in cache), visit only
-  the quads around cells above the bound, skip (or take whole) quad rows whose two ends are below (or
-  safely above) ``T``, and increment the counters in place; one core, no temporaries per pixel.
+  then a hot map's cells above the bound as bits per cell row while it is in cache), evaluate, strip by
+  strip of pixel rows, only the corner columns next to such cells, skip (or take whole) groups whose two
+  ends are below (or safely above) ``T``, add stretches of one-label quads in one step, and increment the
+  counters in place; one core, no temporaries per pixel.
 * ``torch`` (GPUs): the same quads as index tensors — hot-quad ``nonzero``, gathered corners, a bincount
   over (unit, label) for mixed quads, scatter-adds — in blocks of ``block_pixels``. On a CPU it is several
   times slower than the compiled loops (it materialises every evaluated pixel); the tests hold the two to
@@ -58,6 +59,7 @@ This module holds :class:`IoUTally`, the mergeable statistic; the upsampling and
 from __future__ import annotations
 
 import importlib.util
+import threading
 from typing import Sequence, Self
 
 import numpy as np
@@ -88,6 +90,23 @@ def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray
             categories.append(c.category)
     label_category = np.array([categories.index(concepts[i].category) for i in order], dtype=np.int64)
     return labels[order], label_category, categories
+
+
+_scratch_arrays = threading.local()
+_SCRATCH_BYTES = 16 * 2**20  # larger tables are allocated per batch: kept, they would raise the memory floor
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A per-thread array of this shape and dtype, reused across calls (contents undefined) when it is small."""
+    if int(np.prod(shape)) * np.dtype(dtype).itemsize > _SCRATCH_BYTES:
+        return np.empty(shape, dtype)
+    arrays = getattr(_scratch_arrays, "arrays", None)
+    if arrays is None:
+        arrays = _scratch_arrays.arrays = {}
+    array = arrays.get(name)
+    if array is None or array.shape != shape or array.dtype != dtype:
+        array = arrays[name] = np.empty(shape, dtype)
+    return array
 
 
 def _nonfinite_error() -> StageInputError:
@@ -163,6 +182,8 @@ class IoUTally(StreamingStatistic):
         lookup[self.labels] = np.arange(num_labels)
         lookup[0] = num_labels  # the "no label" column, dropped at the end
         self._lookup = lookup
+        self._bounds_key: bytes | None = None  # thresholds of the cached kernel bounds (execution only)
+        self._bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # -- input handling
     def _columns(self, values: np.ndarray, where: str) -> np.ndarray:
@@ -262,13 +283,14 @@ class IoUTally(StreamingStatistic):
         scalar_cols = scalar.reshape(-1)
         keep = scalar_cols < num_labels
         scalar_rows, scalar_cols = scalar_rows[keep], scalar_cols[keep]
-        scalar_count = np.zeros((n, num_labels + 1), dtype=np.int64)
-        np.add.at(scalar_count, (scalar_rows, scalar_cols), 1)
-        self.truth += per_image[:, :num_labels].sum(axis=0) + num_pixels * scalar_count[:, :num_labels].sum(axis=0)
-        present = (per_image[:, :num_labels] + scalar_count[:, :num_labels]) > 0
-        category_of = np.zeros((num_labels, len(self.categories)), dtype=np.int64)
+        self.truth += per_image[:, :num_labels].sum(axis=0)
+        self.truth += num_pixels * np.bincount(scalar_cols, minlength=num_labels)
+        present = per_image[:, :num_labels] > 0
+        present[scalar_rows, scalar_cols] = True
+        # float32 products of 0/1 values: exact (sums ≤ the number of labels), and BLAS-fast unlike int64
+        category_of = np.zeros((num_labels, len(self.categories)), dtype=np.float32)
         category_of[np.arange(num_labels), self.label_category] = 1
-        relevant = ((present.astype(np.int64) @ category_of) > 0).astype(np.int64)
+        relevant = ((present.astype(np.float32) @ category_of) > 0).astype(np.int64)
         return scalar_rows, scalar_cols, relevant
 
     def _category_hits(self, pixel_intersection: np.ndarray) -> np.ndarray:
@@ -284,7 +306,11 @@ class IoUTally(StreamingStatistic):
         ``unit_hits`` (``union="lite"``): ``(N, C, categories)`` whether each unit's on-pixels in each image
         intersect a pixel label of each category; whole-image labels are added here.
         """
-        np.add.at(self.intersection.T, scalar_cols, on_count[scalar_rows])
+        if len(scalar_cols):  # per whole-image label column, the on-counts of its images (one strided add each)
+            order = np.argsort(scalar_cols, kind="stable")
+            cols = scalar_cols[order]
+            starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
+            self.intersection[:, cols[starts]] += np.add.reduceat(on_count[scalar_rows[order]], starts, axis=0).T
         if self.union == "category-images":
             self.activation += on_count.T @ relevant
             return
@@ -292,49 +318,50 @@ class IoUTally(StreamingStatistic):
         hits[scalar_rows, :, self.label_category[scalar_cols]] = True  # a whole-image label meets every on-pixel
         self.activation += np.einsum("nu,nuc->uc", on_count, hits.astype(np.int64))
 
+    def _kernel_thresholds(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 thresholds, pruning bounds and full bounds, kept for the next batch (usually the same)."""
+        key = thresholds.tobytes()
+        if self._bounds_key != key:
+            self._bounds = (thresholds.astype(np.float32), _prune_thresholds(thresholds), _full_thresholds(thresholds))
+            self._bounds_key = key
+        return self._bounds
+
     def _update_compiled(self, acts: np.ndarray, thresholds: np.ndarray, pixel_maps, scalar: np.ndarray) -> None:
         """The whole batch in one pass of each compiled kernel; checks come first, the state changes last."""
-        from ._iou_kernels import count_quads, prepare_labels
+        from ._iou_kernels import count_maps, prepare_labels
 
         n, c, h, w = acts.shape
         sh, sw = self.seg_size
         ay, ax = _axis(h, sh), _axis(w, sw)
         layers = sum(maps.shape[1] for _, maps in pixel_maps)
-        columns = np.empty((n, layers, sh, sw), np.int32)
-        uniform = np.empty((n, layers, len(ay.seg_base), len(ax.seg_base)), np.int32)
+        # Label tables, overwritten whole by the kernel: reused between batches of one shape (no fresh pages
+        # to fault in per batch).
+        columns = _scratch("columns", (n, layers, sh, sw), np.int32)
+        uniform = _scratch("uniform", (n, layers, h, w), np.int32)
+        extent = _scratch("extent", (n, layers, h, w), np.int32)
+        row_uniform = _scratch("row_uniform", (n, layers, sh, w), np.int32)
         per_image = np.zeros((n, len(self.labels) + 1), np.int64)
         first = 0
         for category, maps in pixel_maps:
-            unknown = prepare_labels(
-                maps, self._lookup, ay.seg_start, ay.seg_count, ax.seg_start, ax.seg_count,
-                columns, per_image, uniform, first,
-            )
+            unknown = prepare_labels(np.ascontiguousarray(maps), self._lookup, ay.cell_start, ax.cell_start, columns,
+                                     per_image, uniform, extent, row_uniform, first)
             if unknown:
                 self._columns(maps, f"pixel_labels[{category!r}]")  # raises, naming the unknown numbers
             first += maps.shape[1]
 
         on_count = np.zeros((n, c), np.int64)
-        values = np.ascontiguousarray(acts, dtype=np.float32)
-        args = (thresholds.astype(np.float32), _prune_thresholds(thresholds), _full_thresholds(thresholds),
-                ay.seg_base, ay.upper[ay.seg_base], ay.seg_start, ay.seg_count, ay.w_lo, ay.w_hi,
-                ax.seg_base, ax.upper[ax.seg_base], ax.seg_start, ax.seg_count, ax.w_lo, ax.w_hi)
-        unit_hits = None
-        if self.union == "category-images":
-            if count_quads(values, *args, columns, uniform, on_count, self.intersection):
-                raise _nonfinite_error()
-        else:  # one image at a time: the union needs each image's own intersections
-            unit_hits = np.zeros((n, c, len(self.categories)), np.bool_)
-            total = np.zeros_like(self.intersection)
-            for i in range(n):
-                mine = np.zeros_like(self.intersection)
-                if count_quads(values[i : i + 1], *args, columns[i : i + 1], uniform[i : i + 1],
-                               on_count[i : i + 1], mine):
-                    raise _nonfinite_error()
-                unit_hits[i] = self._category_hits(mine)
-                total += mine
-            self.intersection += total
+        # The lite union needs, per image and unit, which categories the on-pixels meet.
+        hits = np.zeros((n, c, len(self.categories)) if self.union == "lite" else (0, 0, 0), np.uint8)
+        # Counted in place: on NaN/inf the kernel takes its partial counts back, so a refused batch leaves no trace.
+        if count_maps(
+            np.ascontiguousarray(acts, dtype=np.float32), *self._kernel_thresholds(thresholds),
+            ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.base, ax.upper[ax.base],
+            ax.w_lo, ax.w_hi,
+            columns, uniform, extent, row_uniform, self.label_category, on_count, self.intersection, hits,
+        ):
+            raise _nonfinite_error()
         scalar_rows, scalar_cols, relevant = self._count_labels(per_image, scalar)
-        self._add_units(on_count, scalar_rows, scalar_cols, relevant, unit_hits)
+        self._add_units(on_count, scalar_rows, scalar_cols, relevant, hits.view(np.bool_) if len(hits) else None)
 
     def _torch_labels(self, pixel_maps, shape) -> np.ndarray:
         """Label columns ``(N, layers, sh, sw)`` of every pixel category, concatenated."""

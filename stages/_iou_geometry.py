@@ -40,6 +40,7 @@ class _Axis:
     seg_pixels: np.ndarray  # (S, m) pixel indexes; padding repeats the segment's first pixel
     seg_w_lo: np.ndarray  # (S, m) float32 weights, NaN in padding (a NaN value is never "on")
     seg_w_hi: np.ndarray  # (S, m)
+    cell_start: np.ndarray  # (n_in + 1,) int64: pixels cell_start[a] : cell_start[a + 1] have lower corner a
 
 
 @lru_cache(maxsize=64)
@@ -66,6 +67,7 @@ def _axis(n_in: int, n_out: int) -> _Axis:
     return _Axis(
         base, upper, w_lo, w_hi, base[starts], starts, counts, pixels,
         np.where(valid, w_lo[pixels], nan), np.where(valid, w_hi[pixels], nan),
+        np.searchsorted(base, np.arange(n_in + 1), side="left").astype(np.int64),
     )
 
 

@@ -1,33 +1,53 @@
-"""Compiled CPU kernels of the IoU tally: label preparation and the sparse-quad on-pixel count.
+"""Compiled CPU kernels of the IoU tally: label preparation and the sparse on-pixel count, strip by strip.
 
-The IoU tally's work is a loop over (image, unit, quad, pixel) whose useful part is tiny and data dependent:
-most maps never exceed their threshold, most pixels of a hot map are off, most label quads carry a single
-label. Vectorised array code (the torch path in ``_iou``, used on the GPU) must materialise index lists and
-bool masks for every evaluated pixel and pays several memory passes per pixel. The compiled loops read each
-map once from memory: a vectorised scan (is any cell above the pruning bound? is any value NaN/inf?) and, for
-a hot map only, a byte mask of its hot cells, found eight at a time through 64-bit words; then they visit only
-the quads around those cells while the map is in the L1 cache, skip or take whole the quad rows whose two
-ends decide them, and increment the (unit, label) counters in place. On one CPU core that is 5–14× the torch
-path.
+The IoU tally's work is a loop over (image, unit, pixel) whose useful part is tiny and data dependent: most
+maps never exceed their threshold, most pixels of a hot map are off, most label regions span many pixels.
+Vectorised array code (the torch path in ``_iou``, used on the GPU) must materialise index lists and bool
+masks for every evaluated pixel and pays several memory passes per pixel. These compiled loops read each map
+once from memory and touch only what can be on:
 
-What bounds them (measured): the scan runs near memory speed only when its loop vectorises, which needs two
-things Numba does not give by default — float32 sums with LLVM's ``reassoc`` flag (integer or boolean
-accumulators kept it scalar) and indexes that cannot be negative (an index ``base + k`` into a flat array
-made Numba's negative-index wrap-around a per-element select, which LLVM turned into gathers: slices indexed
-from 0 avoid it). At 56² maps → 112² labels a quad is 2 × 2 pixels, so the per-quad bookkeeping (listing,
-dedup, corners, per-layer label lookups) dominates; at 7² → 112² a quad is 16 × 16 pixels and the per-pixel
-evaluation and mixed-quad label runs do.
+* **Scan.** A vectorised pass per map: is any cell above the pruning bound, is any value NaN/inf? Most maps
+  end here.
+* **Hot bits.** For a hot map (still in the L1 cache): a vectorised compare writes a byte per cell, eight
+  bytes become eight bits with one multiplication, and each cell row's bits are cut out of the packed words
+  (one 64-bit word per 64 columns).
+* **Strips.** The pixel rows sharing a lower corner row ``r`` form a strip; it needs work only where cell
+  rows ``r`` or ``r + 1`` hold a hot cell: ``hot(r) | hot(r + 1)``, widened by one column (``bits | bits >> 1``),
+  is the set of lower corner columns whose 2×2 cells include a hot one, found run by run with trailing-zero
+  counts. Each pixel row of the strip interpolates the two corner rows over those columns once. Where a
+  corner column spans more than 4 pixels (7² or 14² maps → 112²), each (pixel row, corner column) group is
+  skipped when both its ends are ≤ the bound, taken whole when both are safely above the threshold, else
+  evaluated pixel by pixel; narrower groups are evaluated in one branch-free loop per run.
+* **Labels.** Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
+  lower corner column) say which quads carry a single label and how far that label continues to the right:
+  a stretch of such quads adds the strip's on-count of the stretch to that label in one step. A quad that
+  mixes labels adds the on-count of each of its one-label rows in one step too; only its mixed rows look
+  at per-pixel labels, in runs of one label.
+
+It is one compiled function per batch with its helpers inlined and no array slices in the loops: every call
+of a compiled function and every slice updates reference counts atomically, per array, which cost more than
+the work of a small hot map.
+
+What bounds it (measured on 64 images × 512 units → 112² labels, 3 label layers, one core): at 56² maps the
+scan itself (all 411 MB of maps read once, ~30 ms at ~14 GB/s, where a bare float32 sum reaches ~21 GB/s),
+then per hot map (half of the maps are hot) about 0.5 µs for the hot bits and 3 µs for ~25 strips of two
+pixel rows each (interpolation, evaluation, three label layers); at 7² the label preparation (~0.6 ns per
+label pixel for the runs, plus the one-label tables) and, per hot map, the 16 × 16-pixel quads that mix
+labels. The scan is vectorised only because of two details: float32 sums with LLVM's ``reassoc`` flag
+(integer or boolean accumulators kept it scalar) and indexes that cannot be negative (an index ``base + k``
+into a flat array made Numba's negative-index wrap-around a per-element select, which LLVM turned into
+gathers: unsigned indexes avoid it).
 
 The kernels are Numba ``njit`` functions, compiled on first use (10–30 s on a loaded machine) and cached on
 disk in the package directory or Numba's user cache; where neither is writable they are compiled once per
 process. Loading them from the cache still costs about a second, so a run loads them in a background thread
 from its start (``_warmup.warm_kernels``). Only the scan carries a fast-math flag (``reassoc``, for its sums);
-the bilinear arithmetic is plain IEEE float32, so every value is bit-identical to the torch path's
-``_bilinear`` (same operations in the same order, no fused multiply-add) and both paths count the same
-pixels; the tests hold them to exact equality.
+the bilinear arithmetic is plain IEEE float32 in a function compiled without it, so every value is
+bit-identical to the torch path's ``_bilinear`` (same operations in the same order, no fused multiply-add) and
+both paths count the same pixels; the tests hold them to exact equality.
 
-Geometry arguments describe the *segments* of ``_iou._Axis``: consecutive pixel runs sharing a lower corner
-cell (``start``, ``count``), the corner cells (``lower``, ``upper``) and per-pixel weights.
+Geometry arguments describe ``_iou_geometry._Axis``: ``cells[a] : cells[a + 1]`` are the pixels whose lower
+corner cell is ``a`` (``cell_start``), ``upper[a] = min(a + 1, n − 1)``, and per-pixel float32 weights.
 """
 
 from __future__ import annotations
@@ -36,7 +56,10 @@ import numpy as np
 from numba import njit
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-__all__ = ["prepare_labels", "count_quads"]
+__all__ = ["prepare_labels", "count_maps"]
+
+# (word · _PACK) >> 56 packs a word of eight 0/1 bytes into eight bits (byte j → bit j).
+_PACK = np.uint64(0x0102040810204080)
 
 
 def _compiled(function=None, **options):
@@ -51,65 +74,86 @@ def _compiled(function=None, **options):
 
 @_compiled
 def prepare_labels(
-    pixel, lookup, y_start, y_count, x_start, x_count, columns, per_image, uniform, first_layer
+    pixel, lookup, y_cells, x_cells, columns, per_image, uniform, extent, row_uniform, first_layer
 ):  # pragma: no cover - compiled
-    """Label numbers → column indexes, per-image label histograms and one-label quads, in one pass.
+    """Label numbers → column indexes, per-image label histograms and the one-label quad runs, in one pass.
 
     Args:
-        pixel: ``(N, layers, sh, sw)`` integer label numbers of one category (0 = unlabelled).
+        pixel: ``(N, layers, sh, sw)`` C-contiguous integer label numbers of one category (0 = unlabelled).
         lookup: ``(max_label + 1,)`` int32 column of each label number, −1 for numbers that are not concepts;
             label 0 maps to the last column of ``per_image``.
-        y_start, y_count, x_start, x_count: row / column segments (first pixel, length).
+        y_cells, x_cells: ``(H + 1,)``, ``(W + 1,)`` pixels of each lower corner cell (``cell_start``).
         columns: ``(N, all layers, sh, sw)`` int32 output; this category fills layers ``first_layer…``.
         per_image: ``(N, width)`` int64 label histograms, added to.
-        uniform: ``(N, all layers, Sy, Sx)`` int32 output: a quad's column when all its pixels (in that layer)
-            carry one label, else −1.
+        uniform: ``(N, all layers, H, W)`` int32 output: quad (strip, corner column)'s label column when all
+            its pixels (in that layer) carry one label, else −1 (also for quads without pixels).
+        extent: ``(N, all layers, H, W)`` int32 output: for a one-label quad, the end (exclusive) of the
+            stretch of quads to its right in the same strip carrying the same single label.
+        row_uniform: ``(N, all layers, sh, W)`` int32 output: per pixel row and lower corner column, the label
+            column when that row of the quad carries one label, else −1.
 
     Returns:
         the number of runs of label numbers that are not concepts' (counted as unlabelled; the caller raises).
     """
     n, layers, sh, sw = pixel.shape
     unlabelled = per_image.shape[1] - 1
+    num_y, num_x = len(y_cells) - 1, len(x_cells) - 1
+    labels_flat = columns.reshape(columns.size)
+    pixel_flat = pixel.reshape(pixel.size)  # C-contiguous (the caller makes sure)
     unknown = 0
     for i in range(n):
         for layer in range(layers):
             out = first_layer + layer
             # Labels come in runs along a row: look a number up once per run and add the run's length at
             # its end (no lookup and no store-to-load chain on one counter per pixel).
-            run_value = pixel[i, layer, 0, 0]
+            source = np.uint64((i * layers + layer) * sh * sw)
+            target = np.uint64((i * columns.shape[1] + out) * sh * sw)
+            run_value = pixel_flat[source]
             run_column = _column(run_value, lookup)
             if run_column < 0:
                 unknown += 1
                 run_column = unlabelled
             run_length = 0
-            for y in range(sh):
-                for x in range(sw):
-                    value = pixel[i, layer, y, x]
-                    if value != run_value:
-                        per_image[i, run_column] += run_length
-                        run_length = 0
-                        run_value = value
-                        run_column = _column(value, lookup)
-                        if run_column < 0:
-                            unknown += 1
-                            run_column = unlabelled
-                    columns[i, out, y, x] = run_column
-                    run_length += 1
+            for k in range(np.uint64(sh * sw)):  # flat unsigned indexes: no per-pixel index arithmetic
+                value = pixel_flat[source + k]
+                if value != run_value:
+                    per_image[i, run_column] += run_length
+                    run_length = 0
+                    run_value = value
+                    run_column = _column(value, lookup)
+                    if run_column < 0:
+                        unknown += 1
+                        run_column = unlabelled
+                labels_flat[target + k] = run_column
+                run_length += 1
             per_image[i, run_column] += run_length
-            # Unsigned indexes: Numba adds no negative-index wrap-around, so the row compares vectorise.
-            plane = columns[i, out]
-            for sy in range(len(y_start)):
-                y0 = np.uint64(y_start[sy])
-                for sx in range(len(x_start)):
-                    x0 = np.uint64(x_start[sx])
-                    label = plane[y0, x0]
-                    differ = 0
-                    for y in range(y0, y0 + np.uint64(y_count[sy])):
-                        for x in range(x0, x0 + np.uint64(x_count[sx])):
-                            differ += plane[y, x] != label
-                        if differ:
-                            break
-                    uniform[i, out, sy, sx] = -1 if differ else label
+            # Per quad row (pixel row × lower corner column) its label or −1; a quad is one-label when all its
+            # rows carry the same one. Flat unsigned indexes: no slices (reference counts), no wrap-around.
+            for cy in range(num_y):
+                y0, y1 = y_cells[cy], y_cells[cy + 1]
+                for cx in range(num_x):
+                    x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+                    quad = -2  # no row seen yet
+                    for y in range(y0, y1):
+                        label = -1
+                        if x1 > x0:
+                            row = np.uint64(((i * columns.shape[1] + out) * sh + y) * sw)
+                            label = labels_flat[row + x0]
+                            differ = 0
+                            for x in range(row + x0 + np.uint64(1), row + x1):
+                                differ += labels_flat[x] != label
+                            if differ:
+                                label = -1
+                        row_uniform[i, out, y, cx] = label
+                        quad = label if quad == -2 or quad == label else -1
+                    uniform[i, out, cy, cx] = -1 if quad == -2 else quad
+                # Right to left: how far each one-label quad's label continues.
+                end = num_x
+                for cx in range(num_x - 1, -1, -1):
+                    label = uniform[i, out, cy, cx]
+                    if label < 0 or (cx + 1 < num_x and uniform[i, out, cy, cx + 1] != label):
+                        end = cx + 1
+                    extent[i, out, cy, cx] = end
     return unknown
 
 
@@ -121,39 +165,46 @@ def _column(value, lookup):  # pragma: no cover - compiled
     return -1
 
 
-@njit(nogil=True, inline="always")
-def _scan(flat, base, size, bound):  # pragma: no cover - compiled
-    """``(cells > bound, Σ value·0)`` of ``flat[base : base + size]``: the sum is NaN iff a value is NaN/inf.
-
-    Inlined into ``count_quads``, whose only fast-math flag, ``reassoc``, lets LLVM split these float32 sums
-    into vector lanes (and nothing else: without ``nnan``/``ninf`` a product ``value·0`` is not folded to 0;
-    the count of ones is exact below 2²⁴ cells and never 0 once a cell counts). The bilinear arithmetic lives
-    in ``_count_map``, compiled without fast-math, so every pixel value keeps its exact IEEE bits.
-    """
-    above = np.float32(0)
-    bad = np.float32(0)
-    cells = flat[base : base + size]  # indexes from 0 up: no negative-index wrap-around, so no gathers
-    for k in range(size):
-        value = cells[k]
-        above += np.float32(1) if value > bound else np.float32(0)
-        bad += value * np.float32(0)
-    return above, bad
-
-
-@njit(nogil=True, inline="always")
-def _mark(flat, base, size, bound, hot):  # pragma: no cover - compiled
-    """``hot[k] = flat[base + k] > bound`` (a vectorised loop over a map in the L1 cache)."""
-    cells = flat[base : base + size]
-    for k in range(size):
-        hot[k] = cells[k] > bound
-
-
 @_compiled(fastmath={"reassoc"})
-def count_quads(
+def _next_hot(flat, bounds, start, stop, size):  # pragma: no cover - compiled
+    """The first map ``j`` in ``start:stop`` (maps of ``size`` cells, unit ``j % len(bounds)``) that is hot or
+    holds a NaN/inf, and its ``Σ (v > bound ? v − bound : v·0)``; ``(stop, 0)`` when there is none.
+
+    The sum is 0 exactly when every cell is finite and ≤ the bound; it is NaN/inf when a value is (or, rarely,
+    when large values overflow: the caller then counts the non-finite values exactly). One float32
+    accumulator; this function's only fast-math flag, ``reassoc``, lets LLVM split it into vector lanes (and
+    nothing else: without ``nnan``/``ninf`` a product ``v·0`` is not folded to 0). Indexes are unsigned, so
+    Numba adds no negative-index wrap-around (which LLVM turned into gathers); no slices, so no reference
+    counting per map. The bilinear arithmetic lives in ``count_maps``, compiled without fast-math, so every
+    pixel value keeps its exact IEEE bits.
+    """
+    c = len(bounds)
+    zero = np.float32(0)
+    for j in range(start, stop):
+        bound = bounds[j % c]
+        first = np.uint64(j * size)
+        total = zero
+        for k in range(first, first + np.uint64(size)):
+            value = flat[k]
+            total += (value - bound) if value > bound else value * zero
+        if total != zero:
+            return j, total
+    return stop, zero
+
+
+@njit(nogil=True)
+def _nonfinite(flat, base, size):  # pragma: no cover - compiled
+    count = 0
+    for k in range(base, base + size):
+        count += not np.isfinite(flat[k])
+    return count
+
+
+@_compiled
+def count_maps(
     acts, thresholds, bounds, full_bounds,
-    y_lower, y_upper, y_start, y_count, wy_lo, wy_hi,
-    x_lower, x_upper, x_start, x_count, wx_lo, wx_hi,
-    columns, uniform, on_count, intersection,
+    y_cells, y_upper, wy_lo, wy_hi, x_cells, x_upper, x_lower_px, x_upper_px, wx_lo, wx_hi,
+    columns, uniform, extent, row_uniform, label_category, on_count, intersection, hits,
 ):  # pragma: no cover - compiled
     """Add each unit's on-pixels per image to ``on_count`` and per (unit, label column) to ``intersection``.
 
@@ -161,208 +212,245 @@ def count_quads(
     both outputs are as they were on entry.
 
     A pixel is on when its bilinear value (float32: rows first, then columns, as ``_iou._bilinear``) is
-    ``> thresholds[u]``. ``bounds[u]`` is the pruning bound of ``_iou._prune_thresholds``: a convex
-    combination of values ≤ it cannot exceed the threshold, so maps, quads and quad rows whose corners are all
-    ≤ the bound are skipped without changing any count. Symmetrically, ``full_bounds[u]``
-    (``_iou._full_thresholds``, +inf unless the threshold is ≥ 0) is a value from which every float32 convex
-    combination of two values ≥ it exceeds the threshold: such quad rows are all on without evaluation.
+    ``> thresholds[u]``. ``bounds[u]`` is the pruning bound of ``_iou_geometry._prune_thresholds``: a convex
+    combination of values ≤ it cannot exceed the threshold, so maps, strips and pixel groups whose corners
+    are all ≤ the bound are skipped without changing any count. Symmetrically, ``full_bounds[u]``
+    (``_full_thresholds``, +inf unless the threshold is ≥ 0) is a value from which every float32 convex
+    combination of two values ≥ it exceeds the threshold: such groups are all on without evaluation. Where
+    a corner column has at most 4 pixels (upsampling ≤ 4×), the pixels of a strip row are evaluated in one
+    branch-free loop instead (the shortcuts cost more in mispredicted branches than they save).
 
-    Each map is read once from memory, by a vectorised scan that marks its cells above the bound in a byte
-    mask (and finds NaN/inf); a hot map's marked cells are then found eight at a time (64-bit words of the
-    mask) and its quads evaluated while the map is in the L1 cache. A map with a NaN/inf ends the call: the
-    maps counted before it are counted again with the opposite sign (counts are deterministic), so a refused
-    batch leaves no trace.
+    A map with a NaN/inf ends the call: the maps counted before it are counted again with the opposite sign
+    (counts are deterministic), so a refused batch leaves no trace.
+
+    One function (helpers inlined, no array slices): every call of a compiled function and every slice
+    costs atomic reference-count updates per array, which cost more than the work of a small hot map.
 
     Args:
         acts: ``(N, C, H, W)`` float32, C-contiguous.
         thresholds, bounds, full_bounds: ``(C,)`` float32.
-        y_lower, y_upper: ``(Sy,)`` corner rows of each row segment; y_start, y_count: its pixels.
-        wy_lo, wy_hi: ``(sh,)`` float32 weights of the lower / upper corner row per pixel row.
-        x_*: the same along columns.
+        y_cells: ``(H + 1,)`` int64 pixel rows of each lower corner row (``y_cells[r] : y_cells[r + 1]``);
+            y_upper: ``(H,)`` int64 upper corner row of each lower corner row; wy_lo, wy_hi: ``(sh,)``
+            float32 weights of the lower / upper corner row per pixel row.
+        x_cells, x_upper, wx_lo, wx_hi: the same along columns; x_lower_px, x_upper_px: ``(sw,)`` int64
+            lower / upper corner column of each pixel column.
         columns: ``(N, layers, sh, sw)`` int32 label columns (``width − 1`` = unlabelled, not counted).
-        uniform: ``(N, layers, Sy, Sx)`` int32 one-label quads (−1 = mixed).
+        uniform, extent: ``(N, layers, H, W)`` int32 one-label quads and their stretches (``prepare_labels``).
+        row_uniform: ``(N, layers, sh, W)`` int32 one-label quad rows (``prepare_labels``).
+        label_category: ``(width − 1,)`` int64 category of each label column.
         on_count: ``(N, C)`` int64, added to.
         intersection: ``(C, width − 1)`` int64, added to.
+        hits: ``(N, C, categories)`` uint8, set to 1 where a unit's on-pixels in an image meet a pixel label
+            of a category; pass a ``(0, 0, 0)`` array to skip (only the ``lite`` union needs it).
     """
     n, c, h, w = acts.shape
-    flat = acts.reshape(n * c * h * w)
-    num_sy, num_sx = len(y_start), len(x_start)
-    max_rows = 0
-    for sy in range(num_sy):
-        max_rows = max(max_rows, y_count[sy])
-    max_cols = 0
-    for sx in range(num_sx):
-        max_cols = max(max_cols, x_count[sx])
-    on = np.zeros((max_rows, max_cols), np.bool_)  # on-pixels of the current quad; valid where row_on > 0
-    row_on = np.zeros(max_rows, np.int64)
-    # Byte mask of one map's hot cells, padded with zeros to whole groups of 8 words (64 cells).
-    hot = np.zeros(-(-h * w // 64) * 64, np.uint8)
-    # A hot cell makes every quad it is a corner of hot: visit those quads only, each once.
-    y_touch, y_touch_start = _touching(y_lower, y_upper, h)
-    x_touch, x_touch_start = _touching(x_lower, x_upper, w)
-    marked = np.zeros((num_sy, num_sx), np.bool_)
-    quads = np.empty((num_sy * num_sx, 2), np.uint64)
-    cell_row = np.arange(h * w) // w
-    geometry = (y_lower, y_upper, y_start, y_count, wy_lo, wy_hi, x_lower, x_upper, x_start, x_count, wx_lo, wx_hi,
-                y_touch, y_touch_start, x_touch, x_touch_start)
-    scratch = (on, row_on, hot, marked, quads, cell_row)
-    for i in range(n):
-        for u in range(c):
-            above, bad = _scan(flat, (i * c + u) * h * w, h * w, bounds[u])
-            if bad != 0:  # NaN or inf: take back what was counted, report how many such values this map has
-                for j in range(i * c + u):
-                    if _scan(flat, j * h * w, h * w, bounds[j % c])[0] > 0:
-                        _mark(flat, j * h * w, h * w, bounds[j % c], hot)
-                        _count_map(flat, j // c, j % c, c, h, w, thresholds, bounds, full_bounds, geometry, scratch,
-                                   columns, uniform, on_count, intersection, -1)
-                return _nonfinite(flat, (i * c + u) * h * w, h * w)
-            if above > 0:
-                _mark(flat, (i * c + u) * h * w, h * w, bounds[u], hot)
-                _count_map(flat, i, u, c, h, w, thresholds, bounds, full_bounds, geometry, scratch,
-                           columns, uniform, on_count, intersection, 1)
-    return 0
-
-
-@njit(nogil=True)
-def _nonfinite(flat, base, size):  # pragma: no cover - compiled
-    count = 0
-    for k in range(size):
-        count += not np.isfinite(flat[base + k])
-    return count
-
-
-@njit(nogil=True)
-def _count_map(
-    flat, i, u, c, h, w, thresholds, bounds, full_bounds, geometry, scratch,
-    columns, uniform, on_count, intersection, sign,
-):  # pragma: no cover - compiled
-    """Count map (i, u), whose cells above the bound are marked in ``hot``, times ``sign`` (±1)."""
-    (y_lower, y_upper, y_start, y_count, wy_lo, wy_hi, x_lower, x_upper, x_start, x_count, wx_lo, wx_hi,
-     y_touch, y_touch_start, x_touch, x_touch_start) = geometry
-    on, row_on, hot, marked, quads, cell_row = scratch
-    words = hot.view(np.uint64)  # one byte (0 or 1) per cell: bit 8·j of a word is cell 8·(word) + j
-    num_quads = 0
-    for group in range(len(words) // 8):
-        any_hot = np.uint64(0)
-        for k in range(8 * group, 8 * group + 8):
-            any_hot |= words[k]
-        if any_hot == 0:
-            continue
-        for k in range(8 * group, 8 * group + 8):
-            bits = words[k]
-            while bits != 0:
-                cell = 8 * k + (trailing_zeros(bits) >> 3)
-                bits &= bits - np.uint64(1)
-                y = cell_row[cell]
-                x = cell - y * w
-                for a in range(y_touch_start[y], y_touch_start[y + 1]):
-                    sy = y_touch[a]
-                    for b in range(x_touch_start[x], x_touch_start[x + 1]):
-                        sx = x_touch[b]
-                        if not marked[sy, sx]:
-                            marked[sy, sx] = True
-                            quads[num_quads, 0] = sy
-                            quads[num_quads, 1] = sx
-                            num_quads += 1
-    base = (i * c + u) * h * w
-    total = 0
-    for q in range(num_quads):
-        sy = quads[q, 0]
-        sx = quads[q, 1]
-        marked[sy, sx] = False
-        total += _count_quad(flat, base, i, u, w, sy, sx, thresholds[u], bounds[u], full_bounds[u], geometry,
-                             on, row_on, columns, uniform, intersection, sign)
-    on_count[i, u] += sign * total
-
-
-@njit(nogil=True, inline="always")
-def _count_quad(
-    flat, base, i, u, w, sy, sx, threshold, bound, full, geometry, on, row_on, columns, uniform, intersection, sign,
-):  # pragma: no cover - compiled
-    """On-pixels of quad (sy, sx) of map ``base``; adds them per label to ``intersection[u]`` (times ``sign``)."""
-    (y_lower, y_upper, y_start, y_count, wy_lo, wy_hi, x_lower, x_upper, x_start, x_count, wx_lo, wx_hi,
-     y_touch, y_touch_start, x_touch, x_touch_start) = geometry
-    layers = columns.shape[1]
+    layers, sh, sw = columns.shape[1], columns.shape[2], columns.shape[3]
+    size = h * w
+    flat = acts.reshape(n * c * size)
+    labels_flat = columns.reshape(columns.size)
     unlabelled = intersection.shape[1]
-    r0 = base + y_lower[sy] * w
-    r1 = base + y_upper[sy] * w
-    rows = y_count[sy]
-    c0 = x_lower[sx]
-    c1 = x_upper[sx]
-    lo_lo = flat[r0 + c0]
-    hi_lo = flat[r1 + c0]
-    lo_hi = flat[r0 + c1]
-    hi_hi = flat[r1 + c1]
-    cols = x_count[sx]
-    x0 = x_start[sx]
-    # Slices, indexed from 0: no negative-index wrap-around in the loops, so they vectorise without gathers.
-    weight_lo = wx_lo[x0 : x0 + cols]
-    weight_hi = wx_hi[x0 : x0 + cols]
-    quad = 0
-    for row in range(rows):
-        py = y_start[sy] + row
-        left = lo_lo * wy_lo[py] + hi_lo * wy_hi[py]
-        right = lo_hi * wy_lo[py] + hi_hi * wy_hi[py]
-        if left <= bound and right <= bound:
-            row_on[row] = 0
-        elif left >= full and right >= full:
-            row_on[row] = cols
-            for col in range(cols):
-                on[row, col] = True
-        else:
-            count = 0
-            for col in range(cols):
-                value = left * weight_lo[col] + right * weight_hi[col]
-                flag = value > threshold
-                on[row, col] = flag
-                count += flag
-            row_on[row] = count
-        quad += row_on[row]
-    if quad == 0:
-        return 0
-    for layer in range(layers):
-        label = uniform[i, layer, sy, sx]
-        if label >= 0:
-            if label < unlabelled:
-                intersection[u, label] += sign * quad
-            continue
-        # Mixed quad: on-pixels by label, counted in runs of one label.
-        run_label = unlabelled
-        run_length = 0
-        for row in range(rows):
-            if row_on[row] == 0:
+    track = hits.shape[0] > 0
+    num_words = -(-w // 64)
+    # Hot-cell mask of one map: a byte per cell (zero tail up to whole 64-byte groups), packed 8 → 1 into
+    # ``packed``, whose 64-bit words hold the map's cells as bits in memory order (plus a zero word).
+    groups = -(-size // 64)
+    hot = np.zeros(groups * 64, np.uint8)
+    hot_words = hot.view(np.uint64)
+    packed = np.zeros(groups * 8 + 8, np.uint8)
+    packed_words = packed.view(np.uint64)
+    bits = np.zeros((h, num_words + 1), np.uint64)  # one zero word past each row: the widening reads it
+    need = np.zeros(num_words + 1, np.uint64)
+    runs = np.zeros((w + 1, 2), np.int64)
+    strip_rows = 1
+    for r in range(h):
+        strip_rows = max(strip_rows, y_cells[r + 1] - y_cells[r])
+    widest = 1
+    for a in range(w):
+        widest = max(widest, x_cells[a + 1] - x_cells[a])
+    narrow = widest <= 4
+    on = np.zeros(strip_rows * sw, np.uint8)  # on-flags of the strip's pixel rows
+    group_on = np.ones((strip_rows, w), np.int64)  # on-count per (strip row, lower corner column); 1 = unknown
+    column_on = np.zeros(sw, np.int64)  # on-count per pixel column over the strip
+    interp = np.zeros(w, np.float32)  # the strip's two corner rows interpolated at one pixel row
+    one = np.uint64(1)
+    sign = 1
+    stop = n * c
+    bad = 0
+    j = 0
+    while True:
+        j, total = _next_hot(flat, bounds, j, stop, size)
+        if j >= stop:
+            return bad
+        if sign == 1 and not np.isfinite(total):
+            bad = _nonfinite(flat, j * size, size)
+            if bad:  # take back what was counted: count the maps before this one again, negatively
+                sign, stop, j = -1, j, 0
                 continue
-            labels = columns[i, layer, y_start[sy] + row, x0 : x0 + cols]
-            for col in range(cols):
-                if on[row, col]:
-                    label = labels[col]
-                    if label != run_label:
-                        if run_label < unlabelled:
-                            intersection[u, run_label] += sign * run_length
-                        run_label = label
-                        run_length = 0
-                    run_length += 1
-        if run_label < unlabelled:
-            intersection[u, run_label] += sign * run_length
-    return quad
-
-
-@_compiled
-def _touching(lower, upper, cells):  # pragma: no cover - compiled
-    """CSR lists of the segments each cell is a corner of: ``segments[start[a]:start[a + 1]]`` for cell ``a``."""
-    counts = np.zeros(cells + 1, np.int64)
-    for s in range(len(lower)):
-        counts[lower[s] + 1] += 1
-        if upper[s] != lower[s]:
-            counts[upper[s] + 1] += 1
-    start = np.cumsum(counts)
-    segments = np.empty(start[-1], np.uint64)
-    fill = start[:-1].copy()
-    for s in range(len(lower)):
-        segments[fill[lower[s]]] = s
-        fill[lower[s]] += 1
-        if upper[s] != lower[s]:
-            segments[fill[upper[s]]] = s
-            fill[upper[s]] += 1
-    # Unsigned: indexes read from these lists get no negative-index wrap-around in the kernels' loops.
-    return segments, start.astype(np.uint64)
+        i = j // c
+        u = j - i * c
+        base = j * size
+        threshold, bound, full = thresholds[u], bounds[u], full_bounds[u]
+        # Hot cells → bits per row: vectorised compare to bytes, 8 bytes → 8 bits per multiply, then each
+        # row's bits cut out of the packed words with a funnel shift.
+        first_cell = np.uint64(base)
+        for k in range(np.uint64(size)):
+            hot[k] = flat[first_cell + k] > bound
+        for k in range(len(hot_words)):
+            packed[k] = (hot_words[k] * _PACK) >> np.uint64(56)
+        for r in range(h):
+            for k in range(num_words):
+                at = r * w + 64 * k
+                word = packed_words[at >> 6] >> np.uint64(at & 63)
+                if at & 63:
+                    word |= packed_words[(at >> 6) + 1] << np.uint64(64 - (at & 63))
+                left = w - 64 * k
+                if left < 64:
+                    word &= (one << np.uint64(left)) - one
+                bits[r, k] = word
+        image_labels = i * layers * sh * sw
+        total_on = 0
+        for r in range(h):
+            p0 = y_cells[r]
+            p1 = y_cells[r + 1]
+            if p0 == p1:
+                continue
+            r2 = y_upper[r]
+            any_hot = np.uint64(0)
+            for k in range(num_words):
+                need[k] = bits[r, k] | bits[r2, k]
+                any_hot |= need[k]
+            if any_hot == 0:
+                continue
+            # Lower corner columns a whose quad has a hot corner: a or a + 1 hot (the last is its own upper).
+            for k in range(num_words):
+                need[k] = need[k] | (need[k] >> one) | (need[k + 1] << np.uint64(63))
+            num_runs = 0
+            for k in range(num_words):
+                word = need[k]
+                while word != 0:
+                    first = np.int64(trailing_zeros(word))
+                    rest = ~(word >> np.uint64(first))
+                    length = np.int64(64) - first if rest == 0 else np.int64(trailing_zeros(rest))
+                    start = 64 * k + first
+                    if num_runs > 0 and runs[num_runs - 1, 1] == start:  # continues the previous word's run
+                        runs[num_runs - 1, 1] = start + length
+                    else:
+                        runs[num_runs, 0] = start
+                        runs[num_runs, 1] = start + length
+                        num_runs += 1
+                    done = first + length
+                    word = np.uint64(0) if done >= 64 else word & ~((one << np.uint64(done)) - one)
+            for q in range(num_runs):
+                for x in range(x_cells[runs[q, 0]], x_cells[runs[q, 1]]):
+                    column_on[x] = 0
+            lo_row = base + r * w
+            hi_row = base + r2 * w
+            for row in range(p1 - p0):
+                py = p0 + row
+                weight_lo = wy_lo[py]
+                weight_hi = wy_hi[py]
+                flags = np.uint64(row * sw)
+                for q in range(num_runs):
+                    first = runs[q, 0]
+                    end = runs[q, 1]
+                    for a in range(first, min(end, w - 1) + 1):
+                        interp[a] = flat[lo_row + a] * weight_lo + flat[hi_row + a] * weight_hi
+                    if narrow:  # branch-free: every pixel of the run
+                        for x in range(np.uint64(x_cells[first]), np.uint64(x_cells[end])):
+                            flag = (interp[x_lower_px[x]] * wx_lo[x] + interp[x_upper_px[x]] * wx_hi[x]
+                                    > threshold)
+                            on[flags + x] = flag
+                            column_on[x] += flag
+                        continue
+                    for a in range(first, end):
+                        left = interp[a]
+                        right = interp[x_upper[a]]
+                        x0 = np.uint64(x_cells[a])
+                        x1 = np.uint64(x_cells[a + 1])
+                        if left <= bound and right <= bound:
+                            count = 0
+                            for x in range(x0, x1):
+                                on[flags + x] = 0
+                        elif left >= full and right >= full:
+                            count = x_cells[a + 1] - x_cells[a]
+                            for x in range(x0, x1):
+                                on[flags + x] = 1
+                                column_on[x] += 1
+                        else:
+                            count = 0
+                            for x in range(x0, x1):
+                                flag = left * wx_lo[x] + right * wx_hi[x] > threshold
+                                on[flags + x] = flag
+                                column_on[x] += flag
+                                count += flag
+                        group_on[row, a] = count
+            # Labels, per layer: stretches of one-label quads in one step, mixed quads in runs of one label.
+            for q in range(num_runs):
+                first = runs[q, 0]
+                end = runs[q, 1]
+                in_run = 0
+                for x in range(x_cells[first], x_cells[end]):
+                    in_run += column_on[x]
+                if in_run == 0:
+                    continue
+                total_on += in_run
+                for layer in range(layers):
+                    a = first
+                    while a < end:
+                        label = uniform[i, layer, r, a]
+                        if label >= 0:
+                            stretch = min(extent[i, layer, r, a], end)
+                            if label < unlabelled:
+                                if a == first and stretch == end:  # one label over the whole run
+                                    count = in_run
+                                else:
+                                    count = 0
+                                    for x in range(x_cells[a], x_cells[stretch]):
+                                        count += column_on[x]
+                                if count > 0:
+                                    intersection[u, label] += sign * count
+                                    if track:
+                                        hits[i, u, label_category[label]] = 1
+                            a = stretch
+                            continue
+                        x0 = x_cells[a]
+                        x1 = x_cells[a + 1]
+                        in_quad = 0
+                        for x in range(x0, x1):
+                            in_quad += column_on[x]
+                        if in_quad > 0:  # a quad of several labels: its on-pixels in runs of one label
+                            run_label = unlabelled
+                            run_length = 0
+                            for row in range(p1 - p0):
+                                if group_on[row, a] == 0:
+                                    continue
+                                flags = row * sw
+                                label = row_uniform[i, layer, p0 + row, a]
+                                if label >= 0:  # this row of the quad carries one label
+                                    if label < unlabelled:
+                                        count = 0
+                                        for x in range(x0, x1):
+                                            count += on[flags + x]
+                                        if count > 0:
+                                            intersection[u, label] += sign * count
+                                            if track:
+                                                hits[i, u, label_category[label]] = 1
+                                    continue
+                                pixels = image_labels + (layer * sh + p0 + row) * sw
+                                for x in range(x0, x1):
+                                    label = labels_flat[pixels + x]
+                                    if label != run_label:
+                                        if run_label < unlabelled and run_length > 0:
+                                            intersection[u, run_label] += sign * run_length
+                                            if track:
+                                                hits[i, u, label_category[run_label]] = 1
+                                        run_label = label
+                                        run_length = 0
+                                    run_length += on[flags + x]
+                            if run_label < unlabelled and run_length > 0:
+                                intersection[u, run_label] += sign * run_length
+                                if track:
+                                    hits[i, u, label_category[run_label]] = 1
+                        a += 1
+        on_count[i, u] += sign * total_on
+        j += 1

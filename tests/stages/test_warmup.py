@@ -16,11 +16,11 @@ def test_warm_kernels_loads_every_kernel_signature_once_per_process():
     code = (
         "from repdissect.stages import warm_kernels\n"
         "from repdissect.stages import _iou_kernels as k\n"
-        "assert not k.count_quads.signatures and not k.prepare_labels.signatures\n"
+        "assert not k.count_maps.signatures and not k.prepare_labels.signatures\n"
         "thread = warm_kernels()\n"
         "assert warm_kernels() is thread and thread.daemon\n"
         "thread.join(600)\n"
-        "print(len(k.count_quads.signatures), len(k.prepare_labels.signatures))\n"
+        "print(len(k.count_maps.signatures), len(k.prepare_labels.signatures))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,186 @@
+"""The compiled IoU kernels' strip layout, count for count against a dense NetDissect-Lite-style loop.
+
+Feature maps at the sizes real layers have (7, 14, 28, 56 → 112 px labels, the ResNet-18 stages), maps with
+one hot cell (in a corner, on an edge, inside), all-hot maps (whole-row shortcuts), label regions touching the
+borders, maps wider than 64 cells (several bit words per row) and shrinking maps (corner cells without pixels):
+every case is counted by the compiled kernel, the torch kernel and a straightforward per-image, per-unit loop
+over the densely upsampled maps, under both union conventions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from repdissect.datasets import Batch, Concept
+from repdissect.stages import IoUTally, upsample_bilinear
+from repdissect.stages._errors import StageInputError
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("numba") is None, reason="Numba (the optional [fast] extra) is not installed"
+)
+
+CONCEPTS = (
+    [Concept(l, f"obj{l}", "object", True) for l in range(1, 9)]
+    + [Concept(l, f"part{l}", "part", True) for l in range(9, 13)]
+    + [Concept(l, f"scene{l}", "scene", False) for l in (13, 14)]
+)
+
+
+def dense_loop(acts, thresholds, batch, seg, union):
+    """Per image and unit: upsample densely, threshold, count labels under the on-pixels (NetDissect-Lite's
+    ``tally_job``, with our upsampling); ``union`` picks the images a unit's on-pixels count in."""
+    labels = sorted(c.label for c in CONCEPTS)
+    column = {l: k for k, l in enumerate(labels)}
+    categories = list(dict.fromkeys(c.category for c in CONCEPTS))
+    category = np.array([categories.index(c.category) for c in sorted(CONCEPTS, key=lambda c: c.label)])
+    n, units = acts.shape[:2]
+    inter = np.zeros((units, len(labels)), np.int64)
+    act = np.zeros((units, len(categories)), np.int64)
+    truth = np.zeros(len(labels), np.int64)
+    up = upsample_bilinear(acts, seg).numpy()
+    for i in range(n):
+        layers = np.concatenate([v[i] for v in batch.pixel_labels.values()])
+        whole = [column[int(l)] for v in batch.image_labels.values() for l in v[i] if l]
+        for layer in layers:
+            for l in np.unique(layer):
+                if l:
+                    truth[column[l]] += (layer == l).sum()
+        for k in whole:
+            truth[k] += seg[0] * seg[1]
+        present = {category[column[l]] for l in np.unique(layers) if l} | {category[k] for k in whole}
+        for u in range(units):
+            on = up[i, u] > np.float32(thresholds[u])
+            pixel = np.zeros(len(labels), np.int64)
+            for layer in layers:
+                pixel += np.bincount(layer[on], minlength=max(labels) + 1)[labels]
+            inter[u] += pixel
+            for k in whole:
+                inter[u, k] += on.sum()
+            if union == "lite":
+                met = {category[k] for k in np.flatnonzero(pixel)} | {category[k] for k in whole}
+            else:
+                met = present
+            for cat in met:
+                act[u, cat] += on.sum()
+    return inter, act, truth
+
+
+def labels_of(rng, n, seg, border=False):
+    """An object layer of overlapping rectangles, two sparse part layers, a whole-image scene label."""
+    sh, sw = seg
+    obj = np.zeros((n, 1, sh, sw), np.int32)
+    part = np.zeros((n, 2, sh, sw), np.int32)
+    for i in range(n):
+        for _ in range(6):
+            y, x = rng.integers(0, sh), rng.integers(0, sw)
+            obj[i, 0, y : y + rng.integers(1, sh // 2 + 2), x : x + rng.integers(1, sw // 2 + 2)] = rng.integers(1, 9)
+        for layer in range(2):
+            y, x = rng.integers(0, sh), rng.integers(0, sw)
+            part[i, layer, y : y + rng.integers(1, sh // 4 + 2), x : x + rng.integers(1, sw // 4 + 2)] = rng.integers(9, 13)
+        if border:  # label regions along every edge and in the corners
+            obj[i, 0, 0, :] = 1
+            obj[i, 0, -1, :] = 2
+            obj[i, 0, :, 0] = 3
+            obj[i, 0, :, -1] = 4
+            part[i, 0, :2, :2] = 9
+            part[i, 1, -2:, -2:] = 10
+    scene = rng.choice([0, 13, 14], (n, 1)).astype(np.int32)
+    return Batch(index=np.arange(n, dtype=np.int64), images=np.zeros((n, 3, 1, 1), np.uint8),
+                 pixel_labels={"object": obj, "part": part}, image_labels={"scene": scene})
+
+
+def smooth_maps(rng, n, c, h, w):
+    """Blurred noise through a ReLU, as in CNN layers: the top cells of a unit cluster."""
+    noise = ndimage.gaussian_filter(rng.standard_normal((n, c, h, w)), sigma=(0, 0, 1, 1))
+    return np.maximum(noise + 0.3 * rng.standard_normal((n, c, 1, 1)), 0).astype(np.float32)
+
+
+def assert_all_agree(acts, thresholds, batch, seg):
+    for union in ("category-images", "lite"):
+        reference = dense_loop(acts, thresholds, batch, seg, union)
+        for kernel in ("compiled", "torch"):
+            tally = IoUTally(CONCEPTS, seg, kernel=kernel, union=union)
+            tally.update(acts, thresholds, batch)
+            for got, want in zip((tally.intersection, tally.activation, tally.truth), reference):
+                np.testing.assert_array_equal(got, want, err_msg=f"{kernel} kernel, union={union}")
+    return reference
+
+
+@pytest.mark.parametrize("feature", [7, 14, 28, 56])
+def test_feature_map_sizes_of_resnet_stages(feature):
+    rng = np.random.default_rng(feature)
+    acts = smooth_maps(rng, 3, 6, feature, feature)
+    thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(6, -1), 0.97, axis=1)
+    thresholds[0] = 0.0  # ReLU zeros below: every positive region counts, whole rows above the full bound
+    inter, act, _ = assert_all_agree(acts, thresholds, labels_of(rng, 3, (112, 112)), (112, 112))
+    assert inter.sum() > 0 and act.sum() > 0
+
+
+@pytest.mark.parametrize("feature, seg", [((7, 7), (112, 112)), ((14, 9), (40, 33)), ((5, 5), (5, 5))], ids=str)
+def test_maps_with_one_hot_cell(feature, seg):
+    """A single cell above T, in each corner, on each edge and inside: only its quads can be on."""
+    h, w = feature
+    spots = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (0, w // 2), (h // 2, 0), (h - 1, w // 2),
+             (h // 2, w - 1), (h // 2, w // 2)]
+    acts = np.zeros((2, len(spots), h, w), np.float32)
+    for u, (y, x) in enumerate(spots):
+        acts[:, u, y, x] = 1.0
+    thresholds = np.full(len(spots), 0.3)
+    rng = np.random.default_rng(1)
+    inter, act, _ = assert_all_agree(acts, thresholds, labels_of(rng, 2, seg, border=True), seg)
+    assert (act.sum(axis=1) > 0).all()
+
+
+def test_all_hot_maps_and_negative_thresholds():
+    """Every cell above the bound: every strip, every corner column; shortcuts on (T ≥ 0) and off (T < 0)."""
+    rng = np.random.default_rng(2)
+    acts = rng.uniform(1.0, 2.0, (2, 4, 7, 9)).astype(np.float32)
+    acts[:, 2] -= 3.0  # all negative, threshold below them
+    thresholds = np.array([0.5, 1.5, -2.5, 1.0])
+    seg = (50, 61)
+    inter, act, _ = assert_all_agree(acts, thresholds, labels_of(rng, 2, seg, border=True), seg)
+    np.testing.assert_array_equal(act[0], act[0].max() * (act[0] > 0))  # unit 0: every pixel of relevant images
+
+
+@pytest.mark.parametrize("feature, seg", [((3, 70), (9, 140)), ((4, 130), (7, 97)), ((2, 64), (4, 128))], ids=str)
+def test_maps_wider_than_one_bit_word(feature, seg):
+    """More than 64 corner columns: a row's hot cells span several 64-bit words, runs cross word borders."""
+    rng = np.random.default_rng(3)
+    acts = smooth_maps(rng, 2, 5, *feature)
+    acts[:, 0, :, 60:70] = 5.0  # a hot run across the border of the first and second word
+    acts[:, 1] = 0.0
+    acts[:, 1, -1, min(64, feature[1] - 1)] = 5.0  # alone at the start of the second word: column 63's quads
+    thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(5, -1), 0.9, axis=1)
+    thresholds[1] = 1.0
+    inter, act, _ = assert_all_agree(acts, thresholds, labels_of(rng, 2, seg, border=True), seg)
+    assert act.sum() > 0
+
+
+@pytest.mark.parametrize("feature, seg", [((40, 33), (23, 17)), ((9, 9), (8, 8))], ids=str)
+def test_shrinking_maps_with_corner_cells_without_pixels(feature, seg):
+    rng = np.random.default_rng(4)
+    acts = smooth_maps(rng, 3, 5, *feature)
+    thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(5, -1), 0.9, axis=1)
+    assert_all_agree(acts, thresholds, labels_of(rng, 3, seg), seg)
+
+
+def test_nan_in_a_late_map_leaves_a_tally_with_counts_unchanged():
+    """The kernel takes back its partial counts (negatively) when a NaN stops it, under both unions."""
+    rng = np.random.default_rng(5)
+    acts = smooth_maps(rng, 4, 6, 14, 14)
+    thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(6, -1), 0.95, axis=1)
+    batch = labels_of(rng, 4, (112, 112))
+    for union in ("category-images", "lite"):
+        tally = IoUTally(CONCEPTS, (112, 112), kernel="compiled", union=union)
+        tally.update(acts, thresholds, batch)
+        before = (tally.intersection.copy(), tally.activation.copy(), tally.truth.copy())
+        bad = acts.copy()
+        bad[3, 4, 7, 7] = np.nan
+        with pytest.raises(StageInputError, match="NaN/inf"):
+            tally.update(bad, thresholds, batch)
+        for got, want in zip((tally.intersection, tally.activation, tally.truth), before):
+            np.testing.assert_array_equal(got, want)
