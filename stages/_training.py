@@ -137,23 +137,43 @@ def _deterministic(device: torch.device, seed: int, num_threads: int | None) -> 
         torch.set_num_threads(previous[2])
 
 
+#: images per ``dataset.load`` while a split is read for training: only the images and class labels are kept,
+#: never the whole split's masks (at 2,400 images of 32 px those and their rendering cost 110 MB at once)
+_LOAD_CHUNK = 256
+
+
 def _labelled_split(dataset: Any, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(indices, images, labels)`` of a split, keeping only items with a class label."""
+    """``(indices, images, labels)`` of a split, keeping only items with a class label (read in chunks)."""
     indices = np.asarray(dataset.split_indices(split), dtype=np.int64)
     if indices.size == 0:
         return indices, np.zeros((0, 3, *dataset.image_size), np.uint8), np.zeros(0, np.int64)
-    batch = dataset.load(indices)
-    if batch.class_label is None:
-        raise StageInputError(f"dataset {dataset.kind!r} has no class labels; training needs a dataset with classes")
-    labels = np.asarray(batch.class_label, dtype=np.int64)
-    bad = labels >= num_classes
-    if bad.any():
-        raise StageInputError(
-            f"dataset {dataset.kind!r} split {split!r}: class label {int(labels[bad][0])} is out of range for "
-            f"{num_classes} class names"
-        )
-    keep = labels >= 0
-    return indices[keep], np.ascontiguousarray(batch.images[keep]), labels[keep]
+    kept_indices = np.empty(indices.size, np.int64)
+    labels = np.empty(indices.size, np.int64)
+    images: np.ndarray | None = None
+    kept = 0
+    for start in range(0, indices.size, _LOAD_CHUNK):
+        chunk = indices[start:start + _LOAD_CHUNK]
+        batch = dataset.load(chunk)
+        if batch.class_label is None:
+            raise StageInputError(f"dataset {dataset.kind!r} has no class labels; training needs a dataset with classes")
+        chunk_labels = np.asarray(batch.class_label, dtype=np.int64)
+        bad = chunk_labels >= num_classes
+        if bad.any():
+            raise StageInputError(
+                f"dataset {dataset.kind!r} split {split!r}: class label {int(chunk_labels[bad][0])} is out of range "
+                f"for {num_classes} class names"
+            )
+        keep = chunk_labels >= 0
+        if images is None:
+            images = np.empty((indices.size, *batch.images.shape[1:]), batch.images.dtype)
+        n = int(keep.sum())
+        images[kept:kept + n] = batch.images[keep]
+        labels[kept:kept + n] = chunk_labels[keep]
+        kept_indices[kept:kept + n] = chunk[keep]
+        kept += n
+        del batch
+    assert images is not None
+    return kept_indices[:kept], images[:kept], labels[:kept]
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
