@@ -1,60 +1,125 @@
-"""Peak memory of a whole run: resident set size summed over every process of the run (the CLI and, with a
-cluster, its Dask scheduler, nanny and worker processes), sampled every ``--interval`` seconds.
+"""Peak memory of a whole run, summed over every process of the run (the CLI and, with a cluster, its Dask
+scheduler, nanny and worker processes), sampled every ``--interval`` seconds, as RSS and as PSS.
 
 For a config (default: the quick one) the run is repeated on a fresh cache with the dataset at 1× and at
 ``--scale``× its images, so the output shows both the floor and whether memory is constant in the number of
-images (every dataset-wide quantity is a streaming statistic, so it should be). A ``floor`` line measures the
-same way a process that only imports what every run imports (torch and the pipeline), and the torch optimizer's
-lazy import of ``torch._dynamo`` (paid by every training stage), so that the run's own share is visible.
+images (every dataset-wide quantity is a streaming statistic, so it should be). The ``floor`` lines measure
+single processes that only import: torch alone, torch and the pipeline, and everything a quick run loads
+(pandas, polars, scikit-learn's t-SNE, Numba with the compiled IoU kernels), so that the run's own share is
+visible; and a ``torch.optim`` step, which imports ``torch._dynamo`` (the pipeline's optimizers do not).
 
-Summed RSS is an upper bound: a child forked by the run (even briefly) shares its parent's pages copy-on-write,
-and they are counted in both; the "processes" column says how many were seen at once.
+RSS vs PSS: RSS counts every resident page a process maps, including shared library pages that other
+processes (another worker, or any other program using the same libraries) map too, so summed RSS counts a
+library once per process. PSS divides each shared page among the processes that map it, so summed PSS is the
+honest total for processes sharing libraries — but for a lone process it is also lowered by unrelated
+programs that happen to map the same files (other torch processes on the machine), so on a shared machine
+quote RSS for a single process and PSS for a cluster's sum. A child process created by ``vfork`` (a
+``subprocess`` call, until it ``exec``s) shares its parent's whole address space; it is recognised with
+``kcmp(2)`` and not counted twice (``vfork children skipped`` in the output).
 
 Usage: python benchmarks/bench_memory.py [--config configs/quick.toml] [--scale 10] [--scheduler sync]
-Targets (issue): quick ≤ 500 MB, demo ≤ 2 GB, 1× ≈ 10×.
+Targets (issue): quick ≤ 500 MB (477 MiB), demo ≤ 2 GB (1907 MiB), 1× ≈ 10×.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import platform
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOOR = "import torch, repdissect.pipeline"
-OPTIMIZER = FLOOR + "; torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)"
+WARM = ("from repdissect.stages import warm_kernels\nthread = warm_kernels()\n"
+        "thread is not None and thread.join()\n")
+FLOORS = (
+    ("import torch", "import torch"),
+    ("import torch + the pipeline", "import torch, repdissect.pipeline"),
+    ("+ all a quick run imports", "import torch, repdissect.pipeline, pandas, polars, sklearn.manifold\n" + WARM),
+    ("a torch.optim step (torch._dynamo)", "import torch\nnet = torch.nn.Linear(2, 2)\n"
+     "opt = torch.optim.SGD(net.parameters(), lr=0.1)\nnet(torch.ones(1, 2)).sum().backward()\nopt.step()"),
+)
+_KCMP_VM = 1
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def peak_tree_rss(argv: list[str], interval: float = 0.02) -> tuple[float, int, float, int]:
-    """Run ``argv``; returns (peak Σ RSS over the process and its descendants in MiB, exit code, seconds,
-    the most processes seen at once)."""
+def shares_address_space(pid_a: int, pid_b: int) -> bool:
+    """Whether two processes share one address space (a ``vfork`` child before its ``exec``); False if unknown."""
+    if _SYS_KCMP is None:
+        return False
+    return _libc.syscall(_SYS_KCMP, pid_a, pid_b, _KCMP_VM, 0, 0) == 0
+
+
+def rss_pss(pid: int) -> tuple[int, int]:
+    """``(RSS, PSS)`` of a process in bytes, from ``/proc/PID/smaps_rollup``."""
+    rss = pss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+    return rss, pss
+
+
+@dataclass
+class Peak:
+    rss: float  # MiB, peak of the sum over the process tree
+    pss: float
+    code: int
+    seconds: float
+    processes: int  # the most processes seen at once (vfork children not counted)
+    vfork_skipped: int
+
+
+def peak_tree(argv: list[str], interval: float = 0.02) -> Peak:
+    """Run ``argv`` and sample the summed RSS and PSS of it and its descendants until it exits."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = psutil.Process(proc.pid)
-    peak = most = 0
+    peak_rss = peak_pss = most = 0
+    skipped: set[int] = set()
     while proc.poll() is None:
-        total = 0
         try:
             members = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             break
+        total_rss = total_pss = counted = 0
         for member in members:
             try:
-                total += member.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        peak, most = max(peak, total), max(most, len(members))
+                if member.pid != root.pid and shares_address_space(member.pid, member.ppid()):
+                    skipped.add(member.pid)
+                    continue
+                rss, pss = rss_pss(member.pid)
+            except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            total_rss, total_pss, counted = total_rss + rss, total_pss + pss, counted + 1
+        peak_rss, peak_pss, most = max(peak_rss, total_rss), max(peak_pss, total_pss), max(most, counted)
         time.sleep(interval)
     _, err = proc.communicate()
     if proc.returncode:
         sys.stderr.write(err.decode(errors="replace")[-2000:])
-    return peak / 2**20, proc.returncode, time.perf_counter() - started, most
+    return Peak(peak_rss / 2**20, peak_pss / 2**20, proc.returncode, time.perf_counter() - started, most,
+                len(skipped))
+
+
+def floor(code: str) -> tuple[float, float]:
+    """Peak RSS (VmHWM) and final PSS in MiB of a fresh interpreter that runs ``code``."""
+    report = ("\nfor line in open('/proc/self/status'):\n"
+              "    line.startswith('VmHWM') and print(line, end='')\n"
+              "for line in open('/proc/self/smaps_rollup'):\n"
+              "    line.startswith('Pss:') and print(line, end='')\n")
+    out = subprocess.run([sys.executable, "-c", code + report], capture_output=True, text=True, check=True).stdout
+    values = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in out.splitlines() if ":" in line}
+    return values["VmHWM"], values["Pss"]
 
 
 def scaled_config(config: Path, scale: int, directory: Path) -> tuple[Path, int]:
@@ -82,28 +147,41 @@ def scaled_config(config: Path, scale: int, directory: Path) -> tuple[Path, int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quick.toml")
-    parser.add_argument("--scale", type=int, default=10, help="second run with this many times the images")
-    parser.add_argument("--scheduler", default="sync", help="sync, local, auto or a scheduler address")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--scale", type=int, default=10, help="second run with this many times the images (1: one run)")
+    parser.add_argument("--scheduler", help="sync, local, auto or a scheduler address (default: the config's)")
+    parser.add_argument("--workers", type=int, help="LocalCluster workers (default: the config's)")
     parser.add_argument("--interval", type=float, default=0.02, help="sampling interval in seconds")
+    parser.add_argument("--no-floor", action="store_true", help="skip the import-floor lines")
     args = parser.parse_args()
+    if not Path("/proc/self/smaps_rollup").exists():
+        sys.exit("bench_memory.py reads /proc/PID/smaps_rollup (Linux ≥ 4.14)")
     python = sys.executable
-    print(f"peak RSS summed over all processes of a run, sampled every {args.interval * 1000:.0f} ms")
-    for label, code in (("floor: import torch + pipeline", FLOOR), ("  + a torch optimizer (torch._dynamo)", OPTIMIZER)):
-        mib, _, _, _ = peak_tree_rss([python, "-c", code], args.interval)
-        print(f"  {label:<44s} {mib:8.0f} MiB")
+    print(f"memory in MiB (1 MB = 0.954 MiB); peaks sampled every {args.interval * 1000:.0f} ms; "
+          f"RSS and PSS peaks taken separately")
+    if not args.no_floor:
+        print(f"  {'floor (one process)':<52s} {'RSS':>7s} {'PSS':>7s}")
+        for label, code in FLOORS:
+            rss, pss = floor(code)
+            print(f"  {label:<52s} {rss:7.0f} {pss:7.0f}")
     results = {}
-    for scale in (1, args.scale):
+    print(f"  {'run (all processes summed)':<52s} {'RSS':>7s} {'PSS':>7s}")
+    for scale in sorted({1, args.scale}):
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
             config, images = scaled_config(args.config, scale, Path(tmp))
-            argv = [python, "-m", "repdissect.cli", "run", str(config), "--scheduler", args.scheduler,
-                    "--workers", str(args.workers), "--no-report", "--no-progress"]
-            mib, code, seconds, processes = peak_tree_rss(argv, args.interval)
-        status = "" if code == 0 else f"   (FAILED, exit {code})"
-        results[scale] = mib
-        print(f"  {args.config.stem} × {scale:<3d} ({images:6d} images, {args.scheduler}) {mib:8.0f} MiB "
-              f"in {seconds:6.1f} s, {processes} process(es){status}")
-    print(f"  ratio {args.scale}× / 1× images                        {results[args.scale] / results[1]:8.2f}")
+            argv = [python, "-m", "repdissect.cli", "run", str(config), "--no-report", "--no-progress"]
+            if args.scheduler:
+                argv += ["--scheduler", args.scheduler]
+            if args.workers:
+                argv += ["--workers", str(args.workers)]
+            peak = peak_tree(argv, args.interval)
+        status = "" if peak.code == 0 else f"   (FAILED, exit {peak.code})"
+        results[scale] = peak
+        label = f"{args.config.stem} × {scale} ({images} images, {args.scheduler or 'config scheduler'})"
+        print(f"  {label:<52s} {peak.rss:7.0f} {peak.pss:7.0f}   {peak.seconds:6.1f} s, "
+              f"{peak.processes} process(es), {peak.vfork_skipped} vfork children skipped{status}")
+    if args.scale != 1:
+        big, small = results[args.scale], results[1]
+        print(f"  {f'ratio {args.scale}× / 1× images':<52s} {big.rss / small.rss:7.2f} {big.pss / small.pss:7.2f}")
 
 
 if __name__ == "__main__":

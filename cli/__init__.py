@@ -403,19 +403,52 @@ _COMMANDS = {"run": _cmd_run, "attribute": _cmd_attribute, "status": _cmd_status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``repdissect`` command; returns its exit code.
+
+    Called as the program (``argv`` None: the console script, ``python -m repdissect.cli``) it ends the
+    process itself once the command has finished and the interpreter's exit handlers have run, without the
+    libraries' C++ teardown (see :func:`_leave`); called with ``argv`` (tests, other Python code) it returns.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if argv is None:
+        _leave(code)
+    return code
+
+
+def _leave(code: int) -> None:
+    """End the process now: run the exit handlers (``atexit``: logging, temporary files, Dask), flush the
+    standard streams, then ``os._exit``, skipping the interpreter's teardown and the C++ static destructors.
+
+    Those destructors are what a finished command would otherwise wait for, and they cost memory: the CUDA
+    build of torch pages in ~110–125 MB of library code and data (cuBLASLt, cuSPARSELt, libtorch_cuda) at
+    exit — measured at +114 MB on top of a quick run's peak. Every file the pipeline writes is closed and
+    fsynced before its command returns, so nothing is left to flush but the standard streams.
+    """
+    import atexit
+    import os
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None:  # not CPython: leave the ordinary way
+        return
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

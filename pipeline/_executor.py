@@ -38,12 +38,21 @@ __all__ = ["Executor", "NodeResult", "environment_info", "connect"]
 log = logging.getLogger("repdissect.executor")
 
 
+def _platform() -> str:
+    """``system-release-machine[-with-libcVERSION]``, as ``platform.platform()`` prints it on Linux, without its
+    ``uname -p`` child process (a vfork of the whole run, which a memory measurement counts twice)."""
+    uname = platform.uname()  # its lazily computed ``processor`` field is the one that spawns; not read here
+    libc, libc_version = platform.libc_ver() if uname.system == "Linux" else ("", "")
+    parts = [uname.system, uname.release, uname.machine] + (["with", libc + libc_version] if libc else [])
+    return "-".join(part for part in parts if part)
+
+
 @functools.lru_cache(maxsize=1)
 def environment_info() -> dict[str, Any]:
     """Library versions and host facts recorded in manifests and run records (cheap: no heavy imports)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname()}
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": _platform(), "host": socket.gethostname()}
     for dist in ("repdissect", "torch", "torchvision", "numpy", "scipy", "pandas", "pyarrow", "dask", "distributed"):
         try:
             info[dist] = version(dist)

@@ -18,7 +18,6 @@ at once); what is no longer done is returning and re-faulting it (a probe of alt
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 __all__ = ["tune_allocator", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
@@ -44,8 +43,8 @@ def tune_allocator() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # the process's own symbols (libc is loaded): ctypes.util.find_library would spawn `ldconfig -p`
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -16,6 +16,7 @@ its results reproducible.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -24,7 +25,7 @@ import torch
 
 from ._errors import StageInputError
 
-__all__ = ["resolve_device", "device_class", "determinism_mode", "reproducible_kernels", "check_device_params",
+__all__ = ["resolve_device", "device_class", "determinism_mode", "reproducible_kernels", "set_deterministic_algorithms", "check_device_params",
            "DETERMINISTIC_CUBLAS"]
 
 #: ``CUBLAS_WORKSPACE_CONFIG`` values under which cuBLAS is deterministic (CUDA ≥ 10.2)
@@ -158,3 +159,21 @@ def reproducible_kernels() -> Iterator[None]:
             if _USERS == 0 and _SAVED is not None:
                 _write(*_SAVED)
                 _SAVED = None
+
+
+def set_deterministic_algorithms(mode: bool, *, warn_only: bool = False) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=...)`` without importing ``torch._inductor``.
+
+    The public function also sets ``torch._inductor.config.deterministic`` and so imports inductor, which
+    imports ``torch._dynamo``, sympy and triton (+150 MB resident on torch 2.14) — for a setting that only
+    ``torch.compile``'d code reads. The eager flag is set here directly; inductor's is set too when inductor
+    is already loaded (a process that compiles), so nothing a compiled graph sees changes either.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # a torch without the private setter: the public function
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+        return
+    setter(mode, warn_only=warn_only)
+    inductor_config = sys.modules.get("torch._inductor.config")
+    if inductor_config is not None:
+        inductor_config.deterministic = mode

@@ -99,6 +99,7 @@ _MODEL_AND_METHODS = (
     "._model_cache",
     "._model_registry",
     "._models",
+    "._optim",
     "._stage_train",
     "._train_config",
     "._training",

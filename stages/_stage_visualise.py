@@ -102,6 +102,7 @@ _MODEL_AND_METHODS = (
     "._interpretable",
     "._model_registry",
     "._models",
+    "._optim",
     "._stage_inputs",
     "._stage_train",
     "._topk",

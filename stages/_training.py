@@ -39,9 +39,10 @@ from torch import nn
 
 from ._errors import StageInputError
 from ._train_config import TrainConfig
-from ._device import determinism_mode, reproducible_kernels, resolve_device
+from ._device import determinism_mode, reproducible_kernels, resolve_device, set_deterministic_algorithms
 from ._checkpoints import read_state_dict
 from ._models import ModelSpec, build_model, unwrap
+from ._optim import PlainAdam, PlainSGD
 from . import _interpretable
 
 __all__ = [
@@ -127,32 +128,52 @@ def _deterministic(device: torch.device, seed: int, num_threads: int | None) -> 
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(seed)  # fork_rng restores this device's state afterwards
-            torch.use_deterministic_algorithms(True, warn_only=determinism_mode(device, training=True) != "deterministic")
+            set_deterministic_algorithms(True, warn_only=determinism_mode(device, training=True) != "deterministic")
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
             yield
     finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        set_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.set_num_threads(previous[2])
 
 
+#: images per ``dataset.load`` while a split is read for training: only the images and class labels are kept,
+#: never the whole split's masks (at 2,400 images of 32 px those and their rendering cost 110 MB at once)
+_LOAD_CHUNK = 256
+
+
 def _labelled_split(dataset: Any, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(indices, images, labels)`` of a split, keeping only items with a class label."""
+    """``(indices, images, labels)`` of a split, keeping only items with a class label (read in chunks)."""
     indices = np.asarray(dataset.split_indices(split), dtype=np.int64)
     if indices.size == 0:
         return indices, np.zeros((0, 3, *dataset.image_size), np.uint8), np.zeros(0, np.int64)
-    batch = dataset.load(indices)
-    if batch.class_label is None:
-        raise StageInputError(f"dataset {dataset.kind!r} has no class labels; training needs a dataset with classes")
-    labels = np.asarray(batch.class_label, dtype=np.int64)
-    bad = labels >= num_classes
-    if bad.any():
-        raise StageInputError(
-            f"dataset {dataset.kind!r} split {split!r}: class label {int(labels[bad][0])} is out of range for "
-            f"{num_classes} class names"
-        )
-    keep = labels >= 0
-    return indices[keep], np.ascontiguousarray(batch.images[keep]), labels[keep]
+    kept_indices = np.empty(indices.size, np.int64)
+    labels = np.empty(indices.size, np.int64)
+    images: np.ndarray | None = None
+    kept = 0
+    for start in range(0, indices.size, _LOAD_CHUNK):
+        chunk = indices[start:start + _LOAD_CHUNK]
+        batch = dataset.load(chunk)
+        if batch.class_label is None:
+            raise StageInputError(f"dataset {dataset.kind!r} has no class labels; training needs a dataset with classes")
+        chunk_labels = np.asarray(batch.class_label, dtype=np.int64)
+        bad = chunk_labels >= num_classes
+        if bad.any():
+            raise StageInputError(
+                f"dataset {dataset.kind!r} split {split!r}: class label {int(chunk_labels[bad][0])} is out of range "
+                f"for {num_classes} class names"
+            )
+        keep = chunk_labels >= 0
+        if images is None:
+            images = np.empty((indices.size, *batch.images.shape[1:]), batch.images.dtype)
+        n = int(keep.sum())
+        images[kept:kept + n] = batch.images[keep]
+        labels[kept:kept + n] = chunk_labels[keep]
+        kept_indices[kept:kept + n] = chunk[keep]
+        kept += n
+        del batch
+    assert images is not None
+    return kept_indices[:kept], images[:kept], labels[:kept]
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -297,11 +318,16 @@ def train_model_full(
         n = len(train_labels)
         steps_per_epoch = n // config.batch_size + (1 if n % config.batch_size >= 2 else 0)
         groups = _param_groups(model, config.weight_decay)
+        # torch.optim's SGD / AdamW update rules without torch.optim.Optimizer, whose methods import
+        # torch._dynamo (+150 MB resident); the same bits (see _optim)
+        optimizer: PlainSGD | PlainAdam
         if config.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+            optimizer = PlainSGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, config.epochs * steps_per_epoch))
+            optimizer = PlainAdam(groups, lr=config.lr, betas=(config.momentum, 0.999), decoupled=True)
+        lr_factor = _lr_factor(config, config.epochs * steps_per_epoch)
+        optimizer.set_lr_factor(lr_factor(0))  # a LambdaLR schedule, one step per optimizer step
+        steps_done = 0
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         images_all = torch.from_numpy(train_images)
         labels_all = torch.from_numpy(train_labels)
@@ -322,10 +348,11 @@ def train_model_full(
                 loss = criterion(logits, y)
                 if icnn is not None:
                     loss = loss + icnn.loss(y)
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
+                steps_done += 1
+                optimizer.set_lr_factor(lr_factor(steps_done))
                 loss_sum += float(loss.detach()) * len(members)
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += len(members)

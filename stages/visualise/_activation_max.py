@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .._errors import StageInputError
+from .._optim import PlainAdam
 from ._param import ImageParam
 
 __all__ = ["AMSettings", "AMResult", "activation_maximisation", "layer_output"]
@@ -196,10 +197,10 @@ def _optimise_chunk(model: nn.Module, module: nn.Module | None, read_input: bool
     init = np.stack([rng.standard_normal((3, *size)) for rng in rngs])
     shifts = np.stack([rng.integers(-s.jitter, s.jitter + 1, size=(s.steps, 2)) for rng in rngs])  # (U, steps, 2)
     param = ImageParam(init, s.parameterisation, decorrelate=s.decorrelate, dtype=dtype, device=device)
-    opt = torch.optim.Adam(param.parameters(), lr=s.lr)
+    opt = PlainAdam(param.parameters(), lr=s.lr)  # torch.optim.Adam's update without torch._dynamo (see _optim)
     target_units = torch.as_tensor(units, dtype=torch.long, device=device)
     for step in range(s.steps):
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         x = param.image()
         if s.jitter:
             x = _roll_each(x, shifts[:, step])
