@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from .._errors import StageInputError
+from ._chain import ChainPlan, chain_backward, plan_backward, plan_chain, record_chain
 
 __all__ = ["UnitTarget", "RowUnitTarget", "Target", "module_by_name", "class_indices", "backward_maps", "target_scores"]
 
@@ -314,28 +315,49 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
     if ch is None and cw is None:
         return None
     ch, cw = ch or h, cw or w
-    with torch.no_grad():
-        _, store = _forward(model, x, [layer], stop=True)
-    a = store[layer]
+    a, steps = record_chain(model, x, module_by_name(model, layer))
+    if a is None:
+        with torch.no_grad():
+            _, store = _forward(model, x, [layer], stop=True)
+        a = store[layer]
     img = torch.as_tensor(image_of_row, device=a.device)
     sel = a[img, torch.as_tensor(cols, device=a.device)].flatten(1)  # (rows, hw)
     peak = sel.max(1)
-    ties = ((sel == peak.values[:, None]).sum(1) > 1).tolist()
+    tie = (sel == peak.values[:, None]).sum(1) > 1
+    if steps is not None and steps[-1].kind == "relu" and steps[-1].rule in ("plain", "guided"):
+        # a tied maximum of 0 under the layer's own ReLU: every tied position has y = 0, where the ReLU's
+        # backward passes nothing — the map is exactly 0 (no pass needed)
+        tie &= peak.values > 0
+        zero = (peak.values <= 0).tolist()
+    else:
+        zero = [False] * len(cols)
+    ties = tie.tolist()
     pos = peak.indices
     i, j = (pos // a.shape[3]).tolist(), (pos % a.shape[3]).tolist()
     total = len(cols)
-    y0 = [min(max(0, ii * sy - -(-up // sy) * sy), h - ch) for ii in i]
-    x0 = [min(max(0, jj * sx - -(-left // sx) * sx), w - cw) for jj in j]
-    out = torch.zeros(total, c, h, w, dtype=x.dtype, device=x.device)
+    plan = None if steps is None else plan_chain(steps, tuple(a.shape), x.dtype)
+    y0 = [] if plan is not None else [min(max(0, ii * sy - -(-up // sy) * sy), h - ch) for ii in i]
+    x0 = [] if plan is not None else [min(max(0, jj * sx - -(-left // sx) * sx), w - cw) for jj in j]
+    todo = [r for r in range(total) if not ties[r] and not zero[r]]
+    if plan is not None:  # a verified module chain: explicit backward on each row's receptive-field region
+        out = _plan_maps(plan, x, a, img, cols, pos, todo, rows_per_pass)
+    else:
+        out = torch.zeros(total, c, h, w, dtype=x.dtype, device=x.device)
     # every crop starts on the stride grid, so crops are windows of one strided view (gathered in one index op)
     windows = x.unfold(2, ch, sy).unfold(3, cw, sx)  # (N, C, ny, nx, ch, cw), a view
     out_windows = out.unfold(2, ch, sy).unfold(3, cw, sx)
-    todo = [r for r in range(total) if not ties[r]]
-    for start in range(0, len(todo), rows_per_pass):
+    for start in range(0, 0 if plan is not None else len(todo), rows_per_pass):
         rows = todo[start:start + rows_per_pass]
         rr = torch.as_tensor(rows, device=x.device)
         cy = torch.as_tensor([y0[r] // sy for r in rows], device=x.device)
         cx = torch.as_tensor([x0[r] // sx for r in rows], device=x.device)
+        if steps is not None:  # a verified chain that plan_chain does not cover: the steps one by one
+            g = chain_backward(steps, (ch, cw), (sy, sx), img[rr], cy, cx,
+                               torch.as_tensor([cols[r] for r in rows], device=x.device),
+                               torch.as_tensor([i[r] for r in rows], device=x.device) - cy,
+                               torch.as_tensor([j[r] for r in rows], device=x.device) - cx, a.shape[1], x.dtype)
+            out_windows[rr, :, cy, cx] = g
+            continue
         crops = _fast_layout(windows[img[rr], :, cy, cx]).requires_grad_(True)  # (rows, C, ch, cw)
         _, st = _forward(model, crops, [layer], stop=True)
         ac = st[layer]
@@ -351,6 +373,34 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
                           "max", None, False)
         out[tied] = g
     return out
+
+
+def _plan_maps(plan: ChainPlan, x: torch.Tensor, a: torch.Tensor, img: torch.Tensor, cols: list[int],
+               pos: torch.Tensor, todo: list[int], rows_per_pass: int) -> torch.Tensor:
+    """``(rows, C, H, W)`` maps of the rows ``todo`` by :func:`plan_backward` (other rows stay 0): each row's
+    input region written into its map, the part that overhangs the image dropped (it sends to a spare slot)."""
+    total = len(cols)
+    n, c, h, w = x.shape
+    flat = torch.zeros(total * c * h * w + 1, dtype=x.dtype, device=x.device)
+    spare = flat.numel() - 1
+    (ry, rx), (oy, ox), (hz, wz) = plan.ratio, plan.offset, plan.size
+    # where each region element goes, per target position (i, j): offset in a row's map, or a huge value
+    # (clamped to the spare slot) outside the image
+    th, tw = a.shape[2:]
+    ys = (torch.arange(th, device=x.device) * ry + oy)[:, None] + torch.arange(hz, device=x.device)  # (th, hz)
+    xs = (torch.arange(tw, device=x.device) * rx + ox)[:, None] + torch.arange(wz, device=x.device)  # (tw, wz)
+    inside = ((ys >= 0) & (ys < h))[:, None, None, :, None] & ((xs >= 0) & (xs < w))[None, :, None, None, :]
+    table = ((torch.arange(c, device=x.device) * (h * w))[None, None, :, None, None]
+             + (ys * w)[:, None, None, :, None] + xs[None, :, None, None, :])
+    table = torch.where(inside, table, torch.full((), 2**62, device=x.device)).view(th * tw, c, hz, wz)
+    unit = torch.as_tensor(cols, device=x.device)
+    pi, pj = pos // a.shape[3], pos % a.shape[3]
+    for start in range(0, len(todo), rows_per_pass):
+        rr = torch.as_tensor(todo[start:start + rows_per_pass], device=x.device, dtype=torch.int64)
+        g = plan_backward(plan, img[rr], unit[rr], pi[rr], pj[rr], a.shape[1], x.dtype)
+        index = table[pos[rr]].add_((rr * (c * h * w))[:, None, None, None]).clamp_(max=spare)
+        flat[index] = g
+    return flat[:-1].view(total, c, h, w)
 
 
 def _unit_rows(model: nn.Module, xr: torch.Tensor, cols: list[int], layer: str, reduce: str, wrt: str | None,
