@@ -140,6 +140,7 @@ def record_chain(model: nn.Module, x: torch.Tensor, layer: nn.Module) -> tuple[t
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
         handles.append(layer.register_forward_hook(stop))
+        start = x._version
         with torch.no_grad():
             try:
                 model(x)
@@ -151,7 +152,7 @@ def record_chain(model: nn.Module, x: torch.Tensor, layer: nn.Module) -> tuple[t
     out = store.get("out")
     if not isinstance(out, torch.Tensor):
         return None, None
-    ok = bool(calls) and calls[0][1] is x and calls[0][2] == x._version and calls[-1][3] is out
+    ok = bool(calls) and calls[0][1] is x and calls[0][2] == start and calls[-1][3] is out
     for prev, call in zip([None] + calls[:-1], calls):
         if not ok:
             break
@@ -202,11 +203,6 @@ class ChainPlan:
     size: tuple[int, int]
 
 
-def st_device(steps: list[Step]) -> torch.device:
-    """The device of the chain's recorded states."""
-    return next(st.state.device for st in steps if st.state is not None)
-
-
 def _pad_for(dim: int, positions: int, ratio: int, off: int, size: int) -> tuple[int, int, int]:
     """Zero padding ``(lo, hi)`` of a level's map so every row's region lies inside it, and the region's
     first window index minus the target position (``(off + lo) / ratio``, ``lo`` rounded up to make it whole)."""
@@ -216,7 +212,8 @@ def _pad_for(dim: int, positions: int, ratio: int, off: int, size: int) -> tuple
     return lo, hi, (off + lo) // ratio
 
 
-def plan_chain(steps: list[Step], target: tuple[int, ...], dtype: torch.dtype) -> ChainPlan | None:
+def plan_chain(steps: list[Step], target: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> ChainPlan | None:
     """Fold each run of ReLU / batch-norm / max-pool steps between convolutions into one multiply (+ scatter)
     and lay out the per-level regions; None for a chain this does not cover (the caller runs step by step).
 
@@ -259,7 +256,7 @@ def plan_chain(steps: list[Step], target: tuple[int, ...], dtype: torch.dtype) -
         level = run[0].stride_out if run else st.stride_out  # where the multiply happens (a pool's output)
         dims = (th * top[0] // level[0], tw * top[1] // level[1])
         if mask is None:
-            factor = torch.ones(1, 1, *dims, dtype=dtype, device=st_device(steps))
+            factor = torch.ones(1, 1, *dims, dtype=dtype, device=device)
         else:
             factor = mask.view(n, -1, *dims).to(dtype)
         if scale is not None:

@@ -335,7 +335,7 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
     pos = peak.indices
     i, j = (pos // a.shape[3]).tolist(), (pos % a.shape[3]).tolist()
     total = len(cols)
-    plan = None if steps is None else plan_chain(steps, tuple(a.shape), x.dtype)
+    plan = None if steps is None else plan_chain(steps, tuple(a.shape), x.dtype, x.device)
     y0 = [] if plan is not None else [min(max(0, ii * sy - -(-up // sy) * sy), h - ch) for ii in i]
     x0 = [] if plan is not None else [min(max(0, jj * sx - -(-left // sx) * sx), w - cw) for jj in j]
     todo = [r for r in range(total) if not ties[r] and not zero[r]]
