@@ -62,6 +62,7 @@ class Step:
     stride_out: tuple[int, int]
     state: torch.Tensor | None = None
     rule: str = "plain"
+    values: torch.Tensor | None = None  # a pool's output (its input at each argmax)
 
 
 _DROPOUT = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -101,7 +102,7 @@ def _step(module: nn.Module, inp: torch.Tensor, out: torch.Tensor, stride_in: tu
         if k != s or _pair(module.padding) != (0, 0) or _pair(module.dilation) != (1, 1) or (h, w) != (ho * s[0], wo * s[1]):
             return None
         index = torch.nn.functional.max_pool2d(inp.detach(), k, s, return_indices=True)[1]  # same kernel
-        return Step("pool", module, stride_in, stride_out, index)  # flat argmax in each (H, W) input plane
+        return Step("pool", module, stride_in, stride_out, index, values=out.detach())  # flat argmax per plane
     if kind is nn.Identity or isinstance(module, _DROPOUT) and not module.training:
         return Step("identity", module, stride_in, stride_out) if (h, w) == (ho, wo) else None
     return None
@@ -190,6 +191,7 @@ class _Segment:
     shift: tuple[int, int]
     size: tuple[int, int]
     conv: nn.Module | None
+    masks: tuple[torch.Tensor, ...] = ()  # the top only: ReLU outputs read at each row's position
 
 
 @dataclass
@@ -228,14 +230,17 @@ def plan_chain(steps: list[Step], target: tuple[int, ...], dtype: torch.dtype,
     ratio, off, size = (1, 1), (0, 0), (1, 1)
     segments: list[_Segment] = []
     run: list[Step] = []
+    # the ReLU output each pool reads, when the ReLU directly feeds it
+    pool_inputs = {id(b): a.state for a, b in zip(steps, steps[1:]) if a.kind == "relu" and b.kind == "pool"}
     for st in list(reversed(steps)) + [None]:
         if st is not None and st.kind != "conv":
             run.append(st)
             continue
         if st is not None and st.module.groups != 1:
             return None
-        clamp, mask, scale = False, None, None
+        clamp, mask, scale, states = False, None, None, []
         pool = run[0] if run and run[0].kind == "pool" else None
+        pool_input = pool_inputs.get(id(pool))
         for r in run[1 if pool is not None else 0:]:
             if r.kind == "pool":
                 return None
@@ -245,7 +250,15 @@ def plan_chain(steps: list[Step], target: tuple[int, ...], dtype: torch.dtype,
                         return None
                     clamp = True
                 if r.rule in ("plain", "guided"):
-                    y = r.state if pool is None else r.state.flatten(2).gather(2, pool.state.flatten(2))
+                    states.append(r.state)
+                    if pool is None and not segments:
+                        continue  # the top: read per row at the unit's position (plan_backward)
+                    if pool is None:
+                        y = r.state
+                    elif r.state is pool_input:  # the pool's output is its input at the argmax
+                        y = pool.values
+                    else:
+                        y = r.state.flatten(2).gather(2, pool.state.flatten(2)).view(pool.state.shape)
                     mask = y > 0 if mask is None else mask & (y > 0)
             elif r.kind == "scale":
                 if scale is not None:
@@ -253,19 +266,26 @@ def plan_chain(steps: list[Step], target: tuple[int, ...], dtype: torch.dtype,
                 scale = r.state.to(dtype)
         if st is None and not run:
             break  # nothing below the lowest convolution: the caller drops the region's overhang
+        if not segments and pool is None:  # the top: one position per row, no whole-image map
+            segments.append(_Segment(clamp, scale, None, (1, 1), ratio, (0, 0), size,
+                                     None if st is None else st.module, tuple(states)))
+            if st is not None:
+                ratio, off, size = _through_conv(st.module, ratio, off, size)
+            run = []
+            continue
         level = run[0].stride_out if run else st.stride_out  # where the multiply happens (a pool's output)
         dims = (th * top[0] // level[0], tw * top[1] // level[1])
         if mask is None:
             factor = torch.ones(1, 1, *dims, dtype=dtype, device=device)
-        else:
-            factor = mask.view(n, -1, *dims).to(dtype)
-        if scale is not None:
-            factor = factor * scale[:, None, None]
+            if scale is not None:
+                factor = factor * scale[:, None, None]
+        else:  # one pass: bool × float
+            factor = mask.view(n, -1, *dims) * (scale[:, None, None] if scale is not None else
+                                                torch.ones((), dtype=dtype, device=device))
         factor = factor.expand(n, *factor.shape[1:])
         index, k = None, (1, 1)
         if pool is not None:
             k = (pool.stride_out[0] // pool.stride_in[0], pool.stride_out[1] // pool.stride_in[1])
-        unpadded = factor
         pads = [_pad_for(dims[a], (th, tw)[a], ratio[a], off[a], size[a]) for a in (0, 1)]
         factor = torch.nn.functional.pad(factor, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
         if pool is not None:
@@ -281,22 +301,23 @@ def plan_chain(steps: list[Step], target: tuple[int, ...], dtype: torch.dtype,
             iy = torch.div(pool.state, width, rounding_mode="floor")
             real = pool.state.add(iy, alpha=region_w - width).add_(pads[0][0] * k[0] * region_w + pads[1][0] * k[1])
             index[:, :, pads[0][0]:pads[0][0] + ho, pads[1][0]:pads[1][0] + wo] = real
-        if not segments and pool is None:  # the top reads its one position per row from the unpadded map
-            segments.append(_Segment(clamp, unpadded, None, k, ratio, (0, 0), size, None if st is None else st.module))
-        else:
-            segments.append(_Segment(clamp, factor, index, k, ratio, (pads[0][2], pads[1][2]), size,
-                                     None if st is None else st.module))
+        segments.append(_Segment(clamp, factor, index, k, ratio, (pads[0][2], pads[1][2]), size,
+                                 None if st is None else st.module))
         if pool is not None:
             ratio, off, size = (ratio[0] * k[0], ratio[1] * k[1]), (off[0] * k[0], off[1] * k[1]), (size[0] * k[0], size[1] * k[1])
         if st is not None:
-            m = st.module
-            (sy, sx), (py, px), (dy, dx) = m.stride, _padding(m), m.dilation
-            kh, kw = m.weight.shape[2:]
-            ratio = (ratio[0] * sy, ratio[1] * sx)
-            off = (off[0] * sy - py, off[1] * sx - px)
-            size = ((size[0] - 1) * sy + dy * (kh - 1) + 1, (size[1] - 1) * sx + dx * (kw - 1) + 1)
+            ratio, off, size = _through_conv(st.module, ratio, off, size)
         run = []
     return ChainPlan(segments, ratio, off, size)
+
+
+def _through_conv(m: nn.Module, ratio: tuple[int, int], off: tuple[int, int],
+                  size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """A region's geometry one convolution down: the full transposed convolution's output."""
+    (sy, sx), (py, px), (dy, dx) = m.stride, _padding(m), m.dilation
+    kh, kw = m.weight.shape[2:]
+    return ((ratio[0] * sy, ratio[1] * sx), (off[0] * sy - py, off[1] * sx - px),
+            ((size[0] - 1) * sy + dy * (kh - 1) + 1, (size[1] - 1) * sx + dx * (kw - 1) + 1))
 
 
 def plan_backward(plan: ChainPlan, img: torch.Tensor, unit: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
@@ -308,9 +329,12 @@ def plan_backward(plan: ChainPlan, img: torch.Tensor, unit: torch.Tensor, i: tor
     g = None
     for seg in plan.segments:
         if g is None and seg.index is None:  # the top: one value per row, at (unit, i, j)
-            v = seg.factor[img, unit if seg.factor.shape[1] > 1 else 0, i, j]
-            if seg.clamp:
-                v = v.clamp(min=0)  # the seed 1, clamped, times the factor: the same product
+            # the seed 1 (its clamp is 1) times the ReLU masks and the scale there: the same products
+            v = torch.ones(rows, dtype=dtype, device=img.device)
+            for y in seg.masks:
+                v = v * (y[img, unit, i, j] > 0)
+            if seg.factor is not None:
+                v = v * seg.factor[unit]
             if seg.conv is None:
                 g = v.reshape(rows, 1, 1, 1) * (torch.arange(channels, device=v.device) == unit[:, None]).to(
                     dtype)[:, :, None, None]

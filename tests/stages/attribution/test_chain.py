@@ -55,6 +55,7 @@ def _relu_then_bn() -> nn.Module:  # conv → ReLU → BN: a clamp below a scale
 
 
 NETS = {"vgg_inplace": (lambda: _vgg(True), "9"), "vgg": (lambda: _vgg(False), "9"),
+        "vgg_bn_top": (lambda: _vgg(True), "6"),  # target under a batch norm with negative scales
         "strided": (_strided, "11"), "relu_then_bn": (_relu_then_bn, "5")}
 
 
