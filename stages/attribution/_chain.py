@@ -1,32 +1,37 @@
-"""Unit maps on receptive-field crops without a crop forward: an explicit backward through a module chain.
+"""Unit maps without crop forwards: an explicit backward through a verified module chain, on receptive-field
+regions.
 
-The crop path of :mod:`._engine` forwards every (image, unit) row on its own crop, then back-propagates it.
-When the network up to the target layer is a plain **chain** of modules this module knows — ``Conv2d``,
-eval-mode ``BatchNorm2d``, ``ReLU`` (any backward rule of :mod:`._relu`), non-overlapping ``MaxPool2d``,
-``Identity`` and eval-mode dropout — the crop forwards are not needed: one forward of the ``N`` whole images
-records, at every ReLU, its output (the mask ``I[x>0] = I[relu(x)>0]``) and, at every max-pool, the position
-of each window's maximum; every row's backward then runs on the crop window of those recorded states,
+The crop path of :mod:`._engine` forwards every (image, unit) row on its own crop, then back-propagates it
+with autograd. When the network up to the target layer is a plain **chain** of modules this module knows —
+``Conv2d``, eval-mode ``BatchNorm2d``, ``ReLU`` (any backward rule of :mod:`._relu`), non-overlapping
+``MaxPool2d``, ``Identity`` and eval-mode dropout — no crop forward is needed: one forward of the ``N`` whole
+images (:func:`record_chain`) records every ReLU's output ``y`` (its mask ``I[x>0] = I[y>0]``) and every
+max-pool's argmax, and each row's backward is then computed by hand (:func:`plan_backward`):
 
-* ReLU: ``relu_backward_rule(y, g, rule)`` with ``y`` the recorded output in the window (guided
-  backprop: ``I[y>0]·I[g>0]·g``, Springenberg et al. 2015; deconvnet ``I[g>0]·g``; plain ``I[y>0]·g``);
+* ReLU: ``relu_backward_rule(y, g, rule)`` — guided backprop ``I[y>0]·I[g>0]·g`` (Springenberg et al. 2015),
+  deconvnet ``I[g>0]·g``, plain ``I[y>0]·g``;
 * batch norm (eval): ``g·γ/√(σ²+ε)`` per channel;
-* convolution: the transposed convolution ``∂conv/∂input`` of the window (``torch.nn.grad.conv2d_input``);
-* max-pool: ``g`` scattered to the recorded argmax of each window (no overlaps, so no sums),
+* max-pool: ``g`` moved to each window's recorded argmax (no overlaps, so no sums);
+* convolution: the transposed convolution (``∂conv/∂input``), seeded with ``1`` at the row's unit and argmax.
 
-and is seeded with ``1`` at the row's unit and argmax position. This is the same gradient as autograd's on
-the crop (the crop argument of :mod:`._engine`: on-path activations of a crop equal the whole image's, and
-here they *are* the whole image's — the masks and pooling switches the whole-image gradient, and captum, use),
-computed without the ``N·U`` crop forwards and without the forward of the layers' positions that no path uses.
-Cost per row: one transposed convolution per conv layer on the crop window (the crop forward and the
-autograd graph are gone); the recorded states cost one forward of the ``N`` images, kept for the call.
+Each run of ReLU / batch-norm / pool steps between two convolutions is one multiply by a precomputed map
+(the product of its masks and scale, read at the argmax when a pool comes first) and one scatter: the clamp
+``I[g>0]`` commutes with 0/1 masks and with the scatter, so these are the products autograd's rules form
+(:func:`plan_chain`). Every level is computed on the row's **region** — the positions that reach the unit,
+the same shape for every row (one position at the layer, then each transposed convolution's full output and
+each pool's windows), placed at ``(i, j)·ratio + offset``; parts of a region that overhang the image meet a
+zero in the padded maps and are dropped at the input. The result is the gradient autograd computes on the
+whole image with the same masks and switches (the ones captum's hooks use), without the ``N·U`` crop forwards.
+Chains :func:`plan_chain` cannot fold (a clamp below a scale, e.g. conv → ReLU → BN) run step by step on
+stride-aligned crop windows (:func:`chain_backward`).
 
 The chain is verified, not assumed: hooks on every leaf module record the calls of one forward, and the path
 applies only when each call's input *is* the previous call's output (same tensor object, unchanged version
 counter, so no functional op or in-place edit happened between modules), the first input is the network's
-input, the last output is the target layer's output, and every module is one of the kinds above with
-settings whose crop windows stay aligned (integer strides, output = input / stride, zero padding, no groups
-in max-pool, kernel = stride). Anything else (functional ReLUs, residual additions, other activations, train
-mode) returns ``None`` and the caller keeps the autograd crop path.
+untouched input, the last output is the target layer's output, the recorded ReLU outputs are not edited
+later, and every module is one of the kinds above with settings whose windows stay aligned (integer strides,
+output = input / stride, zero padding, max-pool kernel = stride). Anything else (functional ReLUs, residual
+additions, other activations, train mode) gives ``None`` and the caller keeps the autograd crop path.
 """
 
 from __future__ import annotations

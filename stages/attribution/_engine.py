@@ -32,13 +32,29 @@ CPU max-pooling is ≈ 20× faster than on NCHW (values equal to the NCHW comput
 ``RF`` rounded to the stride instead of the whole image — at the demo's conv3 (receptive field 18 px, stride
 4) a 20-px crop of a 64-px image, 10× fewer pixels, on top of not running the layers above.
 
-Why not one shared forward and a batched (vmapped) backward over the units' seeds? Guided backprop and
-deconvnet are *not* linear in the seed (their ReLU rule keeps only ``g > 0``), so seeds cannot be summed; a
-vmapped backward over U one-hot seeds is possible but runs U dense backward passes over the whole image
-(4096 px at 64 px) where the crops run forward + backward over 400 px; and receptive-field crops of different
-units rarely coincide (858 distinct (image, argmax) pairs among the 1,024 rows of the benchmark at 64 px), so
-sharing crop forwards saves little. Measured against captum's neuron loop (``benchmarks/bench_attribution.py``,
-1 thread, 16 images): see the README's benchmark table.
+**Module chains: one shared forward, no crop forwards** (:mod:`._chain`). When the network up to the layer
+is a verified chain of ``Conv2d`` / eval ``BatchNorm2d`` / ``ReLU`` / non-overlapping ``MaxPool2d`` modules
+(the demo CNN, VGG-style nets), the ``N`` whole images are forwarded once (the same pass that finds the
+argmaxes) recording every ReLU's output and every pool's argmax; each (image, unit) row is then
+back-propagated by hand on its receptive-field *region* at every level — exactly the positions that reach the
+unit, the same shape for every row (at the demo's conv3: 1 → 3×3 → 6×6 → 8×8 → 16×16 → 18×18 positions) —
+with the recorded masks and pool switches: per run of ReLU / batch-norm / pool steps one multiply by a
+precomputed map (``I[y>0]·γ/σ``, read at the argmax for a pool) and one scatter, then a full transposed
+convolution. Guided backprop is not linear in the seed (``I[g>0]``), so every row still has its own backward,
+but the clamp commutes with the 0/1 masks and the scatter, so these are the same float products as the
+autograd rules; the values are the whole-image masks (the ones captum uses), so the maps equal captum's
+(max |diff| 0 in the benchmark). Cost per row: the transposed convolutions of its regions — no forward, and
+the regions are smaller than the stride-aligned crop (8×8 and 16×16 instead of 10×10 and 20×20 at conv2 and
+conv1's outputs); the whole-image states cost one forward of the ``N`` images plus a few passes over them.
+Chains with anything else (functional ReLUs, residual additions, in-place edits between modules) keep the
+autograd crop path above. Rows whose maximum is a tied 0 under the layer's own ReLU are exactly 0 and are
+not computed.
+
+Why not a batched (vmapped) backward over the units' seeds? Guided backprop and deconvnet are *not* linear in
+the seed (their ReLU rule keeps only ``g > 0``), so seeds cannot be summed; a vmapped backward over U one-hot
+seeds runs U dense backward passes over the whole image (4096 px at 64 px) where a region holds 324 px at the
+input and fewer above. Measured against captum's neuron loop (``benchmarks/bench_attribution.py``, 1 thread,
+16 images): see the README's benchmark table.
 
 The engine returns the gradient (or, for LRP, the relevance) of the objective at the input or at an
 intermediate layer, plus that layer's activation — which is what Grad-CAM needs.
