@@ -218,3 +218,19 @@ def test_a_network_that_edits_its_input_in_place_is_not_a_chain() -> None:
     model = EditsInput().eval()
     a, steps = record_chain(model, _x(1, 8), model.relu)
     assert a is not None and steps is None
+
+
+def test_large_zero_buffers_are_zero_writable_and_outlive_their_map() -> None:
+    import gc
+
+    from repdissect.stages.attribution._engine import _zeros
+
+    for numel in (10, 3 * 2**20 + 1):  # small: torch.zeros; large: an anonymous memory map
+        z = _zeros(numel, torch.float32, torch.device("cpu"))
+        gc.collect()
+        assert z.shape == (numel,) and z.dtype == torch.float32 and not z.any()
+        z[-1] = 2.0
+        view = z[:-1].view(-1, 3)
+        del z
+        gc.collect()
+        assert float(view.sum()) == 0.0 and view.is_contiguous()
