@@ -234,3 +234,17 @@ def test_large_zero_buffers_are_zero_writable_and_outlive_their_map() -> None:
         del z
         gc.collect()
         assert float(view.sum()) == 0.0 and view.is_contiguous()
+
+
+def test_the_engine_takes_the_chain_path_for_small_images_and_crops_for_large_ones(monkeypatch) -> None:
+    import repdissect.stages.attribution._engine as engine
+
+    calls = []
+    real = engine.plan_backward
+    monkeypatch.setattr(engine, "plan_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _vgg(True)
+    guided_backprop(model, _x(2, 32), UnitTarget("9"))  # 2·32² px ≤ 20 rows · 20² px of crops
+    assert calls
+    calls.clear()
+    guided_backprop(model, _x(2, 96), UnitTarget("9", units=[0, 1]))  # 2·96² px > 4 rows · 20² px
+    assert not calls
