@@ -1,15 +1,16 @@
 """Benchmark: guided backprop of every unit of a layer over N images, against captum's neuron loop.
 
 * ours: :func:`repdissect.stages.attribution.guided_backprop` with ``UnitTarget(layer)`` — all units in one
-  call, batched by replication (each image repeated once per unit of a chunk, the forward stopped at the
-  layer, one backward per chunk).
+  call: one forward of the images, then every (image, unit) pair back-propagated on its receptive-field
+  region (the demo CNN is a conv/BN/ReLU/max-pool chain; see ``attribution._chain``).
 * captum: ``NeuronGuidedBackprop(model, layer).attribute(x, neuron_selector=...)`` looped over the units, the
   way its users do it (one call per unit; the selector reduces the unit's map by its spatial max). captum
   needs out-of-place ``nn.ReLU`` modules, so it gets a copy of the network with every ReLU made out of place
   (ours runs on the original, in-place ReLUs and all).
 
 Both outputs are compared (max abs difference printed, must be ≤ 1e-5 relative). Times are medians of
-interleaved repeats on one thread (``--threads``). ``--memory N`` also streams N images through the unit
+interleaved repeats on one thread (``--threads``), wall clock and process CPU time (the latter less disturbed
+when other jobs share the machine; the load average is printed). ``--memory N`` also streams N images through the unit
 loop in batches and prints the process's resident memory every 1,000 images: it must stay flat.
 
 ``--channels-last`` builds the network channels-last, as the pipeline does, so captum's loop also runs the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -81,7 +83,20 @@ def main() -> None:
         maps = [gb.attribute(x, neuron_selector=lambda out, k=k: out[:, k].amax((1, 2))) for k in range(units)]
         return torch.stack(maps, 1)
 
-    times, results = interleaved({"captum": captum_loop, "ours": ours}, repeat=args.repeat)
+    cpu: dict[str, list[float]] = {"captum": [], "ours": []}
+
+    def cpu_timed(name: str, fn):  # the process CPU time of each timed run, next to the wall time
+        def run() -> torch.Tensor:
+            start = time.process_time()
+            out = fn()
+            cpu[name].append(time.process_time() - start)
+            return out
+        return run
+
+    load = os.getloadavg()[0]
+    times, results = interleaved({"captum": cpu_timed("captum", captum_loop), "ours": cpu_timed("ours", ours)},
+                                 repeat=args.repeat)
+    cpu_med = {k: statistics.median(v[1:]) for k, v in cpu.items()}  # the first run of each is the warm-up
     diff = float((results["ours"] - results["captum"]).abs().max())
     scale = float(results["captum"].abs().max())
     print(f"guided backprop, all {units} units of {args.layer} (width {args.width}), {args.images} images "
@@ -89,6 +104,9 @@ def main() -> None:
     print(f"  captum NeuronGuidedBackprop loop: {times['captum']:.3f} s   ours: {times['ours']:.3f} s   "
           f"max |diff| {diff:.2e} (scale {scale:.2e})")
     print(ratio_line("speed-up (captum / ours)", times["captum"], times["ours"]))
+    print(f"  process CPU time: captum {cpu_med['captum']:.3f} s, ours {cpu_med['ours']:.3f} s")
+    print(ratio_line("speed-up in CPU time (captum / ours)", cpu_med["captum"], cpu_med["ours"]))
+    print(f"  load average at the start: {load:.1f} (on {os.cpu_count()} CPUs)")
     if diff > 1e-5 * max(scale, 1e-12):
         raise SystemExit("outputs differ")
     if args.memory:

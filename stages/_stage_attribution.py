@@ -105,6 +105,7 @@ _MODEL_AND_METHODS = (
     "._training",
     ".attribution",
     ".attribution._cam",
+    ".attribution._chain",
     ".attribution._dataset",
     ".attribution._dispatch",
     ".attribution._engine",
@@ -124,7 +125,8 @@ class AttributeStage(Stage):
 
     name = "attribute"
     depends_on = _MODEL_AND_METHODS
-    version = 2  # 2: channels-last receptive-field crops (float32 rounding), αβ LRP and SLIC LIME keys
+    version = 3  # 2: channels-last receptive-field crops (float32 rounding), αβ LRP and SLIC LIME keys;
+    # 3: unit maps of conv/BN/ReLU/max-pool chains by the explicit region backward (whole-image masks)
     uses_device = True
 
     def run(self, ctx: Context) -> StageOutput:
@@ -214,7 +216,8 @@ class AttributionMassStage(StatisticStage):
 
     name = "attribution_mass"
     depends_on = _MODEL_AND_METHODS
-    version = 2  # 2: unit guided backprop on channels-last crops (float32 rounding)
+    version = 3  # 2: unit guided backprop on channels-last crops (float32 rounding); 3: by the explicit
+    # region backward of conv/BN/ReLU/max-pool chains (whole-image masks and pool switches)
     uses_device = True
 
     def _labelled(self, ctx: Context) -> pd.DataFrame:

@@ -32,13 +32,30 @@ CPU max-pooling is ≈ 20× faster than on NCHW (values equal to the NCHW comput
 ``RF`` rounded to the stride instead of the whole image — at the demo's conv3 (receptive field 18 px, stride
 4) a 20-px crop of a 64-px image, 10× fewer pixels, on top of not running the layers above.
 
-Why not one shared forward and a batched (vmapped) backward over the units' seeds? Guided backprop and
-deconvnet are *not* linear in the seed (their ReLU rule keeps only ``g > 0``), so seeds cannot be summed; a
-vmapped backward over U one-hot seeds is possible but runs U dense backward passes over the whole image
-(4096 px at 64 px) where the crops run forward + backward over 400 px; and receptive-field crops of different
-units rarely coincide (858 distinct (image, argmax) pairs among the 1,024 rows of the benchmark at 64 px), so
-sharing crop forwards saves little. Measured against captum's neuron loop (``benchmarks/bench_attribution.py``,
-1 thread, 16 images): see the README's benchmark table.
+**Module chains: one shared forward, no crop forwards** (:mod:`._chain`). When the network up to the layer
+is a verified chain of ``Conv2d`` / eval ``BatchNorm2d`` / ``ReLU`` / non-overlapping ``MaxPool2d`` modules
+(the demo CNN, VGG-style nets), the ``N`` whole images are forwarded once (the same pass that finds the
+argmaxes) recording every ReLU's output and every pool's argmax; each (image, unit) row is then
+back-propagated by hand on its receptive-field *region* at every level — exactly the positions that reach the
+unit, the same shape for every row (at the demo's conv3: 1 → 3×3 → 6×6 → 8×8 → 16×16 → 18×18 positions) —
+with the recorded masks and pool switches: per run of ReLU / batch-norm / pool steps one multiply by a
+precomputed map (``I[y>0]·γ/σ``, read at the argmax for a pool) and one scatter, then a full transposed
+convolution. Guided backprop is not linear in the seed (``I[g>0]``), so every row still has its own backward,
+but the clamp commutes with the 0/1 masks and the scatter, so these are the same float products as the
+autograd rules; the values are the whole-image masks (the ones captum uses), so the maps equal captum's
+(max |diff| 0 in the benchmark). Cost per row: the transposed convolutions of its regions — no forward, and
+the regions are smaller than the stride-aligned crop (8×8 and 16×16 instead of 10×10 and 20×20 at conv2 and
+conv1's outputs); the whole-image states cost one forward of the ``N`` images plus a few passes over them.
+Chains with anything else (functional ReLUs, residual additions, in-place edits between modules) keep the
+autograd crop path above, and so do calls whose whole images hold more pixels than all the rows' crops
+(``N·H·W > rows·crop``: at 224 px with 1,024 rows the crops measured cheaper than the whole-image states). Rows whose maximum is a tied 0 under the layer's own ReLU are exactly 0 and are
+not computed.
+
+Why not a batched (vmapped) backward over the units' seeds? Guided backprop and deconvnet are *not* linear in
+the seed (their ReLU rule keeps only ``g > 0``), so seeds cannot be summed; a vmapped backward over U one-hot
+seeds runs U dense backward passes over the whole image (4096 px at 64 px) where a region holds 324 px at the
+input and fewer above. Measured against captum's neuron loop (``benchmarks/bench_attribution.py``, 1 thread,
+16 images): see the README's benchmark table.
 
 The engine returns the gradient (or, for LRP, the relevance) of the objective at the input or at an
 intermediate layer, plus that layer's activation — which is what Grad-CAM needs.
@@ -54,6 +71,7 @@ import torch
 from torch import nn
 
 from .._errors import StageInputError
+from ._chain import ChainPlan, chain_backward, plan_backward, plan_chain, record_chain
 
 __all__ = ["UnitTarget", "RowUnitTarget", "Target", "module_by_name", "class_indices", "backward_maps", "target_scores"]
 
@@ -302,8 +320,10 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
                        rows_per_pass: int = 256) -> torch.Tensor | None:
     """Input gradients of ``max_ij A[image_of_row[r], cols[r]]`` for every row ``r``, on receptive-field crops.
 
-    The layer is evaluated once on the ``N`` distinct images to find each row's argmax; rows are then cut
-    from ``x`` (never replicated whole). Returns ``(rows, C, H, W)``, or None when cropping does not apply.
+    The layer is evaluated once on the ``N`` distinct images to find each row's argmax (recording, for a
+    module chain, what :mod:`._chain` needs: then every row is back-propagated by hand on its region, no crop
+    forward); otherwise rows are cut from ``x`` (never replicated whole) and run through autograd. Returns
+    ``(rows, C, H, W)``, or None when cropping does not apply.
     """
     rf = _receptive_field(model, x, layer)
     if rf is None:
@@ -314,28 +334,52 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
     if ch is None and cw is None:
         return None
     ch, cw = ch or h, cw or w
-    with torch.no_grad():
-        _, store = _forward(model, x, [layer], stop=True)
-    a = store[layer]
+    if n * h * w <= len(cols) * ch * cw:  # the chain path's whole-image work is below the crops' work
+        a, steps = record_chain(model, x, module_by_name(model, layer))
+    else:  # large images, few rows: per-row crops are cheaper than whole-image states (measured at 224 px)
+        a, steps = None, None
+    if a is None:
+        with torch.no_grad():
+            _, store = _forward(model, x, [layer], stop=True)
+        a = store[layer]
     img = torch.as_tensor(image_of_row, device=a.device)
     sel = a[img, torch.as_tensor(cols, device=a.device)].flatten(1)  # (rows, hw)
     peak = sel.max(1)
-    ties = ((sel == peak.values[:, None]).sum(1) > 1).tolist()
+    tie = (sel == peak.values[:, None]).sum(1) > 1
+    if steps is not None and steps[-1].kind == "relu" and steps[-1].rule in ("plain", "guided"):
+        # a tied maximum of 0 under the layer's own ReLU: every tied position has y = 0, where the ReLU's
+        # backward passes nothing — the map is exactly 0 (no pass needed)
+        tie &= peak.values > 0
+        zero = (peak.values <= 0).tolist()
+    else:
+        zero = [False] * len(cols)
+    ties = tie.tolist()
     pos = peak.indices
     i, j = (pos // a.shape[3]).tolist(), (pos % a.shape[3]).tolist()
     total = len(cols)
-    y0 = [min(max(0, ii * sy - -(-up // sy) * sy), h - ch) for ii in i]
-    x0 = [min(max(0, jj * sx - -(-left // sx) * sx), w - cw) for jj in j]
-    out = torch.zeros(total, c, h, w, dtype=x.dtype, device=x.device)
+    plan = None if steps is None else plan_chain(steps, tuple(a.shape), x.dtype, x.device)
+    y0 = [] if plan is not None else [min(max(0, ii * sy - -(-up // sy) * sy), h - ch) for ii in i]
+    x0 = [] if plan is not None else [min(max(0, jj * sx - -(-left // sx) * sx), w - cw) for jj in j]
+    todo = [r for r in range(total) if not ties[r] and not zero[r]]
+    if plan is not None:  # a verified module chain: explicit backward on each row's receptive-field region
+        out = _plan_maps(plan, x, a, img, cols, pos, todo, rows_per_pass)
+    else:
+        out = torch.zeros(total, c, h, w, dtype=x.dtype, device=x.device)
     # every crop starts on the stride grid, so crops are windows of one strided view (gathered in one index op)
     windows = x.unfold(2, ch, sy).unfold(3, cw, sx)  # (N, C, ny, nx, ch, cw), a view
     out_windows = out.unfold(2, ch, sy).unfold(3, cw, sx)
-    todo = [r for r in range(total) if not ties[r]]
-    for start in range(0, len(todo), rows_per_pass):
+    for start in range(0, 0 if plan is not None else len(todo), rows_per_pass):
         rows = todo[start:start + rows_per_pass]
         rr = torch.as_tensor(rows, device=x.device)
         cy = torch.as_tensor([y0[r] // sy for r in rows], device=x.device)
         cx = torch.as_tensor([x0[r] // sx for r in rows], device=x.device)
+        if steps is not None:  # a verified chain that plan_chain does not cover: the steps one by one
+            g = chain_backward(steps, (ch, cw), (sy, sx), img[rr], cy, cx,
+                               torch.as_tensor([cols[r] for r in rows], device=x.device),
+                               torch.as_tensor([i[r] for r in rows], device=x.device) - cy,
+                               torch.as_tensor([j[r] for r in rows], device=x.device) - cx, a.shape[1], x.dtype)
+            out_windows[rr, :, cy, cx] = g
+            continue
         crops = _fast_layout(windows[img[rr], :, cy, cx]).requires_grad_(True)  # (rows, C, ch, cw)
         _, st = _forward(model, crops, [layer], stop=True)
         ac = st[layer]
@@ -351,6 +395,52 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
                           "max", None, False)
         out[tied] = g
     return out
+
+
+def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero vector; large CPU ones from an anonymous memory map (already zero, so no fill pass), advised to
+    use huge pages where the kernel offers them (one page fault per 2 MiB instead of per 4 KiB) — for the
+    ``(N, U, C, H, W)`` map stack, whose zeroing costs as much as a tenth of the maps' computation."""
+    import mmap
+
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < 2**22 or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(numel, dtype=dtype, device=device)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # not offered here: ordinary pages, still zero
+            pass
+    return torch.frombuffer(buf, dtype=dtype, count=numel)  # the tensor keeps the map alive
+
+
+def _plan_maps(plan: ChainPlan, x: torch.Tensor, a: torch.Tensor, img: torch.Tensor, cols: list[int],
+               pos: torch.Tensor, todo: list[int], rows_per_pass: int) -> torch.Tensor:
+    """``(rows, C, H, W)`` maps of the rows ``todo`` by :func:`plan_backward` (other rows stay 0): each row's
+    input region written into its map, the part that overhangs the image dropped (it sends to a spare slot)."""
+    total = len(cols)
+    n, c, h, w = x.shape
+    flat = _zeros(total * c * h * w + 1, x.dtype, x.device)
+    spare = flat.numel() - 1
+    (ry, rx), (oy, ox), (hz, wz) = plan.ratio, plan.offset, plan.size
+    # where each region element goes, per target position (i, j): offset in a row's map, or a huge value
+    # (clamped to the spare slot) outside the image
+    th, tw = a.shape[2:]
+    ys = (torch.arange(th, device=x.device) * ry + oy)[:, None] + torch.arange(hz, device=x.device)  # (th, hz)
+    xs = (torch.arange(tw, device=x.device) * rx + ox)[:, None] + torch.arange(wz, device=x.device)  # (tw, wz)
+    inside = ((ys >= 0) & (ys < h))[:, None, None, :, None] & ((xs >= 0) & (xs < w))[None, :, None, None, :]
+    table = ((torch.arange(c, device=x.device) * (h * w))[None, None, :, None, None]
+             + (ys * w)[:, None, None, :, None] + xs[None, :, None, None, :])
+    table = torch.where(inside, table, torch.full((), 2**62, device=x.device)).view(th * tw, c, hz, wz)
+    unit = torch.as_tensor(cols, device=x.device)
+    pi, pj = pos // a.shape[3], pos % a.shape[3]
+    for start in range(0, len(todo), rows_per_pass):
+        rr = torch.as_tensor(todo[start:start + rows_per_pass], device=x.device, dtype=torch.int64)
+        g = plan_backward(plan, img[rr], unit[rr], pi[rr], pj[rr], a.shape[1], x.dtype)
+        index = table[pos[rr]].add_((rr * (c * h * w))[:, None, None, None]).clamp_(max=spare)
+        flat[index] = g
+    return flat[:-1].view(total, c, h, w)
 
 
 def _unit_rows(model: nn.Module, xr: torch.Tensor, cols: list[int], layer: str, reduce: str, wrt: str | None,
