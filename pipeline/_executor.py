@@ -106,6 +106,23 @@ def _is_superseded(table: pa.Table | None) -> bool:
     return table is not None and bool(table.schema.metadata) and _SUPERSEDED in table.schema.metadata
 
 
+def _releasing(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Return the memory a task freed to the OS when it ends (see ``release_freed_memory``): a long-lived worker
+    otherwise keeps the high-water mark of every task it ran, and a cluster's processes add those up."""
+
+    @functools.wraps(task)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        finally:
+            from ..stages import release_freed_memory
+
+            release_freed_memory()
+
+    return run
+
+
+@_releasing
 def task_map(ctx: Context, shard_index: int, shard: Any) -> pa.Table | UserFailure:
     """One shard → partial state. Reuses a staged partial from an earlier (killed) attempt."""
     _prepare_worker(ctx)
@@ -141,6 +158,7 @@ def _map_shard(ctx: Context, shard_index: int, shard: Any) -> pa.Table:
     return partial
 
 
+@_releasing
 def task_combine(ctx: Context, a: pa.Table | UserFailure, b: pa.Table | UserFailure) -> pa.Table | UserFailure:
     for part in (a, b):
         if isinstance(part, UserFailure):
@@ -156,6 +174,7 @@ def task_combine(ctx: Context, a: pa.Table | UserFailure, b: pa.Table | UserFail
         return UserFailure(exc)
 
 
+@_releasing
 def task_publish(ctx: Context, merged: pa.Table | UserFailure | None, started: float) -> dict[str, Any] | UserFailure:
     """Finalize (sharded) or run (simple) the stage, then publish the entry atomically."""
     if isinstance(merged, UserFailure):

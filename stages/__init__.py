@@ -30,7 +30,7 @@ _EXPORTS = {
                      "read_activations", "read_summaries", "summaries_table", "table_to_arrays"],
     "_extraction": ["Extractor", "PARQUET_OPTIONS", "extract_shard", "forward_batches"],
     "_device": ["resolve_device", "device_class", "determinism_mode", "reproducible_kernels", "check_device_params"],
-    "_allocator": ["tune_allocator"],
+    "_allocator": ["tune_allocator", "release_freed_memory"],
     "_unit_means": ["UnitMeans"],
     "_model_cache": ["cached_model", "clear_model_cache"],
     "_models": ["ModelSpec", "build_model", "layer_shapes", "list_models", "load_weights", "register_model",

@@ -13,6 +13,12 @@ its maximum for the allocations that still could, and freed memory at the heap t
 So freed batch buffers stay mapped for the next batch. Peak memory is unchanged (the same arrays are alive
 at once); what is no longer done is returning and re-faulting it (a probe of alternating 16/48 MiB arrays:
 12,800 minor faults → 2,100). On anything but glibc it does nothing. It never changes a result.
+
+The price is that a process keeps its high-water mark, and a cluster's long-lived workers add theirs up.
+:func:`release_freed_memory` hands back what a finished task freed (``malloc_trim(0)`` over every arena,
+and pyarrow's pool); the executor calls it when each task ends, so the reuse holds within a task, where the
+batches repeat, and the memory goes back between tasks (demo, two workers, two runs side by side: peak summed
+RSS 5566 → 4871 MiB, PSS 4639 → 3951 MiB, run time 841 vs 853 s).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["tune_allocator", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["tune_allocator", "release_freed_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 #: glibc's ``mallopt`` parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -51,3 +57,27 @@ def tune_allocator() -> bool:
     _applied = all(bool(mallopt(param, value)) for param, value in (
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_MMAP_MAX, 0)))
     return _applied
+
+
+_trim = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a finished task back to the OS: glibc's ``malloc_trim(0)`` over every arena, and
+    pyarrow's pool when pyarrow is loaded. Called between tasks, not batches, so the per-batch reuse above
+    stays; what it stops is a long-lived worker holding every task's high-water mark until it exits."""
+    global _trim
+    if _trim is None:
+        _trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None).malloc_trim
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+                _trim = fn
+            except (OSError, AttributeError):
+                pass
+    pa = sys.modules.get("pyarrow")
+    if pa is not None:
+        pa.default_memory_pool().release_unused()
+    if _trim:
+        _trim(0)
