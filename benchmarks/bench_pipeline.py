@@ -4,12 +4,13 @@ Runs ``repdissect run`` twice in subprocesses on a fresh cache: the first comput
 must be all cache hits. Prints wall time of both, their ratio, and the summed task seconds per stage from the
 first run's ``run.json``.
 
-    python benchmarks/bench_pipeline.py [--config configs/demo.toml] [--scheduler local] [--workers 2]
+    python benchmarks/bench_pipeline.py [--config configs/demo.toml] [--scheduler local] [--workers 2] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,8 +40,12 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.toml")
     parser.add_argument("--scheduler", default="local")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--keep", type=Path, help="an empty or new folder to keep the cache and the run's outputs in "
+                        "(cache/, out/), to read the findings and open the report afterwards")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep must name an empty or new folder; {args.keep} holds files (choose another one)")
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         cache, out = Path(tmp) / "cache", Path(tmp) / "out"
         cold, usage = _run(args.config, cache, out, args.scheduler, args.workers)
         record = json.loads((out / "run.json").read_text())
