@@ -325,6 +325,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..stages import StageInputError
+    from ..stages.compare import compare_arrays
 
     arrays = []
     for path in (args.a, args.b):
@@ -381,6 +382,7 @@ def compare_with_shuffled(a: Any, b: Any, metrics: list[str], *, permutations: i
     (each metric on B's rows permuted, seed 1: what independent data gives at this N) and ``samples`` per metric."""
     import numpy as np
 
+    from ..stages.compare import compare_arrays
 
     table = compare_arrays(a, b, metrics=metrics, permutations=permutations, groups=groups)
     shuffled = compare_arrays(a, b[np.random.default_rng(1).permutation(b.shape[0])], metrics=metrics,
