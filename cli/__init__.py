@@ -325,7 +325,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..stages import StageInputError
-    from ..stages.compare import compare_arrays
 
     arrays = []
     for path in (args.a, args.b):
