@@ -83,7 +83,8 @@ def prepare_labels(
         lookup: ``(max_label + 1,)`` int32 column of each label number, −1 for numbers that are not concepts;
             label 0 maps to the last column of ``per_image``.
         y_cells, x_cells: ``(H + 1,)``, ``(W + 1,)`` pixels of each lower corner cell (``cell_start``).
-        columns: ``(N, all layers, sh, sw)`` int32 output; this category fills layers ``first_layer…``.
+        columns: ``(N, all layers, sh, sw)`` int32 output; this category fills layers ``first_layer…``, only
+            in quad rows of several labels (``row_uniform`` −1): the count reads no other pixel's column.
         per_image: ``(N, width)`` int64 label histograms, added to.
         uniform: ``(N, all layers, H, W)`` int32 output: quad (strip, corner column)'s label column when all
             its pixels (in that layer) carry one label, else −1 (also for quads without pixels).
@@ -105,7 +106,10 @@ def prepare_labels(
         for layer in range(layers):
             out = first_layer + layer
             # Labels come in runs along a row: look a number up once per run and add the run's length at
-            # its end (no lookup and no store-to-load chain on one counter per pixel).
+            # its end (no lookup and no store-to-load chain on one counter per pixel). In the same pass, per
+            # quad row (pixel row × lower corner column) its label column, or −1 when the column changes
+            # inside it: ``last_change`` is the last pixel of the row whose column differs from its left
+            # neighbour's. Flat unsigned indexes: no slices (reference counts), no wrap-around.
             source = np.uint64((i * layers + layer) * sh * sw)
             target = np.uint64((i * columns.shape[1] + out) * sh * sw)
             run_value = pixel_flat[source]
@@ -114,37 +118,41 @@ def prepare_labels(
                 unknown += 1
                 run_column = unlabelled
             run_length = 0
-            for k in range(np.uint64(sh * sw)):  # flat unsigned indexes: no per-pixel index arithmetic
-                value = pixel_flat[source + k]
-                if value != run_value:
-                    per_image[i, run_column] += run_length
-                    run_length = 0
-                    run_value = value
-                    run_column = _column(value, lookup)
-                    if run_column < 0:
-                        unknown += 1
-                        run_column = unlabelled
-                labels_flat[target + k] = run_column
-                run_length += 1
-            per_image[i, run_column] += run_length
-            # Per quad row (pixel row × lower corner column) its label or −1; a quad is one-label when all its
-            # rows carry the same one. Flat unsigned indexes: no slices (reference counts), no wrap-around.
-            for cy in range(num_y):
-                y0, y1 = y_cells[cy], y_cells[cy + 1]
+            for y in range(sh):
+                row_source = source + np.uint64(y * sw)
+                row_target = target + np.uint64(y * sw)
+                last_change = np.uint64(0)
                 for cx in range(num_x):
                     x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+                    for x in range(x0, x1):
+                        value = pixel_flat[row_source + x]
+                        if value != run_value:
+                            per_image[i, run_column] += run_length
+                            run_length = 0
+                            run_value = value
+                            column = _column(value, lookup)
+                            if column < 0:
+                                unknown += 1
+                                column = unlabelled
+                            if column != run_column:
+                                last_change = x
+                            run_column = column
+                        run_length += 1
+                    if last_change <= x0:
+                        row_uniform[i, out, y, cx] = run_column if x1 > x0 else -1
+                        continue
+                    # A quad row of several labels: only these pixels' columns are ever read.
+                    row_uniform[i, out, y, cx] = -1
+                    for x in range(x0, x1):
+                        column = _column(pixel_flat[row_source + x], lookup)
+                        labels_flat[row_target + x] = unlabelled if column < 0 else column
+            per_image[i, run_column] += run_length
+            # A quad is one-label when all its rows carry the same one.
+            for cy in range(num_y):
+                for cx in range(num_x):
                     quad = -2  # no row seen yet
-                    for y in range(y0, y1):
-                        label = -1
-                        if x1 > x0:
-                            row = np.uint64(((i * columns.shape[1] + out) * sh + y) * sw)
-                            label = labels_flat[row + x0]
-                            differ = 0
-                            for x in range(row + x0 + np.uint64(1), row + x1):
-                                differ += labels_flat[x] != label
-                            if differ:
-                                label = -1
-                        row_uniform[i, out, y, cx] = label
+                    for y in range(y_cells[cy], y_cells[cy + 1]):
+                        label = row_uniform[i, out, y, cx]
                         quad = label if quad == -2 or quad == label else -1
                     uniform[i, out, cy, cx] = -1 if quad == -2 else quad
                 # Right to left: how far each one-label quad's label continues.
@@ -271,6 +279,9 @@ def count_maps(
     on = np.zeros(strip_rows * sw, np.uint8)  # on-flags of the strip's pixel rows
     group_on = np.ones((strip_rows, w), np.int64)  # on-count per (strip row, lower corner column); 1 = unknown
     column_on = np.zeros(sw, np.int64)  # on-count per pixel column over the strip
+    # on-count of the strip left of each pixel column (over the runs; pixels outside them are off), so that
+    # any stretch of pixel columns in a run has its on-count in one subtraction, whatever the layer
+    cum = np.zeros(sw + 1, np.int64)
     interp = np.zeros(w, np.float32)  # the strip's two corner rows interpolated at one pixel row
     one = np.uint64(1)
     sign = 1
@@ -385,12 +396,16 @@ def count_maps(
                                 count += flag
                         group_on[row, a] = count
             # Labels, per layer: stretches of one-label quads in one step, mixed quads in runs of one label.
+            so_far = 0
+            for q in range(num_runs):
+                for x in range(x_cells[runs[q, 0]], x_cells[runs[q, 1]]):
+                    cum[x] = so_far
+                    so_far += column_on[x]
+                cum[x_cells[runs[q, 1]]] = so_far  # a following run starting here writes the same value
             for q in range(num_runs):
                 first = runs[q, 0]
                 end = runs[q, 1]
-                in_run = 0
-                for x in range(x_cells[first], x_cells[end]):
-                    in_run += column_on[x]
+                in_run = cum[x_cells[end]] - cum[x_cells[first]]
                 if in_run == 0:
                     continue
                 total_on += in_run
@@ -401,12 +416,7 @@ def count_maps(
                         if label >= 0:
                             stretch = min(extent[i, layer, r, a], end)
                             if label < unlabelled:
-                                if a == first and stretch == end:  # one label over the whole run
-                                    count = in_run
-                                else:
-                                    count = 0
-                                    for x in range(x_cells[a], x_cells[stretch]):
-                                        count += column_on[x]
+                                count = cum[x_cells[stretch]] - cum[x_cells[a]]
                                 if count > 0:
                                     intersection[u, label] += sign * count
                                     if track:
@@ -415,10 +425,7 @@ def count_maps(
                             continue
                         x0 = x_cells[a]
                         x1 = x_cells[a + 1]
-                        in_quad = 0
-                        for x in range(x0, x1):
-                            in_quad += column_on[x]
-                        if in_quad > 0:  # a quad of several labels: its on-pixels in runs of one label
+                        if cum[x1] > cum[x0]:  # a quad of several labels: its on-pixels in runs of one label
                             run_label = unlabelled
                             run_length = 0
                             for row in range(p1 - p0):
@@ -428,9 +435,12 @@ def count_maps(
                                 label = row_uniform[i, layer, p0 + row, a]
                                 if label >= 0:  # this row of the quad carries one label
                                     if label < unlabelled:
-                                        count = 0
-                                        for x in range(x0, x1):
-                                            count += on[flags + x]
+                                        if narrow:
+                                            count = 0
+                                            for x in range(x0, x1):
+                                                count += on[flags + x]
+                                        else:  # the row's count in this quad (evaluated or shortcut)
+                                            count = group_on[row, a]
                                         if count > 0:
                                             intersection[u, label] += sign * count
                                             if track:
