@@ -212,7 +212,7 @@ def _nonfinite(flat, base, size):  # pragma: no cover - compiled
 def count_maps(
     acts, thresholds, bounds, full_bounds,
     y_cells, y_upper, wy_lo, wy_hi, x_cells, x_upper, x_lower_px, x_upper_px, wx_lo, wx_hi,
-    columns, uniform, extent, row_uniform, label_category, on_count, intersection, hits,
+    columns, uniform, extent, row_uniform, scalar, label_category, on_count, intersection, hits,
 ):  # pragma: no cover - compiled
     """Add each unit's on-pixels per image to ``on_count`` and per (unit, label column) to ``intersection``.
 
@@ -245,6 +245,8 @@ def count_maps(
         columns: ``(N, layers, sh, sw)`` int32 label columns (``width − 1`` = unlabelled, not counted).
         uniform, extent: ``(N, layers, H, W)`` int32 one-label quads and their stretches (``prepare_labels``).
         row_uniform: ``(N, layers, sh, W)`` int32 one-label quad rows (``prepare_labels``).
+        scalar: ``(N, k)`` int64 whole-image label columns of each image (``≥ width − 1``: none); each adds
+            its image's on-count of a unit to ``intersection`` (the unit's row is in the cache then).
         label_category: ``(width − 1,)`` int64 category of each label column.
         on_count: ``(N, C)`` int64, added to.
         intersection: ``(C, width − 1)`` int64, added to.
@@ -463,4 +465,7 @@ def count_maps(
                                     hits[i, u, label_category[run_label]] = 1
                         a += 1
         on_count[i, u] += sign * total_on
+        for s in range(scalar.shape[1]):
+            if scalar[i, s] < unlabelled:
+                intersection[u, scalar[i, s]] += sign * total_on
         j += 1
