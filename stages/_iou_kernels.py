@@ -94,7 +94,7 @@ def prepare_labels(
             column when that row of the quad carries one label, else −1.
 
     Returns:
-        the number of runs of label numbers that are not concepts' (counted as unlabelled; the caller raises).
+        a positive number when some label numbers are not concepts' (counted as unlabelled; the caller raises).
     """
     n, layers, sh, sw = pixel.shape
     unlabelled = per_image.shape[1] - 1
@@ -102,14 +102,18 @@ def prepare_labels(
     labels_flat = columns.reshape(columns.size)
     pixel_flat = pixel.reshape(pixel.size)  # C-contiguous (the caller makes sure)
     unknown = 0
+    widest = 0
+    for cx in range(num_x):
+        widest = max(widest, x_cells[cx + 1] - x_cells[cx])
+    wide = widest > 4  # per quad row (vectorised) where quad rows are long, per run of labels where short
     for i in range(n):
         for layer in range(layers):
             out = first_layer + layer
-            # Labels come in runs along a row: look a number up once per run and add the run's length at
-            # its end (no lookup and no store-to-load chain on one counter per pixel). In the same pass, per
-            # quad row (pixel row × lower corner column) its label column, or −1 when the column changes
-            # inside it: ``last_change`` is the last pixel of the row whose column differs from its left
-            # neighbour's. Flat unsigned indexes: no slices (reference counts), no wrap-around.
+            # Per quad row (pixel row × lower corner column): a vectorised test whether all its pixels carry
+            # the first one's number; then the row adds its length to that label in one step (a number is
+            # looked up only where it changes). Only quad rows that mix numbers go pixel by pixel, and only
+            # they write their pixels' columns. Flat unsigned indexes: no slices (reference counts), no
+            # negative-index wrap-around.
             source = np.uint64((i * layers + layer) * sh * sw)
             target = np.uint64((i * columns.shape[1] + out) * sh * sw)
             run_value = pixel_flat[source]
@@ -117,36 +121,80 @@ def prepare_labels(
             if run_column < 0:
                 unknown += 1
                 run_column = unlabelled
-            run_length = 0
-            for y in range(sh):
-                row_source = source + np.uint64(y * sw)
-                row_target = target + np.uint64(y * sw)
-                last_change = np.uint64(0)
-                for cx in range(num_x):
-                    x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
-                    for x in range(x0, x1):
-                        value = pixel_flat[row_source + x]
-                        if value != run_value:
-                            per_image[i, run_column] += run_length
-                            run_length = 0
-                            run_value = value
-                            column = _column(value, lookup)
-                            if column < 0:
-                                unknown += 1
-                                column = unlabelled
-                            if column != run_column:
-                                last_change = x
-                            run_column = column
-                        run_length += 1
-                    if last_change <= x0:
-                        row_uniform[i, out, y, cx] = run_column if x1 > x0 else -1
-                        continue
-                    # A quad row of several labels: only these pixels' columns are ever read.
-                    row_uniform[i, out, y, cx] = -1
-                    for x in range(x0, x1):
-                        column = _column(pixel_flat[row_source + x], lookup)
-                        labels_flat[row_target + x] = unlabelled if column < 0 else column
-            per_image[i, run_column] += run_length
+            if wide:
+                for y in range(sh):
+                    row_source = source + np.uint64(y * sw)
+                    row_target = target + np.uint64(y * sw)
+                    for cx in range(num_x):
+                        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+                        if x1 == x0:
+                            row_uniform[i, out, y, cx] = -1
+                            continue
+                        first_value = pixel_flat[row_source + x0]
+                        differ = 0
+                        for x in range(x0, x1):  # from x0: a whole number of vector lanes (16, 8, 4 pixels)
+                            differ += pixel_flat[row_source + x] != first_value
+                        if differ == 0:
+                            if first_value != run_value:
+                                run_value = first_value
+                                run_column = _column(run_value, lookup)
+                                if run_column < 0:
+                                    unknown += 1
+                                    run_column = unlabelled
+                            per_image[i, run_column] += np.int64(x1 - x0)
+                            row_uniform[i, out, y, cx] = run_column
+                            continue
+                        # Several numbers (they may still share a column: numbers that are no concept's).
+                        first_column = -2
+                        for x in range(x0, x1):
+                            value = pixel_flat[row_source + x]
+                            if value != run_value:
+                                run_value = value
+                                run_column = _column(value, lookup)
+                                if run_column < 0:
+                                    unknown += 1
+                                    run_column = unlabelled
+                            per_image[i, run_column] += 1
+                            labels_flat[row_target + x] = run_column
+                            if first_column == -2:
+                                first_column = run_column
+                            elif first_column != run_column:
+                                first_column = -1
+                        row_uniform[i, out, y, cx] = first_column
+            else:
+                # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked up
+                # once per run and the run's length added at its end. ``last_change`` is the last pixel of the
+                # row whose column differs from its left neighbour's: a quad row is one-label when that is
+                # not inside it.
+                run_length = 0
+                for y in range(sh):
+                    row_source = source + np.uint64(y * sw)
+                    row_target = target + np.uint64(y * sw)
+                    last_change = np.uint64(0)
+                    for cx in range(num_x):
+                        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+                        for x in range(x0, x1):
+                            value = pixel_flat[row_source + x]
+                            if value != run_value:
+                                per_image[i, run_column] += run_length
+                                run_length = 0
+                                run_value = value
+                                column = _column(value, lookup)
+                                if column < 0:
+                                    unknown += 1
+                                    column = unlabelled
+                                if column != run_column:
+                                    last_change = x
+                                run_column = column
+                            run_length += 1
+                        if last_change <= x0:
+                            row_uniform[i, out, y, cx] = run_column if x1 > x0 else -1
+                            continue
+                        row_uniform[i, out, y, cx] = -1  # only these pixels' columns are ever read
+                        for x in range(x0, x1):
+                            column = _column(pixel_flat[row_source + x], lookup)
+                            labels_flat[row_target + x] = unlabelled if column < 0 else column
+                per_image[i, run_column] += run_length
             # A quad is one-label when all its rows carry the same one.
             for cy in range(num_y):
                 for cx in range(num_x):
