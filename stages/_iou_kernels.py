@@ -328,10 +328,9 @@ def count_maps(
     narrow = widest <= 4
     on = np.zeros(strip_rows * sw, np.uint8)  # on-flags of the strip's pixel rows
     group_on = np.ones((strip_rows, w), np.int64)  # on-count per (strip row, lower corner column); 1 = unknown
-    column_on = np.zeros(sw, np.int64)  # on-count per pixel column over the strip
-    # on-count of the strip left of each pixel column (over the runs; pixels outside them are off), so that
-    # any stretch of pixel columns in a run has its on-count in one subtraction, whatever the layer
-    cum = np.zeros(sw + 1, np.int64)
+    column_on = np.zeros(sw, np.int64)  # narrow: on-count per pixel column over the strip
+    quad_on = np.zeros(w, np.int64)  # on-count per quad (corner column) of the strip
+    cum = np.zeros(w + 1, np.int64)  # on-count of the strip's quads left of each corner column
     interp = np.zeros(w, np.float32)  # the strip's two corner rows interpolated at one pixel row
     one = np.uint64(1)
     sign = 1
@@ -402,8 +401,11 @@ def count_maps(
                     done = first + length
                     word = np.uint64(0) if done >= 64 else word & ~((one << np.uint64(done)) - one)
             for q in range(num_runs):
-                for x in range(x_cells[runs[q, 0]], x_cells[runs[q, 1]]):
-                    column_on[x] = 0
+                for a in range(runs[q, 0], runs[q, 1]):
+                    quad_on[a] = 0
+                if narrow:
+                    for x in range(x_cells[runs[q, 0]], x_cells[runs[q, 1]]):
+                        column_on[x] = 0
             lo_row = base + r * w
             hi_row = base + r2 * w
             for row in range(p1 - p0):
@@ -416,46 +418,51 @@ def count_maps(
                     end = runs[q, 1]
                     for a in range(first, min(end, w - 1) + 1):
                         interp[a] = flat[lo_row + a] * weight_lo + flat[hi_row + a] * weight_hi
-                    if narrow:  # branch-free: every pixel of the run
+                    if narrow:  # branch-free: every pixel of the run, flags kept for the labels
                         for x in range(np.uint64(x_cells[first]), np.uint64(x_cells[end])):
                             flag = (interp[x_lower_px[x]] * wx_lo[x] + interp[x_upper_px[x]] * wx_hi[x]
                                     > threshold)
                             on[flags + x] = flag
                             column_on[x] += flag
                         continue
+                    # Wide quad rows: a count per (pixel row, corner column); per-pixel flags are stored only
+                    # where the row is evaluated pixel by pixel (the labels of a mixed quad row read them:
+                    # an evaluation repeated elsewhere may compile to other roundings, a stored flag cannot).
                     for a in range(first, end):
                         left = interp[a]
                         right = interp[x_upper[a]]
-                        x0 = np.uint64(x_cells[a])
-                        x1 = np.uint64(x_cells[a + 1])
                         if left <= bound and right <= bound:
                             count = 0
-                            for x in range(x0, x1):
-                                on[flags + x] = 0
                         elif left >= full and right >= full:
                             count = x_cells[a + 1] - x_cells[a]
-                            for x in range(x0, x1):
-                                on[flags + x] = 1
-                                column_on[x] += 1
                         else:
                             count = 0
-                            for x in range(x0, x1):
+                            for x in range(np.uint64(x_cells[a]), np.uint64(x_cells[a + 1])):
                                 flag = left * wx_lo[x] + right * wx_hi[x] > threshold
                                 on[flags + x] = flag
-                                column_on[x] += flag
                                 count += flag
                         group_on[row, a] = count
-            # Labels, per layer: stretches of one-label quads in one step, mixed quads in runs of one label.
+                        quad_on[a] += count
+            if narrow:
+                for q in range(num_runs):
+                    for a in range(runs[q, 0], runs[q, 1]):
+                        count = 0
+                        for x in range(x_cells[a], x_cells[a + 1]):
+                            count += column_on[x]
+                        quad_on[a] = count
+            # On-count of the strip's quads left of each corner column (over the runs; other quads are off):
+            # any stretch of quads in a run has its on-count in one subtraction, whatever the layer.
             so_far = 0
             for q in range(num_runs):
-                for x in range(x_cells[runs[q, 0]], x_cells[runs[q, 1]]):
-                    cum[x] = so_far
-                    so_far += column_on[x]
-                cum[x_cells[runs[q, 1]]] = so_far  # a following run starting here writes the same value
+                for a in range(runs[q, 0], runs[q, 1]):
+                    cum[a] = so_far
+                    so_far += quad_on[a]
+                cum[runs[q, 1]] = so_far  # a following run starting here writes the same value
+            # Labels, per layer: stretches of one-label quads in one step, mixed quads in runs of one label.
             for q in range(num_runs):
                 first = runs[q, 0]
                 end = runs[q, 1]
-                in_run = cum[x_cells[end]] - cum[x_cells[first]]
+                in_run = cum[end] - cum[first]
                 if in_run == 0:
                     continue
                 total_on += in_run
@@ -466,21 +473,25 @@ def count_maps(
                         if label >= 0:
                             stretch = min(extent[i, layer, r, a], end)
                             if label < unlabelled:
-                                count = cum[x_cells[stretch]] - cum[x_cells[a]]
+                                count = cum[stretch] - cum[a]
                                 if count > 0:
                                     intersection[u, label] += sign * count
                                     if track:
                                         hits[i, u, label_category[label]] = 1
                             a = stretch
                             continue
-                        x0 = x_cells[a]
-                        x1 = x_cells[a + 1]
-                        if cum[x1] > cum[x0]:  # a quad of several labels: its on-pixels in runs of one label
+                        if quad_on[a] > 0:  # a quad of several labels: its on-pixels in runs of one label
+                            x0 = x_cells[a]
+                            x1 = x_cells[a + 1]
                             run_label = unlabelled
                             run_length = 0
                             for row in range(p1 - p0):
-                                if group_on[row, a] == 0:
-                                    continue
+                                all_on = False
+                                if not narrow:
+                                    if group_on[row, a] == 0:
+                                        continue
+                                    # flags were stored only where the row was evaluated pixel by pixel
+                                    all_on = group_on[row, a] == x1 - x0
                                 flags = row * sw
                                 label = row_uniform[i, layer, p0 + row, a]
                                 if label >= 0:  # this row of the quad carries one label
@@ -489,7 +500,7 @@ def count_maps(
                                             count = 0
                                             for x in range(x0, x1):
                                                 count += on[flags + x]
-                                        else:  # the row's count in this quad (evaluated or shortcut)
+                                        else:
                                             count = group_on[row, a]
                                         if count > 0:
                                             intersection[u, label] += sign * count
@@ -506,7 +517,7 @@ def count_maps(
                                                 hits[i, u, label_category[run_label]] = 1
                                         run_label = label
                                         run_length = 0
-                                    run_length += on[flags + x]
+                                    run_length += all_on or on[flags + x]
                             if run_label < unlabelled and run_length > 0:
                                 intersection[u, run_label] += sign * run_length
                                 if track:
