@@ -91,7 +91,9 @@ def prepare_labels(
         extent: ``(N, all layers, H, W)`` int32 output: for a one-label quad, the end (exclusive) of the
             stretch of quads to its right in the same strip carrying the same single label.
         row_uniform: ``(N, all layers, sh, W)`` int32 output: per pixel row and lower corner column, the label
-            column when that row of the quad carries one label, else −1.
+            column when that row of the quad carries one label; ``−2 − x`` when it carries two, the second from
+            pixel ``x`` on (a label boundary crossing the quad: the count adds two sums, no per-pixel labels);
+            else −1 (also for quad rows without pixels).
 
     Returns:
         a positive number when some label numbers are not concepts' (counted as unlabelled; the caller raises).
@@ -145,7 +147,9 @@ def prepare_labels(
                             row_uniform[i, out, y, cx] = run_column
                             continue
                         # Several numbers (they may still share a column: numbers that are no concept's).
-                        first_column = -2
+                        changes = 0
+                        split = x0
+                        previous = -2
                         for x in range(x0, x1):
                             value = pixel_flat[row_source + x]
                             if value != run_value:
@@ -156,11 +160,12 @@ def prepare_labels(
                                     run_column = unlabelled
                             per_image[i, run_column] += 1
                             labels_flat[row_target + x] = run_column
-                            if first_column == -2:
-                                first_column = run_column
-                            elif first_column != run_column:
-                                first_column = -1
-                        row_uniform[i, out, y, cx] = first_column
+                            if previous != -2 and run_column != previous:
+                                changes += 1
+                                if changes == 1:
+                                    split = x
+                            previous = run_column
+                        row_uniform[i, out, y, cx] = _quad_row_code(changes, split, run_column)
             else:
                 # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked up
                 # once per run and the run's length added at its end. ``last_change`` is the last pixel of the
@@ -190,17 +195,26 @@ def prepare_labels(
                         if last_change <= x0:
                             row_uniform[i, out, y, cx] = run_column if x1 > x0 else -1
                             continue
-                        row_uniform[i, out, y, cx] = -1  # only these pixels' columns are ever read
+                        changes = 0  # only these pixels' columns are ever read
+                        split = x0
+                        previous = -2
                         for x in range(x0, x1):
                             column = _column(pixel_flat[row_source + x], lookup)
-                            labels_flat[row_target + x] = unlabelled if column < 0 else column
+                            column = unlabelled if column < 0 else column
+                            labels_flat[row_target + x] = column
+                            if previous != -2 and column != previous:
+                                changes += 1
+                                if changes == 1:
+                                    split = x
+                            previous = column
+                        row_uniform[i, out, y, cx] = _quad_row_code(changes, split, previous)
                 per_image[i, run_column] += run_length
             # A quad is one-label when all its rows carry the same one.
             for cy in range(num_y):
                 for cx in range(num_x):
                     quad = -2  # no row seen yet
                     for y in range(y_cells[cy], y_cells[cy + 1]):
-                        label = row_uniform[i, out, y, cx]
+                        label = max(row_uniform[i, out, y, cx], -1)  # codes of mixed rows → −1
                         quad = label if quad == -2 or quad == label else -1
                     uniform[i, out, cy, cx] = -1 if quad == -2 else quad
                 # Right to left: how far each one-label quad's label continues.
@@ -211,6 +225,17 @@ def prepare_labels(
                         end = cx + 1
                     extent[i, out, cy, cx] = end
     return unknown
+
+
+@njit(nogil=True, inline="always")
+def _quad_row_code(changes, split, column):  # pragma: no cover - compiled
+    """``row_uniform``'s code of a quad row whose columns change ``changes`` times (first at pixel ``split``;
+    ``column`` is its last pixel's): the column when none, ``−2 − split`` when once, else −1."""
+    if changes == 0:
+        return column
+    if changes == 1:
+        return -2 - np.int64(split)
+    return -1
 
 
 @njit(nogil=True, inline="always")
@@ -494,6 +519,25 @@ def count_maps(
                                     all_on = group_on[row, a] == x1 - x0
                                 flags = row * sw
                                 label = row_uniform[i, layer, p0 + row, a]
+                                if label <= -2:  # two labels, split at one pixel: two counts
+                                    split = -2 - label
+                                    pixels = image_labels + (layer * sh + p0 + row) * sw
+                                    for side in range(2):
+                                        lo, hi = (x0, split) if side == 0 else (split, x1)
+                                        label = labels_flat[pixels + lo]
+                                        if label >= unlabelled:
+                                            continue
+                                        if all_on:
+                                            count = hi - lo
+                                        else:
+                                            count = 0
+                                            for x in range(lo, hi):
+                                                count += on[flags + x]
+                                        if count > 0:
+                                            intersection[u, label] += sign * count
+                                            if track:
+                                                hits[i, u, label_category[label]] = 1
+                                    continue
                                 if label >= 0:  # this row of the quad carries one label
                                     if label < unlabelled:
                                         if narrow:
