@@ -17,12 +17,18 @@ once from memory and touch only what can be on:
   counts. Each pixel row of the strip interpolates the two corner rows over those columns once. Where a
   corner column spans more than 4 pixels (7² or 14² maps → 112²), each (pixel row, corner column) group is
   skipped when both its ends are ≤ the bound, taken whole when both are safely above the threshold, else
-  evaluated pixel by pixel; narrower groups are evaluated in one branch-free loop per run.
+  evaluated pixel by pixel (only these store per-pixel flags); the group's on-count goes to its quad.
+  Narrower groups are evaluated in one branch-free loop per run (flags and per-column counts).
 * **Labels.** Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
   lower corner column) say which quads carry a single label and how far that label continues to the right:
-  a stretch of such quads adds the strip's on-count of the stretch to that label in one step. A quad that
-  mixes labels adds the on-count of each of its one-label rows in one step too; only its mixed rows look
-  at per-pixel labels, in runs of one label.
+  a stretch of such quads adds its on-count (a difference of the strip's per-quad prefix sums) to that
+  label in one step. A quad that mixes labels adds the on-count of each of its one-label rows in one step,
+  a row split once between two labels (a boundary crossing the quad) in two sums; only rows of three or
+  more labels look at per-pixel labels, in runs of one label.
+* **Label preparation** (once per batch): per quad row, a vectorised test whether all its pixels carry one
+  number (where quad rows are long; along label runs where they are short) gives the per-image label
+  histograms, the one-label and split codes per quad row, and the per-pixel label columns of the mixed
+  quad rows only.
 
 It is one compiled function per batch with its helpers inlined and no array slices in the loops: every call
 of a compiled function and every slice updates reference counts atomically, per array, which cost more than
@@ -31,9 +37,9 @@ the work of a small hot map.
 What bounds it (measured on 64 images × 512 units → 112² labels, 3 label layers, one core): at 56² maps the
 scan itself (all 411 MB of maps read once, ~30 ms at ~14 GB/s, where a bare float32 sum reaches ~21 GB/s),
 then per hot map (half of the maps are hot) about 0.5 µs for the hot bits and 3 µs for ~25 strips of two
-pixel rows each (interpolation, evaluation, three label layers); at 7² the label preparation (~0.6 ns per
-label pixel for the runs, plus the one-label tables) and, per hot map, the 16 × 16-pixel quads that mix
-labels. The scan is vectorised only because of two details: float32 sums with LLVM's ``reassoc`` flag
+pixel rows each (interpolation, evaluation, three label layers); at 7² (3,544 hot maps) about 1.5 ms for
+the scan, hot bits and runs, 2.5 ms for the strips' pixel rows, 2 ms for the labels and 2 ms for the label
+preparation (reading 9.6 MB of int32 labels once). The scan is vectorised only because of two details: float32 sums with LLVM's ``reassoc`` flag
 (integer or boolean accumulators kept it scalar) and indexes that cannot be negative (an index ``base + k``
 into a flat array made Numba's negative-index wrap-around a per-element select, which LLVM turned into
 gathers: unsigned indexes avoid it).
@@ -299,7 +305,10 @@ def count_maps(
     (``_full_thresholds``, +inf unless the threshold is ≥ 0) is a value from which every float32 convex
     combination of two values ≥ it exceeds the threshold: such groups are all on without evaluation. Where
     a corner column has at most 4 pixels (upsampling ≤ 4×), the pixels of a strip row are evaluated in one
-    branch-free loop instead (the shortcuts cost more in mispredicted branches than they save).
+    branch-free loop instead (the shortcuts cost more in mispredicted branches than they save). The label
+    loop reads the flags the evaluation stored (or a group's count: 0 or all of it), never evaluates a
+    pixel again: a second evaluation of the same expression in another loop gave different flags for
+    values within an ulp of T in one test (not investigated further), so nothing relies on one.
 
     A map with a NaN/inf ends the call: the maps counted before it are counted again with the opposite sign
     (counts are deterministic), so a refused batch leaves no trace.
@@ -451,8 +460,8 @@ def count_maps(
                             column_on[x] += flag
                         continue
                     # Wide quad rows: a count per (pixel row, corner column); per-pixel flags are stored only
-                    # where the row is evaluated pixel by pixel (the labels of a mixed quad row read them:
-                    # an evaluation repeated elsewhere may compile to other roundings, a stored flag cannot).
+                    # where the row is evaluated pixel by pixel (the labels of a mixed quad row read them;
+                    # see the docstring: never evaluated twice).
                     for a in range(first, end):
                         left = interp[a]
                         right = interp[x_upper[a]]
