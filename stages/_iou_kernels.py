@@ -435,11 +435,12 @@ def count_maps(
                     done = first + length
                     word = np.uint64(0) if done >= 64 else word & ~((one << np.uint64(done)) - one)
             for q in range(num_runs):
-                for a in range(runs[q, 0], runs[q, 1]):
-                    quad_on[a] = 0
                 if narrow:
                     for x in range(x_cells[runs[q, 0]], x_cells[runs[q, 1]]):
                         column_on[x] = 0
+                else:
+                    for a in range(runs[q, 0], runs[q, 1]):
+                        quad_on[a] = 0
             lo_row = base + r * w
             hi_row = base + r2 * w
             for row in range(p1 - p0):
@@ -477,20 +478,17 @@ def count_maps(
                                 count += flag
                         group_on[row, a] = count
                         quad_on[a] += count
-            if narrow:
-                for q in range(num_runs):
-                    for a in range(runs[q, 0], runs[q, 1]):
-                        count = 0
-                        for x in range(x_cells[a], x_cells[a + 1]):
-                            count += column_on[x]
-                        quad_on[a] = count
             # On-count of the strip's quads left of each corner column (over the runs; other quads are off):
             # any stretch of quads in a run has its on-count in one subtraction, whatever the layer.
             so_far = 0
             for q in range(num_runs):
                 for a in range(runs[q, 0], runs[q, 1]):
                     cum[a] = so_far
-                    so_far += quad_on[a]
+                    if narrow:
+                        for x in range(x_cells[a], x_cells[a + 1]):
+                            so_far += column_on[x]
+                    else:
+                        so_far += quad_on[a]
                 cum[runs[q, 1]] = so_far  # a following run starting here writes the same value
             # Labels, per layer: stretches of one-label quads in one step, mixed quads in runs of one label.
             for q in range(num_runs):
@@ -514,7 +512,7 @@ def count_maps(
                                         hits[i, u, label_category[label]] = 1
                             a = stretch
                             continue
-                        if quad_on[a] > 0:  # a quad of several labels: its on-pixels in runs of one label
+                        if cum[a + 1] > cum[a]:  # a quad of several labels: its on-pixels in runs of one label
                             x0 = x_cells[a]
                             x1 = x_cells[a + 1]
                             run_label = unlabelled
