@@ -134,9 +134,10 @@ def report_rounds(name, ours, base):
     """Best and median CPU time of interleaved rounds, and the ratios baseline / ours of each."""
     ours_cpu, base_cpu = np.array(ours[1]), np.array(base[1])
     print(
-        f"  {name:<46} ours {ours_cpu.min() * 1e3:8.2f} ms cpu best, {np.median(ours_cpu) * 1e3:8.2f} median   baseline "
-        f"{base_cpu.min():7.3f} s best, {np.median(base_cpu):7.3f} median   ratio {base_cpu.min() / ours_cpu.min():6.1f}x "
-        f"best, {np.median(base_cpu) / np.median(ours_cpu):6.1f}x median ({len(ours_cpu)} interleaved rounds, cpu)"
+        f"  {name:<46} ours {ours_cpu.min() * 1e3:8.2f} ms cpu best, {np.median(ours_cpu) * 1e3:8.2f} median"
+        f"   baseline {base_cpu.min():7.3f} s best, {np.median(base_cpu):7.3f} median   ratio "
+        f"{base_cpu.min() / ours_cpu.min():6.1f}x best, {np.median(base_cpu) / np.median(ours_cpu):6.1f}x median "
+        f"({len(ours_cpu)} interleaved rounds, cpu)"
     )
 
 

@@ -38,11 +38,11 @@ What bounds it (measured on 64 images × 512 units → 112² labels, 3 label lay
 scan itself (all 411 MB of maps read once, ~30 ms at ~14 GB/s, where a bare float32 sum reaches ~21 GB/s),
 then per hot map (half of the maps are hot) about 0.5 µs for the hot bits and 3 µs for ~25 strips of two
 pixel rows each (interpolation, evaluation, three label layers); at 7² (3,544 hot maps) about 1.5 ms for
-the scan, hot bits and runs, 2.5 ms for the strips' pixel rows, 2 ms for the labels and 2 ms for the label
-preparation (reading 9.6 MB of int32 labels once). The scan is vectorised only because of two details: float32 sums with LLVM's ``reassoc`` flag
-(integer or boolean accumulators kept it scalar) and indexes that cannot be negative (an index ``base + k``
-into a flat array made Numba's negative-index wrap-around a per-element select, which LLVM turned into
-gathers: unsigned indexes avoid it).
+the scan, hot bits and runs, 2.5 ms for the strips' pixel rows, 1.5 ms for the labels and 1.7 ms for the
+label preparation (mostly reading 9.6 MB of int32 labels once). The scan is vectorised only because of two
+details: float32 sums with LLVM's ``reassoc`` flag (integer or boolean accumulators kept it scalar) and
+indexes that cannot be negative (an index ``base + k`` into a flat array made Numba's negative-index
+wrap-around a per-element select, which LLVM turned into gathers: unsigned indexes avoid it).
 
 The kernels are Numba ``njit`` functions, compiled on first use (10–30 s on a loaded machine) and cached on
 disk in the package directory or Numba's user cache; where neither is writable they are compiled once per
