@@ -13,7 +13,9 @@ Features are smooth non-negative maps (blurred noise through a ReLU) so that, as
 unit's top-0.5 % cells cluster and most (image, unit) maps never exceed the threshold. Labels: an object
 layer of rectangles, two sparse part layers and a whole-image scene label. Times are CPU seconds of this
 process (robust to other load on the machine) and wall seconds, best of ``--repeat``; ratios are
-baseline / ours. The compiled kernel's one-time compilation (cached on disk afterwards) is excluded from the
+baseline / ours. The IoU kernels and the baseline loop run interleaved (ours, torch, baseline, ``--repeat``
+rounds), so a change of load on a shared machine hits all of them alike; the best and the median ratio are
+printed. The compiled kernel's one-time compilation (cached on disk afterwards) is excluded from the
 ratio and printed separately.
 
 Usage: python benchmarks/bench_dissect.py [--images 64 --units 512 --feature 7 --seg 112 --threads 1 --repeat 5]
@@ -115,6 +117,30 @@ def timed(fn, repeat: int):
     return result, best_cpu, best_wall
 
 
+def interleaved(fns: dict, repeat: int):
+    """``repeat`` rounds of every function in turn: {name: (last result, [cpu seconds], [wall seconds])}."""
+    times = {name: ([], []) for name in fns}
+    results = {}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            results[name] = fn()
+            times[name][0].append(time.process_time() - cpu)
+            times[name][1].append(time.perf_counter() - wall)
+    return {name: (results[name], *times[name]) for name in fns}
+
+
+def report_rounds(name, ours, base):
+    """Best and median CPU time of interleaved rounds, and the ratios baseline / ours of each."""
+    ours_cpu, base_cpu = np.array(ours[1]), np.array(base[1])
+    print(
+        f"  {name:<46} ours {ours_cpu.min() * 1e3:8.2f} ms cpu best, {np.median(ours_cpu) * 1e3:8.2f} median"
+        f"   baseline {base_cpu.min():7.3f} s best, {np.median(base_cpu):7.3f} median   ratio "
+        f"{base_cpu.min() / ours_cpu.min():6.1f}x best, {np.median(base_cpu) / np.median(ours_cpu):6.1f}x median "
+        f"({len(ours_cpu)} interleaved rounds, cpu)"
+    )
+
+
 def report(name, ours, base):
     print(
         f"  {name:<46} ours {ours[1]:7.3f} s cpu ({ours[2]:7.3f} s wall)   baseline {base[1]:7.3f} s cpu "
@@ -198,8 +224,8 @@ def main() -> None:
     first = time.perf_counter()
     ours_iou()  # compiles the CPU kernels on first use (or loads them from the on-disk cache)
     first = time.perf_counter() - first
-    ours, base = timed(ours_iou, args.repeat), timed(baseline_iou, 1)
-    torch_kernel = timed(lambda: ours_iou("torch"), args.repeat)
+    rounds = interleaved({"ours": ours_iou, "torch": lambda: ours_iou("torch"), "base": baseline_iou}, args.repeat)
+    ours, torch_kernel, base = rounds["ours"], rounds["torch"], rounds["base"]
     tally = ours[0]
     same = all(
         np.array_equal(getattr(tally, name), getattr(torch_kernel[0], name))
@@ -213,12 +239,12 @@ def main() -> None:
         f"I {int(np.abs(tally.intersection - inter).sum())} of {int(inter.sum())}"
     )
     print(f"  kernel {tally.kernel!r} (first call incl. compile or cache load: {first:.2f} s); torch kernel counts equal: {same}")
-    report(f"IoUTally ({tally.kernel}) vs NetDissect-Lite loop", ours, base)
-    report("IoUTally (torch) vs NetDissect-Lite loop", torch_kernel, base)
+    report_rounds(f"IoUTally ({tally.kernel}) vs NetDissect-Lite loop", ours, base)
+    report_rounds("IoUTally (torch) vs NetDissect-Lite loop", torch_kernel, base)
     per_image = 1e3 / n
     print(
-        f"  per image: ours {ours[1] * per_image:.2f} ms cpu ({tally.kernel}), {torch_kernel[1] * per_image:.2f} ms "
-        f"(torch), baseline {base[1] * per_image:.2f} ms cpu"
+        f"  per image (median): ours {np.median(ours[1]) * per_image:.3f} ms cpu ({tally.kernel}), "
+        f"{np.median(torch_kernel[1]) * per_image:.2f} ms (torch), baseline {np.median(base[1]) * per_image:.2f} ms cpu"
     )
 
 

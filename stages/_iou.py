@@ -84,12 +84,9 @@ def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray
     if (labels < 1).any() or len(np.unique(labels)) != len(labels):
         raise StageInputError(f"IoUTally: concept labels must be unique numbers ≥ 1; got {labels.tolist()[:20]}")
     order = np.argsort(labels, kind="stable")
-    categories: list[str] = []
-    for c in concepts:
-        if c.category not in categories:
-            categories.append(c.category)
-    label_category = np.array([categories.index(concepts[i].category) for i in order], dtype=np.int64)
-    return labels[order], label_category, categories
+    index = {category: k for k, category in enumerate(dict.fromkeys(c.category for c in concepts))}
+    label_category = np.array([index[concepts[i].category] for i in order], dtype=np.int64)
+    return labels[order], label_category, list(index)
 
 
 _scratch_arrays = threading.local()
@@ -184,6 +181,7 @@ class IoUTally(StreamingStatistic):
         self._lookup = lookup
         self._bounds_key: bytes | None = None  # thresholds of the cached kernel bounds (execution only)
         self._bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._category_of: np.ndarray | None = None  # (L, categories) float32 0/1 (execution only)
 
     # -- input handling
     def _columns(self, values: np.ndarray, where: str) -> np.ndarray:
@@ -288,9 +286,10 @@ class IoUTally(StreamingStatistic):
         present = per_image[:, :num_labels] > 0
         present[scalar_rows, scalar_cols] = True
         # float32 products of 0/1 values: exact (sums ≤ the number of labels), and BLAS-fast unlike int64
-        category_of = np.zeros((num_labels, len(self.categories)), dtype=np.float32)
-        category_of[np.arange(num_labels), self.label_category] = 1
-        relevant = ((present.astype(np.float32) @ category_of) > 0).astype(np.int64)
+        if self._category_of is None:
+            self._category_of = np.zeros((num_labels, len(self.categories)), dtype=np.float32)
+            self._category_of[np.arange(num_labels), self.label_category] = 1
+        relevant = ((present.astype(np.float32) @ self._category_of) > 0).astype(np.int64)
         return scalar_rows, scalar_cols, relevant
 
     def _category_hits(self, pixel_intersection: np.ndarray) -> np.ndarray:
@@ -300,13 +299,14 @@ class IoUTally(StreamingStatistic):
         return (pixel_intersection @ category_of) > 0
 
     def _add_units(self, on_count: np.ndarray, scalar_rows, scalar_cols, relevant,
-                   unit_hits: np.ndarray | None = None) -> None:
+                   unit_hits: np.ndarray | None = None, scalar_counted: bool = False) -> None:
         """Whole-image labels intersect every on-pixel of their image; A sums on-pixels over relevant images.
 
         ``unit_hits`` (``union="lite"``): ``(N, C, categories)`` whether each unit's on-pixels in each image
-        intersect a pixel label of each category; whole-image labels are added here.
+        intersect a pixel label of each category; whole-image labels are added here. ``scalar_counted``: the
+        compiled kernel has already added the whole-image labels' intersections.
         """
-        if len(scalar_cols):  # per whole-image label column, the on-counts of its images (one strided add each)
+        if len(scalar_cols) and not scalar_counted:  # per whole-image label column, its images' on-counts
             order = np.argsort(scalar_cols, kind="stable")
             cols = scalar_cols[order]
             starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
@@ -340,7 +340,8 @@ class IoUTally(StreamingStatistic):
         uniform = _scratch("uniform", (n, layers, h, w), np.int32)
         extent = _scratch("extent", (n, layers, h, w), np.int32)
         row_uniform = _scratch("row_uniform", (n, layers, sh, w), np.int32)
-        per_image = np.zeros((n, len(self.labels) + 1), np.int64)
+        per_image = _scratch("per_image", (n, len(self.labels) + 1), np.int64)
+        per_image.fill(0)
         first = 0
         for category, maps in pixel_maps:
             unknown = prepare_labels(np.ascontiguousarray(maps), self._lookup, ay.cell_start, ax.cell_start, columns,
@@ -357,11 +358,12 @@ class IoUTally(StreamingStatistic):
             np.ascontiguousarray(acts, dtype=np.float32), *self._kernel_thresholds(thresholds),
             ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.base, ax.upper[ax.base],
             ax.w_lo, ax.w_hi,
-            columns, uniform, extent, row_uniform, self.label_category, on_count, self.intersection, hits,
+            columns, uniform, extent, row_uniform, scalar, self.label_category, on_count, self.intersection, hits,
         ):
             raise _nonfinite_error()
         scalar_rows, scalar_cols, relevant = self._count_labels(per_image, scalar)
-        self._add_units(on_count, scalar_rows, scalar_cols, relevant, hits.view(np.bool_) if len(hits) else None)
+        self._add_units(on_count, scalar_rows, scalar_cols, relevant, hits.view(np.bool_) if len(hits) else None,
+                        scalar_counted=True)
 
     def _torch_labels(self, pixel_maps, shape) -> np.ndarray:
         """Label columns ``(N, layers, sh, sw)`` of every pixel category, concatenated."""

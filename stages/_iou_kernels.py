@@ -17,12 +17,18 @@ once from memory and touch only what can be on:
   counts. Each pixel row of the strip interpolates the two corner rows over those columns once. Where a
   corner column spans more than 4 pixels (7² or 14² maps → 112²), each (pixel row, corner column) group is
   skipped when both its ends are ≤ the bound, taken whole when both are safely above the threshold, else
-  evaluated pixel by pixel; narrower groups are evaluated in one branch-free loop per run.
+  evaluated pixel by pixel (only these store per-pixel flags); the group's on-count goes to its quad.
+  Narrower groups are evaluated in one branch-free loop per run (flags and per-column counts).
 * **Labels.** Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
   lower corner column) say which quads carry a single label and how far that label continues to the right:
-  a stretch of such quads adds the strip's on-count of the stretch to that label in one step. A quad that
-  mixes labels adds the on-count of each of its one-label rows in one step too; only its mixed rows look
-  at per-pixel labels, in runs of one label.
+  a stretch of such quads adds its on-count (a difference of the strip's per-quad prefix sums) to that
+  label in one step. A quad that mixes labels adds the on-count of each of its one-label rows in one step,
+  a row split once between two labels (a boundary crossing the quad) in two sums; only rows of three or
+  more labels look at per-pixel labels, in runs of one label.
+* **Label preparation** (once per batch): per quad row, a vectorised test whether all its pixels carry one
+  number (where quad rows are long; along label runs where they are short) gives the per-image label
+  histograms, the one-label and split codes per quad row, and the per-pixel label columns of the mixed
+  quad rows only.
 
 It is one compiled function per batch with its helpers inlined and no array slices in the loops: every call
 of a compiled function and every slice updates reference counts atomically, per array, which cost more than
@@ -31,12 +37,12 @@ the work of a small hot map.
 What bounds it (measured on 64 images × 512 units → 112² labels, 3 label layers, one core): at 56² maps the
 scan itself (all 411 MB of maps read once, ~30 ms at ~14 GB/s, where a bare float32 sum reaches ~21 GB/s),
 then per hot map (half of the maps are hot) about 0.5 µs for the hot bits and 3 µs for ~25 strips of two
-pixel rows each (interpolation, evaluation, three label layers); at 7² the label preparation (~0.6 ns per
-label pixel for the runs, plus the one-label tables) and, per hot map, the 16 × 16-pixel quads that mix
-labels. The scan is vectorised only because of two details: float32 sums with LLVM's ``reassoc`` flag
-(integer or boolean accumulators kept it scalar) and indexes that cannot be negative (an index ``base + k``
-into a flat array made Numba's negative-index wrap-around a per-element select, which LLVM turned into
-gathers: unsigned indexes avoid it).
+pixel rows each (interpolation, evaluation, three label layers); at 7² (3,544 hot maps) about 1.5 ms for
+the scan, hot bits and runs, 2.5 ms for the strips' pixel rows, 1.5 ms for the labels and 1.7 ms for the
+label preparation (mostly reading 9.6 MB of int32 labels once). The scan is vectorised only because of two
+details: float32 sums with LLVM's ``reassoc`` flag (integer or boolean accumulators kept it scalar) and
+indexes that cannot be negative (an index ``base + k`` into a flat array made Numba's negative-index
+wrap-around a per-element select, which LLVM turned into gathers: unsigned indexes avoid it).
 
 The kernels are Numba ``njit`` functions, compiled on first use (10–30 s on a loaded machine) and cached on
 disk in the package directory or Numba's user cache; where neither is writable they are compiled once per
@@ -83,17 +89,20 @@ def prepare_labels(
         lookup: ``(max_label + 1,)`` int32 column of each label number, −1 for numbers that are not concepts;
             label 0 maps to the last column of ``per_image``.
         y_cells, x_cells: ``(H + 1,)``, ``(W + 1,)`` pixels of each lower corner cell (``cell_start``).
-        columns: ``(N, all layers, sh, sw)`` int32 output; this category fills layers ``first_layer…``.
+        columns: ``(N, all layers, sh, sw)`` int32 output; this category fills layers ``first_layer…``, only
+            in quad rows of several labels (``row_uniform`` −1): the count reads no other pixel's column.
         per_image: ``(N, width)`` int64 label histograms, added to.
         uniform: ``(N, all layers, H, W)`` int32 output: quad (strip, corner column)'s label column when all
             its pixels (in that layer) carry one label, else −1 (also for quads without pixels).
         extent: ``(N, all layers, H, W)`` int32 output: for a one-label quad, the end (exclusive) of the
             stretch of quads to its right in the same strip carrying the same single label.
         row_uniform: ``(N, all layers, sh, W)`` int32 output: per pixel row and lower corner column, the label
-            column when that row of the quad carries one label, else −1.
+            column when that row of the quad carries one label; ``−2 − x`` when it carries two, the second from
+            pixel ``x`` on (a label boundary crossing the quad: the count adds two sums, no per-pixel labels);
+            else −1 (also for quad rows without pixels).
 
     Returns:
-        the number of runs of label numbers that are not concepts' (counted as unlabelled; the caller raises).
+        a positive number when some label numbers are not concepts' (counted as unlabelled; the caller raises).
     """
     n, layers, sh, sw = pixel.shape
     unlabelled = per_image.shape[1] - 1
@@ -101,11 +110,18 @@ def prepare_labels(
     labels_flat = columns.reshape(columns.size)
     pixel_flat = pixel.reshape(pixel.size)  # C-contiguous (the caller makes sure)
     unknown = 0
+    widest = 0
+    for cx in range(num_x):
+        widest = max(widest, x_cells[cx + 1] - x_cells[cx])
+    wide = widest > 4  # per quad row (vectorised) where quad rows are long, per run of labels where short
     for i in range(n):
         for layer in range(layers):
             out = first_layer + layer
-            # Labels come in runs along a row: look a number up once per run and add the run's length at
-            # its end (no lookup and no store-to-load chain on one counter per pixel).
+            # Per quad row (pixel row × lower corner column): a vectorised test whether all its pixels carry
+            # the first one's number; then the row adds its length to that label in one step (a number is
+            # looked up only where it changes). Only quad rows that mix numbers go pixel by pixel, and only
+            # they write their pixels' columns. Flat unsigned indexes: no slices (reference counts), no
+            # negative-index wrap-around.
             source = np.uint64((i * layers + layer) * sh * sw)
             target = np.uint64((i * columns.shape[1] + out) * sh * sw)
             run_value = pixel_flat[source]
@@ -113,38 +129,98 @@ def prepare_labels(
             if run_column < 0:
                 unknown += 1
                 run_column = unlabelled
-            run_length = 0
-            for k in range(np.uint64(sh * sw)):  # flat unsigned indexes: no per-pixel index arithmetic
-                value = pixel_flat[source + k]
-                if value != run_value:
-                    per_image[i, run_column] += run_length
-                    run_length = 0
-                    run_value = value
-                    run_column = _column(value, lookup)
-                    if run_column < 0:
-                        unknown += 1
-                        run_column = unlabelled
-                labels_flat[target + k] = run_column
-                run_length += 1
-            per_image[i, run_column] += run_length
-            # Per quad row (pixel row × lower corner column) its label or −1; a quad is one-label when all its
-            # rows carry the same one. Flat unsigned indexes: no slices (reference counts), no wrap-around.
+            if wide:
+                for y in range(sh):
+                    row_source = source + np.uint64(y * sw)
+                    row_target = target + np.uint64(y * sw)
+                    for cx in range(num_x):
+                        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+                        if x1 == x0:
+                            row_uniform[i, out, y, cx] = -1
+                            continue
+                        first_value = pixel_flat[row_source + x0]
+                        differ = 0
+                        for x in range(x0, x1):  # from x0: a whole number of vector lanes (16, 8, 4 pixels)
+                            differ += pixel_flat[row_source + x] != first_value
+                        if differ == 0:
+                            if first_value != run_value:
+                                run_value = first_value
+                                run_column = _column(run_value, lookup)
+                                if run_column < 0:
+                                    unknown += 1
+                                    run_column = unlabelled
+                            per_image[i, run_column] += np.int64(x1 - x0)
+                            row_uniform[i, out, y, cx] = run_column
+                            continue
+                        # Several numbers (they may still share a column: numbers that are no concept's).
+                        changes = 0
+                        split = x0
+                        previous = -2
+                        for x in range(x0, x1):
+                            value = pixel_flat[row_source + x]
+                            if value != run_value:
+                                run_value = value
+                                run_column = _column(value, lookup)
+                                if run_column < 0:
+                                    unknown += 1
+                                    run_column = unlabelled
+                            per_image[i, run_column] += 1
+                            labels_flat[row_target + x] = run_column
+                            if previous != -2 and run_column != previous:
+                                changes += 1
+                                if changes == 1:
+                                    split = x
+                            previous = run_column
+                        row_uniform[i, out, y, cx] = _quad_row_code(changes, split, run_column)
+            else:
+                # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked up
+                # once per run and the run's length added at its end. ``last_change`` is the last pixel of the
+                # row whose column differs from its left neighbour's: a quad row is one-label when that is
+                # not inside it.
+                run_length = 0
+                for y in range(sh):
+                    row_source = source + np.uint64(y * sw)
+                    row_target = target + np.uint64(y * sw)
+                    last_change = np.uint64(0)
+                    for cx in range(num_x):
+                        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+                        for x in range(x0, x1):
+                            value = pixel_flat[row_source + x]
+                            if value != run_value:
+                                per_image[i, run_column] += run_length
+                                run_length = 0
+                                run_value = value
+                                column = _column(value, lookup)
+                                if column < 0:
+                                    unknown += 1
+                                    column = unlabelled
+                                if column != run_column:
+                                    last_change = x
+                                run_column = column
+                            run_length += 1
+                        if last_change <= x0:
+                            row_uniform[i, out, y, cx] = run_column if x1 > x0 else -1
+                            continue
+                        changes = 0  # only these pixels' columns are ever read
+                        split = x0
+                        previous = -2
+                        for x in range(x0, x1):
+                            column = _column(pixel_flat[row_source + x], lookup)
+                            column = unlabelled if column < 0 else column
+                            labels_flat[row_target + x] = column
+                            if previous != -2 and column != previous:
+                                changes += 1
+                                if changes == 1:
+                                    split = x
+                            previous = column
+                        row_uniform[i, out, y, cx] = _quad_row_code(changes, split, previous)
+                per_image[i, run_column] += run_length
+            # A quad is one-label when all its rows carry the same one.
             for cy in range(num_y):
-                y0, y1 = y_cells[cy], y_cells[cy + 1]
                 for cx in range(num_x):
-                    x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
                     quad = -2  # no row seen yet
-                    for y in range(y0, y1):
-                        label = -1
-                        if x1 > x0:
-                            row = np.uint64(((i * columns.shape[1] + out) * sh + y) * sw)
-                            label = labels_flat[row + x0]
-                            differ = 0
-                            for x in range(row + x0 + np.uint64(1), row + x1):
-                                differ += labels_flat[x] != label
-                            if differ:
-                                label = -1
-                        row_uniform[i, out, y, cx] = label
+                    for y in range(y_cells[cy], y_cells[cy + 1]):
+                        label = max(row_uniform[i, out, y, cx], -1)  # codes of mixed rows → −1
                         quad = label if quad == -2 or quad == label else -1
                     uniform[i, out, cy, cx] = -1 if quad == -2 else quad
                 # Right to left: how far each one-label quad's label continues.
@@ -155,6 +231,17 @@ def prepare_labels(
                         end = cx + 1
                     extent[i, out, cy, cx] = end
     return unknown
+
+
+@njit(nogil=True, inline="always")
+def _quad_row_code(changes, split, column):  # pragma: no cover - compiled
+    """``row_uniform``'s code of a quad row whose columns change ``changes`` times (first at pixel ``split``;
+    ``column`` is its last pixel's): the column when none, ``−2 − split`` when once, else −1."""
+    if changes == 0:
+        return column
+    if changes == 1:
+        return -2 - np.int64(split)
+    return -1
 
 
 @njit(nogil=True, inline="always")
@@ -204,7 +291,7 @@ def _nonfinite(flat, base, size):  # pragma: no cover - compiled
 def count_maps(
     acts, thresholds, bounds, full_bounds,
     y_cells, y_upper, wy_lo, wy_hi, x_cells, x_upper, x_lower_px, x_upper_px, wx_lo, wx_hi,
-    columns, uniform, extent, row_uniform, label_category, on_count, intersection, hits,
+    columns, uniform, extent, row_uniform, scalar, label_category, on_count, intersection, hits,
 ):  # pragma: no cover - compiled
     """Add each unit's on-pixels per image to ``on_count`` and per (unit, label column) to ``intersection``.
 
@@ -218,7 +305,10 @@ def count_maps(
     (``_full_thresholds``, +inf unless the threshold is ≥ 0) is a value from which every float32 convex
     combination of two values ≥ it exceeds the threshold: such groups are all on without evaluation. Where
     a corner column has at most 4 pixels (upsampling ≤ 4×), the pixels of a strip row are evaluated in one
-    branch-free loop instead (the shortcuts cost more in mispredicted branches than they save).
+    branch-free loop instead (the shortcuts cost more in mispredicted branches than they save). The label
+    loop reads the flags the evaluation stored (or a group's count: 0 or all of it), never evaluates a
+    pixel again: a second evaluation of the same expression in another loop gave different flags for
+    values within an ulp of T in one test (not investigated further), so nothing relies on one.
 
     A map with a NaN/inf ends the call: the maps counted before it are counted again with the opposite sign
     (counts are deterministic), so a refused batch leaves no trace.
@@ -237,6 +327,8 @@ def count_maps(
         columns: ``(N, layers, sh, sw)`` int32 label columns (``width − 1`` = unlabelled, not counted).
         uniform, extent: ``(N, layers, H, W)`` int32 one-label quads and their stretches (``prepare_labels``).
         row_uniform: ``(N, layers, sh, W)`` int32 one-label quad rows (``prepare_labels``).
+        scalar: ``(N, k)`` int64 whole-image label columns of each image (``≥ width − 1``: none); each adds
+            its image's on-count of a unit to ``intersection`` (the unit's row is in the cache then).
         label_category: ``(width − 1,)`` int64 category of each label column.
         on_count: ``(N, C)`` int64, added to.
         intersection: ``(C, width − 1)`` int64, added to.
@@ -270,7 +362,9 @@ def count_maps(
     narrow = widest <= 4
     on = np.zeros(strip_rows * sw, np.uint8)  # on-flags of the strip's pixel rows
     group_on = np.ones((strip_rows, w), np.int64)  # on-count per (strip row, lower corner column); 1 = unknown
-    column_on = np.zeros(sw, np.int64)  # on-count per pixel column over the strip
+    column_on = np.zeros(sw, np.int64)  # narrow: on-count per pixel column over the strip
+    quad_on = np.zeros(w, np.int64)  # on-count per quad (corner column) of the strip
+    cum = np.zeros(w + 1, np.int64)  # on-count of the strip's quads left of each corner column
     interp = np.zeros(w, np.float32)  # the strip's two corner rows interpolated at one pixel row
     one = np.uint64(1)
     sign = 1
@@ -341,8 +435,12 @@ def count_maps(
                     done = first + length
                     word = np.uint64(0) if done >= 64 else word & ~((one << np.uint64(done)) - one)
             for q in range(num_runs):
-                for x in range(x_cells[runs[q, 0]], x_cells[runs[q, 1]]):
-                    column_on[x] = 0
+                if narrow:
+                    for x in range(x_cells[runs[q, 0]], x_cells[runs[q, 1]]):
+                        column_on[x] = 0
+                else:
+                    for a in range(runs[q, 0], runs[q, 1]):
+                        quad_on[a] = 0
             lo_row = base + r * w
             hi_row = base + r2 * w
             for row in range(p1 - p0):
@@ -355,42 +453,48 @@ def count_maps(
                     end = runs[q, 1]
                     for a in range(first, min(end, w - 1) + 1):
                         interp[a] = flat[lo_row + a] * weight_lo + flat[hi_row + a] * weight_hi
-                    if narrow:  # branch-free: every pixel of the run
+                    if narrow:  # branch-free: every pixel of the run, flags kept for the labels
                         for x in range(np.uint64(x_cells[first]), np.uint64(x_cells[end])):
                             flag = (interp[x_lower_px[x]] * wx_lo[x] + interp[x_upper_px[x]] * wx_hi[x]
                                     > threshold)
                             on[flags + x] = flag
                             column_on[x] += flag
                         continue
+                    # Wide quad rows: a count per (pixel row, corner column); per-pixel flags are stored only
+                    # where the row is evaluated pixel by pixel (the labels of a mixed quad row read them;
+                    # see the docstring: never evaluated twice).
                     for a in range(first, end):
                         left = interp[a]
                         right = interp[x_upper[a]]
-                        x0 = np.uint64(x_cells[a])
-                        x1 = np.uint64(x_cells[a + 1])
                         if left <= bound and right <= bound:
                             count = 0
-                            for x in range(x0, x1):
-                                on[flags + x] = 0
                         elif left >= full and right >= full:
                             count = x_cells[a + 1] - x_cells[a]
-                            for x in range(x0, x1):
-                                on[flags + x] = 1
-                                column_on[x] += 1
                         else:
                             count = 0
-                            for x in range(x0, x1):
+                            for x in range(np.uint64(x_cells[a]), np.uint64(x_cells[a + 1])):
                                 flag = left * wx_lo[x] + right * wx_hi[x] > threshold
                                 on[flags + x] = flag
-                                column_on[x] += flag
                                 count += flag
                         group_on[row, a] = count
+                        quad_on[a] += count
+            # On-count of the strip's quads left of each corner column (over the runs; other quads are off):
+            # any stretch of quads in a run has its on-count in one subtraction, whatever the layer.
+            so_far = 0
+            for q in range(num_runs):
+                for a in range(runs[q, 0], runs[q, 1]):
+                    cum[a] = so_far
+                    if narrow:
+                        for x in range(x_cells[a], x_cells[a + 1]):
+                            so_far += column_on[x]
+                    else:
+                        so_far += quad_on[a]
+                cum[runs[q, 1]] = so_far  # a following run starting here writes the same value
             # Labels, per layer: stretches of one-label quads in one step, mixed quads in runs of one label.
             for q in range(num_runs):
                 first = runs[q, 0]
                 end = runs[q, 1]
-                in_run = 0
-                for x in range(x_cells[first], x_cells[end]):
-                    in_run += column_on[x]
+                in_run = cum[end] - cum[first]
                 if in_run == 0:
                     continue
                 total_on += in_run
@@ -401,36 +505,54 @@ def count_maps(
                         if label >= 0:
                             stretch = min(extent[i, layer, r, a], end)
                             if label < unlabelled:
-                                if a == first and stretch == end:  # one label over the whole run
-                                    count = in_run
-                                else:
-                                    count = 0
-                                    for x in range(x_cells[a], x_cells[stretch]):
-                                        count += column_on[x]
+                                count = cum[stretch] - cum[a]
                                 if count > 0:
                                     intersection[u, label] += sign * count
                                     if track:
                                         hits[i, u, label_category[label]] = 1
                             a = stretch
                             continue
-                        x0 = x_cells[a]
-                        x1 = x_cells[a + 1]
-                        in_quad = 0
-                        for x in range(x0, x1):
-                            in_quad += column_on[x]
-                        if in_quad > 0:  # a quad of several labels: its on-pixels in runs of one label
+                        if cum[a + 1] > cum[a]:  # a quad of several labels: its on-pixels in runs of one label
+                            x0 = x_cells[a]
+                            x1 = x_cells[a + 1]
                             run_label = unlabelled
                             run_length = 0
                             for row in range(p1 - p0):
-                                if group_on[row, a] == 0:
-                                    continue
+                                all_on = False
+                                if not narrow:
+                                    if group_on[row, a] == 0:
+                                        continue
+                                    # flags were stored only where the row was evaluated pixel by pixel
+                                    all_on = group_on[row, a] == x1 - x0
                                 flags = row * sw
                                 label = row_uniform[i, layer, p0 + row, a]
+                                if label <= -2:  # two labels, split at one pixel: two counts
+                                    split = -2 - label
+                                    pixels = image_labels + (layer * sh + p0 + row) * sw
+                                    for side in range(2):
+                                        lo, hi = (x0, split) if side == 0 else (split, x1)
+                                        label = labels_flat[pixels + lo]
+                                        if label >= unlabelled:
+                                            continue
+                                        if all_on:
+                                            count = hi - lo
+                                        else:
+                                            count = 0
+                                            for x in range(lo, hi):
+                                                count += on[flags + x]
+                                        if count > 0:
+                                            intersection[u, label] += sign * count
+                                            if track:
+                                                hits[i, u, label_category[label]] = 1
+                                    continue
                                 if label >= 0:  # this row of the quad carries one label
                                     if label < unlabelled:
-                                        count = 0
-                                        for x in range(x0, x1):
-                                            count += on[flags + x]
+                                        if narrow:
+                                            count = 0
+                                            for x in range(x0, x1):
+                                                count += on[flags + x]
+                                        else:
+                                            count = group_on[row, a]
                                         if count > 0:
                                             intersection[u, label] += sign * count
                                             if track:
@@ -446,11 +568,14 @@ def count_maps(
                                                 hits[i, u, label_category[run_label]] = 1
                                         run_label = label
                                         run_length = 0
-                                    run_length += on[flags + x]
+                                    run_length += all_on or on[flags + x]
                             if run_label < unlabelled and run_length > 0:
                                 intersection[u, run_label] += sign * run_length
                                 if track:
                                     hits[i, u, label_category[run_label]] = 1
                         a += 1
         on_count[i, u] += sign * total_on
+        for s in range(scalar.shape[1]):
+            if scalar[i, s] < unlabelled:
+                intersection[u, scalar[i, s]] += sign * total_on
         j += 1

@@ -184,3 +184,116 @@ def test_nan_in_a_late_map_leaves_a_tally_with_counts_unchanged():
             tally.update(bad, thresholds, batch)
         for got, want in zip((tally.intersection, tally.activation, tally.truth), before):
             np.testing.assert_array_equal(got, want)
+
+
+def reference_tables(pixel, lookup, y_cells, x_cells):
+    """The label tables of ``prepare_labels`` computed the obvious way (numpy, per quad row)."""
+    n, layers, sh, sw = pixel.shape
+    unlabelled = int(lookup[0])
+    columns = np.where(pixel < len(lookup), lookup[np.minimum(pixel, len(lookup) - 1)], -1)
+    columns = np.where(columns < 0, unlabelled, columns)
+    num_y, num_x = len(y_cells) - 1, len(x_cells) - 1
+    row_code = np.full((n, layers, sh, num_x), -1, np.int64)
+    for i, layer, y, cx in np.ndindex(n, layers, sh, num_x):
+        row = columns[i, layer, y, x_cells[cx] : x_cells[cx + 1]]
+        if not len(row):
+            continue
+        changes = np.flatnonzero(row[1:] != row[:-1]) + 1
+        if len(changes) == 0:
+            row_code[i, layer, y, cx] = row[0]
+        elif len(changes) == 1:
+            row_code[i, layer, y, cx] = -2 - (x_cells[cx] + changes[0])
+    uniform = np.full((n, layers, num_y, num_x), -1, np.int64)
+    for i, layer, cy, cx in np.ndindex(n, layers, num_y, num_x):
+        rows = np.maximum(row_code[i, layer, y_cells[cy] : y_cells[cy + 1], cx], -1)
+        if len(rows) and (rows == rows[0]).all():
+            uniform[i, layer, cy, cx] = rows[0]
+    extent = np.zeros_like(uniform)
+    for i, layer, cy in np.ndindex(n, layers, num_y):
+        end = num_x
+        for cx in range(num_x - 1, -1, -1):
+            label = uniform[i, layer, cy, cx]
+            if label < 0 or (cx + 1 < num_x and uniform[i, layer, cy, cx + 1] != label):
+                end = cx + 1
+            extent[i, layer, cy, cx] = end
+    per_image = np.stack([np.bincount(columns[i].ravel(), minlength=unlabelled + 1) for i in range(n)])
+    return columns, row_code, uniform, extent, per_image
+
+
+def boundary_labels(n, seg, x_cells):
+    """Label boundaries at every offset inside and at the edges of the quad columns: vertical ones (quad rows
+    of two labels split at each pixel), three labels in one quad row, horizontal ones (one-label rows),
+    unlabelled pixels on one side."""
+    sh, sw = seg
+    obj = np.zeros((n, 1, sh, sw), np.int32)
+    part = np.zeros((n, 2, sh, sw), np.int32)
+    for y in range(sh):
+        cx = y % (len(x_cells) - 1)
+        x0, x1 = x_cells[cx], x_cells[cx + 1]
+        offset = (y // (len(x_cells) - 1)) % max(1, x1 - x0 + 1)
+        obj[:, 0, y, : x0 + offset] = 1 + y % 3
+        obj[:, 0, y, x0 + offset :] = 4 + y % 5
+    obj[1:, 0, ::7, :] = 0  # unlabelled rows: one side of a boundary counts nothing
+    for x in range(0, sw, 3):
+        part[:, 0, :, x] = 9 + x % 4  # three labels and more within one quad row
+    part[:, 1, sh // 3 : 2 * sh // 3, :] = 11  # horizontal boundaries only
+    scene = np.full((n, 1), 13, np.int32)
+    return Batch(index=np.arange(n, dtype=np.int64), images=np.zeros((n, 3, 1, 1), np.uint8),
+                 pixel_labels={"object": obj, "part": part}, image_labels={"scene": scene})
+
+
+@pytest.mark.parametrize("feature, seg", [((7, 7), (112, 112)), ((56, 56), (112, 112)), ((5, 6), (23, 31)),
+                                          ((9, 8), (8, 8))], ids=str)
+def test_label_tables_equal_a_per_quad_row_derivation(feature, seg):
+    """``prepare_labels`` (one pass: quad rows tested whole where long, label runs where short) against numpy."""
+    from repdissect.stages._iou_geometry import _axis
+    from repdissect.stages._iou_kernels import prepare_labels
+
+    ay, ax = _axis(feature[0], seg[0]), _axis(feature[1], seg[1])
+    batch = boundary_labels(2, seg, ax.cell_start)
+    pixel = np.concatenate([batch.pixel_labels["object"], batch.pixel_labels["part"]], axis=1)
+    pixel[0, 0, 0, :3] = 99  # a number that is no concept's (the tally raises on it; here: counted unlabelled)
+    tally = IoUTally(CONCEPTS, seg, kernel="compiled")
+    n, layers = pixel.shape[:2]
+    columns = np.full((n, layers, *seg), -7, np.int32)
+    uniform = np.zeros((n, layers, *feature), np.int32)
+    extent = np.zeros_like(uniform)
+    row_uniform = np.zeros((n, layers, seg[0], feature[1]), np.int32)
+    per_image = np.zeros((n, len(tally.labels) + 1), np.int64)
+    unknown = prepare_labels(pixel, tally._lookup, ay.cell_start, ax.cell_start, columns, per_image, uniform, extent,
+                             row_uniform, 0)
+    want_columns, want_rows, want_uniform, want_extent, want_per_image = reference_tables(
+        pixel, tally._lookup, ay.cell_start, ax.cell_start)
+    assert unknown > 0
+    np.testing.assert_array_equal(row_uniform, want_rows)
+    np.testing.assert_array_equal(uniform, want_uniform)
+    np.testing.assert_array_equal(extent, want_extent)
+    np.testing.assert_array_equal(per_image, want_per_image)
+    # columns are written (only) where a quad row mixes labels: the only pixels the count reads
+    mixed = np.repeat(want_rows < 0, np.diff(ax.cell_start), axis=3)
+    np.testing.assert_array_equal(columns[mixed], want_columns[mixed])
+    widest = np.diff(ax.cell_start).max()
+    assert (want_rows >= 0).any() and ((want_rows <= -2).any() or widest < 2)
+    if widest >= 8:  # room for three labels in a quad row (labels every 3rd column)
+        assert (want_rows == -1).any()
+
+
+@pytest.mark.parametrize("feature", [7, 14, 28, 56])
+def test_label_boundaries_at_every_offset_in_a_quad(feature):
+    """Two labels split at every pixel of a quad row, three or more in one, one-label rows, unlabelled sides:
+    on hot maps with rows on at every pixel (shortcut), partly on (evaluated), ties at T and off."""
+    from repdissect.stages._iou_geometry import _axis
+
+    seg = (112, 112)
+    rng = np.random.default_rng(feature)
+    batch = boundary_labels(3, seg, _axis(feature, seg[1]).cell_start)
+    acts = smooth_maps(rng, 3, 5, feature, feature)
+    thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(5, -1), 0.8, axis=1)
+    acts[:, 1] = rng.uniform(1.0, 2.0, (3, feature, feature))  # every pixel on (whole-row shortcuts)
+    thresholds[1] = 0.5
+    acts[:, 2] = np.float32(0.7)  # a plateau at T: rounding decides pixel by pixel
+    acts[:, 2, ::2, 1::3] = np.nextafter(np.float32(0.7), np.float32(1))
+    thresholds[2] = np.float32(0.7)
+    thresholds[3] = 0.0  # ReLU zeros below: exactly the positive region
+    inter, act, _ = assert_all_agree(acts, thresholds, batch, seg)
+    assert inter[1].sum() > 0 and inter[2].sum() > 0
