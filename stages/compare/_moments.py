@@ -8,9 +8,10 @@ with D the total channel count — and shards are combined with Chan et al.'s pa
 
     n = nₐ + n_b,   δ = mean_b − meanₐ,   mean = meanₐ + δ·n_b/n,   M2 = M2ₐ + M2_b + δδᵀ·nₐn_b/n.
 
-Batches are summed about one reference shift ``s`` (the mean of the first batch's first rows):
+Batches are summed about one reference shift ``s`` (the mean of the first batch's first rows, or 0 when every
+channel's mean there is within 2 of its standard deviations of 0, as in most ReLU maps: :func:`_shift_of`):
 ``C = Σ [x − s, 1]ᵀ [x − s, 1]``, whose blocks are ``Σ (x − s)(x − s)ᵀ``, ``Σ (x − s)`` and ``n``, so large offsets
-(ReLU maps with mean ≫ standard deviation) do not cancel catastrophically as they would in a raw
+(pooled ReLU features with mean ≫ standard deviation) do not cancel catastrophically as they would in a raw
 ``Σxxᵀ − n·μμᵀ``. A batch costs one symmetric rank-k update over cache-sized chunks, fed without copying the
 batch (:func:`_numpy_batch_sums`), and one (D+1)² addition; the pending sums become ``(n, mean, M2)`` once, at
 a read-out or merge. A batch whose mean has drifted far from ``s`` in some channel (more than 4 of its own standard
@@ -18,9 +19,9 @@ deviations in float32 precision, 1024 in float64) settles the pending sums and b
 the fixed shift never costs more than a few bits. Memory is O(D²) whatever the number of samples.
 
 **Precision.** ``precision="float64"`` (the default) forms every product in float64 (BLAS ``dsyrk``).
-``precision="float32"`` rounds the shifted samples to float32, forms each chunk's product (≤ ~4,000 samples of
-512 channels) with ``ssyrk`` and sums the chunk products in float64: about 2× faster on CPUs (a float64
-product costs 2× a float32 one), with covariance errors of a few 1e-6 of σᵢσⱼ at most (about 1e-8 typically)
+``precision="float32"`` rounds the shifted samples to float32, forms each chunk's product with ``ssyrk``, sums
+the chunk products in float32 over at most ~16,000 samples of 512 channels and those sums in float64: about 2×
+faster on CPUs (a float64 product costs 2× a float32 one), with covariance errors of a few 1e-6 of σᵢσⱼ at most (about 1e-8 typically)
 and metric errors of 1e-8 to 1e-5 relative, largest for CCA-family metrics of ill-conditioned layers (see the
 README's "Scaling out"). A statistic records its precision (in its table too) and refuses to merge with the
 other one.
