@@ -155,11 +155,12 @@ def _assigner(arrays: Sequence[np.ndarray]) -> Any:
     return assign
 
 
-def _shift_of(arrays: Sequence[np.ndarray], head: int, precision: str) -> np.ndarray:
-    """A reference shift from the first ``head`` rows (sample axis 0, position axis 2 for maps): **0** when every
-    channel's mean there lies within ``_ZERO_SHIFT`` of its standard deviations of 0 (ReLU maps mostly do: then
-    the kernels skip the subtraction pass), else their float64 mean — rounded to float32 in float32 precision,
-    so that the shift the kernel subtracts is exactly the one recorded.
+def _shift_of(arrays: Sequence[np.ndarray], head: int, precision: str, mean_head: int | None = None) -> np.ndarray:
+    """A reference shift from a batch's first rows (sample axis 0, position axis 2 for maps): **0** when every
+    channel's mean over the first ``head`` rows lies within ``_ZERO_SHIFT`` of its standard deviations of 0
+    (ReLU maps mostly do: then the kernels skip the subtraction pass), else the float64 mean of the first
+    ``mean_head`` rows (default ``head``) — rounded to float32 in float32 precision, so that the shift the
+    kernel subtracts is exactly the one recorded.
 
     A zero reference costs the products at most log2(1 + ``_ZERO_SHIFT``) ≈ 1.6 bits in a channel of that
     batch (the error of a product about a reference grows with (|offset| + σ)/σ), less than the drift guard
@@ -171,6 +172,9 @@ def _shift_of(arrays: Sequence[np.ndarray], head: int, precision: str) -> np.nda
         spread = np.concatenate([r.std(axis=axes) for r in rows])
         if bool(np.all(np.abs(mean) <= _ZERO_SHIFT * spread)):
             return np.zeros_like(mean)
+        if mean_head is not None and mean_head > head:
+            per = mean_head * (arrays[0].shape[2] if arrays[0].ndim == 3 else 1)
+            mean = np.concatenate([np.add.reduce(b[:mean_head], axis=axes, dtype=np.float64) for b in arrays]) / per
     return mean.astype(np.float32).astype(np.float64) if precision == "float32" else mean
 
 
@@ -492,7 +496,9 @@ class MultiMoments(StreamingStatistic):
             self._combine(*_tensor_batch_moments(_concat(blocks), self.precision))
             return
         arrays = [np.asarray(b) for b in blocks]
-        self._fold(arrays, _numpy_batch_sums, head=min(int(rows), _HEAD_SAMPLES), rows=int(rows))
+        per_chunk = (1 if self.precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS // (self.dim + 1)
+        heads = (min(int(rows), _HEAD_SAMPLES), min(int(rows), max(64, per_chunk)))
+        self._fold(arrays, _numpy_batch_sums, heads=heads, rows=int(rows))
 
     def update_maps(self, *maps: Any) -> None:
         """Fold in the per-position samples of one batch of maps: ``maps[i]`` is an (N, sizes[i], H, W) numpy
@@ -515,20 +521,22 @@ class MultiMoments(StreamingStatistic):
         if n == 0 or h == 0 or w == 0:
             return
         flat = [m.reshape(n, m.shape[1], h * w) for m in arrays]
-        self._fold(flat, _maps_batch_sums, head=min(n, -(-_HEAD_SAMPLES // (h * w))), rows=n * h * w)
+        per_chunk = (1 if self.precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS // ((self.dim + 1) * h * w)
+        heads = (min(n, -(-_HEAD_SAMPLES // (h * w))), min(n, max(1, per_chunk)))
+        self._fold(flat, _maps_batch_sums, heads=heads, rows=n * h * w)
 
-    def _fold(self, arrays: list[np.ndarray], kernel: Any, head: int, rows: int) -> None:
+    def _fold(self, arrays: list[np.ndarray], kernel: Any, heads: tuple[int, int], rows: int) -> None:
         """Add one batch's sums about the reference shift to the pending sums (nothing changes if it is refused).
 
-        The first batch sets the reference (the mean of its first ``head`` samples); a later batch whose mean
-        drifted far from it (:func:`_drifted`) settles the pending sums and becomes the new reference."""
+        The first batch sets the reference (0, or the mean of its first samples: :func:`_shift_of`); a later
+        batch whose mean drifted far from it (:func:`_drifted`) settles the pending sums and becomes the new reference."""
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf/overflow: refused by _check_sums
             fresh = self._ref is None
-            shift = _shift_of(arrays, head, self.precision) if fresh else self._ref
+            shift = _shift_of(arrays, heads[0], self.precision, heads[1]) if fresh else self._ref
             acc = kernel(arrays, self.dim, shift, self.precision)
             _check_sums(acc, self._bounds, self.names, self.precision)
             if not fresh and _drifted(acc, self.precision):
-                shift = _shift_of(arrays, head, self.precision)
+                shift = _shift_of(arrays, heads[0], self.precision, heads[1])
                 acc = kernel(arrays, self.dim, shift, self.precision)
                 self._settle()
                 fresh = True
