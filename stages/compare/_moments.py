@@ -204,6 +204,11 @@ class _Workspace:
         self._buffers[key] = buffer  # most recently used last
         return buffer
 
+    def clear(self) -> None:
+        """Let the scratch go (up to ~16 MiB per layout): at the end of a statistic's stream (``to_table``)."""
+        self._buffers.clear()
+        self._products = None
+
     def products(self, size: int, which: int) -> np.ndarray:
         """(size, size) float32 scratch number ``which`` (0 or 1) of :class:`_Float32Sums`."""
         if self._products is None or self._products.shape[1] != size:
@@ -608,6 +613,7 @@ class MultiMoments(StreamingStatistic):
         """One-row table: ``n`` int64 (1,), ``mean`` float64 (D,), ``m2`` float64 (D, D); sizes, names and
         precision in attrs."""
         self._settle()
+        _workspace().clear()  # a shard's stream ends here: its thread's kernel scratch is not kept alive
         return pack_arrays({"n": np.array([self._n], np.int64), "mean": self._mean, "m2": self._m2}, self._attrs())
 
     @classmethod
