@@ -8,9 +8,10 @@ with D the total channel count — and shards are combined with Chan et al.'s pa
 
     n = nₐ + n_b,   δ = mean_b − meanₐ,   mean = meanₐ + δ·n_b/n,   M2 = M2ₐ + M2_b + δδᵀ·nₐn_b/n.
 
-Batches are summed about one reference shift ``s`` (the mean of the first batch's first rows):
+Batches are summed about one reference shift ``s`` (the mean of the first batch's first rows, or 0 when every
+channel's mean there is within 2 of its standard deviations of 0, as in most ReLU maps: :func:`_shift_of`):
 ``C = Σ [x − s, 1]ᵀ [x − s, 1]``, whose blocks are ``Σ (x − s)(x − s)ᵀ``, ``Σ (x − s)`` and ``n``, so large offsets
-(ReLU maps with mean ≫ standard deviation) do not cancel catastrophically as they would in a raw
+(pooled ReLU features with mean ≫ standard deviation) do not cancel catastrophically as they would in a raw
 ``Σxxᵀ − n·μμᵀ``. A batch costs one symmetric rank-k update over cache-sized chunks, fed without copying the
 batch (:func:`_numpy_batch_sums`), and one (D+1)² addition; the pending sums become ``(n, mean, M2)`` once, at
 a read-out or merge. A batch whose mean has drifted far from ``s`` in some channel (more than 4 of its own standard
@@ -18,9 +19,9 @@ deviations in float32 precision, 1024 in float64) settles the pending sums and b
 the fixed shift never costs more than a few bits. Memory is O(D²) whatever the number of samples.
 
 **Precision.** ``precision="float64"`` (the default) forms every product in float64 (BLAS ``dsyrk``).
-``precision="float32"`` rounds the shifted samples to float32, forms each chunk's product (≤ ~4,000 samples of
-512 channels) with ``ssyrk`` and sums the chunk products in float64: about 2× faster on CPUs (a float64
-product costs 2× a float32 one), with covariance errors of a few 1e-6 of σᵢσⱼ at most (about 1e-8 typically)
+``precision="float32"`` rounds the shifted samples to float32, forms each chunk's product with ``ssyrk``, sums
+the chunk products in float32 over at most ~16,000 samples of 512 channels and those sums in float64: about 2×
+faster on CPUs (a float64 product costs 2× a float32 one), with covariance errors of a few 1e-6 of σᵢσⱼ at most (about 1e-8 typically)
 and metric errors of 1e-8 to 1e-5 relative, largest for CCA-family metrics of ill-conditioned layers (see the
 README's "Scaling out"). A statistic records its precision (in its table too) and refuses to merge with the
 other one.
@@ -37,6 +38,7 @@ the statistic's precision and only the (D,)/(D×D) results come back to the host
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 from typing import Any, Self, Sequence
 
@@ -77,9 +79,16 @@ def _tensor_batch_moments(x: Any, precision: str) -> tuple[int, np.ndarray, np.n
 
 
 def _symmetrize_upper(m: np.ndarray) -> np.ndarray:
-    """Copy the upper triangle of square ``m`` onto its lower triangle, in place; returns ``m``."""
-    lower = np.tril_indices(m.shape[0], -1)
-    m[lower] = m.T[lower]
+    """Copy the upper triangle of square ``m`` onto its lower triangle, in place; returns ``m``.
+
+    In column panels of 128: each panel's transposed strip below the diagonal block is one block copy (≈3×
+    faster than scattering through triangle indices)."""
+    size = m.shape[0]
+    for i in range(0, size, 128):
+        j = min(i + 128, size)
+        block = m[i:j, i:j]
+        block[...] = np.triu(block) + np.triu(block, 1).T
+        m[j:, i:j] = m[i:j, j:].T
     return m
 
 
@@ -102,6 +111,10 @@ _CHUNK_ELEMENTS = 1 << 21
 #: to run at full speed, short enough to bound the float32 sums (their rounding grows with the rows summed)
 _F32_CHUNKS = 2
 
+#: elements of float32 rows summed in one float32 accumulator before it is added into the float64 sums: ~16,000
+#: rows of 512 channels (two chunks of a batch of 8192 cost one float64 addition, not two)
+_F32_SPAN_ELEMENTS = 1 << 23
+
 #: elements per slice in which a chunk is filled (≤ 1 MiB: the slice is still in L2 when it is shifted)
 _FILL_ELEMENTS = 1 << 17
 
@@ -110,6 +123,13 @@ _FILL_ELEMENTS = 1 << 17
 #: log2(1 + _DRIFT) bits of the product's precision: ≤ 2 of float32's 24, ≤ 10 of float64's 53 (float64 thus
 #: recomputes only for extreme drifts, e.g. class-sorted shards of class-selective units cost nothing)
 _DRIFT = {"float64": 2.0**20, "float32": 16.0}
+
+#: a first batch whose channel means all lie within this many of their standard deviations of 0 gets the
+#: reference shift 0 (:func:`_shift_of`), which saves the kernels' subtraction pass (10–15 % of a float32 product)
+_ZERO_SHIFT = 2.0
+
+#: samples from which a reference shift is estimated (at most; a batch's first rows, whole images for maps)
+_HEAD_SAMPLES = 512
 
 
 def _assign(dest: np.ndarray, src: np.ndarray) -> None:
@@ -135,30 +155,136 @@ def _assigner(arrays: Sequence[np.ndarray]) -> Any:
     return assign
 
 
-def _shift_of(arrays: Sequence[np.ndarray], head: int, precision: str) -> np.ndarray:
-    """A reference shift: the float64 mean of the first ``head`` rows (sample axis 0, position axis 2 for maps),
-    rounded to float32 in float32 precision so that the shift the kernel subtracts is exactly the one recorded."""
+def _shift_of(arrays: Sequence[np.ndarray], head: int, precision: str, mean_head: int | None = None) -> np.ndarray:
+    """A reference shift from a batch's first rows (sample axis 0, position axis 2 for maps): **0** when every
+    channel's mean over the first ``head`` rows lies within ``_ZERO_SHIFT`` of its standard deviations of 0
+    (ReLU maps mostly do: then the kernels skip the subtraction pass), else the float64 mean of the first
+    ``mean_head`` rows (default ``head``) — rounded to float32 in float32 precision, so that the shift the
+    kernel subtracts is exactly the one recorded.
+
+    A zero reference costs the products at most log2(1 + ``_ZERO_SHIFT``) ≈ 1.6 bits in a channel of that
+    batch (the error of a product about a reference grows with (|offset| + σ)/σ), less than the drift guard
+    already tolerates for later batches (:data:`_DRIFT`); a constant non-zero channel never gets it."""
     axes = (0, 2) if arrays[0].ndim == 3 else (0,)
-    per = head * (arrays[0].shape[2] if arrays[0].ndim == 3 else 1)
     with np.errstate(invalid="ignore", over="ignore"):  # inf − inf in a bad column: refused by the caller
-        shift = np.concatenate([np.add.reduce(b[:head], axis=axes, dtype=np.float64) for b in arrays]) / per
-    return shift.astype(np.float32).astype(np.float64) if precision == "float32" else shift
+        rows = [np.asarray(b[:head], dtype=np.float64) for b in arrays]
+        mean = np.concatenate([r.mean(axis=axes) for r in rows])
+        spread = np.concatenate([r.std(axis=axes) for r in rows])
+        if bool(np.all(np.abs(mean) <= _ZERO_SHIFT * spread)):
+            return np.zeros_like(mean)
+        if mean_head is not None and mean_head > head:
+            per = mean_head * (arrays[0].shape[2] if arrays[0].ndim == 3 else 1)
+            mean = np.concatenate([np.add.reduce(b[:mean_head], axis=axes, dtype=np.float64) for b in arrays]) / per
+    return mean.astype(np.float32).astype(np.float64) if precision == "float32" else mean
 
 
-def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str) -> np.ndarray:
-    """Upper triangle of ``C = Σ [x − s, 1]ᵀ [x − s, 1] = [[G, g], [gᵀ, n]]`` over one batch, float64 (D+1, D+1).
+class _Workspace:
+    """Reusable scratch arrays of the kernels, one set per thread (:func:`_workspace`): chunk buffers (their
+    column or row of ones written once) and the float32 product accumulator, so a batch allocates, zero-fills
+    and page-faults nothing. A kernel's float32 result lives here until the next kernel call of the thread."""
+
+    _KEEP = 2  #: buffer layouts kept (a batch's chunks and its shorter last one)
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], np.ndarray] = {}
+        self._products: np.ndarray | None = None
+
+    def buffer(self, shape: tuple[int, int], dtype: Any, ones: int, axis: int) -> np.ndarray:
+        """A ``shape`` array of ``dtype`` whose column (``axis=1``) or row (``axis=0``) ``ones`` is all ones."""
+        key = (shape, np.dtype(dtype).str, ones, axis)
+        buffer = self._buffers.pop(key, None)
+        if buffer is None:
+            while len(self._buffers) >= self._KEEP:
+                self._buffers.pop(next(iter(self._buffers)))
+            buffer = np.empty(shape, dtype=dtype)
+            if axis == 1:
+                buffer[:, ones] = 1.0
+            else:
+                buffer[ones] = 1.0
+        self._buffers[key] = buffer  # most recently used last
+        return buffer
+
+    def clear(self) -> None:
+        """Let the scratch go (up to ~16 MiB per layout): at the end of a statistic's stream (``to_table``)."""
+        self._buffers.clear()
+        self._products = None
+
+    def products(self, size: int, which: int) -> np.ndarray:
+        """(size, size) float32 scratch number ``which`` (0 or 1) of :class:`_Float32Sums`."""
+        if self._products is None or self._products.shape[1] != size:
+            self._products = np.empty((2, size, size), dtype=np.float32)
+        return self._products[which]
+
+
+_THREAD = threading.local()
+
+
+def _workspace() -> _Workspace:
+    """This thread's :class:`_Workspace` (statistics updated from several threads never share scratch)."""
+    workspace = getattr(_THREAD, "workspace", None)
+    if workspace is None:
+        workspace = _THREAD.workspace = _Workspace()
+    return workspace
+
+
+class _Float32Sums:
+    """Float32 products of chunks, summed in float32 over at most ``span`` rows, then in float64.
+
+    Each chunk's product ``Bᵀ B`` is numpy's (which runs it as a symmetric rank-k update, ``ssyrk``, on the
+    buffer in place — numpy's BLAS: another OpenBLAS build, scipy's, took ~15 % longer for the same ``ssyrk``)
+    written into float32 scratch; the chunk products are added in float32 until ``span`` rows, then flushed
+    into a float64 sum. A batch of at most ``span`` rows is returned as the float32 accumulator itself (the
+    thread's workspace: read it before the next kernel call), so its one float64 addition is into the
+    statistic's pending sums."""
+
+    def __init__(self, size: int, span: int, workspace: _Workspace) -> None:
+        self._span = span
+        self._c, self._scratch = workspace.products(size, 0), workspace.products(size, 1)
+        self._rows = 0
+        self._total: np.ndarray | None = None
+
+    def add(self, left: np.ndarray, right: np.ndarray, rows: int) -> None:
+        """Fold in ``left @ right`` (``left`` is ``right.T``: a Gram product) of ``rows`` samples."""
+        if self._rows and self._rows + rows > self._span:
+            self._flush()
+        if self._rows:
+            np.matmul(left, right, out=self._scratch)
+            self._c += self._scratch
+        else:
+            np.matmul(left, right, out=self._c)
+        self._rows += rows
+
+    def _flush(self) -> None:
+        if self._total is None:
+            self._total = np.zeros(self._c.shape, dtype=np.float64)
+        self._total += self._c
+        self._rows = 0
+
+    def result(self) -> np.ndarray:
+        if self._total is None:
+            return self._c
+        if self._rows:
+            self._flush()
+        return self._total
+
+
+def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str,
+                      workspace: _Workspace | None = None) -> np.ndarray:
+    """Upper triangle of ``C = Σ [x − s, 1]ᵀ [x − s, 1] = [[G, g], [gᵀ, n]]`` over one batch, (D+1, D+1).
 
     ``arrays`` are (n, D_i) blocks of the same n samples, ``s`` the (D,) shift; ``G = Σ (x − s)(x − s)ᵀ``,
     ``g = Σ (x − s)``. One pass over the samples, with no concatenated or converted copy of the batch: rows
     are taken in cache-sized chunks, each written, shifted and converted into one buffer ``[x − s, 1]`` of
     D + 1 columns, and a symmetric rank-k update (one triangle: half the flops of the general product
-    ``Xᵀ X``) folds the chunk into C. The column of ones delivers the sums without a separate pass.
+    ``Xᵀ X``) folds the chunk into C. The column of ones delivers the sums without a separate pass. Only the
+    upper triangle of C is meaningful (the lower one is 0).
 
-    ``precision="float64"``: the buffer is float64 and BLAS ``dsyrk`` accumulates C in place.
-    ``precision="float32"``: the buffer is float32 (inputs rounded to float32 first), each chunk's product is a
-    float32 ``ssyrk`` (numpy's ``Bᵀ B`` on one buffer) and the chunk products are summed in float64 — float32
-    rounding over at most one chunk's rows, float64 across chunks and batches.
+    ``precision="float64"``: the buffer is float64 and BLAS ``dsyrk`` accumulates a float64 C in place.
+    ``precision="float32"``: the buffer is float32 (inputs rounded to float32 first) and ``ssyrk`` accumulates
+    the chunk products in float32 over at most ``_F32_SPAN_ELEMENTS / (D + 1)`` rows (~16,000 of 512
+    channels), then in float64 (:class:`_Float32Sums`); C is returned in float32 when the batch is no longer.
     """
+    workspace = _workspace() if workspace is None else workspace
     rows = int(arrays[0].shape[0])
     bounds = np.concatenate([[0], np.cumsum([b.shape[1] for b in arrays])]).astype(int)
     if precision == "float64":
@@ -167,14 +293,15 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
         dtype, step = np.float64, max(64, _CHUNK_ELEMENTS // (dim + 1))
     else:
         dtype, step = np.float32, max(64, _F32_CHUNKS * _CHUNK_ELEMENTS // (dim + 1))
+        sums = _Float32Sums(dim + 1, max(step, _F32_SPAN_ELEMENTS // (dim + 1)), workspace)
     step = -(-rows // -(-rows // step))  # equal chunks: no short last one
-    fill = max(8, _FILL_ELEMENTS // (dim + 1))
     assign = _assigner(arrays)
     s = np.append(shift, 0.0).astype(dtype)  # the column of ones is not shifted
-    buffer = np.empty((min(rows, step), dim + 1), dtype=dtype)
-    buffer[:, dim] = 1.0
-    # dsyrk updates a Fortran-ordered C in place; numpy's float32 products come C-ordered (added without strides)
-    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F" if precision == "float64" else "C")
+    shifted = bool(np.any(shift))  # a zero reference (_shift_of) needs no subtraction pass
+    fill = max(8, _FILL_ELEMENTS // (dim + 1))
+    buffer = workspace.buffer((min(rows, step), dim + 1), dtype, dim, axis=1)
+    # dsyrk updates a Fortran-ordered C in place
+    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F") if precision == "float64" else None
     for start in range(0, rows, step):
         chunk = buffer[: min(step, rows - start)]
         # Filled in slices that stay in L2: a converting copy of each block into its columns, then one
@@ -183,16 +310,18 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
             part = chunk[sub : sub + fill]
             for i, b in enumerate(arrays):
                 assign(part[:, bounds[i] : bounds[i + 1]], b[start + sub : start + sub + part.shape[0]])
-            part -= s
+            if shifted:
+                part -= s
+        # chunk.T is Fortran-ordered (D+1, k): BLAS reads it in place and updates C's upper triangle in place
         if precision == "float64":
-            # chunk.T is Fortran-ordered (D+1, k): BLAS reads it in place and updates acc's upper triangle in place
             acc = dsyrk(1.0, chunk.T, beta=1.0, c=acc, trans=0, lower=0, overwrite_c=1)
         else:
-            acc += chunk.T @ chunk  # numpy calls ssyrk for a product of a buffer with its own transpose
-    return acc
+            sums.add(chunk.T, chunk, chunk.shape[0])
+    return acc if precision == "float64" else sums.result()
 
 
-def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str) -> np.ndarray:
+def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str,
+                     workspace: _Workspace | None = None) -> np.ndarray:
     """:func:`_numpy_batch_sums` over the per-position samples of (N, C_i, H·W) maps, without their
     (N·H·W, C) channels-last copy.
 
@@ -202,6 +331,7 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
     buffer), and the rank-k update folds ``B Bᵀ`` into C — the same sums as :func:`_numpy_batch_sums` (the
     order of the samples inside a sum differs, so equal to rounding).
     """
+    workspace = _workspace() if workspace is None else workspace
     n, hw = int(maps[0].shape[0]), int(maps[0].shape[2])
     bounds = np.concatenate([[0], np.cumsum([m.shape[1] for m in maps])]).astype(int)
     if precision == "float64":
@@ -210,17 +340,16 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
         dtype, step = np.float64, max(1, _CHUNK_ELEMENTS // ((dim + 1) * hw))
     else:
         dtype, step = np.float32, max(1, _F32_CHUNKS * _CHUNK_ELEMENTS // ((dim + 1) * hw))
+        sums = _Float32Sums(dim + 1, max(step * hw, _F32_SPAN_ELEMENTS // (dim + 1)), workspace)
     step = -(-n // -(-n // step))  # equal chunks: no short last one
-    fill = max(1, _FILL_ELEMENTS // ((dim + 1) * hw))
     assign = _assigner(maps)
     s = np.append(shift, 0.0).astype(dtype)  # the row of ones is not shifted
-    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F" if precision == "float64" else "C")
-    buffer = None
+    shifted = bool(np.any(shift))
+    fill = max(1, _FILL_ELEMENTS // ((dim + 1) * hw))
+    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F") if precision == "float64" else None
     for start in range(0, n, step):
         k = min(step, n - start)
-        if buffer is None or buffer.shape[1] != k * hw:  # the first chunk, and a shorter last one
-            buffer = np.empty((dim + 1, k * hw), dtype=dtype)
-            buffer[dim] = 1.0
+        buffer = workspace.buffer((dim + 1, k * hw), dtype, dim, axis=0)
         images = buffer.reshape(dim + 1, k, hw)  # (D+1, k, HW) view of the buffer
         # (k, C, HW) maps → (C, k, HW) rows of the buffer, in slices of images that stay in L2: a converting
         # copy, then an in-place subtraction of the shift (the ones row is shifted by 0)
@@ -228,13 +357,14 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
             part = images[:, sub : sub + fill]
             for i, f in enumerate(maps):
                 assign(part[bounds[i] : bounds[i + 1]], f[start + sub : start + sub + part.shape[1]].transpose(1, 0, 2))
-            part -= s[:, None, None]
+            if shifted:
+                part -= s[:, None, None]
+        # buffer.T is (k·HW, D+1) with unit row stride: BLAS reads it in place; trans=1 gives B Bᵀ
         if precision == "float64":
-            # buffer.T is Fortran-ordered (k·HW, D+1): BLAS reads it in place; trans=1 gives B Bᵀ
             acc = dsyrk(1.0, buffer.T, beta=1.0, c=acc, trans=1, lower=0, overwrite_c=1)
         else:
-            acc += buffer @ buffer.T  # numpy calls ssyrk for a product of a buffer with its own transpose
-    return acc
+            sums.add(buffer, buffer.T, k * hw)
+    return acc if precision == "float64" else sums.result()
 
 
 def _read_accumulator(acc: np.ndarray, rows: int, shift: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -244,10 +374,9 @@ def _read_accumulator(acc: np.ndarray, rows: int, shift: np.ndarray) -> tuple[in
     compared with the spread of the data, so the subtraction does not cancel)."""
     dim = acc.shape[0] - 1
     sums = acc[:dim, dim]
-    offset = sums / rows
-    comoment = np.array(acc[:dim, :dim], order="C")
-    comoment -= np.outer(sums, offset)
-    return rows, shift + offset, _symmetrize_upper(comoment)  # mirrored last: exactly symmetric
+    scaled = sums / np.sqrt(rows)
+    comoment = np.subtract(acc[:dim, :dim], np.outer(scaled, scaled), order="C")  # g gᵀ/n: a symmetric outer product
+    return rows, shift + sums / rows, _symmetrize_upper(comoment)  # mirrored last: exactly symmetric
 
 
 def _check_sums(acc: np.ndarray, bounds: np.ndarray, names: Sequence[str], precision: str) -> None:
@@ -373,7 +502,8 @@ class MultiMoments(StreamingStatistic):
             return
         arrays = [np.asarray(b) for b in blocks]
         per_chunk = (1 if self.precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS // (self.dim + 1)
-        self._fold(arrays, _numpy_batch_sums, head=min(int(rows), max(64, per_chunk)), rows=int(rows))
+        heads = (min(int(rows), _HEAD_SAMPLES), min(int(rows), max(64, per_chunk)))
+        self._fold(arrays, _numpy_batch_sums, heads=heads, rows=int(rows))
 
     def update_maps(self, *maps: Any) -> None:
         """Fold in the per-position samples of one batch of maps: ``maps[i]`` is an (N, sizes[i], H, W) numpy
@@ -397,27 +527,28 @@ class MultiMoments(StreamingStatistic):
             return
         flat = [m.reshape(n, m.shape[1], h * w) for m in arrays]
         per_chunk = (1 if self.precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS // ((self.dim + 1) * h * w)
-        self._fold(flat, _maps_batch_sums, head=min(n, max(1, per_chunk)), rows=n * h * w)
+        heads = (min(n, -(-_HEAD_SAMPLES // (h * w))), min(n, max(1, per_chunk)))
+        self._fold(flat, _maps_batch_sums, heads=heads, rows=n * h * w)
 
-    def _fold(self, arrays: list[np.ndarray], kernel: Any, head: int, rows: int) -> None:
+    def _fold(self, arrays: list[np.ndarray], kernel: Any, heads: tuple[int, int], rows: int) -> None:
         """Add one batch's sums about the reference shift to the pending sums (nothing changes if it is refused).
 
-        The first batch sets the reference (the mean of its first ``head`` samples); a later batch whose mean
-        drifted far from it (:func:`_drifted`) settles the pending sums and becomes the new reference."""
+        The first batch sets the reference (0, or the mean of its first samples: :func:`_shift_of`); a later
+        batch whose mean drifted far from it (:func:`_drifted`) settles the pending sums and becomes the new reference."""
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf/overflow: refused by _check_sums
             fresh = self._ref is None
-            shift = _shift_of(arrays, head, self.precision) if fresh else self._ref
+            shift = _shift_of(arrays, heads[0], self.precision, heads[1]) if fresh else self._ref
             acc = kernel(arrays, self.dim, shift, self.precision)
             _check_sums(acc, self._bounds, self.names, self.precision)
             if not fresh and _drifted(acc, self.precision):
-                shift = _shift_of(arrays, head, self.precision)
+                shift = _shift_of(arrays, heads[0], self.precision, heads[1])
                 acc = kernel(arrays, self.dim, shift, self.precision)
                 self._settle()
                 fresh = True
         if fresh:
             self._ref = shift
         if self._pending is None:
-            self._pending = acc
+            self._pending = np.array(acc, dtype=np.float64, order="K")  # acc may be the thread's float32 scratch
         else:
             self._pending += acc
         self._pending_rows += rows
@@ -482,6 +613,7 @@ class MultiMoments(StreamingStatistic):
         """One-row table: ``n`` int64 (1,), ``mean`` float64 (D,), ``m2`` float64 (D, D); sizes, names and
         precision in attrs."""
         self._settle()
+        _workspace().clear()  # a shard's stream ends here: its thread's kernel scratch is not kept alive
         return pack_arrays({"n": np.array([self._n], np.int64), "mean": self._mean, "m2": self._m2}, self._attrs())
 
     @classmethod

@@ -70,14 +70,16 @@ def test_float32_maps_path_stays_within_the_bound():
 
 
 def _drifting_batches() -> list[np.ndarray]:
-    """The first batch sits at 0 with a tiny spread, every later one at 3e3 ± 1: far from the first reference."""
+    """The first batch sits at 1 with a tiny spread (its mean is the reference, not 0), every later one at
+    3e3 ± 1: far from the first reference."""
     rng = np.random.default_rng(0)
-    batches = [1e-3 * rng.standard_normal((4096, 8))]
+    batches = [1 + 1e-3 * rng.standard_normal((4096, 8))]
     batches += [rng.standard_normal((4096, 8)) + 3e3 for _ in range(6)]
     return [x.astype(np.float32) for x in batches]
 
 
-@pytest.mark.parametrize("precision, bound", [("float64", 1e-13), ("float32", 1e-9)])
+# float64: guarded ~1e-15, never re-referenced ~3e-14 (float32 values square almost exactly in float64)
+@pytest.mark.parametrize("precision, bound", [("float64", 1e-14), ("float32", 1e-9)])
 def test_a_batch_far_from_the_reference_gets_its_own(monkeypatch, precision, bound):
     batches = _drifting_batches()
     x = np.concatenate(batches).astype(np.float64)
@@ -192,3 +194,80 @@ def test_float16_inputs_convert_identically_with_and_without_torch(monkeypatch, 
     without = run()
     for fast, slow in zip(with_torch, without):
         assert np.array_equal(fast.comoment, slow.comoment) and np.array_equal(fast.mean, slow.mean)
+
+
+SHIFT_CASES = [
+    # (name, pre-activation means, offsets added after the ReLU, zero reference expected)
+    ("relu maps", 0.0, 0.0, True),        # mean ≈ 0.7 σ
+    ("active relu", 1.0, 0.0, True),      # mean ≈ 1.2 σ
+    ("offset channels", 0.0, 10.0, False),  # mean ≈ 17 σ: the first batch's mean
+]
+
+
+@pytest.mark.parametrize("name, centre, offset, zero", SHIFT_CASES)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_reference_shift_is_zero_only_near_zero_means_and_stays_accurate(name, centre, offset, zero, precision):
+    rng = np.random.default_rng(7)
+    latent = rng.standard_normal((12_000, 3))
+    x = np.maximum(latent @ rng.standard_normal((3, 9)) + 0.5 * rng.standard_normal((12_000, 9)) + centre, 0)
+    x = (x + offset * x.std(axis=0)).astype(np.float32)
+    stat = JointMoments(5, 4, precision)
+    for start in range(0, len(x), 5_000):
+        stat.update(x[start:start + 5_000, :5], x[start:start + 5_000, 5:])
+    assert (not np.any(stat._ref)) == zero
+    mean, cov = _exact(x[:, :5], x[:, 5:])
+    cov_error, mean_error = _errors(stat, mean, cov)
+    assert cov_error < (1e-12 if precision == "float64" else FLOAT32_BOUND)
+    assert mean_error < (1e-12 if precision == "float64" else 1e-6)
+
+
+def test_a_constant_nonzero_channel_never_gets_the_zero_reference():
+    x = np.random.default_rng(8).standard_normal((500, 3)).astype(np.float32)
+    x[:, 1] = 3.5  # constant: |mean| > 2·0
+    stat = MultiMoments([3], precision="float32")
+    stat.update(x)
+    assert stat._ref[1] == np.float32(3.5) and stat.variance()[1] == 0.0
+
+
+def test_float32_sums_flushed_into_float64_across_spans_stay_within_the_bound(monkeypatch):
+    """A batch longer than the float32 span (several flushes into float64) and batches that fit it agree."""
+    monkeypatch.setattr(_moments, "_CHUNK_ELEMENTS", 64 * 12)
+    monkeypatch.setattr(_moments, "_F32_SPAN_ELEMENTS", 12 * 300)  # 300 rows per float32 sum: several flushes
+    a, b = _adversarial(5_000, seed=9)
+    mean, cov = _exact(a, b)
+    whole, batched = JointMoments(6, 5, "float32"), JointMoments(6, 5, "float32")
+    whole.update(a, b)
+    for start in range(0, 5_000, 250):
+        batched.update(a[start:start + 250], b[start:start + 250])
+    for stat in (whole, batched):
+        cov_error, mean_error = _errors(stat, mean, cov)
+        assert stat.n == 5_000 and cov_error < FLOAT32_BOUND and mean_error < 1e-6
+        assert np.array_equal(stat.comoment, stat.comoment.T)
+
+
+def test_statistics_sharing_a_thread_and_statistics_in_other_threads_do_not_share_results():
+    """The kernels' scratch is per thread and a batch's float32 result is copied out before the next batch."""
+    import threading
+
+    rng = np.random.default_rng(10)
+    data = [rng.random((3_000, 7)).astype(np.float32) + k for k in range(4)]
+
+    def alone(x: np.ndarray) -> np.ndarray:
+        stat = MultiMoments([4, 3], precision="float32")
+        for start in range(0, len(x), 700):
+            stat.update(x[start:start + 700, :4], x[start:start + 700, 4:])
+        return stat.comoment.copy()
+
+    expected = [alone(x) for x in data]
+    interleaved = [MultiMoments([4, 3], precision="float32") for _ in data]
+    for start in range(0, 3_000, 700):
+        for stat, x in zip(interleaved, data):
+            stat.update(x[start:start + 700, :4], x[start:start + 700, 4:])
+    assert all(np.array_equal(s.comoment, e) for s, e in zip(interleaved, expected))
+    results: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, alone(data[k]))) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(results[k], expected[k]) for k in range(4))
