@@ -36,6 +36,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import pickle
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -146,6 +150,50 @@ def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int,
             f"{image_size[0]}×{image_size[1]} input (None = not run or not a tensor); pick conv blocks or linear "
             "layers (see `repdissect layers`)"
         )
+
+
+#: what a fresh interpreter runs for :func:`_check_model_in_child`: the check, its outcome pickled to a file
+_CHILD_CHECK = """
+import os, pickle, sys
+from repdissect.pipeline._dag import _check_model
+with open(sys.argv[1], "rb") as f:
+    args = pickle.load(f)
+try:
+    _check_model(*args)
+    outcome = None
+except Exception as exc:
+    outcome = exc
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(outcome, f)
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # skips the CUDA libraries' static destructors (they page in ~100 MiB at exit)
+"""
+
+
+def _check_model_in_child(model: ModelConfig, classes: int | None, image_size: tuple[int, int]) -> None:
+    """:func:`_check_model` in a short-lived interpreter, so that the process that only plans and submits (the
+    client of a cluster run) never loads torch: ~500 MiB resident that it would hold, doing nothing with it,
+    through the whole run beside the workers that compute. Raises what the check raises."""
+    with tempfile.TemporaryDirectory(prefix="repdissect-check-") as tmp:
+        path = Path(tmp) / "check.pickle"
+        path.write_bytes(pickle.dumps((model, classes, image_size)))
+        done = subprocess.run([sys.executable, "-c", _CHILD_CHECK, str(path)], capture_output=True, text=True)
+        try:
+            outcome = pickle.loads(path.read_bytes()) if done.returncode == 0 else None
+        except Exception:  # noqa: BLE001 - an unreadable outcome is reported like a crash below
+            done = subprocess.CompletedProcess(done.args, 1, done.stdout, done.stderr)
+            outcome = None
+    if done.returncode != 0:
+        raise ConfigError(f"[[models]] {model.name!r}: checking the network in a child process failed (exit "
+                          f"{done.returncode}): {done.stderr.strip()[-1500:]}")
+    if isinstance(outcome, BaseException):
+        raise outcome
+
+
+def _check_in_child(config: Config) -> bool:
+    """Whether the model checks run in a child process: when this process will only plan and submit (an
+    explicit cluster scheduler) and has not loaded torch anyway."""
+    return config.execution.scheduler not in ("sync", "auto") and "torch" not in sys.modules
 
 
 def _tsne_method(method: str, points: int) -> str:
@@ -346,6 +394,6 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
     for model, classes in checks:
         extracts = [extract_of[i.name] for i in instances if i.model is model]
         if is_cached is None or not all(is_cached(node) for node in extracts):
-            _check_model(model, classes, dataset.image_size)
+            (_check_model_in_child if _check_in_child(config) else _check_model)(model, classes, dataset.image_size)
     return Plan(config=config, dataset_spec=dataset_spec, dataset_digest=ds_digest, nodes=nodes,
                 instances=instances, pairs=pairs, device=device)
