@@ -17,7 +17,13 @@ quote RSS for a single process and PSS for a cluster's sum. A child process crea
 ``subprocess`` call, until it ``exec``s) shares its parent's whole address space; it is recognised with
 ``kcmp(2)`` and not counted twice (``vfork children skipped`` in the output).
 
-Usage: python benchmarks/bench_memory.py [--config configs/quick.toml] [--scale 10] [--scheduler sync]
+``--per-task`` sets ``REPDISSECT_MEMORY_PROFILE`` for the run: every process that runs tasks samples its own
+memory and records each task's peak (RSS, anonymous, and at that peak glibc's live and free-but-held bytes
+and pyarrow's pool), see ``repdissect/pipeline/_memory_profile.py``; the output adds the peaks per stage and
+which task each process was running at the summed peak. Minor page faults and CPU seconds are summed over the
+processes too (less sensitive to a shared machine's load than the wall time).
+
+Usage: python benchmarks/bench_memory.py [--config configs/quick.toml] [--scale 10] [--scheduler sync] [--per-task]
 Targets (issue): quick ≤ 500 MB (477 MiB), demo ≤ 2 GB (1907 MiB), 1× ≈ 10×.
 """
 
