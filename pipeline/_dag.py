@@ -34,9 +34,10 @@ changes results — for ``train`` and ``extract`` that includes the device class
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
-import pickle
+import json
 import subprocess
 import sys
 import tempfile
@@ -152,19 +153,22 @@ def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int,
         )
 
 
-#: what a fresh interpreter runs for :func:`_check_model_in_child`: the check, its outcome pickled to a file
+#: what a fresh interpreter runs for :func:`_check_model_in_child`: the check of a model given as JSON (its
+#: config table, rebuilt and validated as a config file's is), its outcome written back as JSON
 _CHILD_CHECK = """
-import os, pickle, sys
+import json, os, sys
+from repdissect.pipeline._config import ModelConfig, _build
 from repdissect.pipeline._dag import _check_model
-with open(sys.argv[1], "rb") as f:
-    args = pickle.load(f)
+with open(sys.argv[1], encoding="utf-8") as f:
+    request = json.load(f)
 try:
-    _check_model(*args)
-    outcome = None
+    model = _build(ModelConfig, request["model"], "[[models]]")
+    _check_model(model, request["classes"], tuple(request["image_size"]))
+    outcome = {}
 except Exception as exc:
-    outcome = exc
-with open(sys.argv[1], "wb") as f:
-    pickle.dump(outcome, f)
+    outcome = {"type": type(exc).__name__, "message": str(exc)}
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    json.dump(outcome, f)
 sys.stdout.flush(); sys.stderr.flush()
 os._exit(0)  # skips the CUDA libraries' static destructors (they page in ~100 MiB at exit)
 """
@@ -173,21 +177,25 @@ os._exit(0)  # skips the CUDA libraries' static destructors (they page in ~100 M
 def _check_model_in_child(model: ModelConfig, classes: int | None, image_size: tuple[int, int]) -> None:
     """:func:`_check_model` in a short-lived interpreter, so that the process that only plans and submits (the
     client of a cluster run) never loads torch: ~500 MiB resident that it would hold, doing nothing with it,
-    through the whole run beside the workers that compute. Raises what the check raises."""
+    through the whole run beside the workers that compute. Raises the check's :class:`ConfigError` (same
+    message); any other failure becomes a ConfigError naming it."""
     with tempfile.TemporaryDirectory(prefix="repdissect-check-") as tmp:
-        path = Path(tmp) / "check.pickle"
-        path.write_bytes(pickle.dumps((model, classes, image_size)))
+        path = Path(tmp) / "check.json"
+        path.write_text(json.dumps({"model": dataclasses.asdict(model), "classes": classes,
+                                    "image_size": list(image_size)}), encoding="utf-8")
         done = subprocess.run([sys.executable, "-c", _CHILD_CHECK, str(path)], capture_output=True, text=True)
         try:
-            outcome = pickle.loads(path.read_bytes()) if done.returncode == 0 else None
-        except Exception:  # noqa: BLE001 - an unreadable outcome is reported like a crash below
-            done = subprocess.CompletedProcess(done.args, 1, done.stdout, done.stderr)
+            outcome = json.loads(path.read_text(encoding="utf-8")) if done.returncode == 0 else None
+        except ValueError:  # the child died while writing: reported like a crash below
             outcome = None
-    if done.returncode != 0:
+    if not isinstance(outcome, dict):
         raise ConfigError(f"[[models]] {model.name!r}: checking the network in a child process failed (exit "
                           f"{done.returncode}): {done.stderr.strip()[-1500:]}")
-    if isinstance(outcome, BaseException):
-        raise outcome
+    if outcome.get("type") == "ConfigError":
+        raise ConfigError(outcome["message"])
+    if outcome:
+        raise ConfigError(f"[[models]] {model.name!r}: checking the network failed ({outcome['type']}: "
+                          f"{outcome['message']})")
 
 
 def _check_in_child(config: Config) -> bool:
