@@ -18,6 +18,7 @@ from ._config import Config, load_config
 from ._dag import Instance, Plan, build_plan
 from ._errors import ConfigError
 from ._executor import NodeResult
+from ._memory_profile import PROFILE_ENV, read_profile
 from ._run import NodeStatus, RunResult, resolve_config, run, status
 from ._workload import PAYOFF_MEGAPIXEL_PASSES, SchedulerChoice, Workload, choose_scheduler, estimate_workload
 
@@ -27,4 +28,5 @@ __all__ = [
     "canonical_json", "digest", "get_stage", "list_stages", "load_config", "register_stage", "resolve_config",
     "run", "status",
     "PAYOFF_MEGAPIXEL_PASSES", "SchedulerChoice", "Workload", "choose_scheduler", "estimate_workload",
+    "PROFILE_ENV", "read_profile",
 ]

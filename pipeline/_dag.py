@@ -34,8 +34,13 @@ changes results — for ``train`` and ``extract`` that includes the device class
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import json
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -146,6 +151,57 @@ def _check_model(model: ModelConfig, classes: int | None, image_size: tuple[int,
             f"{image_size[0]}×{image_size[1]} input (None = not run or not a tensor); pick conv blocks or linear "
             "layers (see `repdissect layers`)"
         )
+
+
+#: what a fresh interpreter runs for :func:`_check_model_in_child`: the check of a model given as JSON (its
+#: config table, rebuilt and validated as a config file's is), its outcome written back as JSON
+_CHILD_CHECK = """
+import json, os, sys
+from repdissect.pipeline._config import ModelConfig, _build
+from repdissect.pipeline._dag import _check_model
+with open(sys.argv[1], encoding="utf-8") as f:
+    request = json.load(f)
+try:
+    model = _build(ModelConfig, request["model"], "[[models]]")
+    _check_model(model, request["classes"], tuple(request["image_size"]))
+    outcome = {}
+except Exception as exc:
+    outcome = {"type": type(exc).__name__, "message": str(exc)}
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    json.dump(outcome, f)
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # skips the CUDA libraries' static destructors (they page in ~100 MiB at exit)
+"""
+
+
+def _check_model_in_child(model: ModelConfig, classes: int | None, image_size: tuple[int, int]) -> None:
+    """:func:`_check_model` in a short-lived interpreter, so that the process that only plans and submits (the
+    client of a cluster run) never loads torch: ~500 MiB resident that it would hold, doing nothing with it,
+    through the whole run beside the workers that compute. Raises the check's :class:`ConfigError` (same
+    message); any other failure becomes a ConfigError naming it."""
+    with tempfile.TemporaryDirectory(prefix="repdissect-check-") as tmp:
+        path = Path(tmp) / "check.json"
+        path.write_text(json.dumps({"model": dataclasses.asdict(model), "classes": classes,
+                                    "image_size": list(image_size)}), encoding="utf-8")
+        done = subprocess.run([sys.executable, "-c", _CHILD_CHECK, str(path)], capture_output=True, text=True)
+        try:
+            outcome = json.loads(path.read_text(encoding="utf-8")) if done.returncode == 0 else None
+        except ValueError:  # the child died while writing: reported like a crash below
+            outcome = None
+    if not isinstance(outcome, dict):
+        raise ConfigError(f"[[models]] {model.name!r}: checking the network in a child process failed (exit "
+                          f"{done.returncode}): {done.stderr.strip()[-1500:]}")
+    if outcome.get("type") == "ConfigError":
+        raise ConfigError(outcome["message"])
+    if outcome:
+        raise ConfigError(f"[[models]] {model.name!r}: checking the network failed ({outcome['type']}: "
+                          f"{outcome['message']})")
+
+
+def _check_in_child(config: Config) -> bool:
+    """Whether the model checks run in a child process: when this process will only plan and submit (an
+    explicit cluster scheduler) and has not loaded torch anyway."""
+    return config.execution.scheduler not in ("sync", "auto") and "torch" not in sys.modules
 
 
 def _tsne_method(method: str, points: int) -> str:
@@ -346,6 +402,6 @@ def build_plan(config: Config, *, is_cached: Callable[[Node], bool] | None = Non
     for model, classes in checks:
         extracts = [extract_of[i.name] for i in instances if i.model is model]
         if is_cached is None or not all(is_cached(node) for node in extracts):
-            _check_model(model, classes, dataset.image_size)
+            (_check_model_in_child if _check_in_child(config) else _check_model)(model, classes, dataset.image_size)
     return Plan(config=config, dataset_spec=dataset_spec, dataset_digest=ds_digest, nodes=nodes,
                 instances=instances, pairs=pairs, device=device)

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from .. import stages as _stages  # noqa: F401  (a worker unpickling a task registers the built-in stages)
 from ..core import (USER_ERRORS, CacheStore, Context, Entry, Node, PipelineError, ShardedStage, StageOutput, crash_point,
                     digest, get_stage, write_parquet_atomic)
+from ._memory_profile import task_profiler
 
 __all__ = ["Executor", "NodeResult", "environment_info", "connect"]
 
@@ -110,14 +111,24 @@ def _releasing(task: Callable[..., Any]) -> Callable[..., Any]:
     """Return the memory a task freed to the OS when it ends (see ``release_freed_memory``): a long-lived worker
     otherwise keeps the high-water mark of every task it ran, and a cluster's processes add those up."""
 
+    kind = task.__name__.removeprefix("task_")
+
     @functools.wraps(task)
     def run(*args: Any, **kwargs: Any) -> Any:
+        profiler = task_profiler()  # None unless REPDISSECT_MEMORY_PROFILE is set (see _memory_profile.py)
+        if profiler is not None:
+            ctx = args[0]
+            profiler.start(kind, ctx.node.stage, ctx.node.node_id)
         try:
             return task(*args, **kwargs)
         finally:
             from ..stages import release_freed_memory
 
+            if profiler is not None:
+                profiler.end()
             release_freed_memory()
+            if profiler is not None:
+                profiler.end(released=True)
 
     return run
 
