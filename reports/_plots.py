@@ -190,7 +190,9 @@ def svcca_figure(data: RunData, fig_dir: Path) -> FigureResult:
         axes[idx // cols, idx % cols].axis("off")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside upper center", ncols=len(handles), frameon=False)
+        # Four entries in one row are wider than three panels: two rows keep the panels at full size.
+        fig.legend(handles, labels, loc="outside upper center", ncols=len(handles) if cols >= 4 else 2,
+                   frameon=False)
     path = fig_dir / f"{key}.png"
     F.save_figure(fig, path)
     return FigureResult(key, "SVCCA coefficient curves", path=path.name,
