@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -275,14 +276,22 @@ def cka_figure(data: RunData, fig_dir: Path) -> FigureResult:
     panels = cka_panels(data)
     if not panels:
         return FigureResult(key, "Layer × layer CKA", skipped="no layer × layer CKA results in this run")
-    fig, axes = F.new_figure(min(7.0, 3.0 * len(panels) + 0.4), 2.7, ncols=len(panels), squeeze=False)
+    # Two panels per row with wrapped titles: four side by side (seeds, unrelated, random pair, drift) overlapped
+    # their titles and layer names.
+    rows, cols = F.grid_shape(len(panels), 2)
+    fig, axes = F.new_figure(3.3 * cols + 0.4, 2.9 * rows, nrows=rows, ncols=cols, squeeze=False)
     for j, (model, kind, layers, mat, n) in enumerate(panels):
         title = KIND_TITLE[kind]
         if data.multi_model:
             title = f"{model}: {title}"
-        F.heatmap(axes[0, j], mat, xlabels=layers, ylabels=layers, vmin=0, vmax=1, annotate=len(layers) <= 8,
-                  title=f"{title} (n={n})", xlabel="layer of network b", ylabel="layer of network a" if j == 0 else "",
-                  colorbar_label="linear CKA" if j == len(panels) - 1 else "")
+        last_row = j // cols == rows - 1 or j + cols >= len(panels)
+        F.heatmap(axes[j // cols, j % cols], mat, xlabels=layers, ylabels=layers, vmin=0, vmax=1,
+                  annotate=len(layers) <= 8, title="\n".join(textwrap.wrap(f"{title} (n={n})", 30)),
+                  xlabel="layer of network b" if last_row else "",
+                  ylabel="layer of network a" if j % cols == 0 else "",
+                  colorbar_label="linear CKA" if j % cols == cols - 1 else "")
+    for j in range(len(panels), rows * cols):
+        axes[j // cols, j % cols].axis("off")
     path = fig_dir / f"{key}.png"
     F.save_figure(fig, path)
     return FigureResult(key, "Layer × layer linear CKA", path=path.name,
