@@ -422,9 +422,10 @@ def _compact(batch: Batch) -> Batch:
                                image_labels={k: _narrow(v) for k, v in batch.image_labels.items()})
 
 
-def _gather(parts: list[Batch], where: np.ndarray, index: np.ndarray) -> Batch:
+def _gather(parts: list[Batch], where: np.ndarray, index: np.ndarray, label_dtype: Any = np.int32) -> Batch:
     """Rows ``where`` of the concatenation of ``parts`` (fresh arrays, never views of a cached block); label
-    maps come out int32 whatever a cached part holds them in."""
+    maps come out as ``label_dtype`` (the Batch contract's int32) whatever a cached part holds them in, or in
+    the parts' common dtype when it is None."""
     offsets = np.cumsum([0] + [len(b) for b in parts])
 
     def take(arrays: list[np.ndarray], dtype: Any = None) -> np.ndarray:
@@ -441,8 +442,8 @@ def _gather(parts: list[Batch], where: np.ndarray, index: np.ndarray) -> Batch:
     return Batch(
         index=index.copy(),
         images=take([b.images for b in parts]),
-        pixel_labels={k: take([b.pixel_labels[k] for b in parts], np.int32) for k in first.pixel_labels},
-        image_labels={k: take([b.image_labels[k] for b in parts], np.int32) for k in first.image_labels},
+        pixel_labels={k: take([b.pixel_labels[k] for b in parts], label_dtype) for k in first.pixel_labels},
+        image_labels={k: take([b.image_labels[k] for b in parts], label_dtype) for k in first.image_labels},
         landmarks=take([b.landmarks for b in parts]),
         landmark_visible=take([b.landmark_visible for b in parts]),
         class_label=take([b.class_label for b in parts]),
@@ -601,20 +602,7 @@ class SyntheticWorld(ConceptDataset):
         pieces = [_compact(self._render(index[i:i + _RENDER_PIECE])) for i in range(0, index.size, _RENDER_PIECE)]
         if len(pieces) == 1:
             return pieces[0]
-
-        def cat(arrays: list[np.ndarray]) -> np.ndarray:
-            return np.concatenate(arrays)
-
-        first = pieces[0]
-        return Batch(
-            index=cat([b.index for b in pieces]),
-            images=cat([b.images for b in pieces]),
-            pixel_labels={k: cat([b.pixel_labels[k] for b in pieces]) for k in first.pixel_labels},
-            image_labels={k: cat([b.image_labels[k] for b in pieces]) for k in first.image_labels},
-            landmarks=cat([b.landmarks for b in pieces]),
-            landmark_visible=cat([b.landmark_visible for b in pieces]),
-            class_label=cat([b.class_label for b in pieces]),
-        )
+        return _gather(pieces, np.arange(index.size), index, label_dtype=None)
 
     # ------------------------------------------------------------------------------------------- generation
 

@@ -379,6 +379,12 @@ def test_block_cache_returns_the_same_bytes_as_rendering_and_fresh_arrays():
             assert np.array_equal(got.landmarks[k], one.landmarks[0])
     again = world.load(np.array([3, 260, 699, 10]))
     assert np.array_equal(again.images, direct.images)
+    # cached blocks hold narrowed label maps: a load from them alone gives a fresh render's values and dtypes
+    cached, fresh = world.load(np.array([3, 260])), world._render(np.array([3, 260], dtype=np.int64))
+    for got, want in ((cached.pixel_labels, fresh.pixel_labels), (cached.image_labels, fresh.image_labels)):
+        assert got.keys() == want.keys()
+        for name in want:
+            assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
     again.images[:] = 0  # callers may write into what they get: the cache keeps its own copy
     assert np.array_equal(world.load(np.array([3, 260, 699, 10])).images, direct.images)
     assert synthetic._BLOCK_CACHE  # whole blocks were kept
