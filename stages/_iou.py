@@ -179,9 +179,10 @@ class IoUTally(StreamingStatistic):
         lookup[self.labels] = np.arange(num_labels)
         lookup[0] = num_labels  # the "no label" column, dropped at the end
         self._lookup = lookup
-        self._bounds_key: bytes | None = None  # thresholds of the cached kernel bounds (execution only)
-        self._bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._category_of: np.ndarray | None = None  # (L, categories) float32 0/1 (execution only)
+        # (L, categories) 0/1: label → its category. float32 so products with it are BLAS-fast, and exact: sums of
+        # 0/1 values ≤ the number of labels.
+        self._category_of = np.zeros((num_labels, len(self.categories)), dtype=np.float32)
+        self._category_of[np.arange(num_labels), self.label_category] = 1
 
     # -- input handling
     def _columns(self, values: np.ndarray, where: str) -> np.ndarray:
@@ -285,18 +286,12 @@ class IoUTally(StreamingStatistic):
         self.truth += num_pixels * np.bincount(scalar_cols, minlength=num_labels)
         present = per_image[:, :num_labels] > 0
         present[scalar_rows, scalar_cols] = True
-        # float32 products of 0/1 values: exact (sums ≤ the number of labels), and BLAS-fast unlike int64
-        if self._category_of is None:
-            self._category_of = np.zeros((num_labels, len(self.categories)), dtype=np.float32)
-            self._category_of[np.arange(num_labels), self.label_category] = 1
         relevant = ((present.astype(np.float32) @ self._category_of) > 0).astype(np.int64)
         return scalar_rows, scalar_cols, relevant
 
     def _category_hits(self, pixel_intersection: np.ndarray) -> np.ndarray:
         """``(C, categories)`` bool: which categories one image's ``(C, L)`` pixel intersections touch."""
-        category_of = np.zeros((len(self.labels), len(self.categories)), dtype=np.int64)
-        category_of[np.arange(len(self.labels)), self.label_category] = 1
-        return (pixel_intersection @ category_of) > 0
+        return (pixel_intersection @ self._category_of) > 0
 
     def _add_units(self, on_count: np.ndarray, scalar_rows, scalar_cols, relevant,
                    unit_hits: np.ndarray | None = None, scalar_counted: bool = False) -> None:
@@ -306,25 +301,14 @@ class IoUTally(StreamingStatistic):
         intersect a pixel label of each category; whole-image labels are added here. ``scalar_counted``: the
         compiled kernel has already added the whole-image labels' intersections.
         """
-        if len(scalar_cols) and not scalar_counted:  # per whole-image label column, its images' on-counts
-            order = np.argsort(scalar_cols, kind="stable")
-            cols = scalar_cols[order]
-            starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
-            self.intersection[:, cols[starts]] += np.add.reduceat(on_count[scalar_rows[order]], starts, axis=0).T
+        if not scalar_counted:
+            np.add.at(self.intersection.T, scalar_cols, on_count[scalar_rows])
         if self.union == "category-images":
             self.activation += on_count.T @ relevant
             return
         hits = unit_hits.copy()
         hits[scalar_rows, :, self.label_category[scalar_cols]] = True  # a whole-image label meets every on-pixel
         self.activation += np.einsum("nu,nuc->uc", on_count, hits.astype(np.int64))
-
-    def _kernel_thresholds(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """float32 thresholds, pruning bounds and full bounds, kept for the next batch (usually the same)."""
-        key = thresholds.tobytes()
-        if self._bounds_key != key:
-            self._bounds = (thresholds.astype(np.float32), _prune_thresholds(thresholds), _full_thresholds(thresholds))
-            self._bounds_key = key
-        return self._bounds
 
     def _update_compiled(self, acts: np.ndarray, thresholds: np.ndarray, pixel_maps, scalar: np.ndarray) -> None:
         """The whole batch in one pass of each compiled kernel; checks come first, the state changes last."""
@@ -355,7 +339,8 @@ class IoUTally(StreamingStatistic):
         hits = np.zeros((n, c, len(self.categories)) if self.union == "lite" else (0, 0, 0), np.uint8)
         # Counted in place: on NaN/inf the kernel takes its partial counts back, so a refused batch leaves no trace.
         if count_maps(
-            np.ascontiguousarray(acts, dtype=np.float32), *self._kernel_thresholds(thresholds),
+            np.ascontiguousarray(acts, dtype=np.float32), thresholds.astype(np.float32),
+            _prune_thresholds(thresholds), _full_thresholds(thresholds),
             ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.base, ax.upper[ax.base],
             ax.w_lo, ax.w_hi,
             columns, uniform, extent, row_uniform, scalar, self.label_category, on_count, self.intersection, hits,

@@ -208,14 +208,13 @@ def reference_tables(pixel, lookup, y_cells, x_cells):
         rows = np.maximum(row_code[i, layer, y_cells[cy] : y_cells[cy + 1], cx], -1)
         if len(rows) and (rows == rows[0]).all():
             uniform[i, layer, cy, cx] = rows[0]
+    # From the definition (not the kernel's right-to-left scan): a one-label quad's stretch ends before the first
+    # quad to its right that differs; a mixed quad (-1) is its own stretch.
     extent = np.zeros_like(uniform)
-    for i, layer, cy in np.ndindex(n, layers, num_y):
-        end = num_x
-        for cx in range(num_x - 1, -1, -1):
-            label = uniform[i, layer, cy, cx]
-            if label < 0 or (cx + 1 < num_x and uniform[i, layer, cy, cx + 1] != label):
-                end = cx + 1
-            extent[i, layer, cy, cx] = end
+    for i, layer, cy, cx in np.ndindex(n, layers, num_y, num_x):
+        row = uniform[i, layer, cy]
+        differ = np.flatnonzero(row[cx + 1:] != row[cx])
+        extent[i, layer, cy, cx] = cx + 1 if row[cx] < 0 else (cx + 1 + differ[0] if len(differ) else num_x)
     per_image = np.stack([np.bincount(columns[i].ravel(), minlength=unlabelled + 1) for i in range(n)])
     return columns, row_code, uniform, extent, per_image
 
