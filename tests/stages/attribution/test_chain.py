@@ -65,14 +65,23 @@ def _x(n: int = 3, size: int = 40, seed: int = 7) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(NETS))
 @pytest.mark.parametrize("rule", ["plain", "guided", "deconvnet"])
-def test_chain_path_equals_the_whole_image_gradient(name: str, rule: str) -> None:
+def test_chain_path_equals_the_whole_image_gradient(name: str, rule: str, monkeypatch) -> None:
+    import repdissect.stages.attribution._engine as engine
+
+    taken = []  # which region backward ran: the planned one, or the general chain walk (ReLU before BN)
+    for fn in ("plan_backward", "chain_backward"):
+        real = getattr(engine, fn)
+        monkeypatch.setattr(engine, fn, lambda *a, _fn=fn, _real=real, **k: taken.append(_fn) or _real(*a, **k))
     build, layer = NETS[name]
     model = build()
-    x = _x()
+    x = _x(2, 24)  # small enough that every net's units take a region backward rather than per-row crops
     with relu_rule(model, rule):
         _, steps = record_chain(model, x, dict(model.named_modules())[layer])
         assert steps is not None  # the chain is recognised ...
         fast = backward_maps(model, x, UnitTarget(layer))[0]
+        assert taken  # ... and a region backward computed the maps (not a crop forward or the whole image)
+        if name == "relu_then_bn" and rule != "plain":  # a clamp below a scale: the step-by-step walk
+            assert set(taken) == {"chain_backward"}
         slow = backward_maps(model, x, UnitTarget(layer), crop=False)[0]
     scale = float(slow.abs().max())
     assert scale > 0 and fast.is_contiguous()
