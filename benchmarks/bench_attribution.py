@@ -95,8 +95,8 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     times, results = interleaved({"captum": cpu_timed("captum", captum_loop), "ours": cpu_timed("ours", ours)},
-                                 repeat=args.repeat)
-    cpu_med = {k: statistics.median(v[1:]) for k, v in cpu.items()}  # the first run of each is the warm-up
+                                 repeat=args.repeat, warmup=True)
+    cpu_med = {k: statistics.median(v[1:]) for k, v in cpu.items()}  # v[0]: the warm-up run (warmup=True above)
     diff = float((results["ours"] - results["captum"]).abs().max())
     scale = float(results["captum"].abs().max())
     print(f"guided backprop, all {units} units of {args.layer} (width {args.width}), {args.images} images "

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._relu import _RuleReLU, _active_rule, relu_backward_rule
+from ._relu import _RuleReLU, relu_backward_rule
 
 __all__ = ["Step", "ChainPlan", "record_chain", "plan_chain", "plan_backward", "chain_backward"]
 
@@ -87,7 +87,7 @@ def _step(module: nn.Module, inp: torch.Tensor, out: torch.Tensor, stride_in: tu
     stride_out = (stride_in[0] * (h // ho), stride_in[1] * (w // wo))
     kind = type(module)
     if kind in (nn.ReLU, _RuleReLU):
-        rule = (_active_rule() or module.rule) if kind is _RuleReLU else "plain"
+        rule = module.effective_rule if kind is _RuleReLU else "plain"
         return Step("relu", module, stride_in, stride_out, out.detach(), rule)  # checked unchanged at the end
     if kind is nn.BatchNorm2d:
         if module.training or module.running_var is None or module.running_mean is None:
@@ -344,7 +344,7 @@ def plan_backward(plan: ChainPlan, img: torch.Tensor, unit: torch.Tensor, i: tor
                 g = v.reshape(rows, 1, 1, 1) * (torch.arange(channels, device=v.device) == unit[:, None]).to(
                     dtype)[:, :, None, None]
             else:
-                g = _onehot_transposed(seg.conv, v)(unit)
+                g = _onehot_transposed(seg.conv, v, unit)
             continue
         if g is None:
             g = torch.zeros(rows, channels, 1, 1, dtype=dtype, device=img.device)
@@ -367,22 +367,18 @@ def plan_backward(plan: ChainPlan, img: torch.Tensor, unit: torch.Tensor, i: tor
     return g
 
 
-def _onehot_transposed(m: nn.Module, v: torch.Tensor):
+def _onehot_transposed(m: nn.Module, v: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     """The transposed convolution of a map that is ``v[r]`` at one position of channel ``unit[r]``: row r's
     filter ``W[unit[r]]`` times ``v[r]`` (spread by the dilation) — the same products, without the dense pass."""
     w = m.weight.detach().to(v.dtype)
     dy, dx = m.dilation
-
-    def apply(unit: torch.Tensor) -> torch.Tensor:
-        patch = v[:, None, None, None] * w[unit]
-        if (dy, dx) == (1, 1):
-            return patch
-        kh, kw = w.shape[2:]
-        out = patch.new_zeros(patch.shape[0], patch.shape[1], dy * (kh - 1) + 1, dx * (kw - 1) + 1)
-        out[:, :, ::dy, ::dx] = patch
-        return out
-
-    return apply
+    patch = v[:, None, None, None] * w[unit]
+    if (dy, dx) == (1, 1):
+        return patch
+    kh, kw = w.shape[2:]
+    out = patch.new_zeros(patch.shape[0], patch.shape[1], dy * (kh - 1) + 1, dx * (kw - 1) + 1)
+    out[:, :, ::dy, ::dx] = patch
+    return out
 
 
 def chain_backward(steps: list[Step], crop: tuple[int, int], grid: tuple[int, int], img: torch.Tensor,

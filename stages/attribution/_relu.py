@@ -80,8 +80,13 @@ class _RuleReLU(nn.Module):
         super().__init__()
         self.rule = rule
 
+    @property
+    def effective_rule(self) -> str:
+        """The rule this ReLU applies now: the innermost active :func:`relu_rule` context's, else its own."""
+        return _active_rule() or self.rule
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RuleReLUFn.apply(x, _active_rule() or self.rule)  # the innermost active rule wins
+        return _RuleReLUFn.apply(x, self.effective_rule)
 
 
 _STATE = threading.local()
