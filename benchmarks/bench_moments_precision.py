@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from bench_compare import _accumulate
 
 from repdissect.stages.compare import (
     JointMoments,
@@ -75,12 +76,7 @@ def main() -> None:
           f"{args.batch}: float32 products vs float64 products")
     for kind in args.fixtures:
         a, b = (x.astype(args.dtype) for x in _fixture(kind, args.samples, args.units))
-        stats = {}
-        for precision in ("float64", "float32"):
-            m = JointMoments(args.units, args.units, precision)
-            for start in range(0, args.samples, args.batch):
-                m.update(a[start:start + args.batch], b[start:start + args.batch])
-            stats[precision] = m
+        stats = {p: _accumulate(a, b, args.batch, p) for p in ("float64", "float32")}
         exact, fast = stats["float64"], stats["float32"]
         sd = np.sqrt(exact.variance())
         scale = np.outer(sd, sd)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
@@ -25,16 +24,6 @@ from ._stage_inputs import (aligned_part, aligned_pooled, layer_blocks, layer_x_
 __all__ = ["MomentsStage", "CompareStage", "CKAStage", "heldout_mask"]
 
 _compare = LazyModule(".compare")
-
-
-def _one_blas_thread() -> Any:
-    """One BLAS thread for the small-matrix read-outs (eigh/SVD of C×C blocks): extra threads only contend
-    there (a 256 × 256 ``eigh`` took 1.6 s with two threads on a busy 2-core machine, 36 ms with one)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1)
 
 
 def heldout_mask(image_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -71,7 +60,7 @@ class MomentsStage(StatisticStage):
         return list(range(len(ctx.inputs["a"].parts(f"activations@{ctx.params['layer_a']}"))))
 
     def new_statistic(self, ctx: Context) -> dict[str, Any]:
-        precision = ctx.params.get("precision", "float64")
+        precision = ctx.params["precision"]
         return {split: _compare.JointMoments(*self._channels(ctx), precision) for split in _SPLITS}
 
     def statistic_types(self, ctx: Context) -> dict[str, type]:
@@ -128,11 +117,10 @@ class CompareStage(Stage):
         p = ctx.params
         train = _compare.JointMoments.from_table(ctx.inputs["moments"].table("train"))
         heldout = _compare.JointMoments.from_table(ctx.inputs["moments"].table("heldout"))
-        with _one_blas_thread():
-            tables = _compare.compare_moments(train, heldout, alphas=list(p["alphas"]),
-                                              thresholds=list(p["match_thresholds"]),
-                                              svcca_keep=float(p["svcca_keep"]), lasso_tol=float(p["lasso_tol"]),
-                                              max_sweeps=int(p["lasso_max_sweeps"]))
+        tables = _compare.compare_moments(train, heldout, alphas=list(p["alphas"]),
+                                          thresholds=list(p["match_thresholds"]),
+                                          svcca_keep=float(p["svcca_keep"]), lasso_tol=float(p["lasso_tol"]),
+                                          max_sweeps=int(p["lasso_max_sweeps"]))
         return StageOutput(tables=tables)
 
 
@@ -153,7 +141,7 @@ class CKAStage(StatisticStage):
 
     def new_statistic(self, ctx: Context) -> Any:
         names, sizes = layer_blocks(ctx)
-        return _compare.MultiMoments(sizes, names, ctx.params.get("precision", "float64"))
+        return _compare.MultiMoments(sizes, names, ctx.params["precision"])
 
     def statistic_types(self, ctx: Context) -> type:
         return _compare.MultiMoments

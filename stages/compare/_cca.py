@@ -140,9 +140,10 @@ def _cca_on_bases(
     k = min(white_a.shape[1], white_b.shape[1])
     if k == 0:
         return np.zeros(0), np.zeros((basis_a.shape[0], 0)), np.zeros((basis_b.shape[0], 0))
+    m = white_a.T @ cov_ab @ white_b
     if not weights:
-        return np.clip(np.linalg.svd(white_a.T @ cov_ab @ white_b, compute_uv=False)[:k], 0.0, 1.0), None, None
-    u, s, vt = np.linalg.svd(white_a.T @ cov_ab @ white_b, full_matrices=False)
+        return np.clip(np.linalg.svd(m, compute_uv=False)[:k], 0.0, 1.0), None, None
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
     return np.clip(s[:k], 0.0, 1.0), white_a @ u[:, :k], white_b @ vt[:k].T
 
 

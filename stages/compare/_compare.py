@@ -54,6 +54,7 @@ from ._matching import Matching, bottleneck_matching, hungarian_matching, matche
 from ._moments import JointMoments
 from ._pwcca_google import pwcca_google_from_moments
 from ._regression import DEFAULT_ALPHAS, regression_from_moments
+from ._threads import with_one_blas_thread
 
 __all__ = ["METRICS", "DEFAULT_THRESHOLDS", "compare_moments", "compare_arrays"]
 
@@ -102,6 +103,7 @@ def _matches_frame(named: Sequence[tuple[str, Matching]]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+@with_one_blas_thread  # every read-out is eigh/SVD/products of C × C blocks (see ._threads)
 def compare_moments(
     train: JointMoments,
     heldout: JointMoments | None = None,

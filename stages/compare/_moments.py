@@ -22,7 +22,7 @@ the fixed shift never costs more than a few bits. Memory is O(D²) whatever the 
 ``precision="float32"`` rounds the shifted samples to float32, forms each chunk's product with ``ssyrk``, sums
 the chunk products in float32 over at most ~16,000 samples of 512 channels and those sums in float64: about 2×
 faster on CPUs (a float64 product costs 2× a float32 one), with covariance errors of a few 1e-6 of σᵢσⱼ at most (about 1e-8 typically)
-and metric errors of 1e-8 to 1e-5 relative, largest for CCA-family metrics of ill-conditioned layers (see the
+and metric errors of 1e-8 to 2e-5 relative, largest for CCA-family metrics of ill-conditioned layers (see the
 README's "Scaling out"). A statistic records its precision (in its table too) and refuses to merge with the
 other one.
 
@@ -268,8 +268,7 @@ class _Float32Sums:
         return self._total
 
 
-def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str,
-                      workspace: _Workspace | None = None) -> np.ndarray:
+def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str) -> np.ndarray:
     """Upper triangle of ``C = Σ [x − s, 1]ᵀ [x − s, 1] = [[G, g], [gᵀ, n]]`` over one batch, (D+1, D+1).
 
     ``arrays`` are (n, D_i) blocks of the same n samples, ``s`` the (D,) shift; ``G = Σ (x − s)(x − s)ᵀ``,
@@ -284,7 +283,7 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
     the chunk products in float32 over at most ``_F32_SPAN_ELEMENTS / (D + 1)`` rows (~16,000 of 512
     channels), then in float64 (:class:`_Float32Sums`); C is returned in float32 when the batch is no longer.
     """
-    workspace = _workspace() if workspace is None else workspace
+    workspace = _workspace()
     rows = int(arrays[0].shape[0])
     bounds = np.concatenate([[0], np.cumsum([b.shape[1] for b in arrays])]).astype(int)
     if precision == "float64":
@@ -320,8 +319,7 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
     return acc if precision == "float64" else sums.result()
 
 
-def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str,
-                     workspace: _Workspace | None = None) -> np.ndarray:
+def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str) -> np.ndarray:
     """:func:`_numpy_batch_sums` over the per-position samples of (N, C_i, H·W) maps, without their
     (N·H·W, C) channels-last copy.
 
@@ -331,7 +329,7 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
     buffer), and the rank-k update folds ``B Bᵀ`` into C — the same sums as :func:`_numpy_batch_sums` (the
     order of the samples inside a sum differs, so equal to rounding).
     """
-    workspace = _workspace() if workspace is None else workspace
+    workspace = _workspace()
     n, hw = int(maps[0].shape[0]), int(maps[0].shape[2])
     bounds = np.concatenate([[0], np.cumsum([m.shape[1] for m in maps])]).astype(int)
     if precision == "float64":
@@ -454,8 +452,7 @@ class MultiMoments(StreamingStatistic):
         self.sizes: list[int] = sizes
         self.names: list[str] = names
         self.precision: str = precision
-        self._bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self._bounds = offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self._slices = {name: slice(int(offsets[i]), int(offsets[i + 1])) for i, name in enumerate(names)}
         dim = int(offsets[-1])
         self._n = 0

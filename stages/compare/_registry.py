@@ -12,10 +12,9 @@ Rows only: rsa.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -31,6 +30,7 @@ from ._beyond import (
 from ._cca_batched import cca_mean_batched, pwcca_morcos_batched, svcca_batched
 from ._grouped import MomentState
 from ._pwcca_google import pwcca_google_from_moments
+from ._threads import one_blas_thread
 
 __all__ = ["Metric", "REGISTRY", "DEFAULT_METRICS", "resolve_metrics"]
 
@@ -50,20 +50,11 @@ class Metric:
         return 1.0 if self.kind == "similarity" else -1.0
 
 
-def _single_thread() -> Any:
-    """One BLAS thread while looping over small matrices (threads only add contention there)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1)
-
-
 def _per_replicate(fn: Callable[..., float]) -> Callable[[MomentState, str, str], np.ndarray]:
     """Lift a function of covariance blocks (one replicate) to stacked states; NaN where n < 2."""
 
     def lifted(state: MomentState, a: str, b: str) -> np.ndarray:
-        with _single_thread():
+        with one_blas_thread():
             return _loop(state, a, b)
 
     def _loop(state: MomentState, a: str, b: str) -> np.ndarray:

@@ -22,15 +22,15 @@ relation); both come from the held-out moments expressed in the train split's st
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import ContextManager, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
 from .._errors import StageInputError
 from ._correlation import dead_units
 from ._moments import JointMoments
+from ._threads import one_blas_thread
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -80,18 +80,6 @@ def _duality_gap(
     gap = np.where(dual_norm > alpha, 0.5 * residual_sq * (1.0 + scale**2), residual_sq)
     return gap + alpha * np.abs(coef).sum(axis=0) - scale * (y_sq - w_q)
 
-
-def _single_threaded_blas() -> ContextManager[object]:
-    """Run BLAS single-threaded inside the coordinate loop when threadpoolctl is available.
-
-    The loop issues thousands of small products (32 × P by P × T); multi-threaded OpenBLAS spends more time
-    waking threads than computing on them, and under CPU contention it was measured 5–10× slower.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it the results are identical, only slower on busy machines
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 #: Coordinates per block of the blocked coordinate descent (see :func:`_block_sweep`).
@@ -172,7 +160,8 @@ def lasso_gram(
     work, q = coef.copy(), xty
     threshold = tol * y_sq
     sweeps = 0
-    with _single_threaded_blas():
+    # the loop issues thousands of small products (32 × P by P × T): one BLAS thread (see ._threads)
+    with one_blas_thread(user_api="blas"):
         while live.size and sweeps < max_sweeps:
             sweeps += 1
             for block in blocks:

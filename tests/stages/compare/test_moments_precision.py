@@ -130,7 +130,7 @@ def test_precision_survives_the_table_and_sharded_equals_whole(precision):
     tolerance = 1e-10 if precision == "float64" else FLOAT32_BOUND  # offsets of 1e6 σ cost float64 digits too
     assert (np.abs(merged.covariance() - whole.covariance()) / scale).max() < tolerance
     swapped = merged.swapped()
-    assert swapped.precision == precision and np.allclose(swapped.cov_ab(), merged.cov_ab().T, rtol=0, atol=0)
+    assert swapped.precision == precision and np.array_equal(swapped.cov_ab(), merged.cov_ab().T)
 
 
 def test_pending_sums_about_one_reference_merge_exactly():
