@@ -227,6 +227,37 @@ def _workspace() -> _Workspace:
     return workspace
 
 
+def _chunk_elements(precision: str) -> int:
+    """Values per chunk of the kernels' buffer (float32 chunks are longer: BLAS needs the rows, see above)."""
+    return (1 if precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS
+
+
+class _Float64Sums:
+    """Float64 products of chunks, accumulated in place by BLAS ``dsyrk`` (upper triangle) — the float64 twin
+    of :class:`_Float32Sums`, with the same ``add``/``result``."""
+
+    def __init__(self, size: int) -> None:
+        from scipy.linalg.blas import dsyrk
+
+        self._dsyrk = dsyrk
+        self._acc = np.zeros((size, size), dtype=np.float64, order="F")  # dsyrk updates a Fortran-ordered C
+
+    def add(self, left: np.ndarray, right: np.ndarray, rows: int) -> None:
+        """Fold in ``left @ right`` (``left`` is ``right.T``), handing BLAS whichever operand it reads in place."""
+        if left.flags.f_contiguous:
+            self._acc = self._dsyrk(1.0, left, beta=1.0, c=self._acc, trans=0, lower=0, overwrite_c=1)
+        else:
+            self._acc = self._dsyrk(1.0, right, beta=1.0, c=self._acc, trans=1, lower=0, overwrite_c=1)
+
+    def result(self) -> np.ndarray:
+        return self._acc
+
+
+def _sums(precision: str, size: int, span: int, workspace: _Workspace) -> "_Float64Sums | _Float32Sums":
+    """The chunk-product accumulator of ``precision`` for (size × size) sums (``span``: float32 rows per flush)."""
+    return _Float64Sums(size) if precision == "float64" else _Float32Sums(size, span, workspace)
+
+
 class _Float32Sums:
     """Float32 products of chunks, summed in float32 over at most ``span`` rows, then in float64.
 
@@ -286,21 +317,15 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
     workspace = _workspace()
     rows = int(arrays[0].shape[0])
     bounds = np.concatenate([[0], np.cumsum([b.shape[1] for b in arrays])]).astype(int)
-    if precision == "float64":
-        from scipy.linalg.blas import dsyrk
-
-        dtype, step = np.float64, max(64, _CHUNK_ELEMENTS // (dim + 1))
-    else:
-        dtype, step = np.float32, max(64, _F32_CHUNKS * _CHUNK_ELEMENTS // (dim + 1))
-        sums = _Float32Sums(dim + 1, max(step, _F32_SPAN_ELEMENTS // (dim + 1)), workspace)
+    dtype = np.float64 if precision == "float64" else np.float32
+    step = max(64, _chunk_elements(precision) // (dim + 1))
+    sums = _sums(precision, dim + 1, max(step, _F32_SPAN_ELEMENTS // (dim + 1)), workspace)
     step = -(-rows // -(-rows // step))  # equal chunks: no short last one
     assign = _assigner(arrays)
     s = np.append(shift, 0.0).astype(dtype)  # the column of ones is not shifted
     shifted = bool(np.any(shift))  # a zero reference (_shift_of) needs no subtraction pass
     fill = max(8, _FILL_ELEMENTS // (dim + 1))
     buffer = workspace.buffer((min(rows, step), dim + 1), dtype, dim, axis=1)
-    # dsyrk updates a Fortran-ordered C in place
-    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F") if precision == "float64" else None
     for start in range(0, rows, step):
         chunk = buffer[: min(step, rows - start)]
         # Filled in slices that stay in L2: a converting copy of each block into its columns, then one
@@ -312,11 +337,8 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
             if shifted:
                 part -= s
         # chunk.T is Fortran-ordered (D+1, k): BLAS reads it in place and updates C's upper triangle in place
-        if precision == "float64":
-            acc = dsyrk(1.0, chunk.T, beta=1.0, c=acc, trans=0, lower=0, overwrite_c=1)
-        else:
-            sums.add(chunk.T, chunk, chunk.shape[0])
-    return acc if precision == "float64" else sums.result()
+        sums.add(chunk.T, chunk, chunk.shape[0])
+    return sums.result()
 
 
 def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str) -> np.ndarray:
@@ -332,19 +354,14 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
     workspace = _workspace()
     n, hw = int(maps[0].shape[0]), int(maps[0].shape[2])
     bounds = np.concatenate([[0], np.cumsum([m.shape[1] for m in maps])]).astype(int)
-    if precision == "float64":
-        from scipy.linalg.blas import dsyrk
-
-        dtype, step = np.float64, max(1, _CHUNK_ELEMENTS // ((dim + 1) * hw))
-    else:
-        dtype, step = np.float32, max(1, _F32_CHUNKS * _CHUNK_ELEMENTS // ((dim + 1) * hw))
-        sums = _Float32Sums(dim + 1, max(step * hw, _F32_SPAN_ELEMENTS // (dim + 1)), workspace)
+    dtype = np.float64 if precision == "float64" else np.float32
+    step = max(1, _chunk_elements(precision) // ((dim + 1) * hw))
+    sums = _sums(precision, dim + 1, max(step * hw, _F32_SPAN_ELEMENTS // (dim + 1)), workspace)
     step = -(-n // -(-n // step))  # equal chunks: no short last one
     assign = _assigner(maps)
     s = np.append(shift, 0.0).astype(dtype)  # the row of ones is not shifted
     shifted = bool(np.any(shift))
     fill = max(1, _FILL_ELEMENTS // ((dim + 1) * hw))
-    acc = np.zeros((dim + 1, dim + 1), dtype=np.float64, order="F") if precision == "float64" else None
     for start in range(0, n, step):
         k = min(step, n - start)
         buffer = workspace.buffer((dim + 1, k * hw), dtype, dim, axis=0)
@@ -357,12 +374,9 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
                 assign(part[bounds[i] : bounds[i + 1]], f[start + sub : start + sub + part.shape[1]].transpose(1, 0, 2))
             if shifted:
                 part -= s[:, None, None]
-        # buffer.T is (k·HW, D+1) with unit row stride: BLAS reads it in place; trans=1 gives B Bᵀ
-        if precision == "float64":
-            acc = dsyrk(1.0, buffer.T, beta=1.0, c=acc, trans=1, lower=0, overwrite_c=1)
-        else:
-            sums.add(buffer, buffer.T, k * hw)
-    return acc if precision == "float64" else sums.result()
+        # buffer.T is (k·HW, D+1) with unit row stride: BLAS reads it in place (B Bᵀ)
+        sums.add(buffer, buffer.T, k * hw)
+    return sums.result()
 
 
 def _read_accumulator(acc: np.ndarray, rows: int, shift: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -498,7 +512,7 @@ class MultiMoments(StreamingStatistic):
             self._combine(*_tensor_batch_moments(_concat(blocks), self.precision))
             return
         arrays = [np.asarray(b) for b in blocks]
-        per_chunk = (1 if self.precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS // (self.dim + 1)
+        per_chunk = _chunk_elements(self.precision) // (self.dim + 1)
         heads = (min(int(rows), _HEAD_SAMPLES), min(int(rows), max(64, per_chunk)))
         self._fold(arrays, _numpy_batch_sums, heads=heads, rows=int(rows))
 
@@ -523,7 +537,7 @@ class MultiMoments(StreamingStatistic):
         if n == 0 or h == 0 or w == 0:
             return
         flat = [m.reshape(n, m.shape[1], h * w) for m in arrays]
-        per_chunk = (1 if self.precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS // ((self.dim + 1) * h * w)
+        per_chunk = _chunk_elements(self.precision) // ((self.dim + 1) * h * w)
         heads = (min(n, -(-_HEAD_SAMPLES // (h * w))), min(n, max(1, per_chunk)))
         self._fold(flat, _maps_batch_sums, heads=heads, rows=n * h * w)
 
