@@ -358,17 +358,34 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
     i, j = (pos // a.shape[3]).tolist(), (pos % a.shape[3]).tolist()
     total = len(cols)
     plan = None if steps is None else plan_chain(steps, tuple(a.shape), x.dtype, x.device)
-    y0 = [] if plan is not None else [min(max(0, ii * sy - -(-up // sy) * sy), h - ch) for ii in i]
-    x0 = [] if plan is not None else [min(max(0, jj * sx - -(-left // sx) * sx), w - cw) for jj in j]
     todo = [r for r in range(total) if not ties[r] and not zero[r]]
     if plan is not None:  # a verified module chain: explicit backward on each row's receptive-field region
         out = _plan_maps(plan, x, a, img, cols, pos, todo, rows_per_pass)
     else:
         out = torch.zeros(total, c, h, w, dtype=x.dtype, device=x.device)
+        _crop_maps(model, x, layer, out, img, cols, i, j, todo, steps, rf, (ch, cw), a.shape[1], rows_per_pass)
+    tied = [r for r in range(total) if ties[r]]
+    if tied:  # several maxima share the gradient (amax): the whole-image path for those rows
+        g, _ = _unit_rows(model, _fast_layout(x[[image_of_row[r] for r in tied]]), [cols[r] for r in tied], layer,
+                          "max", None, False)
+        out[tied] = g
+    return out
+
+
+def _crop_maps(model: nn.Module, x: torch.Tensor, layer: str, out: torch.Tensor, img: torch.Tensor, cols: list[int],
+               i: list[int], j: list[int], todo: list[int], steps: list | None, rf: tuple[int, ...],
+               crop: tuple[int, int], channels: int, rows_per_pass: int) -> None:
+    """Write the maps of rows ``todo`` into ``out`` from receptive-field crops: by :func:`chain_backward` where
+    the steps of a verified chain are known (``steps``), else by autograd through a forward of each crop."""
+    sy, sx, up, _, left, _ = rf
+    ch, cw = crop
+    h, w = x.shape[2:]
+    y0 = [min(max(0, ii * sy - -(-up // sy) * sy), h - ch) for ii in i]
+    x0 = [min(max(0, jj * sx - -(-left // sx) * sx), w - cw) for jj in j]
     # every crop starts on the stride grid, so crops are windows of one strided view (gathered in one index op)
     windows = x.unfold(2, ch, sy).unfold(3, cw, sx)  # (N, C, ny, nx, ch, cw), a view
     out_windows = out.unfold(2, ch, sy).unfold(3, cw, sx)
-    for start in range(0, 0 if plan is not None else len(todo), rows_per_pass):
+    for start in range(0, len(todo), rows_per_pass):
         rows = todo[start:start + rows_per_pass]
         rr = torch.as_tensor(rows, device=x.device)
         cy = torch.as_tensor([y0[r] // sy for r in rows], device=x.device)
@@ -377,7 +394,7 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
             g = chain_backward(steps, (ch, cw), (sy, sx), img[rr], cy, cx,
                                torch.as_tensor([cols[r] for r in rows], device=x.device),
                                torch.as_tensor([i[r] for r in rows], device=x.device) - cy,
-                               torch.as_tensor([j[r] for r in rows], device=x.device) - cx, a.shape[1], x.dtype)
+                               torch.as_tensor([j[r] for r in rows], device=x.device) - cx, channels, x.dtype)
             out_windows[rr, :, cy, cx] = g
             continue
         crops = _fast_layout(windows[img[rr], :, cy, cx]).requires_grad_(True)  # (rows, C, ch, cw)
@@ -389,12 +406,6 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
         value = ac[ar, torch.as_tensor([cols[r] for r in rows], device=ac.device), ci, cj]
         g = torch.autograd.grad(value.sum(), crops)[0]
         out_windows[rr, :, cy, cx] = g  # each row writes only its own map
-    tied = [r for r in range(total) if ties[r]]
-    if tied:  # several maxima share the gradient (amax): the whole-image path for those rows
-        g, _ = _unit_rows(model, _fast_layout(x[[image_of_row[r] for r in tied]]), [cols[r] for r in tied], layer,
-                          "max", None, False)
-        out[tied] = g
-    return out
 
 
 def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
