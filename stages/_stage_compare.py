@@ -60,7 +60,7 @@ class MomentsStage(StatisticStage):
         return list(range(len(ctx.inputs["a"].parts(f"activations@{ctx.params['layer_a']}"))))
 
     def new_statistic(self, ctx: Context) -> dict[str, Any]:
-        precision = ctx.params["precision"]
+        precision = ctx.params.get("precision", "float64")  # hand-built nodes may omit it
         return {split: _compare.JointMoments(*self._channels(ctx), precision) for split in _SPLITS}
 
     def statistic_types(self, ctx: Context) -> dict[str, type]:
@@ -110,8 +110,8 @@ class CompareStage(Stage):
     #: the science modules this stage's result depends on (compare_arrays' registry path included)
     depends_on = (".compare._compare", ".compare._cca", ".compare._correlation", ".compare._matching",
                   ".compare._moments", ".compare._regression", ".compare._pwcca_google", ".compare._registry",
-                  ".compare._grouped", ".compare._uncertainty", ".compare._beyond", ".compare._cca_batched",
-                  ".compare._factor_cache")
+                  ".compare._threads", ".compare._grouped", ".compare._uncertainty", ".compare._beyond",
+                  ".compare._cca_batched", ".compare._factor_cache")
 
     def run(self, ctx: Context) -> StageOutput:
         p = ctx.params
@@ -141,7 +141,7 @@ class CKAStage(StatisticStage):
 
     def new_statistic(self, ctx: Context) -> Any:
         names, sizes = layer_blocks(ctx)
-        return _compare.MultiMoments(sizes, names, ctx.params["precision"])
+        return _compare.MultiMoments(sizes, names, ctx.params.get("precision", "float64"))
 
     def statistic_types(self, ctx: Context) -> type:
         return _compare.MultiMoments
