@@ -49,7 +49,8 @@ class MomentsStage(StatisticStage):
     # reference shift, settled once (equal to rounding), and the keyed precision (float32 products opt-in);
     # 5: reference shift 0 for near-zero-mean channels, float32 products summed over two chunks (equal to rounding)
     version = 5
-    depends_on = (".compare._moments", ".compare._correlation", ".compare._samples", "._stage_inputs", "._activations")
+    depends_on = (".compare._moments", ".compare._correlation", ".compare._samples", "._stage_inputs",
+                  "._activations")
 
     def _channels(self, ctx: Context) -> tuple[int, int]:
         ca = ctx.inputs["a"].extras["layer_shapes"][ctx.params["layer_a"]][0]
@@ -108,10 +109,10 @@ class CompareStage(Stage):
     # values alone (no singular vectors: the same values to rounding)
     version = 3
     #: the science modules this stage's result depends on (compare_arrays' registry path included)
-    depends_on = (".compare._compare", ".compare._cca", ".compare._correlation", ".compare._matching",
-                  ".compare._moments", ".compare._regression", ".compare._pwcca_google", ".compare._registry",
-                  ".compare._threads", ".compare._grouped", ".compare._uncertainty", ".compare._beyond",
-                  ".compare._cca_batched", ".compare._factor_cache")
+    depends_on = (".compare._compare", ".compare._cca", ".compare._lapack", ".compare._correlation",
+                  ".compare._matching", ".compare._moments", ".compare._regression", ".compare._pwcca_google",
+                  ".compare._registry", ".compare._threads", ".compare._grouped", ".compare._uncertainty",
+                  ".compare._beyond", ".compare._cca_batched", ".compare._factor_cache")
 
     def run(self, ctx: Context) -> StageOutput:
         p = ctx.params
@@ -134,7 +135,8 @@ class CKAStage(StatisticStage):
     # 4: moments summed about one reference shift (equal to rounding), and the keyed precision; 5: reference
     # shift 0 for near-zero-mean channels, float32 products summed over two chunks (equal to rounding)
     version = 5
-    depends_on = (".compare._cca", ".compare._moments", ".compare._correlation", "._stage_inputs", "._activations")
+    depends_on = (".compare._cca", ".compare._lapack", ".compare._moments", ".compare._correlation", "._stage_inputs",
+                  "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
         return layer_x_layer_shards(ctx)

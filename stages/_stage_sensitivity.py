@@ -51,8 +51,8 @@ class SensitivityStage(StatisticStage):
     #: the science modules this stage's result depends on (closed under their imports)
     depends_on = (".compare._sensitivity", ".compare._grouped", ".compare._uncertainty", ".compare._registry",
                   ".compare._threads", ".compare._beyond", ".compare._cca_batched", ".compare._cca",
-                  ".compare._moments", ".compare._correlation", ".compare._pwcca_google", ".compare._factor_cache",
-                  "._stage_inputs", "._activations")
+                  ".compare._lapack", ".compare._moments", ".compare._correlation", ".compare._pwcca_google",
+                  ".compare._factor_cache", "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
         first = ctx.params["roles"][0]

@@ -55,9 +55,9 @@ class SimilarityStage(StatisticStage):
     version = 2
     #: the science modules this stage's result depends on (closed under their imports)
     depends_on = (".compare._grouped", ".compare._uncertainty", ".compare._registry", ".compare._threads",
-                  ".compare._beyond", ".compare._cca_batched", ".compare._cca", ".compare._moments",
-                  ".compare._correlation", ".compare._pwcca_google", ".compare._factor_cache", "._stage_inputs",
-                  "._activations")
+                  ".compare._beyond", ".compare._cca_batched", ".compare._cca", ".compare._lapack",
+                  ".compare._moments", ".compare._correlation", ".compare._pwcca_google", ".compare._factor_cache",
+                  "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
         return layer_x_layer_shards(ctx)

@@ -24,6 +24,7 @@ import numpy as np
 from .._errors import StageInputError
 from ._cca import CanonicalCorrelations, PWCCAResult, svcca_dims
 from ._correlation import dead_units
+from ._lapack import svd
 
 __all__ = ["correlation_arrays", "cca_arrays", "svcca_arrays", "pwcca_arrays", "linear_cka_arrays", "linear_cka_gram"]
 
@@ -45,7 +46,7 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _basis(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin SVD of the centred data, keeping singular values above √eps · s_max: (U (n, k), s (k,), V (C, k))."""
     centred = x - x.mean(axis=0)
-    u, s, vt = np.linalg.svd(centred, full_matrices=False)
+    u, s, vt = svd(centred, full_matrices=False)
     if s.size == 0 or s[0] <= 0:
         return u[:, :0], s[:0], vt[:0].T
     k = int((s > np.sqrt(eps) * s[0]).sum())
@@ -56,7 +57,7 @@ def _cca_of_bases(qa: np.ndarray, qb: np.ndarray) -> tuple[np.ndarray, np.ndarra
     k = min(qa.shape[1], qb.shape[1])
     if k == 0:
         return np.zeros(0), np.zeros((qa.shape[1], 0)), np.zeros((qb.shape[1], 0))
-    u, s, vt = np.linalg.svd(qa.T @ qb, full_matrices=False)
+    u, s, vt = svd(qa.T @ qb, full_matrices=False)
     return np.clip(s[:k], 0.0, 1.0), u[:, :k], vt[:k].T
 
 

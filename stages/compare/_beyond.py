@@ -30,6 +30,7 @@ from scipy import stats
 from .._errors import StageInputError
 from ._factor_cache import memoised
 from ._grouped import MomentState
+from ._lapack import eigh, svd
 
 __all__ = [
     "NETREP_EIGVAL_TOL",
@@ -91,7 +92,7 @@ def debiased_cka_moments(state: MomentState, a: str, b: str) -> np.ndarray:
 
 def _nuclear(m: np.ndarray) -> np.ndarray:
     # Procrustes and the α = 1 shape metric take the nuclear norm of the same cross block: computed once.
-    return memoised("nuclear", m, lambda x: np.linalg.svd(x, compute_uv=False).sum(axis=-1)).copy()
+    return memoised("nuclear", m, lambda x: svd(x, compute_uv=False).sum(axis=-1)).copy()
 
 
 def procrustes_moments(state: MomentState, a: str, b: str) -> np.ndarray:
@@ -177,7 +178,7 @@ def procrustes_arrays(x: np.ndarray, y: np.ndarray) -> float:
     x, y = _pair(x, y)
     a, b = (x - x.mean(0)).T, (y - y.mean(0)).T
     a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
-    return float(2.0 - 2.0 * np.linalg.svd(a @ b.T, compute_uv=False).sum())
+    return float(2.0 - 2.0 * svd(a @ b.T, compute_uv=False).sum())
 
 
 def shape_metric_arrays(x: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> float:
@@ -192,7 +193,7 @@ def shape_metric_arrays(x: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> flo
     def whiten(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if alpha == 1.0:
             return z, np.eye(z.shape[1])
-        lam, vec = np.linalg.eigh(z.T @ z)
+        lam, vec = eigh(z.T @ z)
         lam = np.maximum(lam, NETREP_EIGVAL_TOL)
         d = alpha + (1 - alpha) * lam ** (-0.5)
         zmat = (vec * d[None, :]) @ vec.T
@@ -200,7 +201,7 @@ def shape_metric_arrays(x: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> flo
 
     xw, zx = whiten(x)
     yw, zy = whiten(y)
-    u, _, vt = np.linalg.svd(xw.T @ yw)
+    u, _, vt = svd(xw.T @ yw)
     xa, ya = x @ (zx @ u), y @ (zy @ vt.T)
     cos = np.sum(xa * ya) / (np.linalg.norm(xa) * np.linalg.norm(ya))
     return float(np.arccos(np.clip(cos, -1.0, 1.0)))

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StageInputError
+from ._lapack import eigh, svd
 from ._moments import MultiMoments
 
 __all__ = [
@@ -90,7 +91,7 @@ def _eigh_desc(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (descending, clipped at 0) and eigenvectors of a symmetric PSD matrix."""
     if cov.shape[0] == 0:
         return np.zeros(0), np.zeros((0, 0))
-    values, vectors = np.linalg.eigh((cov + cov.T) * 0.5)
+    values, vectors = eigh((cov + cov.T) * 0.5)
     return np.maximum(values[::-1], 0.0), vectors[:, ::-1]
 
 
@@ -142,8 +143,8 @@ def _cca_on_bases(
         return np.zeros(0), np.zeros((basis_a.shape[0], 0)), np.zeros((basis_b.shape[0], 0))
     m = white_a.T @ cov_ab @ white_b
     if not weights:
-        return np.clip(np.linalg.svd(m, compute_uv=False)[:k], 0.0, 1.0), None, None
-    u, s, vt = np.linalg.svd(m, full_matrices=False)
+        return np.clip(svd(m, compute_uv=False)[:k], 0.0, 1.0), None, None
+    u, s, vt = svd(m, full_matrices=False)
     return np.clip(s[:k], 0.0, 1.0), white_a @ u[:, :k], white_b @ vt[:k].T
 
 

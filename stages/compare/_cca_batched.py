@@ -14,6 +14,7 @@ import numpy as np
 
 from ._cca import svcca_dims
 from ._factor_cache import sym_eigh
+from ._lapack import svd
 
 __all__ = ["cca_mean_batched", "svcca_batched", "pwcca_morcos_batched"]
 
@@ -51,7 +52,7 @@ def cca_mean_batched(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, eps: flo
     lx, vx, rx = _spectra(mxx, eps, spectra[0] if spectra else None)
     ly, vy, ry = _spectra(myy, eps, spectra[1] if spectra else None)
     wx, wy = _whitener(lx, vx, rx), _whitener(ly, vy, ry)
-    s = np.linalg.svd(np.swapaxes(wx, 1, 2) @ mxy @ wy, compute_uv=False)
+    s = svd(np.swapaxes(wx, 1, 2) @ mxy @ wy, compute_uv=False)
     return _masked_mean(s, np.minimum(rx, ry))
 
 
@@ -63,7 +64,7 @@ def svcca_batched(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, keep: float
     mx = np.array([min(svcca_dims(l, keep, convention), r) for l, r in zip(lx, rx)], dtype=np.int64)
     my = np.array([min(svcca_dims(l, keep, convention), r) for l, r in zip(ly, ry)], dtype=np.int64)
     wx, wy = _whitener(lx, vx, mx), _whitener(ly, vy, my)
-    s = np.linalg.svd(np.swapaxes(wx, 1, 2) @ mxy @ wy, compute_uv=False)
+    s = svd(np.swapaxes(wx, 1, 2) @ mxy @ wy, compute_uv=False)
     return _masked_mean(s, np.minimum(mx, my))
 
 
@@ -73,7 +74,7 @@ def pwcca_morcos_batched(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, eps:
     lx, vx, rx = _spectra(mxx, eps, spectra[0] if spectra else None)
     ly, vy, ry = _spectra(myy, eps, spectra[1] if spectra else None)
     wx, wy = _whitener(lx, vx, rx), _whitener(ly, vy, ry)
-    u, s, vt = np.linalg.svd(np.swapaxes(wx, 1, 2) @ mxy @ wy, full_matrices=False)
+    u, s, vt = svd(np.swapaxes(wx, 1, 2) @ mxy @ wy, full_matrices=False)
     k = np.minimum(rx, ry)
     side_a = rx <= ry
     proj_a = mxx @ (wx @ u)  # (R, p, m): covariance of canonical variate i with neuron j of A

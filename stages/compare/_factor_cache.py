@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._lapack import eigh
+
 __all__ = ["sym_eigh", "memoised", "clear_factor_cache"]
 
 #: bytes of cached results kept (least recently used dropped first): a 128 × 128 eigenbasis is 0.13 MB
@@ -115,7 +117,7 @@ def sym_eigh(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             todo.setdefault(key, []).extend(rows.tolist())
     if todo:
         first = [rows[0] for rows in todo.values()]
-        lam, vec = np.linalg.eigh(stack[first])
+        lam, vec = eigh(stack[first])
         for i, (key, rows) in enumerate(todo.items()):
             values[rows], vectors[rows] = lam[i], vec[i]
             _store("eigh", key, (lam[i].copy(), vec[i].copy()))

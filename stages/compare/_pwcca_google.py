@@ -42,6 +42,7 @@ import numpy as np
 
 from .._errors import StageInputError
 from ._factor_cache import memoised
+from ._lapack import eigh, pinv, svd
 
 __all__ = ["GooglePWCCAResult", "pwcca_google_from_moments", "pwcca_google_arrays"]
 
@@ -59,13 +60,13 @@ class GooglePWCCAResult:
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh((matrix + matrix.T) * 0.5)
+    values, vectors = eigh((matrix + matrix.T) * 0.5)
     return (vectors * np.sqrt(np.maximum(values, 0.0))) @ vectors.T
 
 
 def _inverse_sqrt(matrix: np.ndarray) -> np.ndarray:
     """google/svcca's whitening ``√(pinv(Σ))`` of one side's (scaled) covariance."""
-    return _psd_sqrt(np.linalg.pinv(matrix))
+    return _psd_sqrt(pinv(matrix))
 
 
 def _fix_signs(rotation: np.ndarray, signs: str) -> np.ndarray:
@@ -148,7 +149,7 @@ def pwcca_google_from_moments(
     # Each side's whitening depends on that side alone: permutation replicates share it (see _factor_cache).
     white_a = memoised("pwcca_google_whitener", s_aa, _inverse_sqrt)
     white_b = memoised("pwcca_google_whitener", s_bb, _inverse_sqrt)
-    u, s, vt = np.linalg.svd(white_a @ s_ab @ white_b)
+    u, s, vt = svd(white_a @ s_ab @ white_b)
     corrs = np.abs(s)
     if ka <= kb:
         side, rotation, keep, mean, scatter = "a", u.T, keep_a, mean_a, m2_aa
@@ -193,7 +194,7 @@ def pwcca_google_arrays(
     s_aa = s_aa[np.ix_(keep_a, keep_a)] + epsilon * np.eye(int(keep_a.sum()))
     s_bb = s_bb[np.ix_(keep_b, keep_b)] + epsilon * np.eye(int(keep_b.sum()))
     s_ab = s_ab[np.ix_(keep_a, keep_b)]
-    u, s, vt = np.linalg.svd(_psd_sqrt(np.linalg.pinv(s_aa)) @ s_ab @ _psd_sqrt(np.linalg.pinv(s_bb)))
+    u, s, vt = svd(_psd_sqrt(pinv(s_aa)) @ s_ab @ _psd_sqrt(pinv(s_bb)))
     mean1, mean2 = acts1.mean(axis=1, keepdims=True), acts2.mean(axis=1, keepdims=True)
     if keep_a.sum() <= keep_b.sum():
         side, acts = "a", acts1[keep_a]

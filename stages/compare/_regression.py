@@ -29,6 +29,7 @@ import numpy as np
 
 from .._errors import StageInputError
 from ._correlation import dead_units
+from ._lapack import eigh
 from ._moments import JointMoments
 from ._threads import one_blas_thread
 
@@ -194,7 +195,7 @@ def least_squares_gram(gram: np.ndarray, xty: np.ndarray, eps: float = 1e-12) ->
     gram, xty = _check_gram(gram, xty)
     if gram.shape[0] == 0:
         return np.zeros_like(xty)
-    values, vectors = np.linalg.eigh((gram + gram.T) * 0.5)
+    values, vectors = eigh((gram + gram.T) * 0.5)
     top = values.max()
     keep = values > eps * top if top > 0 else np.zeros(values.shape, dtype=bool)
     inverse = np.zeros_like(values)

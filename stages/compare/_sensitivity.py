@@ -46,6 +46,7 @@ from scipy import stats
 
 from .._errors import StageInputError
 from ._beyond import rdm_correlation, rsa_arrays
+from ._lapack import eigh
 from ._registry import Metric, resolve_metrics
 from ._uncertainty import _rows_state
 
@@ -73,7 +74,7 @@ def principal_components(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     if x.ndim != 2 or x.shape[0] < 2:
         raise StageInputError(f"PCA needs a (samples ≥ 2, units) matrix; got shape {x.shape}")
     mean = x.mean(axis=0)
-    lam, vec = np.linalg.eigh(np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]))
+    lam, vec = eigh(np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]))
     order = np.argsort(lam)[::-1]
     return mean, vec[:, order], np.maximum(lam[order], 0.0)
 
