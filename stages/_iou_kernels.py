@@ -45,15 +45,16 @@ indexes that cannot be negative (an index ``base + k`` into a flat array made Nu
 wrap-around a per-element select, which LLVM turned into gathers: unsigned indexes avoid it). The same held
 in the strips: with signed indexes the interpolation of a run's corner columns compiled to gathers and
 scatters, the narrow evaluation to gathers from the interpolated row and the per-quad sums to gathers;
-unsigned indexes there took 56² from about 100 to 90 ms (the compiled function now holds no gather or
-scatter instruction; the tests hold the counts unchanged).
+unsigned indexes there took 56² from 99–101 to 93–94 ms per 64 images (the compiled function now holds no
+gather or scatter instruction; the counts are unchanged).
 
 Where the 56² time goes now (64 images, load 12 on the 2 cores, measured by cutting the kernel after each
-step): scan 29 ms, hot bits and the strips' ``need`` words 8 ms, the runs 11 ms, interpolation and
-evaluation 18 ms, the quads' prefix sums 3 ms, labels 13 ms, label preparation 7 ms. Every strip step costs
-about 50 ns per strip (242,000 strips of ~5 quads) whatever its loop structure (fusing the narrow path's
-interpolation, evaluation and prefix into one loop per run measured the same): the next step is fewer,
-larger units of work (several strips per pass, or the label attribution per image), not tighter loops.
+step): scan 29 ms, hot bits and the strips' ``need`` words 8 ms, widening and run extraction 11 ms,
+interpolation and evaluation 18 ms, the quads' prefix sums 3 ms, labels 13 ms, label preparation 7 ms. Every
+strip step costs about 50 ns per strip (242,000 strips of ~5 quads) whatever its loop structure (fusing the
+narrow path's interpolation, evaluation and prefix into one loop per run measured the same; one merged range
+per strip instead of its runs, slower): the next step is fewer, larger units of work (a hot map's bounding
+rows at once, one-label stretches found per image), not tighter loops.
 
 The kernels are Numba ``njit`` functions, compiled on first use (10–30 s on a loaded machine) and cached on
 disk in the package directory or Numba's user cache; where neither is writable they are compiled once per
