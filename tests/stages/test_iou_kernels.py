@@ -296,3 +296,29 @@ def test_label_boundaries_at_every_offset_in_a_quad(feature):
     thresholds[3] = 0.0  # ReLU zeros below: exactly the positive region
     inter, act, _ = assert_all_agree(acts, thresholds, batch, seg)
     assert inter[1].sum() > 0 and inter[2].sum() > 0
+
+
+@pytest.mark.slow
+def test_count_kernel_compiles_without_gathers_or_scatters():
+    """Signed indexes into flat arrays made Numba's negative-index wrap-around a per-element select, which
+    LLVM vectorised into gather and scatter instructions (slow on x86): the count kernel must hold none.
+
+    Compiled afresh (the on-disk cache keeps no assembly), with the dtypes ``IoUTally`` passes.
+    """
+    import re
+
+    from numba import njit
+
+    from repdissect.stages import _iou_kernels
+
+    kernel = njit(nogil=True)(_iou_kernels.count_maps.py_func)
+    i64, f32 = np.zeros(3, np.int64), np.zeros(3, np.float32)
+    labels = np.zeros((1, 1, 2, 2), np.int32)
+    kernel(
+        np.zeros((1, 1, 2, 2), np.float32), f32, f32, f32, i64, i64, f32, f32, i64, i64, i64, i64, f32, f32,
+        labels, labels.copy(), labels.copy(), labels.copy(), np.zeros((1, 1), np.int64), i64,
+        np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.zeros((0, 0, 0), np.uint8),
+    )
+    assembly = kernel.inspect_asm(kernel.signatures[0])
+    assert "ret" in assembly  # real assembly, not a placeholder
+    assert re.findall(r"\bv\w*(?:gather|scatter)\w*", assembly) == []
