@@ -219,6 +219,11 @@ def _finalize_and_publish(ctx: Context, merged: pa.Table | None, started: float)
     stage = get_stage(ctx.node.stage)
     t0 = time.time()
     output: StageOutput = stage.finalize(ctx, merged) if isinstance(stage, ShardedStage) else stage.run(ctx)
+    # The computation's temporaries are freed now; what glibc holds of them would stay resident under the
+    # tables' conversion and writing (Arrow allocates from its own pool): hand it back first.
+    from ..stages import release_freed_memory
+
+    release_freed_memory()
     node = ctx.node
     manifest = {
         "stage_version": node.version,

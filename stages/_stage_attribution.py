@@ -250,9 +250,10 @@ class AttributionMassStage(StatisticStage):
         target = _attr.UnitTarget(ctx.params["layer"], units, ctx.params["reduce"])
         for start in range(int(shard[0]), int(shard[1]), batch):
             data = dataset.load(np.arange(start, min(start + batch, int(shard[1]))))
-            maps = _attr.attribute(ctx.params["method"], net, _inputs(wrapper, data.images), target,
-                                   unit_chunk=int(ctx.params["unit_chunk"]))
-            strength = maps.detach().abs().amax(dim=2).float().cpu()  # (N, U, H, W): max over colour of |map|
+            # (N, U, H, W): max over colour of |map|, reduced pass by pass in the engine (every unit's full map
+            # at once was N × U × 3 × H × W floats, the largest temporary of the demo's run)
+            strength = _attr.attribute(ctx.params["method"], net, _inputs(wrapper, data.images), target,
+                                       unit_chunk=int(ctx.params["unit_chunk"]), map_fn=_attr.strength).float().cpu()
             masks = _attr.concept_masks(data.pixel_labels, labels, categories)
             fraction, valid = _attr.mass_fractions(strength, masks)
             stat.update(fraction, valid, masks)

@@ -56,7 +56,28 @@ def mass_fractions(strength: torch.Tensor, masks: np.ndarray) -> tuple[np.ndarra
 
     Returns:
         ``(fraction (N, U) float64, valid (N, U) bool)``; valid = non-empty mask and non-zero attribution.
+
+    Computed in groups of units (float64 copies of ~2²¹ values each, not of the whole batch: the demo's conv4
+    batch was four 64 MiB temporaries); every (image, unit) value is the same reduction of its own plane
+    either way, so the bits do not depend on the grouping (tested against the whole batch at once).
     """
+    n, u, h, w = strength.shape
+    sh, sw = masks.shape[-2:]
+    frac = np.zeros((n, u), np.float64)
+    valid = np.zeros((n, u), bool)
+    step = max(1, _GROUP_VALUES // max(1, n * max(h * w, sh * sw)))
+    for start in range(0, u, step):
+        f, v = _fractions(strength[:, start:start + step], masks[:, start:start + step])
+        frac[:, start:start + step], valid[:, start:start + step] = f, v
+    return frac, valid
+
+
+#: values per float64 temporary of :func:`mass_fractions` (16 MiB)
+_GROUP_VALUES = 1 << 21
+
+
+def _fractions(strength: torch.Tensor, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mass_fractions` of one group of units, all at once."""
     n, u, h, w = strength.shape
     sh, sw = masks.shape[-2:]
     s = strength.double()

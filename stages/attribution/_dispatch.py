@@ -13,7 +13,7 @@ from torch import nn
 
 from .._errors import StageInputError
 from ._cam import cam, grad_cam, guided_grad_cam
-from ._engine import Target
+from ._engine import MapFn, Target
 from ._gradients import deconvnet, guided_backprop, saliency, smoothgrad
 from ._lime import lime
 from ._lrp import lrp
@@ -31,27 +31,31 @@ def attribute(method: str, model: nn.Module, x: torch.Tensor, target: Target, *,
               lrp_rule: str = "epsilon", lrp_epsilon: float = 1e-6, lime_cell: int = 8, lime_samples: int = 256,
               image_ids: torch.Tensor | None = None, unit_chunk: int = 16, seed: int = 0, lrp_alpha: float = 2.0,
               lime_segmentation: str = "grid", lime_segments: int = 64, lime_compactness: float = 2.0,
-              **_ignored: Any) -> torch.Tensor:
+              map_fn: MapFn | None = None, **_ignored: Any) -> torch.Tensor:
     """Raw map(s) of ``method`` for ``target`` (shapes as the method's own function documents).
 
     ``cam_layer`` is where CAM / Grad-CAM / guided Grad-CAM are taken; ``head`` is CAM's linear layer.
     SmoothGrad's and LIME's randomness derives from ``seed`` (LIME also from ``image_ids``). ``lrp_alpha`` is the
     αβ rule's α (β = α − 1); ``lime_segmentation`` is ``"grid"`` (``lime_cell``) or ``"slic"`` (``lime_segments``,
-    ``lime_compactness``).
+    ``lime_compactness``). ``map_fn`` (saliency, guided backprop and deconvnet only): a row-wise reduction the
+    engine applies to the maps piece by piece (:data:`~._engine.MapFn`), so only the reduced maps are held.
     """
     if method not in METHODS:
         raise StageInputError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
     if method in ("cam", "grad_cam", "guided_grad_cam") and not cam_layer:
         raise StageInputError(f"{method} needs the layer it is taken at (cam_layer)")
+    if map_fn is not None and method not in ("saliency", "guided_backprop", "deconvnet"):
+        raise StageInputError(f"{method} maps cannot be reduced piece by piece (map_fn); use saliency, "
+                              "guided_backprop or deconvnet, or reduce the returned maps")
     if method == "saliency":
-        return saliency(model, x, target, unit_chunk=unit_chunk)
+        return saliency(model, x, target, unit_chunk=unit_chunk, map_fn=map_fn)
     if method == "smoothgrad":
         return smoothgrad(model, x, target, samples=smoothgrad_samples, stdev=smoothgrad_stdev, seed=seed,
                           unit_chunk=unit_chunk)
     if method == "guided_backprop":
-        return guided_backprop(model, x, target, unit_chunk=unit_chunk)
+        return guided_backprop(model, x, target, unit_chunk=unit_chunk, map_fn=map_fn)
     if method == "deconvnet":
-        return deconvnet(model, x, target, unit_chunk=unit_chunk)
+        return deconvnet(model, x, target, unit_chunk=unit_chunk, map_fn=map_fn)
     if method == "occlusion":
         return occlusion(model, x, target, window=(occlusion_window,) * 2, stride=(occlusion_stride,) * 2,
                          baseline=occlusion_baseline)

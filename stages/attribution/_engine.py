@@ -73,7 +73,12 @@ from torch import nn
 from .._errors import StageInputError
 from ._chain import ChainPlan, chain_backward, plan_backward, plan_chain, record_chain
 
-__all__ = ["UnitTarget", "RowUnitTarget", "Target", "module_by_name", "class_indices", "backward_maps", "target_scores"]
+__all__ = ["UnitTarget", "RowUnitTarget", "Target", "MapFn", "module_by_name", "class_indices", "backward_maps",
+           "target_scores"]
+
+#: a reduction applied to each piece of maps as it is made: ``(rows, *shape) → (rows, *reduced)``, row by row
+#: (each output row a function of its own map only), e.g. ``max_c |g|``
+MapFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,7 @@ def backward_maps(
     relevance: bool = False,
     unit_chunk: int = 16,
     crop: bool = True,
+    map_fn: MapFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of the target at the input (``wrt=None``) or at layer ``wrt``'s output, and what it was taken at.
 
@@ -208,10 +214,17 @@ def backward_maps(
             instead of ``∂φ/∂output``.
         unit_chunk: units per replicated batch (memory: ``unit_chunk×`` one call's).
         crop: use receptive-field crops for ``reduce="max"`` input gradients (exact; see module docstring).
+        map_fn: a row-wise reduction of the maps (see :data:`MapFn`), applied to each piece as it is made, so
+            that the full ``(N, U, *shape)`` stack is never held: memory is that of the reduced maps plus one
+            piece (a pass of rows or a unit chunk). Every forward and backward runs on the same batches as
+            without it, so ``map_fn(maps)`` is the same bits either way (tested).
 
     Returns:
         ``(grad, at)``: for a class target ``(N, *shape)``; for a unit target ``(N, U, *shape)`` where shape is
-        the input's or the layer's; ``at`` is the input or the layer's activation with the same layout.
+        the input's or the layer's; ``at`` is the input or the layer's activation with the same layout. With
+        ``map_fn`` the maps are reduced (``(N, *reduced)``, ``(N, U, *reduced)``) and ``at`` is the input
+        (``wrt=None``, as an expanded view for a unit target) or, for ``wrt``, the layer's activation of the
+        last unit chunk only.
     """
     if x.ndim < 2:
         raise StageInputError(f"inputs must be batched (N, C, H, W); got shape {tuple(x.shape)}")
@@ -222,25 +235,32 @@ def backward_maps(
             raise StageInputError(f"RowUnitTarget has {len(cols)} units for {x.shape[0]} inputs; give one per input")
         _units(UnitTarget(target.layer, cols), _layer_channels(model, x, target.layer))
         if crop and target.reduce == "max" and wrt is None and not relevance:
-            g = _unit_rows_cropped(model, x, list(range(x.shape[0])), cols, target.layer)
+            g = _unit_rows_cropped(model, x, list(range(x.shape[0])), cols, target.layer, map_fn=map_fn)
             if g is not None:
                 return g, x
-        return _unit_rows(model, x, cols, target.layer, target.reduce, wrt, relevance)
+        g, at = _unit_rows(model, x, cols, target.layer, target.reduce, wrt, relevance)
+        return (g, at) if map_fn is None else (map_fn(g), at)
     if isinstance(target, UnitTarget):
         units = _units(target, _layer_channels(model, x, target.layer))
         if crop and target.reduce == "max" and wrt is None and not relevance:
             n, u = x.shape[0], len(units)
-            g = _unit_rows_cropped(model, x, [b for b in range(n) for _ in units], units * n, target.layer)
+            g = _unit_rows_cropped(model, x, [b for b in range(n) for _ in units], units * n, target.layer,
+                                   map_fn=map_fn)
             if g is not None:
-                return g.reshape(n, u, *x.shape[1:]), x.unsqueeze(1).expand(n, u, *x.shape[1:])
+                return g.reshape(n, u, *g.shape[1:]), x.unsqueeze(1).expand(n, u, *x.shape[1:])
         grads, ats = [], []
         for start in range(0, len(units), max(1, int(unit_chunk))):
             chunk = units[start:start + max(1, int(unit_chunk))]
             m = len(chunk)
             g, at = _unit_rows(model, x.repeat_interleave(m, dim=0), chunk * x.shape[0], target.layer,
                                target.reduce, wrt, relevance)
+            if map_fn is not None:  # keep only the reduced maps: the chunk's full maps go now
+                g = map_fn(g)
+            if wrt is not None or map_fn is None:  # (the input, replicated, is x: a view is returned below)
+                ats.append(at.reshape(x.shape[0], m, *at.shape[1:]))
             grads.append(g.reshape(x.shape[0], m, *g.shape[1:]))
-            ats.append(at.reshape(x.shape[0], m, *at.shape[1:]))
+        if not ats:
+            return torch.cat(grads, 1), x.unsqueeze(1).expand(x.shape[0], len(units), *x.shape[1:])
         return torch.cat(grads, 1), torch.cat(ats, 1)
     xr = x.clone().requires_grad_(True)
     out, store = _forward(model, xr, [wrt] if wrt else [], stop=False)
@@ -254,7 +274,7 @@ def backward_maps(
         seed = seed * out.detach()
     wrt_t = store[wrt] if wrt else xr
     g = torch.autograd.grad(out, wrt_t, grad_outputs=seed)[0]
-    return g, wrt_t.detach()
+    return (g if map_fn is None else map_fn(g)), wrt_t.detach()
 
 
 _RF_CACHE: dict[tuple, tuple[int, int, int, int, int, int] | None] = {}
@@ -317,13 +337,14 @@ def _crop_plan(size: int, stride: int, lo: int, hi: int) -> int | None:
 
 
 def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int], cols: list[int], layer: str,
-                       rows_per_pass: int = 256) -> torch.Tensor | None:
+                       rows_per_pass: int = 256, map_fn: MapFn | None = None) -> torch.Tensor | None:
     """Input gradients of ``max_ij A[image_of_row[r], cols[r]]`` for every row ``r``, on receptive-field crops.
 
     The layer is evaluated once on the ``N`` distinct images to find each row's argmax (recording, for a
     module chain, what :mod:`._chain` needs: then every row is back-propagated by hand on its region, no crop
     forward); otherwise rows are cut from ``x`` (never replicated whole) and run through autograd. Returns
-    ``(rows, C, H, W)``, or None when cropping does not apply.
+    ``(rows, C, H, W)`` (with ``map_fn``: ``map_fn`` of it, made pass by pass), or None when cropping does not
+    apply.
     """
     rf = _receptive_field(model, x, layer)
     if rf is None:
@@ -359,23 +380,57 @@ def _unit_rows_cropped(model: nn.Module, x: torch.Tensor, image_of_row: list[int
     total = len(cols)
     plan = None if steps is None else plan_chain(steps, tuple(a.shape), x.dtype, x.device)
     todo = [r for r in range(total) if not ties[r] and not zero[r]]
+    sink = _Sink(total, (c, h, w), x.dtype, x.device, map_fn)
     if plan is not None:  # a verified module chain: explicit backward on each row's receptive-field region
-        out = _plan_maps(plan, x, a, img, cols, pos, todo, rows_per_pass)
+        _plan_maps(plan, x, a, img, cols, pos, todo, rows_per_pass, sink)
     else:
-        out = torch.zeros(total, c, h, w, dtype=x.dtype, device=x.device)
-        _crop_maps(model, x, layer, out, img, cols, i, j, todo, steps, rf, (ch, cw), a.shape[1], rows_per_pass)
+        _crop_maps(model, x, layer, sink, img, cols, i, j, todo, steps, rf, (ch, cw), a.shape[1], rows_per_pass)
     tied = [r for r in range(total) if ties[r]]
     if tied:  # several maxima share the gradient (amax): the whole-image path for those rows
         g, _ = _unit_rows(model, _fast_layout(x[[image_of_row[r] for r in tied]]), [cols[r] for r in tied], layer,
                           "max", None, False)
-        out[tied] = g
-    return out
+        sink.put(torch.as_tensor(tied, device=x.device), g)
+    return sink.out
 
 
-def _crop_maps(model: nn.Module, x: torch.Tensor, layer: str, out: torch.Tensor, img: torch.Tensor, cols: list[int],
+class _Sink:
+    """Where the cropped paths put their rows' maps: the ``(rows, C, H, W)`` stack itself, or — with a
+    ``map_fn`` — the reduced maps, each pass's maps built in a zeroed buffer of the pass's rows and reduced
+    at once (rows never computed are ``map_fn`` of a zero map)."""
+
+    def __init__(self, total: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+                 map_fn: MapFn | None) -> None:
+        self.shape, self.dtype, self.device, self.map_fn = shape, dtype, device, map_fn
+        numel = total * shape[0] * shape[1] * shape[2]
+        if map_fn is None:
+            self.flat = _zeros(numel + 1, dtype, device)  # + a spare slot for the plan path's overhang
+            self.out = self.flat[:-1].view(total, *shape)
+        else:
+            blank = map_fn(torch.zeros(1, *shape, dtype=dtype, device=device))
+            self.out = blank.expand(total, *blank.shape[1:]).clone()
+
+    def buffer(self, rows: int) -> tuple[torch.Tensor, bool]:
+        """A flat buffer (with a spare last slot) for a pass of ``rows`` rows, and whether it is the whole stack
+        (then rows are addressed by their own index, else by their place in the pass)."""
+        if self.map_fn is None:
+            return self.flat, True
+        return torch.zeros(rows * self.shape[0] * self.shape[1] * self.shape[2] + 1, dtype=self.dtype,
+                           device=self.device), False
+
+    def done(self, rows: torch.Tensor, flat: torch.Tensor, whole: bool) -> None:
+        """The pass's buffer from :meth:`buffer` is filled: reduce it into the rows' places (a no-op when whole)."""
+        if not whole:
+            self.out[rows] = self.map_fn(flat[:-1].view(len(rows), *self.shape))
+
+    def put(self, rows: torch.Tensor, maps: torch.Tensor) -> None:
+        """Whole maps of ``rows``, ``(len(rows), C, H, W)``."""
+        self.out[rows] = maps if self.map_fn is None else self.map_fn(maps)
+
+
+def _crop_maps(model: nn.Module, x: torch.Tensor, layer: str, sink: _Sink, img: torch.Tensor, cols: list[int],
                i: list[int], j: list[int], todo: list[int], steps: list | None, rf: tuple[int, ...],
                crop: tuple[int, int], channels: int, rows_per_pass: int) -> None:
-    """Write the maps of rows ``todo`` into ``out`` from receptive-field crops: by :func:`chain_backward` where
+    """Write the maps of rows ``todo`` into ``sink`` from receptive-field crops: by :func:`chain_backward` where
     the steps of a verified chain are known (``steps``), else by autograd through a forward of each crop."""
     sy, sx, up, _, left, _ = rf
     ch, cw = crop
@@ -384,10 +439,12 @@ def _crop_maps(model: nn.Module, x: torch.Tensor, layer: str, out: torch.Tensor,
     x0 = [min(max(0, jj * sx - -(-left // sx) * sx), w - cw) for jj in j]
     # every crop starts on the stride grid, so crops are windows of one strided view (gathered in one index op)
     windows = x.unfold(2, ch, sy).unfold(3, cw, sx)  # (N, C, ny, nx, ch, cw), a view
-    out_windows = out.unfold(2, ch, sy).unfold(3, cw, sx)
     for start in range(0, len(todo), rows_per_pass):
         rows = todo[start:start + rows_per_pass]
         rr = torch.as_tensor(rows, device=x.device)
+        flat, whole = sink.buffer(len(rows))
+        out_windows = flat[:-1].view(-1, *sink.shape).unfold(2, ch, sy).unfold(3, cw, sx)
+        at = rr if whole else torch.arange(len(rows), device=x.device)
         cy = torch.as_tensor([y0[r] // sy for r in rows], device=x.device)
         cx = torch.as_tensor([x0[r] // sx for r in rows], device=x.device)
         if steps is not None:  # a verified chain that plan_chain does not cover: the steps one by one
@@ -395,7 +452,8 @@ def _crop_maps(model: nn.Module, x: torch.Tensor, layer: str, out: torch.Tensor,
                                torch.as_tensor([cols[r] for r in rows], device=x.device),
                                torch.as_tensor([i[r] for r in rows], device=x.device) - cy,
                                torch.as_tensor([j[r] for r in rows], device=x.device) - cx, channels, x.dtype)
-            out_windows[rr, :, cy, cx] = g
+            out_windows[at, :, cy, cx] = g
+            sink.done(rr, flat, whole)
             continue
         crops = _fast_layout(windows[img[rr], :, cy, cx]).requires_grad_(True)  # (rows, C, ch, cw)
         _, st = _forward(model, crops, [layer], stop=True)
@@ -405,7 +463,8 @@ def _crop_maps(model: nn.Module, x: torch.Tensor, layer: str, out: torch.Tensor,
         cj = torch.as_tensor([j[r] for r in rows], device=ac.device) - cx
         value = ac[ar, torch.as_tensor([cols[r] for r in rows], device=ac.device), ci, cj]
         g = torch.autograd.grad(value.sum(), crops)[0]
-        out_windows[rr, :, cy, cx] = g  # each row writes only its own map
+        out_windows[at, :, cy, cx] = g  # each row writes only its own map
+        sink.done(rr, flat, whole)
 
 
 def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -427,13 +486,10 @@ def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def _plan_maps(plan: ChainPlan, x: torch.Tensor, a: torch.Tensor, img: torch.Tensor, cols: list[int],
-               pos: torch.Tensor, todo: list[int], rows_per_pass: int) -> torch.Tensor:
-    """``(rows, C, H, W)`` maps of the rows ``todo`` by :func:`plan_backward` (other rows stay 0): each row's
+               pos: torch.Tensor, todo: list[int], rows_per_pass: int, sink: _Sink) -> None:
+    """The maps of the rows ``todo`` by :func:`plan_backward` into ``sink`` (other rows stay 0): each row's
     input region written into its map, the part that overhangs the image dropped (it sends to a spare slot)."""
-    total = len(cols)
     n, c, h, w = x.shape
-    flat = _zeros(total * c * h * w + 1, x.dtype, x.device)
-    spare = flat.numel() - 1
     (ry, rx), (oy, ox), (hz, wz) = plan.ratio, plan.offset, plan.size
     # where each region element goes, per target position (i, j): offset in a row's map, or a huge value
     # (clamped to the spare slot) outside the image
@@ -449,9 +505,11 @@ def _plan_maps(plan: ChainPlan, x: torch.Tensor, a: torch.Tensor, img: torch.Ten
     for start in range(0, len(todo), rows_per_pass):
         rr = torch.as_tensor(todo[start:start + rows_per_pass], device=x.device, dtype=torch.int64)
         g = plan_backward(plan, img[rr], unit[rr], pi[rr], pj[rr], a.shape[1], x.dtype)
-        index = table[pos[rr]].add_((rr * (c * h * w))[:, None, None, None]).clamp_(max=spare)
+        flat, whole = sink.buffer(len(rr))
+        at = rr if whole else torch.arange(len(rr), device=x.device)
+        index = table[pos[rr]].add_((at * (c * h * w))[:, None, None, None]).clamp_(max=flat.numel() - 1)
         flat[index] = g
-    return flat[:-1].view(total, c, h, w)
+        sink.done(rr, flat, whole)
 
 
 def _unit_rows(model: nn.Module, xr: torch.Tensor, cols: list[int], layer: str, reduce: str, wrt: str | None,

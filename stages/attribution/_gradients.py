@@ -10,6 +10,10 @@
 * guided backprop (Springenberg et al. 2015) and deconvnet (Zeiler & Fergus 2014): the gradient with the
   ReLU backward rule of :mod:`._relu`, which also covers in-place and functional ReLUs.
 
+Saliency, guided backprop and deconvnet take a ``map_fn``: a row-wise reduction (e.g. :func:`strength`,
+``max_c |g|``) applied to the maps piece by piece as the engine makes them, so that a caller who needs only
+the reduction never holds every unit's full map (see :func:`~._engine.backward_maps`).
+
 Every function takes a model in ``eval()`` mode, float inputs and a target (class or
 :class:`~._engine.UnitTarget`); class targets give ``(N, C, H, W)``, unit targets ``(N, U, C, H, W)``
 (all units of a layer batched; see :mod:`._engine`).
@@ -21,28 +25,31 @@ import torch
 from torch import nn
 
 from .._errors import StageInputError
-from ._engine import Target, backward_maps
+from ._engine import MapFn, Target, backward_maps
 from ._relu import relu_rule
 
-__all__ = ["saliency", "smoothgrad", "guided_backprop", "deconvnet", "saliency_map"]
+__all__ = ["saliency", "smoothgrad", "guided_backprop", "deconvnet", "saliency_map", "strength"]
 
 
-def saliency(model: nn.Module, x: torch.Tensor, target: Target, *, unit_chunk: int = 16) -> torch.Tensor:
+def saliency(model: nn.Module, x: torch.Tensor, target: Target, *, unit_chunk: int = 16,
+             map_fn: MapFn | None = None) -> torch.Tensor:
     """Raw input gradient of the target; shape ``(N, C, H, W)`` (class) or ``(N, U, C, H, W)`` (units)."""
     with relu_rule(model, "plain"):
-        return backward_maps(model, x, target, unit_chunk=unit_chunk)[0]
+        return backward_maps(model, x, target, unit_chunk=unit_chunk, map_fn=map_fn)[0]
 
 
-def guided_backprop(model: nn.Module, x: torch.Tensor, target: Target, *, unit_chunk: int = 16) -> torch.Tensor:
+def guided_backprop(model: nn.Module, x: torch.Tensor, target: Target, *, unit_chunk: int = 16,
+                    map_fn: MapFn | None = None) -> torch.Tensor:
     """Guided backpropagation: the gradient with ``I[x>0]·I[g>0]·g`` at every ReLU (signed RGB map)."""
     with relu_rule(model, "guided"):
-        return backward_maps(model, x, target, unit_chunk=unit_chunk)[0]
+        return backward_maps(model, x, target, unit_chunk=unit_chunk, map_fn=map_fn)[0]
 
 
-def deconvnet(model: nn.Module, x: torch.Tensor, target: Target, *, unit_chunk: int = 16) -> torch.Tensor:
+def deconvnet(model: nn.Module, x: torch.Tensor, target: Target, *, unit_chunk: int = 16,
+              map_fn: MapFn | None = None) -> torch.Tensor:
     """Deconvnet: the gradient with ``I[g>0]·g`` at every ReLU (the forward switches of max-pooling kept)."""
     with relu_rule(model, "deconvnet"):
-        return backward_maps(model, x, target, unit_chunk=unit_chunk)[0]
+        return backward_maps(model, x, target, unit_chunk=unit_chunk, map_fn=map_fn)[0]
 
 
 _BASE = {"saliency": "plain", "guided_backprop": "guided", "deconvnet": "deconvnet"}
@@ -93,3 +100,9 @@ def smoothgrad(
 def saliency_map(grad: torch.Tensor, channel_dim: int = -3) -> torch.Tensor:
     """Display reduction of a raw gradient: ``max_c |g|`` over the colour axis (Simonyan et al. 2013)."""
     return grad.abs().amax(dim=channel_dim)
+
+
+def strength(rows: torch.Tensor) -> torch.Tensor:
+    """``(rows, C, H, W) → (rows, H, W)``: ``max_c |g|`` per row, a :data:`~._engine.MapFn` (the concept-mass
+    stage's attribution strength; the same values as :func:`saliency_map` on the rows)."""
+    return rows.detach().abs().amax(dim=1)

@@ -71,3 +71,15 @@ def test_procedural_world_colours_by_something_other_than_the_class():
     assert set(got.category) == {"color"}  # colours label every pixel, so the dominant concept is a colour
     assert class_purity(got.concept, batch.class_label) < 0.5  # distinct from the class colouring
     assert not set(names[int(c)] for c in got.concept) & set(world.class_names)
+
+
+@pytest.mark.parametrize("group_values", [1, 17, 64, 1 << 21])  # one image per group … all at once
+def test_label_counts_in_groups_of_images_equal_a_count_per_image(group_values, monkeypatch):
+    import repdissect.stages._concepts as concepts
+
+    labels = np.random.default_rng(3).integers(0, 9, (7, 2, 4, 4)).astype(np.int32)
+    monkeypatch.setattr(concepts, "_COUNT_VALUES", group_values)
+    got = concepts._per_image_counts(labels, 9)
+    expected = np.stack([np.bincount(image.ravel(), minlength=9) for image in labels])
+    assert got.dtype == np.int64 and np.array_equal(got, expected)
+    assert concepts._per_image_counts(labels[:0], 9).shape == (0, 9)
