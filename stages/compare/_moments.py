@@ -37,10 +37,12 @@ the statistic's precision and only the (D,)/(D×D) results come back to the host
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 import warnings
-from typing import Any, Self, Sequence
+from pathlib import Path
+from typing import Any, Callable, Self, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -188,6 +190,7 @@ class _Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple[Any, ...], np.ndarray] = {}
         self._products: np.ndarray | None = None
+        self._triangle: np.ndarray | None = None
 
     def buffer(self, shape: tuple[int, int], dtype: Any, ones: int, axis: int) -> np.ndarray:
         """A ``shape`` array of ``dtype`` whose column (``axis=1``) or row (``axis=0``) ``ones`` is all ones."""
@@ -207,13 +210,20 @@ class _Workspace:
     def clear(self) -> None:
         """Let the scratch go (up to ~16 MiB per layout): at the end of a statistic's stream (``to_table``)."""
         self._buffers.clear()
-        self._products = None
+        self._products = self._triangle = None
 
     def products(self, size: int, which: int) -> np.ndarray:
-        """(size, size) float32 scratch number ``which`` (0 or 1) of :class:`_Float32Sums`."""
+        """(size, size) float32 scratch number ``which`` (0 or 1) of :class:`_Float32Sums` (numpy's path)."""
         if self._products is None or self._products.shape[1] != size:
             self._products = np.empty((2, size, size), dtype=np.float32)
         return self._products[which]
+
+    def triangle(self, size: int) -> np.ndarray:
+        """(size, size) float32 accumulator of :class:`_Float32Sums`' BLAS path: zero-filled once and then
+        written only by ``ssyrk`` on its upper triangle, so its lower triangle stays 0."""
+        if self._triangle is None or self._triangle.shape[0] != size:
+            self._triangle = np.zeros((size, size), dtype=np.float32)
+        return self._triangle
 
 
 _THREAD = threading.local()
@@ -229,7 +239,7 @@ def _workspace() -> _Workspace:
 
 def _chunk_elements(precision: str) -> int:
     """Values per chunk of the kernels' buffer (float32 chunks are longer: BLAS needs the rows, see above)."""
-    return (1 if precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS
+    return int((1 if precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS)
 
 
 class _Float64Sums:
@@ -258,19 +268,104 @@ def _sums(precision: str, size: int, span: int, workspace: _Workspace) -> "_Floa
     return _Float64Sums(size) if precision == "float64" else _Float32Sums(size, span, workspace)
 
 
+#: numpy's bundled OpenBLAS exports its CBLAS with these names (ILP64 builds: 64-bit integers, ``64_``
+#: suffix; numpy ≥ 2 wheels), or plain (LP64 builds)
+_CBLAS_SSYRK = (("scipy_cblas_ssyrk64_", ctypes.c_int64), ("cblas_ssyrk64_", ctypes.c_int64),
+                ("scipy_cblas_ssyrk", ctypes.c_int), ("cblas_ssyrk", ctypes.c_int))
+_ROW_MAJOR, _UPPER, _NO_TRANS, _TRANS = 101, 121, 111, 112  # CBLAS enumerations
+_UNSET: Any = object()
+_SSYRK: Any = _UNSET
+
+
+def _numpy_blas_files() -> list[Path]:
+    """Shared libraries of numpy's own BLAS that a numpy wheel bundles (``numpy.libs`` on Linux and Windows,
+    ``numpy/.dylibs`` on macOS); none for numpy built against a system BLAS."""
+    package = Path(np.__file__).resolve().parent
+    folders = (package.parent / "numpy.libs", package / ".dylibs")
+    return sorted(f for d in folders if d.is_dir() for f in d.iterdir() if "openblas" in f.name.lower())
+
+
+def _bind_ssyrk(path: Path) -> Callable[..., None] | None:
+    """``cblas_ssyrk`` of the library at ``path`` (already loaded by numpy: the same handle, so the same thread
+    pool and threadpoolctl limits), or ``None``."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    for name, integer in _CBLAS_SSYRK:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            c_int, c_float, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+            fn.argtypes = [c_int, c_int, c_int, integer, integer, c_float, ptr, integer, c_float, ptr, integer]
+            fn.restype = None
+            return fn
+    return None
+
+
+def _ssyrk_update(fn: Callable[..., None], c: np.ndarray, a: np.ndarray, samples_first: bool, beta: float) -> None:
+    """``C ← β C + AᵀA`` (``samples_first``: ``a`` is (k, N)) or ``C ← β C + AAᵀ`` (``a`` is (N, k)) on the upper
+    triangle of the C-ordered float32 (N, N) ``c``, in place; ``a`` float32, rows of unit stride (its leading
+    dimension is its row stride)."""
+    if a.dtype != np.float32 or c.dtype != np.float32 or not c.flags.c_contiguous or a.strides[1] != 4:
+        raise ValueError("ssyrk needs float32 operands, a C-ordered C and rows of unit stride")
+    n, k = (a.shape[1], a.shape[0]) if samples_first else a.shape
+    lda = a.strides[0] // 4 if a.shape[0] > 1 else a.shape[1]
+    fn(_ROW_MAJOR, _UPPER, _TRANS if samples_first else _NO_TRANS, n, k, 1.0, a.ctypes.data, lda, beta,
+       c.ctypes.data, c.shape[1])
+
+
+def _checked(fn: Callable[..., None]) -> bool:
+    """Whether ``fn`` computes both products right on a small case: β = 0 overwrites (NaN included), β = 1 adds,
+    the lower triangle is left alone, a leading dimension larger than the width is honoured."""
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal((7, 9)).astype(np.float32)
+    a = wide[:, :5]  # (7, 5) with leading dimension 9
+    c = np.full((5, 5), np.nan, dtype=np.float32)
+    _ssyrk_update(fn, c, a, True, 0.0)
+    _ssyrk_update(fn, c, a.T.copy(), False, 1.0)
+    want = 2 * a.astype(np.float64).T @ a.astype(np.float64)
+    upper = np.triu_indices(5)
+    return bool(np.allclose(c[upper], want[upper], rtol=1e-5, atol=1e-5) and np.isnan(c[np.tril_indices(5, -1)]).all())
+
+
+def _numpy_ssyrk() -> Callable[..., None] | None:
+    """numpy's own BLAS ``ssyrk`` (through ctypes) when numpy bundles OpenBLAS and it passes :func:`_checked`;
+    else ``None`` (numpy's ``matmul`` path is used instead). Looked up once per process."""
+    global _SSYRK
+    if _SSYRK is _UNSET:
+        found = None
+        for path in _numpy_blas_files():
+            fn = _bind_ssyrk(path)
+            if fn is not None:
+                try:
+                    found = fn if _checked(fn) else None
+                except Exception:  # noqa: BLE001 - any failure of the probe means: do not use it
+                    found = None
+                break
+        _SSYRK = found
+    return _SSYRK
+
+
 class _Float32Sums:
     """Float32 products of chunks, summed in float32 over at most ``span`` rows, then in float64.
 
-    Each chunk's product ``Bᵀ B`` is numpy's (which runs it as a symmetric rank-k update, ``ssyrk``, on the
-    buffer in place — numpy's BLAS: another OpenBLAS build, scipy's, took ~15 % longer for the same ``ssyrk``)
-    written into float32 scratch; the chunk products are added in float32 until ``span`` rows, then flushed
-    into a float64 sum. A batch of at most ``span`` rows is returned as the float32 accumulator itself (the
-    thread's workspace: read it before the next kernel call), so its one float64 addition is into the
-    statistic's pending sums."""
+    Each chunk ``B`` is folded into a float32 accumulator by numpy's own BLAS ``ssyrk`` (``C ← C + BᵀB`` on the
+    upper triangle, in place: one call per chunk, no scratch, no addition pass, no mirroring of the triangle),
+    bound through ctypes (:func:`_numpy_ssyrk`; numpy's BLAS, not scipy's: another OpenBLAS build, scipy's,
+    took ~15 % longer for the same ``ssyrk``). Where numpy has no bundled OpenBLAS, numpy's ``Bᵀ B`` (which
+    numpy runs as ``ssyrk`` and mirrors) is written into float32 scratch and added. After ``span`` rows the
+    float32 sums are flushed into a float64 sum. A batch of at most ``span`` rows is returned as the float32
+    accumulator itself (the thread's workspace: read it before the next kernel call), so its one float64
+    addition is into the statistic's pending sums.
+    """
 
     def __init__(self, size: int, span: int, workspace: _Workspace) -> None:
         self._span = span
-        self._c, self._scratch = workspace.products(size, 0), workspace.products(size, 1)
+        self._ssyrk = _numpy_ssyrk()
+        if self._ssyrk is not None:
+            self._c = workspace.triangle(size)
+        else:
+            self._c, self._scratch = workspace.products(size, 0), workspace.products(size, 1)
         self._rows = 0
         self._total: np.ndarray | None = None
 
@@ -278,7 +373,12 @@ class _Float32Sums:
         """Fold in ``left @ right`` (``left`` is ``right.T``: a Gram product) of ``rows`` samples."""
         if self._rows and self._rows + rows > self._span:
             self._flush()
-        if self._rows:
+        if self._ssyrk is not None:
+            # the operand whose rows are contiguous goes to BLAS as it lies: (k, N) samples by rows, or (N, k)
+            samples_first = right.strides[1] == right.itemsize and (right.shape[0] > 1 or left.strides[1] != 4)
+            _ssyrk_update(self._ssyrk, self._c, right if samples_first else left, samples_first,
+                          1.0 if self._rows else 0.0)
+        elif self._rows:
             np.matmul(left, right, out=self._scratch)
             self._c += self._scratch
         else:
@@ -324,12 +424,14 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
     assign = _assigner(arrays)
     s = np.append(shift, 0.0).astype(dtype)  # the column of ones is not shifted
     shifted = bool(np.any(shift))  # a zero reference (_shift_of) needs no subtraction pass
-    fill = max(8, _FILL_ELEMENTS // (dim + 1))
+    # without a shift to subtract, nothing needs the slice in L2: one converting copy per block and chunk
+    fill = max(8, _FILL_ELEMENTS // (dim + 1)) if shifted else step
     buffer = workspace.buffer((min(rows, step), dim + 1), dtype, dim, axis=1)
     for start in range(0, rows, step):
         chunk = buffer[: min(step, rows - start)]
-        # Filled in slices that stay in L2: a converting copy of each block into its columns, then one
-        # contiguous in-place subtraction of the shift (≈1.5× faster than a subtraction into the strided columns)
+        # A converting copy of each block into its columns, then (with a shift) one contiguous in-place
+        # subtraction of the shift, in slices that stay in L2 (≈1.5× faster than a subtraction into the strided
+        # columns)
         for sub in range(0, chunk.shape[0], fill):
             part = chunk[sub : sub + fill]
             for i, b in enumerate(arrays):
@@ -361,7 +463,7 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
     assign = _assigner(maps)
     s = np.append(shift, 0.0).astype(dtype)  # the row of ones is not shifted
     shifted = bool(np.any(shift))
-    fill = max(1, _FILL_ELEMENTS // ((dim + 1) * hw))
+    fill = max(1, _FILL_ELEMENTS // ((dim + 1) * hw))  # the transposing copy needs its slice in L2, shift or not
     for start in range(0, n, step):
         k = min(step, n - start)
         buffer = workspace.buffer((dim + 1, k * hw), dtype, dim, axis=0)
@@ -396,6 +498,8 @@ def _check_sums(acc: np.ndarray, bounds: np.ndarray, names: Sequence[str], preci
     bad input is caught without a separate ``isfinite`` pass), or whose squares overflowed the precision."""
     dim = acc.shape[0] - 1
     sums, squares = acc[:dim, dim], np.diagonal(acc)[:dim]
+    if np.isfinite(sums).all() and np.isfinite(squares).all():
+        return
     for i, name in enumerate(names):
         if not np.isfinite(sums[bounds[i]:bounds[i + 1]]).all():
             raise _not_finite(name)
@@ -567,14 +671,15 @@ class MultiMoments(StreamingStatistic):
     def _settle(self) -> None:
         """Fold the pending sums into ``(n, mean, M2)`` (Chan's rule); the reference shift stays."""
         if self._pending is not None and self._pending_rows:
-            self._combine(*_read_accumulator(self._pending, self._pending_rows, self._ref))
+            self._combine(*_read_accumulator(self._pending, self._pending_rows, self._ref), owned=True)
         self._pending, self._pending_rows = None, 0
 
-    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray, owned: bool = False) -> None:
+        """Fold ``(n, mean, M2)`` in (Chan's rule); ``owned``: the arrays are fresh, kept without a copy."""
         if n_b == 0:
             return
         if self._n == 0:
-            self._n, self._mean, self._m2 = n_b, mean_b.copy(), m2_b.copy()
+            self._n, self._mean, self._m2 = n_b, mean_b if owned else mean_b.copy(), m2_b if owned else m2_b.copy()
             return
         n_a = self._n
         n = n_a + n_b
