@@ -47,9 +47,8 @@ class MomentsStage(StatisticStage):
     # 2: co-moments by chunked dsyrk (same values to rounding); 3: per-position samples of equal grids streamed
     # from the maps (update_maps: same sums in another order, equal to rounding); 4: batches summed about one
     # reference shift, settled once (equal to rounding), and the keyed precision (float32 products opt-in);
-    # 5: reference shift 0 for near-zero-mean channels, float32 products summed over two chunks (equal to rounding);
-    # 6: float32 chunks folded in by BLAS ssyrk in place, C ← C + BᵀB (float32 precision only; equal to rounding)
-    version = 6
+    # 5: reference shift 0 for near-zero-mean channels, float32 products summed over two chunks (equal to rounding)
+    version = 5
     depends_on = (".compare._moments", ".compare._correlation", ".compare._samples", "._stage_inputs", "._activations")
 
     def _channels(self, ctx: Context) -> tuple[int, int]:
@@ -133,9 +132,8 @@ class CKAStage(StatisticStage):
     # 2: co-moments by chunked dsyrk (same values to rounding); 3: pooled samples are the float32 spatial means
     # extraction stores (summaries), not means of the float16-stored maps (differences ~1e-4 relative);
     # 4: moments summed about one reference shift (equal to rounding), and the keyed precision; 5: reference
-    # shift 0 for near-zero-mean channels, float32 products summed over two chunks (equal to rounding); 6: float32
-    # chunks folded in by BLAS ssyrk in place (float32 precision only; equal to rounding)
-    version = 6
+    # shift 0 for near-zero-mean channels, float32 products summed over two chunks (equal to rounding)
+    version = 5
     depends_on = (".compare._cca", ".compare._moments", ".compare._correlation", "._stage_inputs", "._activations")
 
     def shards(self, ctx: Context) -> list[Any]:
