@@ -239,7 +239,7 @@ def _workspace() -> _Workspace:
 
 def _chunk_elements(precision: str) -> int:
     """Values per chunk of the kernels' buffer (float32 chunks are longer: BLAS needs the rows, see above)."""
-    return int((1 if precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS)
+    return (1 if precision == "float64" else _F32_CHUNKS) * _CHUNK_ELEMENTS
 
 
 class _Float64Sums:
@@ -349,11 +349,12 @@ def _numpy_ssyrk() -> Callable[..., None] | None:
 class _Float32Sums:
     """Float32 products of chunks, summed in float32 over at most ``span`` rows, then in float64.
 
-    Each chunk's product ``BᵀB`` is formed by numpy's own BLAS ``ssyrk`` on the upper triangle of float32
-    scratch (no mirroring of the triangle, which numpy's ``matmul`` adds to every call) and added to the
-    float32 sums, bound through ctypes (:func:`_numpy_ssyrk`; numpy's BLAS, not scipy's: another OpenBLAS build, scipy's,
-    took ~15 % longer for the same ``ssyrk``). Where numpy has no bundled OpenBLAS, numpy's ``Bᵀ B`` (which
-    numpy runs as ``ssyrk`` and mirrors) is written into float32 scratch and added. After ``span`` rows the
+    Each chunk's product ``BᵀB`` is formed by numpy's own BLAS ``ssyrk``, bound through ctypes
+    (:func:`_numpy_ssyrk`), on the upper triangle of float32 scratch — without the mirroring of the triangle
+    that numpy's ``matmul`` adds to every call — and added to the float32 sums (numpy's BLAS, not scipy's:
+    another OpenBLAS build, scipy's, took ~15 % longer for the same ``ssyrk``). Where numpy bundles no
+    OpenBLAS, numpy's ``Bᵀ B`` (``ssyrk`` and the mirroring) is written into the scratch instead: the same
+    sums, bit for bit where both run. After ``span`` rows the
     float32 sums are flushed into a float64 sum. A batch of at most ``span`` rows is returned as the float32
     accumulator itself (the thread's workspace: read it before the next kernel call), so its one float64
     addition is into the statistic's pending sums.
@@ -377,7 +378,8 @@ class _Float32Sums:
             # the operand whose rows are contiguous goes to BLAS as it lies: (k, N) samples by rows, or (N, k);
             # each chunk's product starts from 0 and is then added (as numpy's path does: the same rounding — a
             # running C ← C + BᵀB was measured 3.0e-6 instead of 2.9e-6 of σᵢσⱼ at most, for 0.003× less time)
-            samples_first = right.strides[1] == right.itemsize and (right.shape[0] > 1 or left.strides[1] != 4)
+            samples_first = right.strides[1] == right.itemsize and (right.shape[0] > 1
+                                                                   or left.strides[1] != left.itemsize)
             operand = right if samples_first else left
             if self._rows:
                 _ssyrk_update(self._ssyrk, self._scratch, operand, samples_first, 0.0)
