@@ -151,8 +151,12 @@ def bench_svcca(args: argparse.Namespace) -> None:
             m.update_maps(maps_a[start : start + step], maps_b[start : start + step])
         return m
 
+    def svcca_of(m: JointMoments):
+        return svcca_from_covariance(m.cov_aa(), m.cov_bb(), m.cov_ab())
+
     races = {
         "maps32": lambda: from_maps("float32"),
+        "maps32_svcca": lambda: svcca_of(from_maps("float32")),
         "ours": lambda: end_to_end("float64"),
         "ours32": lambda: end_to_end("float32"),
         "moments32": lambda: _accumulate(a, b, args.batch, "float32"),
@@ -187,6 +191,8 @@ def bench_svcca(args: argparse.Namespace) -> None:
           f"(the moments alone {times['moments32'] / gram:.2f}×, SVCCA from them {times['moments'] / gram:.2f}×)")
     print(f"  float32 moments from NCHW maps         {times['maps32'] / gram:8.2f}× the float32 Gram   ({images} "
           "images of 7 × 7, update_maps)")
+    print(f"  SVCCA end to end from NCHW maps        {times['maps32_svcca'] / gram:8.2f}× the float32 Gram   (float32 "
+          f"products; mean ρ {out['maps32_svcca'].mean:.10f})")
     if args.memory:
         peak_acc = _peak_bytes(lambda: _accumulate(a, b, args.batch))
         peak_tut = _peak_bytes(lambda: tutorial_svcca(at, bt))

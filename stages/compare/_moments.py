@@ -324,12 +324,15 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
     assign = _assigner(arrays)
     s = np.append(shift, 0.0).astype(dtype)  # the column of ones is not shifted
     shifted = bool(np.any(shift))  # a zero reference (_shift_of) needs no subtraction pass
-    fill = max(8, _FILL_ELEMENTS // (dim + 1))
+    # without a shift to subtract, nothing needs the slice in L2: one converting copy per block and chunk
+    # (float16 through torch: 50 calls per 100,000 samples of 512 channels instead of 784)
+    fill = max(8, _FILL_ELEMENTS // (dim + 1)) if shifted else step
     buffer = workspace.buffer((min(rows, step), dim + 1), dtype, dim, axis=1)
     for start in range(0, rows, step):
         chunk = buffer[: min(step, rows - start)]
-        # Filled in slices that stay in L2: a converting copy of each block into its columns, then one
-        # contiguous in-place subtraction of the shift (≈1.5× faster than a subtraction into the strided columns)
+        # A converting copy of each block into its columns, then (with a shift) one contiguous in-place
+        # subtraction of the shift, in slices that stay in L2 (≈1.5× faster than a subtraction into the strided
+        # columns)
         for sub in range(0, chunk.shape[0], fill):
             part = chunk[sub : sub + fill]
             for i, b in enumerate(arrays):
@@ -361,7 +364,7 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
     assign = _assigner(maps)
     s = np.append(shift, 0.0).astype(dtype)  # the row of ones is not shifted
     shifted = bool(np.any(shift))
-    fill = max(1, _FILL_ELEMENTS // ((dim + 1) * hw))
+    fill = max(1, _FILL_ELEMENTS // ((dim + 1) * hw))  # the transposing copy needs its slice in L2, shift or not
     for start in range(0, n, step):
         k = min(step, n - start)
         buffer = workspace.buffer((dim + 1, k * hw), dtype, dim, axis=0)
@@ -396,6 +399,8 @@ def _check_sums(acc: np.ndarray, bounds: np.ndarray, names: Sequence[str], preci
     bad input is caught without a separate ``isfinite`` pass), or whose squares overflowed the precision."""
     dim = acc.shape[0] - 1
     sums, squares = acc[:dim, dim], np.diagonal(acc)[:dim]
+    if np.isfinite(sums).all() and np.isfinite(squares).all():
+        return
     for i, name in enumerate(names):
         if not np.isfinite(sums[bounds[i]:bounds[i + 1]]).all():
             raise _not_finite(name)
@@ -567,14 +572,15 @@ class MultiMoments(StreamingStatistic):
     def _settle(self) -> None:
         """Fold the pending sums into ``(n, mean, M2)`` (Chan's rule); the reference shift stays."""
         if self._pending is not None and self._pending_rows:
-            self._combine(*_read_accumulator(self._pending, self._pending_rows, self._ref))
+            self._combine(*_read_accumulator(self._pending, self._pending_rows, self._ref), owned=True)
         self._pending, self._pending_rows = None, 0
 
-    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray, owned: bool = False) -> None:
+        """Fold ``(n, mean, M2)`` in (Chan's rule); ``owned``: the arrays are fresh, kept without a copy."""
         if n_b == 0:
             return
         if self._n == 0:
-            self._n, self._mean, self._m2 = n_b, mean_b.copy(), m2_b.copy()
+            self._n, self._mean, self._m2 = n_b, mean_b if owned else mean_b.copy(), m2_b if owned else m2_b.copy()
             return
         n_a = self._n
         n = n_a + n_b

@@ -123,3 +123,26 @@ def test_update_maps_refuses_bad_input() -> None:
     with pytest.raises(StageInputError, match="'b' contains NaN"):
         stat.update_maps(good_a, bad)
     assert stat.n == 0  # nothing half-folded in
+
+
+@pytest.mark.parametrize("maps", [False, True])
+def test_a_refused_float32_batch_does_not_leak_into_the_next_ones(maps):
+    """A NaN batch leaves NaN in the thread's float32 scratch; the next batches overwrite it, not add to it."""
+    rng = np.random.default_rng(4)
+    shape = (30, 3, 2, 2) if maps else (60, 3)
+    a, b = rng.random(shape).astype(np.float32), rng.random(shape).astype(np.float32)
+
+    def stream(stat: JointMoments) -> JointMoments:
+        for start in range(0, shape[0], 10):
+            (stat.update_maps if maps else stat.update)(a[start : start + 10], b[start : start + 10])
+        return stat
+
+    clean = stream(JointMoments(3, 3, "float32"))
+    stat = JointMoments(3, 3, "float32")
+    bad = a[:10].copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(StageInputError, match="contains NaN"):
+        (stat.update_maps if maps else stat.update)(bad, b[:10])
+    stream(stat)
+    assert stat.n == clean.n
+    np.testing.assert_array_equal(stat.covariance(), clean.covariance())
