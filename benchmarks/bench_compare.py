@@ -122,7 +122,8 @@ def bench_svcca(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads or 1)
-    at, bt = np.ascontiguousarray(a.T, dtype=np.float64), np.ascontiguousarray(b.T, dtype=np.float64)
+    if args.tutorial or args.memory:  # google's layout, (neurons × datapoints) float64: 0.8 GB at the default size
+        at, bt = np.ascontiguousarray(a.T, dtype=np.float64), np.ascontiguousarray(b.T, dtype=np.float64)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"\n[1] SVCCA, {args.samples} samples × {args.units}+{args.units} units, {args.dtype} activations "
           f"(batch {args.batch}), BLAS threads: {args.threads or 'default'}, {args.clock} time, median of "
