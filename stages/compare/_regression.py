@@ -82,7 +82,6 @@ def _duality_gap(
     return gap + alpha * np.abs(coef).sum(axis=0) - scale * (y_sq - w_q)
 
 
-
 #: Coordinates per block of the blocked coordinate descent (see :func:`_block_sweep`).
 _BLOCK = 32
 

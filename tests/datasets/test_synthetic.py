@@ -273,7 +273,6 @@ def test_visible_landmarks_are_inside_the_image_and_on_the_main_object(world, ba
     assert len(world.landmark_names) == 5
 
 
-
 def test_axis_landmarks_sit_on_the_objects_own_axes():
     """top/bottom/left/right are the centre ± 0.45 r along the object's rotated axes (they turn with it)."""
     world = SyntheticWorld(images=80, seed=12, distractors=0, rotation=40)
