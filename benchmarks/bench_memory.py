@@ -244,7 +244,9 @@ def main() -> None:
                 argv += ["--workers", str(args.workers)]
             env = None
             if args.per_task:
-                env = {**os.environ, "REPDISSECT_MEMORY_PROFILE": str(Path(tmp) / "profile")}
+                from repdissect.pipeline import PROFILE_ENV
+
+                env = {**os.environ, PROFILE_ENV: str(Path(tmp) / "profile")}
             peak = peak_tree(argv, args.interval, env)
             status = "" if peak.code == 0 else f"   (FAILED, exit {peak.code})"
             results[scale] = peak

@@ -291,7 +291,7 @@ class IoUTally(StreamingStatistic):
 
     def _category_hits(self, pixel_intersection: np.ndarray) -> np.ndarray:
         """``(C, categories)`` bool: which categories one image's ``(C, L)`` pixel intersections touch."""
-        return (pixel_intersection @ self._category_of) > 0
+        return ((pixel_intersection > 0).astype(np.float32) @ self._category_of) > 0
 
     def _add_units(self, on_count: np.ndarray, scalar_rows, scalar_cols, relevant,
                    unit_hits: np.ndarray | None = None, scalar_counted: bool = False) -> None:

@@ -253,7 +253,7 @@ class AttributionMassStage(StatisticStage):
             # (N, U, H, W): max over colour of |map|, reduced pass by pass in the engine (every unit's full map
             # at once was N × U × 3 × H × W floats, the largest temporary of the demo's run)
             strength = _attr.attribute(ctx.params["method"], net, _inputs(wrapper, data.images), target,
-                                       unit_chunk=int(ctx.params["unit_chunk"]), map_fn=_attr.strength).float().cpu()
+                                       unit_chunk=int(ctx.params["unit_chunk"]), map_fn=_attr.saliency_map).float().cpu()
             masks = _attr.concept_masks(data.pixel_labels, labels, categories)
             fraction, valid = _attr.mass_fractions(strength, masks)
             stat.update(fraction, valid, masks)

@@ -16,7 +16,7 @@ from ._cam import cam, grad_cam, guided_grad_cam, upsample
 from ._dataset import ConceptMass, concept_masks, maps_from_table, maps_table, mass_fractions, top_exemplars
 from ._dispatch import METHODS, attribute
 from ._engine import MapFn, RowUnitTarget, UnitTarget, backward_maps, module_by_name, target_scores
-from ._gradients import deconvnet, guided_backprop, saliency, saliency_map, smoothgrad, strength
+from ._gradients import deconvnet, guided_backprop, saliency, saliency_map, smoothgrad
 from ._lime import SEGMENTATIONS, grid_segments, lime, lime_segments, ridge_surrogate
 from ._lrp import LRP_RULES, lrp
 from ._occlusion import occlusion, occlusion_positions
@@ -28,5 +28,5 @@ __all__ = [
     "top_exemplars", "RowUnitTarget", "UnitTarget", "backward_maps", "cam", "deconvnet", "grad_cam", "grid_segments",
     "guided_backprop", "guided_grad_cam", "lime", "lrp", "module_by_name", "occlusion", "occlusion_positions",
     "relu_backward_rule", "relu_rule", "ridge_surrogate", "saliency", "saliency_map", "smoothgrad",
-    "target_scores", "upsample", "MapFn", "strength", "SEGMENTATIONS", "lime_segments", "slic_segments",
+    "target_scores", "upsample", "MapFn", "SEGMENTATIONS", "lime_segments", "slic_segments",
 ]

@@ -223,8 +223,8 @@ def backward_maps(
         ``(grad, at)``: for a class target ``(N, *shape)``; for a unit target ``(N, U, *shape)`` where shape is
         the input's or the layer's; ``at`` is the input or the layer's activation with the same layout. With
         ``map_fn`` the maps are reduced (``(N, *reduced)``, ``(N, U, *reduced)``) and ``at`` is the input
-        (``wrt=None``, as an expanded view for a unit target) or, for ``wrt``, the layer's activation of the
-        last unit chunk only.
+        (``wrt=None``, as an expanded view for a unit target) or, for ``wrt``, the layer's activation as
+        without it (every chunk's, ``(N, U, *layer shape)``).
     """
     if x.ndim < 2:
         raise StageInputError(f"inputs must be batched (N, C, H, W); got shape {tuple(x.shape)}")

@@ -10,7 +10,7 @@
 * guided backprop (Springenberg et al. 2015) and deconvnet (Zeiler & Fergus 2014): the gradient with the
   ReLU backward rule of :mod:`._relu`, which also covers in-place and functional ReLUs.
 
-Saliency, guided backprop and deconvnet take a ``map_fn``: a row-wise reduction (e.g. :func:`strength`,
+Saliency, guided backprop and deconvnet take a ``map_fn``: a row-wise reduction (e.g. :func:`saliency_map`,
 ``max_c |g|``) applied to the maps piece by piece as the engine makes them, so that a caller who needs only
 the reduction never holds every unit's full map (see :func:`~._engine.backward_maps`).
 
@@ -28,7 +28,7 @@ from .._errors import StageInputError
 from ._engine import MapFn, Target, backward_maps
 from ._relu import relu_rule
 
-__all__ = ["saliency", "smoothgrad", "guided_backprop", "deconvnet", "saliency_map", "strength"]
+__all__ = ["saliency", "smoothgrad", "guided_backprop", "deconvnet", "saliency_map"]
 
 
 def saliency(model: nn.Module, x: torch.Tensor, target: Target, *, unit_chunk: int = 16,
@@ -100,9 +100,3 @@ def smoothgrad(
 def saliency_map(grad: torch.Tensor, channel_dim: int = -3) -> torch.Tensor:
     """Display reduction of a raw gradient: ``max_c |g|`` over the colour axis (Simonyan et al. 2013)."""
     return grad.abs().amax(dim=channel_dim)
-
-
-def strength(rows: torch.Tensor) -> torch.Tensor:
-    """``(rows, C, H, W) → (rows, H, W)``: ``max_c |g|`` per row, a :data:`~._engine.MapFn` (the concept-mass
-    stage's attribution strength; the same values as :func:`saliency_map` on the rows)."""
-    return rows.detach().abs().amax(dim=1)

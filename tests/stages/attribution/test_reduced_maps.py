@@ -21,7 +21,7 @@ from helpers import one_torch_thread  # noqa: F401  (autouse: single-threaded to
 import repdissect.stages.attribution._dataset as dataset_mod
 import repdissect.stages.attribution._engine as engine
 from repdissect.stages.attribution import (
-    RowUnitTarget, UnitTarget, attribute, deconvnet, guided_backprop, mass_fractions, relu_rule, saliency, strength,
+    RowUnitTarget, UnitTarget, attribute, deconvnet, guided_backprop, mass_fractions, relu_rule, saliency, saliency_map,
 )
 from repdissect.stages import StageInputError
 
@@ -99,7 +99,7 @@ def test_reduced_unit_maps_equal_the_whole_stack_reduced(case: str, method: str,
     target = UnitTarget(layer, units, reduce)
     whole = METHODS[method](model, x, target, unit_chunk=chunk)
     taken = _paths(monkeypatch)
-    reduced = METHODS[method](model, x, target, unit_chunk=chunk, map_fn=strength)
+    reduced = METHODS[method](model, x, target, unit_chunk=chunk, map_fn=saliency_map)
     if path == "chain_backward" and method == "saliency":
         path = "_plan_maps"  # the plain rule's clamp commutes with the scale: the plan covers it
     assert path in taken
@@ -114,7 +114,7 @@ def test_any_number_of_rows_per_pass() -> None:
     with relu_rule(model, "guided"):
         for per_pass in (1, 3, 7, 256):
             whole = engine._unit_rows_cropped(model, x, rows, cols, "9", rows_per_pass=per_pass)
-            got = engine._unit_rows_cropped(model, x, rows, cols, "9", rows_per_pass=per_pass, map_fn=strength)
+            got = engine._unit_rows_cropped(model, x, rows, cols, "9", rows_per_pass=per_pass, map_fn=saliency_map)
             assert torch.equal(got, whole.abs().amax(dim=1))
 
 
@@ -126,7 +126,7 @@ def test_class_and_row_targets(target) -> None:
         model(x)  # materialise the lazy head
         model.eval()
     whole = guided_backprop(model, x, target)
-    assert torch.equal(guided_backprop(model, x, target, map_fn=strength), whole.abs().amax(dim=1))
+    assert torch.equal(guided_backprop(model, x, target, map_fn=saliency_map), whole.abs().amax(dim=1))
 
 
 def test_the_returned_input_is_the_same_values() -> None:
@@ -134,13 +134,13 @@ def test_the_returned_input_is_the_same_values() -> None:
     with relu_rule(model, "plain"):
         for kwargs in ({}, {"crop": False, "unit_chunk": 3}):
             _, at = engine.backward_maps(model, x, UnitTarget("9"), **kwargs)
-            _, at_reduced = engine.backward_maps(model, x, UnitTarget("9"), map_fn=strength, **kwargs)
+            _, at_reduced = engine.backward_maps(model, x, UnitTarget("9"), map_fn=saliency_map, **kwargs)
             assert torch.equal(at, at_reduced)
 
 
 def test_methods_without_a_piecewise_reduction_say_so() -> None:
     with pytest.raises(StageInputError, match="map_fn"):
-        attribute("occlusion", _chain(), _x(1, 16), UnitTarget("9"), map_fn=strength)
+        attribute("occlusion", _chain(), _x(1, 16), UnitTarget("9"), map_fn=saliency_map)
 
 
 @pytest.mark.parametrize("size,label_size", [(16, 16), (16, 8), (12, 8)])
