@@ -427,15 +427,17 @@ def _gather(parts: list[Batch], where: np.ndarray, index: np.ndarray, label_dtyp
     maps come out as ``label_dtype`` (the Batch contract's int32) whatever a cached part holds them in, or in
     the parts' common dtype when it is None."""
     offsets = np.cumsum([0] + [len(b) for b in parts])
+    # which output rows each part supplies, and from where in it: the same for every field
+    sources = [(rows, where[rows] - start) for start, stop in zip(offsets[:-1], offsets[1:])
+               for rows in [np.flatnonzero((where >= start) & (where < stop))]]
 
     def take(arrays: list[np.ndarray], dtype: Any = None) -> np.ndarray:
         dtype = np.result_type(*arrays) if dtype is None else dtype
         if len(arrays) == 1:
             return arrays[0][where].astype(dtype, copy=False)
         out = np.empty((where.size, *arrays[0].shape[1:]), dtype=dtype)
-        for start, stop, array in zip(offsets[:-1], offsets[1:], arrays):
-            rows = np.flatnonzero((where >= start) & (where < stop))
-            out[rows] = array[where[rows] - start]  # one copy, widened on the way
+        for (rows, src), array in zip(sources, arrays):
+            out[rows] = array[src]  # one copy, widened on the way
         return out
 
     first = parts[0]
