@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..core import Context, Stage, StageOutput, StatisticStage, digest, register_stage
+from ._allocator import release_freed_memory
 from ._errors import StageInputError
 from ._lazy import LazyModule, torch
 from ._stage_train import model_spec_from_params
@@ -125,8 +126,9 @@ class AttributeStage(Stage):
 
     name = "attribute"
     depends_on = _MODEL_AND_METHODS
-    version = 3  # 2: channels-last receptive-field crops (float32 rounding), αβ LRP and SLIC LIME keys;
-    # 3: unit maps of conv/BN/ReLU/max-pool chains by the explicit region backward (whole-image masks)
+    version = 4  # 2: channels-last receptive-field crops (float32 rounding), αβ LRP and SLIC LIME keys;
+    # 3: unit maps of conv/BN/ReLU/max-pool chains by the explicit region backward (whole-image masks);
+    # 4: occlusion forwards 64 images at a time, not 256 (convolutions are not batch-size invariant on the CPU)
     uses_device = True
 
     def run(self, ctx: Context) -> StageOutput:
@@ -165,6 +167,9 @@ class AttributeStage(Stage):
         unit_df = pd.concat(unit_frames, ignore_index=True) if unit_frames else rows.assign(method="")[:0]
 
         class_df, class_maps = self._class_panels(ctx, wrapper, net, class_ids, pixels, labels)
+        # The forwards' freed batches go back to the OS before the maps are laid out for Arrow (glibc keeps
+        # freed memory for reuse: the tables would otherwise be built on top of it)
+        release_freed_memory()
         return StageOutput(
             tables={"exemplars": rows,
                     "unit_maps": _attr.maps_table({c: unit_df[c].tolist() for c in unit_df.columns}, unit_maps),

@@ -160,10 +160,19 @@ def top_exemplars(image: np.ndarray, values: np.ndarray, k: int) -> tuple[np.nda
 
 
 def maps_table(columns: dict[str, Sequence[Any]], maps: Sequence[np.ndarray]) -> pa.Table:
-    """A table of raw maps: the given scalar ``columns`` plus ``shape`` (list<int32>) and ``map`` (list<float32>)."""
+    """A table of raw maps: the given scalar ``columns`` plus ``shape`` (list<int32>) and ``map`` (list<float32>).
+
+    The ``map`` column wraps one concatenated float32 array (zero-copy) with its row offsets: converting the
+    list of arrays element by element made Arrow grow a second copy of every map in its own pool.
+    """
     data = {name: pa.array(list(values)) for name, values in columns.items()}
     data["shape"] = pa.array([list(m.shape) for m in maps], pa.list_(pa.int32()))
-    data["map"] = pa.array([np.ascontiguousarray(m, np.float32).ravel() for m in maps], pa.large_list(pa.float32()))
+    offsets = np.zeros(len(maps) + 1, np.int64)
+    np.cumsum([np.size(m) for m in maps], out=offsets[1:])
+    values = np.empty(int(offsets[-1]), np.float32)
+    for m, start, stop in zip(maps, offsets[:-1], offsets[1:]):
+        values[start:stop] = np.asarray(m, np.float32).ravel()
+    data["map"] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
     return pa.table(data)
 
 

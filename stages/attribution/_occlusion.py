@@ -10,7 +10,10 @@ not grey; the pipeline converts a pixel-space grey (e.g. 0.5) through the model'
 
 The same forwards give every target at once (free batching): a unit target with U units costs exactly as
 many forwards as a class target — ``N × positions`` images in ``batch``-sized chunks, stopping at the
-unit's layer.
+unit's layer. ``batch`` (64 by default) bounds the working set: the occluded copies and every layer's output
+for that many images are alive at once, and with the pipeline's allocator settings (freed memory kept for
+reuse) repeated forwards of 256 images at 64 px left a process 250–450 MiB above its start, forwards of 64
+about 60 MiB, at less CPU time per image.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _repeat(target: Target, times: int) -> Target:
 
 
 def occlusion(model: nn.Module, x: torch.Tensor, target: Target, *, window: tuple[int, int] = (8, 8),
-              stride: tuple[int, int] = (4, 4), baseline: float | torch.Tensor = 0.0, batch: int = 256) -> torch.Tensor:
+              stride: tuple[int, int] = (4, 4), baseline: float | torch.Tensor = 0.0, batch: int = 64) -> torch.Tensor:
     """Per-pixel occlusion attribution: ``(N, C, H, W)`` for a class, ``(N, U, C, H, W)`` for unit targets."""
     x = x.detach()
     n, c, h, w = x.shape
