@@ -119,13 +119,15 @@ def _releasing(task: Callable[..., Any]) -> Callable[..., Any]:
         if profiler is not None:
             ctx = args[0]
             profiler.start(kind, ctx.node.stage, ctx.node.node_id)
+        result = None
         try:
-            return task(*args, **kwargs)
+            result = task(*args, **kwargs)
+            return result
         finally:
             from ..stages import release_freed_memory
 
             if profiler is not None:
-                profiler.end()
+                profiler.end(result_bytes=int(getattr(result, "nbytes", 0) or 0))
             release_freed_memory()
             if profiler is not None:
                 profiler.end(released=True)
@@ -257,7 +259,7 @@ class _SyncClient:
     dashboard_link = None
 
     def submit(self, fn: Callable, *args: Any, key: str | None = None, resources: Any = None, retries: int = 0,
-               pure: bool = False) -> Future:
+               pure: bool = False, priority: int = 0) -> Future:
         fut: Future = Future()
         resolved = [a.result() if isinstance(a, Future) else a for a in args]
         try:
@@ -325,6 +327,13 @@ def _gpu_addresses(client: Any) -> list[str]:
     return sorted(a for a, w in info.get("workers", {}).items() if w.get("resources", {}).get("GPU", 0) > 0)
 
 
+#: Dask priority of combine and publish tasks (maps have 0): a combine runs as soon as its two inputs exist,
+#: before further maps, so a worker holds a few partial states of a node rather than all of its maps' (the
+#: demo's similarity states are 16.6 MiB each, eight maps per node). The tree is fixed when submitted, so
+#: which states meet — and the result — does not depend on the order tasks run in.
+_REDUCE_PRIORITY = 1
+
+
 def _layout(shards: list[Any]) -> str:
     """A short digest of how a node is cut into shards (the name of its staging directory)."""
     return digest(shards)[:16]
@@ -378,12 +387,13 @@ class Executor:
                 for j in range(0, len(level) - 1, 2):
                     nxt.append(self.client.submit(task_combine, ctx, level[j], level[j + 1],
                                                   key=f"{base}-combine-{depth}-{j // 2}", retries=self.retries,
-                                                  pure=False))
+                                                  pure=False, priority=_REDUCE_PRIORITY))
                 if len(level) % 2:
                     nxt.append(level[-1])
                 level, depth = nxt, depth + 1
             return self.client.submit(task_publish, ctx, level[0], started, key=f"{base}-publish",
-                                      resources=resources, retries=self.retries, pure=False)
+                                      resources=resources, retries=self.retries, pure=False,
+                                      priority=_REDUCE_PRIORITY)
         return self.client.submit(task_publish, ctx, None, started, key=f"{base}-run", resources=resources,
                                   retries=self.retries, pure=False)
 

@@ -11,7 +11,12 @@ seconds (default 0.02) and writes one JSON line per task to ``DIR/tasks-PID.json
 * at the peak sample, glibc's view (``mallinfo2``: bytes in use by live allocations, and bytes free but held
   in its arenas) and pyarrow's pool (bytes allocated), so ``peak_anon`` splits into live glibc memory, slack
   in glibc's arenas, Arrow's pool and the rest (polars' jemalloc, mimalloc, thread stacks, …);
-* ``threads``: the process's thread count at the peak (each thread may own a glibc arena).
+* ``threads``: the process's thread count at the peak (each thread may own a glibc arena);
+* ``result_bytes``: the size of the value the task hands back to Dask (a map's or combine's state table), which
+  a worker holds until the tasks that consume it have run;
+* after the release (``released_*``), what the next task starts from: glibc's live and free bytes, pyarrow's
+  pool, Python's allocated object blocks (``sys.getallocatedblocks``) and, in a Dask worker, the bytes of task
+  results it holds (``released_dask_held``).
 
 It never changes what a task computes or writes: it is read from the environment in the process that runs
 the task, not from the config, so it is in no cache key, and it only reads ``/proc`` and allocator statistics.
@@ -56,6 +61,17 @@ def _statm() -> tuple[int, int]:
         fields = f.read().split()
     resident, shared = int(fields[1]), int(fields[2])
     return resident * _PAGE, (resident - shared) * _PAGE
+
+
+def _dask_held_bytes() -> int | None:
+    """Bytes of task results this process holds as a Dask worker (``None`` outside a worker's task thread)."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
+    try:
+        return int(distributed.get_worker().state.nbytes)
+    except Exception:  # noqa: BLE001 - not in a worker, or another distributed version: simply not recorded
+        return None
 
 
 def _threads() -> int:
@@ -115,8 +131,9 @@ class TaskProfiler:
                              "rss_start": rss, "anon_start": anon, "peak_rss": rss, "peak_anon": anon,
                              "peak_at": time.time(), **self._allocators(), "threads": _threads()}
 
-    def end(self, released: bool = False) -> None:
-        """Close the task's record: call once before the executor releases freed memory and once after."""
+    def end(self, released: bool = False, result_bytes: int = 0) -> None:
+        """Close the task's record: call once before the executor releases freed memory (with the size of the
+        value the task returns to Dask, which a worker holds until its consumers ran) and once after."""
         rss, anon = _statm()
         with self._lock:
             task = self._current
@@ -125,8 +142,16 @@ class TaskProfiler:
             if not released:
                 task["peak_rss"], task["peak_anon"] = max(task["peak_rss"], rss), max(task["peak_anon"], anon)
                 task["rss_end"], task["anon_end"], task["end"] = rss, anon, time.time()
+                task["result_bytes"] = result_bytes
                 return
             task["anon_released"] = anon
+            # what stays between tasks: the allocators' view after the release, Python's object blocks and the
+            # bytes a Dask worker holds as task results (the floor a later task starts from)
+            task.update({f"released_{name}": value for name, value in self._allocators().items()})
+            task["released_python_blocks"] = sys.getallocatedblocks()
+            held = _dask_held_bytes()
+            if held is not None:
+                task["released_dask_held"] = held
             self._current = None
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:

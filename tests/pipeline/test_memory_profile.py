@@ -7,6 +7,7 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from repdissect.pipeline import PROFILE_ENV, _executor, _memory_profile, read_profile
@@ -62,3 +63,23 @@ def test_one_record_per_task_with_its_peak(fresh_profiler, monkeypatch, tmp_path
     assert first["anon_released"] <= first["anon_end"] + (4 << 20)
     if megabytes and "glibc_in_use" in first:  # glibc: the block is live malloc'ed memory at the peak
         assert first["glibc_in_use"] >= megabytes << 20
+
+
+@_executor._releasing
+def task_state(ctx, rows: int) -> pa.Table:
+    return pa.table({"x": np.arange(rows, dtype=np.float64)})
+
+
+def test_records_the_returned_state_and_what_stays_after_the_release(fresh_profiler, monkeypatch, tmp_path):
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "profile"))
+    monkeypatch.setenv(_memory_profile.INTERVAL_ENV, "3600")
+    table = task_state(_ctx("thresholds", "thresholds[cnn@s0]"), 1000)
+    task_touch(_ctx("iou", "iou[cnn@s0]"), 1)  # returns an int: no state table
+    state, other = read_profile(tmp_path / "profile")
+    assert state["result_bytes"] == table.nbytes == 8000
+    assert other["result_bytes"] == 0
+    for record in (state, other):
+        assert record["released_python_blocks"] > 0
+        assert "released_dask_held" not in record  # not a Dask worker
+        if "glibc_in_use" in record:
+            assert record["released_glibc_in_use"] > 0
