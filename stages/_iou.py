@@ -80,13 +80,15 @@ UNIONS = ("category-images", "lite")
 def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not concepts:
         raise StageInputError("IoUTally: the concept list is empty; the dataset must describe its labels")
-    labels = np.array([c.label for c in concepts], dtype=np.int64)
-    if (labels < 1).any() or len(np.unique(labels)) != len(labels):
-        raise StageInputError(f"IoUTally: concept labels must be unique numbers ≥ 1; got {labels.tolist()[:20]}")
+    labels = np.fromiter((c.label for c in concepts), dtype=np.int64, count=len(concepts))
     order = np.argsort(labels, kind="stable")
-    index = {category: k for k, category in enumerate(dict.fromkeys(c.category for c in concepts))}
-    label_category = np.array([index[concepts[i].category] for i in order], dtype=np.int64)
-    return labels[order], label_category, list(index)
+    ordered = labels[order]
+    if ordered[0] < 1 or (ordered[1:] == ordered[:-1]).any():
+        raise StageInputError(f"IoUTally: concept labels must be unique numbers ≥ 1; got {labels.tolist()[:20]}")
+    categories = [c.category for c in concepts]
+    index = {category: k for k, category in enumerate(dict.fromkeys(categories))}
+    category_of = np.fromiter((index[category] for category in categories), dtype=np.int64, count=len(categories))
+    return ordered, category_of[order], list(index)
 
 
 _scratch_arrays = threading.local()

@@ -141,10 +141,51 @@ def prepare_labels(
             if run_column < 0:
                 unknown += 1
                 run_column = unlabelled
-            if wide:
-                for y in range(sh):
-                    row_source = source + np.uint64(y * sw)
-                    row_target = target + np.uint64(y * sw)
+            run_length = 0  # narrow path: pixels of the current label run not yet added to ``per_image``
+            for y in range(sh):
+                row_source = source + np.uint64(y * sw)
+                row_target = target + np.uint64(y * sw)
+                # Whole rows first (one vectorised compare each): a row equal to the previous one repeats its
+                # codes (label maps are regions: most rows repeat the row above), a row of one number gets one
+                # code; only the other rows are tested quad row by quad row.
+                differ = 0
+                if y > 0:
+                    for x in range(np.uint64(sw)):
+                        differ += pixel_flat[row_source + x] != pixel_flat[row_source - np.uint64(sw) + x]
+                if y > 0 and differ == 0:
+                    if run_length:
+                        per_image[i, run_column] += run_length
+                        run_length = 0
+                    for cx in range(num_x):
+                        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+                        code = row_uniform[i, out, y - 1, cx]
+                        row_uniform[i, out, y, cx] = code
+                        if code >= 0:
+                            per_image[i, code] += np.int64(x1 - x0)
+                            continue
+                        for x in range(x0, x1):  # a mixed quad row (none when x1 == x0)
+                            column = labels_flat[row_target - np.uint64(sw) + x]
+                            labels_flat[row_target + x] = column
+                            per_image[i, column] += 1
+                    continue
+                first_value = pixel_flat[row_source]
+                for x in range(np.uint64(sw)):
+                    differ += pixel_flat[row_source + x] != first_value
+                if differ == 0:
+                    if run_length:
+                        per_image[i, run_column] += run_length
+                        run_length = 0
+                    if first_value != run_value:
+                        run_value = first_value
+                        run_column = _column(run_value, lookup)
+                        if run_column < 0:
+                            unknown += 1
+                            run_column = unlabelled
+                    per_image[i, run_column] += sw
+                    for cx in range(num_x):
+                        row_uniform[i, out, y, cx] = run_column if x_cells[cx + 1] > x_cells[cx] else -1
+                    continue
+                if wide:
                     for cx in range(num_x):
                         x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
                         if x1 == x0:
@@ -184,15 +225,11 @@ def prepare_labels(
                                     split = x
                             previous = run_column
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, run_column)
-            else:
-                # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked up
-                # once per run and the run's length added at its end. ``last_change`` is the last pixel of the
-                # row whose column differs from its left neighbour's: a quad row is one-label when that is
-                # not inside it.
-                run_length = 0
-                for y in range(sh):
-                    row_source = source + np.uint64(y * sw)
-                    row_target = target + np.uint64(y * sw)
+                else:
+                    # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked
+                    # up once per run and the run's length added at its end. ``last_change`` is the last pixel
+                    # of the row whose column differs from its left neighbour's: a quad row is one-label when
+                    # that is not inside it.
                     last_change = np.uint64(0)
                     for cx in range(num_x):
                         x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
@@ -226,7 +263,7 @@ def prepare_labels(
                                     split = x
                             previous = column
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, previous)
-                per_image[i, run_column] += run_length
+            per_image[i, run_column] += run_length
             # A quad is one-label when all its rows carry the same one.
             for cy in range(num_y):
                 for cx in range(num_x):
