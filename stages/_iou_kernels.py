@@ -415,6 +415,8 @@ def count_maps(
     quad_on = np.zeros(w, np.int64)  # on-count per quad (corner column) of the strip
     cum = np.zeros(w + 1, np.int64)  # on-count of the strip's quads left of each corner column
     interp = np.zeros(w, np.float32)  # the strip's two corner rows interpolated at one pixel row
+    column_rows = np.zeros(w * strip_rows, np.float32)  # wide: each corner column at each strip row
+    on_rows = np.zeros(w, np.uint64)  # wide: per corner column, a bit per strip row holding on-pixels
     one = np.uint64(1)
     sign = 1
     stop = n * c
@@ -483,50 +485,82 @@ def count_maps(
                         num_runs += 1
                     done = first + length
                     word = np.uint64(0) if done >= 64 else word & ~((one << np.uint64(done)) - one)
-            for q in range(num_runs):
-                if narrow:
+            if narrow:
+                for q in range(num_runs):
                     for x in range(np.uint64(x_cells[runs[q, 0]]), np.uint64(x_cells[runs[q, 1]])):
                         column_on[x] = 0
-                else:
-                    for a in range(np.uint64(runs[q, 0]), np.uint64(runs[q, 1])):
-                        quad_on[a] = 0
             lo_row = np.uint64(base + r * w)
             hi_row = np.uint64(base + r2 * w)
-            for row in range(p1 - p0):
-                py = p0 + row
-                weight_lo = wy_lo[py]
-                weight_hi = wy_hi[py]
-                flags = np.uint64(row * sw)
-                for q in range(num_runs):
-                    first = runs[q, 0]
-                    end = runs[q, 1]
-                    for a in range(np.uint64(first), np.uint64(min(end, w - 1) + 1)):
-                        interp[a] = flat[lo_row + a] * weight_lo + flat[hi_row + a] * weight_hi
-                    if narrow:  # branch-free: every pixel of the run, flags kept for the labels
+            if narrow:
+                for row in range(p1 - p0):
+                    py = p0 + row
+                    weight_lo = wy_lo[py]
+                    weight_hi = wy_hi[py]
+                    flags = np.uint64(row * sw)
+                    for q in range(num_runs):
+                        first = runs[q, 0]
+                        end = runs[q, 1]
+                        for a in range(np.uint64(first), np.uint64(min(end, w - 1) + 1)):
+                            interp[a] = flat[lo_row + a] * weight_lo + flat[hi_row + a] * weight_hi
+                        # branch-free: every pixel of the run, flags kept for the labels
                         for x in range(np.uint64(x_cells[first]), np.uint64(x_cells[end])):
                             flag = (interp[np.uint64(x_lower_px[x])] * wx_lo[x]
                                     + interp[np.uint64(x_upper_px[x])] * wx_hi[x] > threshold)
                             on[flags + x] = flag
                             column_on[x] += flag
-                        continue
-                    # Wide quad rows: a count per (pixel row, corner column); per-pixel flags are stored only
-                    # where the row is evaluated pixel by pixel (the labels of a mixed quad row read them;
-                    # see the docstring: never evaluated twice).
+            else:
+                # Wide quads, quad by quad: each corner column of a run interpolated at every pixel row of the
+                # strip (the narrow path's ``interp``, the same float32 operations), then per quad its rows
+                # classified without branches (off: both ends ≤ the bound; all on: both ≥ ``full``; else
+                # evaluated), and only the rows to evaluate visited, pixel by pixel. A count per (pixel row,
+                # corner column); per-pixel flags are stored only where a row is evaluated (the labels of a
+                # mixed quad row read them; see the docstring: never evaluated twice).
+                rows = np.uint64(p1 - p0)
+                first_py = np.uint64(p0)
+                for q in range(num_runs):
+                    first = runs[q, 0]
+                    end = runs[q, 1]
+                    for a in range(np.uint64(first), np.uint64(min(end, w - 1) + 1)):
+                        value_lo = flat[lo_row + a]
+                        value_hi = flat[hi_row + a]
+                        at = a * np.uint64(strip_rows)
+                        for t in range(rows):
+                            column_rows[at + t] = value_lo * wy_lo[first_py + t] + value_hi * wy_hi[first_py + t]
                     for a in range(first, end):
-                        left = interp[a]
-                        right = interp[x_upper[a]]
-                        if left <= bound and right <= bound:
-                            count = 0
-                        elif left >= full and right >= full:
-                            count = x_cells[a + 1] - x_cells[a]
-                        else:
-                            count = 0
-                            for x in range(np.uint64(x_cells[a]), np.uint64(x_cells[a + 1])):
-                                flag = left * wx_lo[x] + right * wx_hi[x] > threshold
-                                on[flags + x] = flag
-                                count += flag
-                        group_on[row, a] = count
-                        quad_on[a] += count
+                        left_at = np.uint64(a * strip_rows)
+                        right_at = np.uint64(x_upper[a] * strip_rows)
+                        x0 = np.uint64(x_cells[a])
+                        x1 = np.uint64(x_cells[a + 1])
+                        width = np.int64(x1 - x0)
+                        quad_count = 0
+                        nonzero = np.uint64(0)  # rows with on-pixels (strips of ≤ 64 rows: the labels use it)
+                        for chunk in range(np.uint64(0), rows, np.uint64(64)):
+                            evaluate = np.uint64(0)
+                            for t in range(chunk, min(chunk + np.uint64(64), rows)):
+                                left = column_rows[left_at + t]
+                                right = column_rows[right_at + t]
+                                all_on = (left >= full) & (right >= full)
+                                group_on[t, a] = width if all_on else 0
+                                quad_count += width if all_on else 0
+                                some = (left > bound) | (right > bound)
+                                evaluate |= np.uint64(some & ~all_on) << (t - chunk)
+                                nonzero |= np.uint64(all_on) << (t - chunk)
+                            while evaluate != 0:
+                                t = chunk + np.uint64(trailing_zeros(evaluate))
+                                evaluate &= evaluate - one
+                                left = column_rows[left_at + t]
+                                right = column_rows[right_at + t]
+                                flags = t * np.uint64(sw)
+                                count = 0
+                                for x in range(x0, x1):
+                                    flag = left * wx_lo[x] + right * wx_hi[x] > threshold
+                                    on[flags + x] = flag
+                                    count += flag
+                                group_on[t, a] = count
+                                quad_count += count
+                                nonzero |= np.uint64(count > 0) << (t - chunk)
+                        quad_on[a] = quad_count
+                        on_rows[a] = nonzero
             # On-count of the strip's quads left of each corner column (over the runs; other quads are off):
             # any stretch of quads in a run has its on-count in one subtraction, whatever the layer.
             so_far = 0
@@ -568,7 +602,20 @@ def count_maps(
                             x1 = x_cells[a + 1]
                             run_label = unlabelled
                             run_length = 0
-                            for row in range(p1 - p0):
+                            # wide: only the rows with on-pixels (a bit each), else every row of the strip
+                            by_mask = not narrow and p1 - p0 <= 64
+                            remaining = on_rows[a]
+                            row = -1
+                            while True:
+                                if by_mask:
+                                    if remaining == 0:
+                                        break
+                                    row = np.int64(trailing_zeros(remaining))
+                                    remaining &= remaining - one
+                                else:
+                                    row += 1
+                                    if row >= p1 - p0:
+                                        break
                                 all_on = False
                                 if not narrow:
                                     if group_on[row, a] == 0:
