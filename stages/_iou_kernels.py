@@ -126,6 +126,8 @@ def prepare_labels(
     for cx in range(num_x):
         widest = max(widest, x_cells[cx + 1] - x_cells[cx])
     wide = widest > 4  # per quad row (vectorised) where quad rows are long, per run of labels where short
+    row_column = np.zeros(sw + 1, np.int64)
+    row_count = np.zeros(sw + 1, np.int64)
     for i in range(n):
         for layer in range(layers):
             out = first_layer + layer
@@ -141,21 +143,21 @@ def prepare_labels(
             if run_column < 0:
                 unknown += 1
                 run_column = unlabelled
-            run_length = 0  # narrow path: pixels of the current label run not yet added to ``per_image``
+            # ``row_column``/``row_count`` (``row_entries`` of them): the last row's additions to the label
+            # histogram, in order, equal neighbours merged; a row equal to it adds the same.
+            row_entries = 0
             for y in range(sh):
                 row_source = source + np.uint64(y * sw)
                 row_target = target + np.uint64(y * sw)
                 # Whole rows first (one vectorised compare each): a row equal to the previous one repeats its
-                # codes (label maps are regions: most rows repeat the row above), a row of one number gets one
-                # code; only the other rows are tested quad row by quad row.
+                # codes, histogram entries and mixed quad rows' columns (label maps are regions: most rows
+                # repeat the row above), a row of one number gets one code; only the other rows are tested
+                # quad row by quad row.
                 differ = 0
                 if y > 0:
                     for x in range(np.uint64(sw)):
                         differ += pixel_flat[row_source + x] != pixel_flat[row_source - np.uint64(sw) + x]
-                if y > 0 and differ == 0:
-                    if run_length:
-                        per_image[i, run_column] += run_length
-                        run_length = 0
+                if y > 0 and differ == 0 and wide:  # per quad row: its code, or its pixels' columns when mixed
                     for cx in range(num_x):
                         x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
                         code = row_uniform[i, out, y - 1, cx]
@@ -168,13 +170,19 @@ def prepare_labels(
                             labels_flat[row_target + x] = column
                             per_image[i, column] += 1
                     continue
+                if y > 0 and differ == 0:  # narrow quad rows: the row's histogram entries, codes and columns
+                    for e in range(row_entries):
+                        per_image[i, row_column[e]] += row_count[e]
+                    for cx in range(num_x):
+                        row_uniform[i, out, y, cx] = row_uniform[i, out, y - 1, cx]
+                    for x in range(np.uint64(sw)):  # read only in mixed quad rows, where the row above wrote them
+                        labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
+                    continue
+                row_entries = 0
                 first_value = pixel_flat[row_source]
                 for x in range(np.uint64(sw)):
                     differ += pixel_flat[row_source + x] != first_value
                 if differ == 0:
-                    if run_length:
-                        per_image[i, run_column] += run_length
-                        run_length = 0
                     if first_value != run_value:
                         run_value = first_value
                         run_column = _column(run_value, lookup)
@@ -182,6 +190,7 @@ def prepare_labels(
                             unknown += 1
                             run_column = unlabelled
                     per_image[i, run_column] += sw
+                    row_entries = _entry(row_column, row_count, row_entries, run_column, sw)
                     for cx in range(num_x):
                         row_uniform[i, out, y, cx] = run_column if x_cells[cx + 1] > x_cells[cx] else -1
                     continue
@@ -227,16 +236,19 @@ def prepare_labels(
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, run_column)
                 else:
                     # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked
-                    # up once per run and the run's length added at its end. ``last_change`` is the last pixel
-                    # of the row whose column differs from its left neighbour's: a quad row is one-label when
-                    # that is not inside it.
+                    # up once per run and the run's length added at its end (or the row's). ``last_change`` is
+                    # the last pixel of the row whose column differs from its left neighbour's: a quad row is
+                    # one-label when that is not inside it.
                     last_change = np.uint64(0)
+                    run_length = 0
                     for cx in range(num_x):
                         x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
                         for x in range(x0, x1):
                             value = pixel_flat[row_source + x]
                             if value != run_value:
-                                per_image[i, run_column] += run_length
+                                if run_length:
+                                    per_image[i, run_column] += run_length
+                                    row_entries = _entry(row_column, row_count, row_entries, run_column, run_length)
                                 run_length = 0
                                 run_value = value
                                 column = _column(value, lookup)
@@ -263,7 +275,9 @@ def prepare_labels(
                                     split = x
                             previous = column
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, previous)
-            per_image[i, run_column] += run_length
+                    if run_length:
+                        per_image[i, run_column] += run_length
+                        row_entries = _entry(row_column, row_count, row_entries, run_column, run_length)
             # A quad is one-label when all its rows carry the same one.
             for cy in range(num_y):
                 for cx in range(num_x):
@@ -280,6 +294,17 @@ def prepare_labels(
                         end = cx + 1
                     extent[i, out, cy, cx] = end
     return unknown
+
+
+@njit(nogil=True, inline="always")
+def _entry(columns, counts, entries, column, count):  # pragma: no cover - compiled
+    """Append ``count`` pixels of ``column`` to a row's histogram entries (merged with an equal last one)."""
+    if entries > 0 and columns[entries - 1] == column:
+        counts[entries - 1] += count
+        return entries
+    columns[entries] = column
+    counts[entries] = count
+    return entries + 1
 
 
 @njit(nogil=True, inline="always")
