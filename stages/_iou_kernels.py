@@ -14,47 +14,63 @@ once from memory and touch only what can be on:
 * **Strips.** The pixel rows sharing a lower corner row ``r`` form a strip; it needs work only where cell
   rows ``r`` or ``r + 1`` hold a hot cell: ``hot(r) | hot(r + 1)``, widened by one column (``bits | bits >> 1``),
   is the set of lower corner columns whose 2×2 cells include a hot one, found run by run with trailing-zero
-  counts. Each pixel row of the strip interpolates the two corner rows over those columns once. Where a
-  corner column spans more than 4 pixels (7² or 14² maps → 112²), each (pixel row, corner column) group is
-  skipped when both its ends are ≤ the bound, taken whole when both are safely above the threshold, else
-  evaluated pixel by pixel (only these store per-pixel flags); the group's on-count goes to its quad.
-  Narrower groups are evaluated in one branch-free loop per run (flags and per-column counts).
+  counts. Where a corner column spans at most 4 pixels (56² maps → 112²), each pixel row of the strip
+  interpolates the two corner rows over those columns once and evaluates the run's pixels in one
+  branch-free loop (flags and per-column counts). Wider ones (7², 14², 28²) go quad by quad: each corner
+  column of a run is interpolated at every pixel row of the strip in one vectorised loop, then a quad's
+  (pixel row, corner column) groups are classified without branches — off when both ends are ≤ the bound,
+  all on when both are safely above the threshold, else to evaluate — into a bit per row, and only the
+  rows to evaluate are visited (per-pixel flags are stored only there, and only in quads that mix labels
+  in some layer: a loop that stores nothing vectorises without aliasing checks, about 3× faster).
 * **Labels.** Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
   lower corner column) say which quads carry a single label and how far that label continues to the right:
   a stretch of such quads adds its on-count (a difference of the strip's per-quad prefix sums) to that
   label in one step. A quad that mixes labels adds the on-count of each of its one-label rows in one step,
-  a row split once between two labels (a boundary crossing the quad) in two sums; only rows of three or
-  more labels look at per-pixel labels, in runs of one label.
-* **Label preparation** (once per batch): per quad row, a vectorised test whether all its pixels carry one
-  number (where quad rows are long; along label runs where they are short) gives the per-image label
-  histograms, the one-label and split codes per quad row, and the per-pixel label columns of the mixed
-  quad rows only.
+  a row split once between two labels (a boundary crossing the quad) in two sums (the second is the row's
+  count less the first); only rows of three or more labels look at per-pixel labels, in runs of one label.
+  Where quads are wide, only the rows holding on-pixels are visited (a bit per row from the evaluation).
+* **Label preparation** (once per batch): whole pixel rows first — a row equal to the row above repeats
+  its codes, histogram additions and mixed quad rows' columns, a row of one number gets one code (one
+  vectorised compare each; label maps are regions, so most rows repeat the row above) — then, for the other
+  rows, per quad row a vectorised test whether all its pixels carry one number (where quad rows are long;
+  along label runs where they are short) gives the per-image label histograms, the one-label and split
+  codes per quad row, and the per-pixel label columns of the mixed quad rows only.
 
 It is one compiled function per batch with its helpers inlined and no array slices in the loops: every call
 of a compiled function and every slice updates reference counts atomically, per array, which cost more than
 the work of a small hot map.
 
-What bounds it (measured on 64 images × 512 units → 112² labels, 3 label layers, one core): at 56² maps the
-scan itself (all 411 MB of maps read once, ~30 ms at ~14 GB/s, where a bare float32 sum reaches ~21 GB/s),
-then per hot map (half of the maps are hot) about 0.5 µs for the hot bits and 3 µs for ~25 strips of two
-pixel rows each (interpolation, evaluation, three label layers); at 7² (3,544 hot maps) about 1.5 ms for
-the scan, hot bits and runs, 2.5 ms for the strips' pixel rows, 1.5 ms for the labels and 1.7 ms for the
-label preparation (mostly reading 9.6 MB of int32 labels once). The scan is vectorised only because of two
-details: float32 sums with LLVM's ``reassoc`` flag (integer or boolean accumulators kept it scalar) and
-indexes that cannot be negative (an index ``base + k`` into a flat array made Numba's negative-index
-wrap-around a per-element select, which LLVM turned into gathers: unsigned indexes avoid it). The same held
-in the strips: with signed indexes the interpolation of a run's corner columns compiled to gathers and
-scatters, the narrow evaluation to gathers from the interpolated row and the per-quad sums to gathers;
-unsigned indexes there took 56² from 99–101 to 93–94 ms per 64 images (the compiled function now holds no
-gather or scatter instruction; the counts are unchanged).
+What bounds it (64 images × 512 units → 112² labels, 3 label layers, one core, measured by cutting the kernel
+after each step; outputs preallocated). At 56² maps the scan itself: all 411 MB of maps read once, ~29 ms at
+~14 GB/s, where a bare float32 sum reaches ~21 GB/s (software prefetching and a max-form of the sum measured
+no faster; a division-free unit index changed nothing at 7²–14²); then, for the 16,500 hot maps (about 3 µs
+each, ~25 strips of two pixel rows), hot bits 8 ms, runs 7, evaluation 18, prefix sums 3, one-label stretches
+15 and mixed quads 3.5 ms. At 7² (3,589 hot maps) the count is ~4.2 ms: scan 0.4, hot bits and runs 0.3,
+interpolation and evaluation 1.4, one-label stretches 0.2 and the quads that mix labels 1.9 ms (137,000 quad
+rows with on-pixels, ~14 ns each); at 14² (7,361 hot maps) ~9 ms: scan 1.0, hot bits and runs 1.0, evaluation
+3.5 (70,000 quads, 565,000 classified rows, 217,000 evaluated), stretches 0.8, mixed quads 2.6 ms. Label
+preparation adds 1.4 ms at 7² (9.6 MB of int32 labels read once) and 4.6 ms at 56², Python and allocation
+about 0.8 ms per 64 images. The scan is vectorised only because of two details: float32 sums with LLVM's
+``reassoc`` flag (integer or boolean accumulators kept it scalar) and indexes that cannot be negative (an
+index ``base + k`` into a flat array made Numba's negative-index wrap-around a per-element select, which LLVM
+turned into gathers: unsigned indexes avoid it). The same held in the strips: with signed indexes the
+interpolation of a run's corner columns compiled to gathers and scatters, the narrow evaluation to gathers
+from the interpolated row and the per-quad sums to gathers; unsigned indexes there took 56² from 99–101 to
+93–94 ms per 64 images. Strided accesses do the same: the per-(row, column) counts of wide quads are laid out
+column-major (stored row-major, the branch-free classification became a scatter) and the test for a quad that
+mixes labels in some layer exits early (a plain loop over layers became a gather). The compiled function holds
+no gather or scatter instruction (a slow test checks).
 
-Where the 56² time goes now (64 images, load 12 on the 2 cores, measured by cutting the kernel after each
-step): scan 29 ms, hot bits and the strips' ``need`` words 8 ms, widening and run extraction 11 ms,
-interpolation and evaluation 18 ms, the quads' prefix sums 3 ms, labels 13 ms, label preparation 7 ms. Every
-strip step costs about 50 ns per strip (242,000 strips of ~5 quads) whatever its loop structure (fusing the
-narrow path's interpolation, evaluation and prefix into one loop per run measured the same; one merged range
-per strip instead of its runs, slower): the next step is fewer, larger units of work (a hot map's bounding
-rows at once, one-label stretches found per image), not tighter loops.
+Measured and not kept (same process, the kernel before alternated): whole-map label shortcuts (a layer
+whose quads in the box around a map's hot cells all carry one label, credited once per map: at 56² that
+box spans ~35 × 35 quads and is rarely one label, slower at every size); a strip credited whole when all
+its quads carry one label (no gain); evaluating wide groups without the off / all-on shortcuts (7² slower,
+14² equal); constant-width loops for 8- and 16-pixel groups (LLVM left them scalar: slower); pending sums
+that credit a mixed quad's labels once per quad instead of once per row (no gain: the per-row work is the
+loads and branches, not the additions); per-row histogram entries for wide label rows (slower: the extra
+stores to the column table cost more than they save). At 56² every strip step costs ~50 ns per strip
+(242,000 strips of ~5 quads) whatever its loop structure: the next step there is fewer, larger units of
+work (several strips per pass, labels attributed per image), not tighter loops.
 
 The kernels are Numba ``njit`` functions, compiled on first use (10–30 s on a loaded machine) and cached on
 disk in the package directory or Numba's user cache; where neither is writable they are compiled once per
