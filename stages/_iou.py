@@ -59,6 +59,7 @@ This module holds :class:`IoUTally`, the mergeable statistic; the upsampling and
 from __future__ import annotations
 
 import importlib.util
+import math
 import threading
 from typing import Sequence, Self
 
@@ -80,13 +81,15 @@ UNIONS = ("category-images", "lite")
 def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not concepts:
         raise StageInputError("IoUTally: the concept list is empty; the dataset must describe its labels")
-    labels = np.array([c.label for c in concepts], dtype=np.int64)
-    if (labels < 1).any() or len(np.unique(labels)) != len(labels):
-        raise StageInputError(f"IoUTally: concept labels must be unique numbers ≥ 1; got {labels.tolist()[:20]}")
+    labels = np.fromiter((c.label for c in concepts), dtype=np.int64, count=len(concepts))
     order = np.argsort(labels, kind="stable")
-    index = {category: k for k, category in enumerate(dict.fromkeys(c.category for c in concepts))}
-    label_category = np.array([index[concepts[i].category] for i in order], dtype=np.int64)
-    return labels[order], label_category, list(index)
+    ordered = labels[order]
+    if ordered[0] < 1 or (ordered[1:] == ordered[:-1]).any():
+        raise StageInputError(f"IoUTally: concept labels must be unique numbers ≥ 1; got {labels.tolist()[:20]}")
+    categories = [c.category for c in concepts]
+    index = {category: k for k, category in enumerate(dict.fromkeys(categories))}
+    category_of = np.fromiter((index[category] for category in categories), dtype=np.int64, count=len(categories))
+    return ordered, category_of[order], list(index)
 
 
 _scratch_arrays = threading.local()
@@ -95,7 +98,7 @@ _SCRATCH_BYTES = 16 * 2**20  # larger tables are allocated per batch: kept, they
 
 def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     """A per-thread array of this shape and dtype, reused across calls (contents undefined) when it is small."""
-    if int(np.prod(shape)) * np.dtype(dtype).itemsize > _SCRATCH_BYTES:
+    if math.prod(shape) * np.dtype(dtype).itemsize > _SCRATCH_BYTES:
         return np.empty(shape, dtype)
     arrays = getattr(_scratch_arrays, "arrays", None)
     if arrays is None:
@@ -179,6 +182,7 @@ class IoUTally(StreamingStatistic):
         lookup[self.labels] = np.arange(num_labels)
         lookup[0] = num_labels  # the "no label" column, dropped at the end
         self._lookup = lookup
+        self._kept_bounds = None  # the compiled kernel's bounds of the last thresholds (``_bounds``)
         # (L, categories) 0/1: label → its category. float32 so products with it are BLAS-fast, and exact: sums of
         # 0/1 values ≤ the number of labels.
         self._category_of = np.zeros((num_labels, len(self.categories)), dtype=np.float32)
@@ -310,6 +314,17 @@ class IoUTally(StreamingStatistic):
         hits[scalar_rows, :, self.label_category[scalar_cols]] = True  # a whole-image label meets every on-pixel
         self.activation += np.einsum("nu,nuc->uc", on_count, hits.astype(np.int64))
 
+    def _bounds(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 thresholds, pruning and full bounds for the compiled kernel; kept while the same thresholds
+        come back (a stage passes one set for every shard)."""
+        kept = self._kept_bounds
+        if kept is None or not np.array_equal(kept[0], thresholds):
+            kept = self._kept_bounds = (
+                thresholds.copy(), thresholds.astype(np.float32), _prune_thresholds(thresholds),
+                _full_thresholds(thresholds),
+            )
+        return kept[1:]
+
     def _update_compiled(self, acts: np.ndarray, thresholds: np.ndarray, pixel_maps, scalar: np.ndarray) -> None:
         """The whole batch in one pass of each compiled kernel; checks come first, the state changes last."""
         from ._iou_kernels import count_maps, prepare_labels
@@ -339,8 +354,7 @@ class IoUTally(StreamingStatistic):
         hits = np.zeros((n, c, len(self.categories)) if self.union == "lite" else (0, 0, 0), np.uint8)
         # Counted in place: on NaN/inf the kernel takes its partial counts back, so a refused batch leaves no trace.
         if count_maps(
-            np.ascontiguousarray(acts, dtype=np.float32), thresholds.astype(np.float32),
-            _prune_thresholds(thresholds), _full_thresholds(thresholds),
+            np.ascontiguousarray(acts, dtype=np.float32), *self._bounds(thresholds),
             ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.base, ax.upper[ax.base],
             ax.w_lo, ax.w_hi,
             columns, uniform, extent, row_uniform, scalar, self.label_category, on_count, self.intersection, hits,

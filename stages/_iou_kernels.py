@@ -14,47 +14,63 @@ once from memory and touch only what can be on:
 * **Strips.** The pixel rows sharing a lower corner row ``r`` form a strip; it needs work only where cell
   rows ``r`` or ``r + 1`` hold a hot cell: ``hot(r) | hot(r + 1)``, widened by one column (``bits | bits >> 1``),
   is the set of lower corner columns whose 2×2 cells include a hot one, found run by run with trailing-zero
-  counts. Each pixel row of the strip interpolates the two corner rows over those columns once. Where a
-  corner column spans more than 4 pixels (7² or 14² maps → 112²), each (pixel row, corner column) group is
-  skipped when both its ends are ≤ the bound, taken whole when both are safely above the threshold, else
-  evaluated pixel by pixel (only these store per-pixel flags); the group's on-count goes to its quad.
-  Narrower groups are evaluated in one branch-free loop per run (flags and per-column counts).
+  counts. Where a corner column spans at most 4 pixels (56² maps → 112²), each pixel row of the strip
+  interpolates the two corner rows over those columns once and evaluates the run's pixels in one
+  branch-free loop (flags and per-column counts). Wider ones (7², 14², 28²) go quad by quad: each corner
+  column of a run is interpolated at every pixel row of the strip in one vectorised loop, then a quad's
+  (pixel row, corner column) groups are classified without branches — off when both ends are ≤ the bound,
+  all on when both are safely above the threshold, else to evaluate — into a bit per row, and only the
+  rows to evaluate are visited (per-pixel flags are stored only there, and only in quads that mix labels
+  in some layer: a loop that stores nothing vectorises without aliasing checks, about 3× faster).
 * **Labels.** Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
   lower corner column) say which quads carry a single label and how far that label continues to the right:
   a stretch of such quads adds its on-count (a difference of the strip's per-quad prefix sums) to that
   label in one step. A quad that mixes labels adds the on-count of each of its one-label rows in one step,
-  a row split once between two labels (a boundary crossing the quad) in two sums; only rows of three or
-  more labels look at per-pixel labels, in runs of one label.
-* **Label preparation** (once per batch): per quad row, a vectorised test whether all its pixels carry one
-  number (where quad rows are long; along label runs where they are short) gives the per-image label
-  histograms, the one-label and split codes per quad row, and the per-pixel label columns of the mixed
-  quad rows only.
+  a row split once between two labels (a boundary crossing the quad) in two sums (the second is the row's
+  count less the first); only rows of three or more labels look at per-pixel labels, in runs of one label.
+  Where quads are wide, only the rows holding on-pixels are visited (a bit per row from the evaluation).
+* **Label preparation** (once per batch): whole pixel rows first — a row equal to the row above repeats
+  its codes, histogram additions and mixed quad rows' columns, a row of one number gets one code (one
+  vectorised compare each; label maps are regions, so most rows repeat the row above) — then, for the other
+  rows, per quad row a vectorised test whether all its pixels carry one number (where quad rows are long;
+  along label runs where they are short) gives the per-image label histograms, the one-label and split
+  codes per quad row, and the per-pixel label columns of the mixed quad rows only.
 
 It is one compiled function per batch with its helpers inlined and no array slices in the loops: every call
 of a compiled function and every slice updates reference counts atomically, per array, which cost more than
 the work of a small hot map.
 
-What bounds it (measured on 64 images × 512 units → 112² labels, 3 label layers, one core): at 56² maps the
-scan itself (all 411 MB of maps read once, ~30 ms at ~14 GB/s, where a bare float32 sum reaches ~21 GB/s),
-then per hot map (half of the maps are hot) about 0.5 µs for the hot bits and 3 µs for ~25 strips of two
-pixel rows each (interpolation, evaluation, three label layers); at 7² (3,544 hot maps) about 1.5 ms for
-the scan, hot bits and runs, 2.5 ms for the strips' pixel rows, 1.5 ms for the labels and 1.7 ms for the
-label preparation (mostly reading 9.6 MB of int32 labels once). The scan is vectorised only because of two
-details: float32 sums with LLVM's ``reassoc`` flag (integer or boolean accumulators kept it scalar) and
-indexes that cannot be negative (an index ``base + k`` into a flat array made Numba's negative-index
-wrap-around a per-element select, which LLVM turned into gathers: unsigned indexes avoid it). The same held
-in the strips: with signed indexes the interpolation of a run's corner columns compiled to gathers and
-scatters, the narrow evaluation to gathers from the interpolated row and the per-quad sums to gathers;
-unsigned indexes there took 56² from 99–101 to 93–94 ms per 64 images (the compiled function now holds no
-gather or scatter instruction; the counts are unchanged).
+What bounds it (64 images × 512 units → 112² labels, 3 label layers, one core, measured by cutting the kernel
+after each step; outputs preallocated). At 56² maps the scan itself: all 411 MB of maps read once, ~29 ms at
+~14 GB/s, where a bare float32 sum reaches ~21 GB/s (software prefetching and a max-form of the sum measured
+no faster; a division-free unit index changed nothing at 7²–14²); then, for the 16,500 hot maps (about 3 µs
+each, ~25 strips of two pixel rows), hot bits 8 ms, runs 7, evaluation 18, prefix sums 3, one-label stretches
+15 and mixed quads 3.5 ms. At 7² (3,589 hot maps) the count is ~4.2 ms: scan 0.4, hot bits and runs 0.3,
+interpolation and evaluation 1.4, one-label stretches 0.2 and the quads that mix labels 1.9 ms (137,000 quad
+rows with on-pixels, ~14 ns each); at 14² (7,361 hot maps) ~9 ms: scan 1.0, hot bits and runs 1.0, evaluation
+3.5 (70,000 quads, 565,000 classified rows, 217,000 evaluated), stretches 0.8, mixed quads 2.6 ms. Label
+preparation adds 1.4 ms at 7² (9.6 MB of int32 labels read once) and 4.6 ms at 56², Python and allocation
+about 0.8 ms per 64 images. The scan is vectorised only because of two details: float32 sums with LLVM's
+``reassoc`` flag (integer or boolean accumulators kept it scalar) and indexes that cannot be negative (an
+index ``base + k`` into a flat array made Numba's negative-index wrap-around a per-element select, which LLVM
+turned into gathers: unsigned indexes avoid it). The same held in the strips: with signed indexes the
+interpolation of a run's corner columns compiled to gathers and scatters, the narrow evaluation to gathers
+from the interpolated row and the per-quad sums to gathers; unsigned indexes there took 56² from 99–101 to
+93–94 ms per 64 images. Strided accesses do the same: the per-(row, column) counts of wide quads are laid out
+column-major (stored row-major, the branch-free classification became a scatter) and the test for a quad that
+mixes labels in some layer exits early (a plain loop over layers became a gather). The compiled function holds
+no gather or scatter instruction (a slow test checks).
 
-Where the 56² time goes now (64 images, load 12 on the 2 cores, measured by cutting the kernel after each
-step): scan 29 ms, hot bits and the strips' ``need`` words 8 ms, widening and run extraction 11 ms,
-interpolation and evaluation 18 ms, the quads' prefix sums 3 ms, labels 13 ms, label preparation 7 ms. Every
-strip step costs about 50 ns per strip (242,000 strips of ~5 quads) whatever its loop structure (fusing the
-narrow path's interpolation, evaluation and prefix into one loop per run measured the same; one merged range
-per strip instead of its runs, slower): the next step is fewer, larger units of work (a hot map's bounding
-rows at once, one-label stretches found per image), not tighter loops.
+Measured and not kept (same process, the kernel before alternated): whole-map label shortcuts (a layer
+whose quads in the box around a map's hot cells all carry one label, credited once per map: at 56² that
+box spans ~35 × 35 quads and is rarely one label, slower at every size); a strip credited whole when all
+its quads carry one label (no gain); evaluating wide groups without the off / all-on shortcuts (7² slower,
+14² equal); constant-width loops for 8- and 16-pixel groups (LLVM left them scalar: slower); pending sums
+that credit a mixed quad's labels once per quad instead of once per row (no gain: the per-row work is the
+loads and branches, not the additions); per-row histogram entries for wide label rows (slower: the extra
+stores to the column table cost more than they save). At 56² every strip step costs ~50 ns per strip
+(242,000 strips of ~5 quads) whatever its loop structure: the next step there is fewer, larger units of
+work (several strips per pass, labels attributed per image), not tighter loops.
 
 The kernels are Numba ``njit`` functions, compiled on first use (10–30 s on a loaded machine) and cached on
 disk in the package directory or Numba's user cache; where neither is writable they are compiled once per
@@ -126,6 +142,8 @@ def prepare_labels(
     for cx in range(num_x):
         widest = max(widest, x_cells[cx + 1] - x_cells[cx])
     wide = widest > 4  # per quad row (vectorised) where quad rows are long, per run of labels where short
+    row_column = np.zeros(sw + 1, np.int64)
+    row_count = np.zeros(sw + 1, np.int64)
     for i in range(n):
         for layer in range(layers):
             out = first_layer + layer
@@ -141,10 +159,58 @@ def prepare_labels(
             if run_column < 0:
                 unknown += 1
                 run_column = unlabelled
-            if wide:
-                for y in range(sh):
-                    row_source = source + np.uint64(y * sw)
-                    row_target = target + np.uint64(y * sw)
+            # ``row_column``/``row_count`` (``row_entries`` of them): the last row's additions to the label
+            # histogram, in order, equal neighbours merged; a row equal to it adds the same.
+            row_entries = 0
+            for y in range(sh):
+                row_source = source + np.uint64(y * sw)
+                row_target = target + np.uint64(y * sw)
+                # Whole rows first (one vectorised compare each): a row equal to the previous one repeats its
+                # codes, histogram entries and mixed quad rows' columns (label maps are regions: most rows
+                # repeat the row above), a row of one number gets one code; only the other rows are tested
+                # quad row by quad row.
+                differ = 0
+                if y > 0:
+                    for x in range(np.uint64(sw)):
+                        differ += pixel_flat[row_source + x] != pixel_flat[row_source - np.uint64(sw) + x]
+                if y > 0 and differ == 0 and wide:  # per quad row: its code, or its pixels' columns when mixed
+                    for cx in range(num_x):
+                        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+                        code = row_uniform[i, out, y - 1, cx]
+                        row_uniform[i, out, y, cx] = code
+                        if code >= 0:
+                            per_image[i, code] += np.int64(x1 - x0)
+                            continue
+                        for x in range(x0, x1):  # a mixed quad row (none when x1 == x0)
+                            column = labels_flat[row_target - np.uint64(sw) + x]
+                            labels_flat[row_target + x] = column
+                            per_image[i, column] += 1
+                    continue
+                if y > 0 and differ == 0:  # narrow quad rows: the row's histogram entries, codes and columns
+                    for e in range(row_entries):
+                        per_image[i, row_column[e]] += row_count[e]
+                    for cx in range(num_x):
+                        row_uniform[i, out, y, cx] = row_uniform[i, out, y - 1, cx]
+                    for x in range(np.uint64(sw)):  # read only in mixed quad rows, where the row above wrote them
+                        labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
+                    continue
+                row_entries = 0
+                first_value = pixel_flat[row_source]
+                for x in range(np.uint64(sw)):
+                    differ += pixel_flat[row_source + x] != first_value
+                if differ == 0:
+                    if first_value != run_value:
+                        run_value = first_value
+                        run_column = _column(run_value, lookup)
+                        if run_column < 0:
+                            unknown += 1
+                            run_column = unlabelled
+                    per_image[i, run_column] += sw
+                    row_entries = _entry(row_column, row_count, row_entries, run_column, sw)
+                    for cx in range(num_x):
+                        row_uniform[i, out, y, cx] = run_column if x_cells[cx + 1] > x_cells[cx] else -1
+                    continue
+                if wide:
                     for cx in range(num_x):
                         x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
                         if x1 == x0:
@@ -184,22 +250,21 @@ def prepare_labels(
                                     split = x
                             previous = run_column
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, run_column)
-            else:
-                # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked up
-                # once per run and the run's length added at its end. ``last_change`` is the last pixel of the
-                # row whose column differs from its left neighbour's: a quad row is one-label when that is
-                # not inside it.
-                run_length = 0
-                for y in range(sh):
-                    row_source = source + np.uint64(y * sw)
-                    row_target = target + np.uint64(y * sw)
+                else:
+                    # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked
+                    # up once per run and the run's length added at its end (or the row's). ``last_change`` is
+                    # the last pixel of the row whose column differs from its left neighbour's: a quad row is
+                    # one-label when that is not inside it.
                     last_change = np.uint64(0)
+                    run_length = 0
                     for cx in range(num_x):
                         x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
                         for x in range(x0, x1):
                             value = pixel_flat[row_source + x]
                             if value != run_value:
-                                per_image[i, run_column] += run_length
+                                if run_length:
+                                    per_image[i, run_column] += run_length
+                                    row_entries = _entry(row_column, row_count, row_entries, run_column, run_length)
                                 run_length = 0
                                 run_value = value
                                 column = _column(value, lookup)
@@ -226,7 +291,9 @@ def prepare_labels(
                                     split = x
                             previous = column
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, previous)
-                per_image[i, run_column] += run_length
+                    if run_length:
+                        per_image[i, run_column] += run_length
+                        row_entries = _entry(row_column, row_count, row_entries, run_column, run_length)
             # A quad is one-label when all its rows carry the same one.
             for cy in range(num_y):
                 for cx in range(num_x):
@@ -243,6 +310,17 @@ def prepare_labels(
                         end = cx + 1
                     extent[i, out, cy, cx] = end
     return unknown
+
+
+@njit(nogil=True, inline="always")
+def _entry(columns, counts, entries, column, count):  # pragma: no cover - compiled
+    """Append ``count`` pixels of ``column`` to a row's histogram entries (merged with an equal last one)."""
+    if entries > 0 and columns[entries - 1] == column:
+        counts[entries - 1] += count
+        return entries
+    columns[entries] = column
+    counts[entries] = count
+    return entries + 1
 
 
 @njit(nogil=True, inline="always")
@@ -373,11 +451,13 @@ def count_maps(
         widest = max(widest, x_cells[a + 1] - x_cells[a])
     narrow = widest <= 4
     on = np.zeros(strip_rows * sw, np.uint8)  # on-flags of the strip's pixel rows
-    group_on = np.ones((strip_rows, w), np.int64)  # on-count per (strip row, lower corner column); 1 = unknown
+    group_on = np.ones((w, strip_rows), np.int64)  # wide: on-count per (lower corner column, strip row)
     column_on = np.zeros(sw, np.int64)  # narrow: on-count per pixel column over the strip
     quad_on = np.zeros(w, np.int64)  # on-count per quad (corner column) of the strip
     cum = np.zeros(w + 1, np.int64)  # on-count of the strip's quads left of each corner column
     interp = np.zeros(w, np.float32)  # the strip's two corner rows interpolated at one pixel row
+    column_rows = np.zeros(w * strip_rows, np.float32)  # wide: each corner column at each strip row
+    on_rows = np.zeros(w, np.uint64)  # wide: per corner column, a bit per strip row holding on-pixels
     one = np.uint64(1)
     sign = 1
     stop = n * c
@@ -446,50 +526,95 @@ def count_maps(
                         num_runs += 1
                     done = first + length
                     word = np.uint64(0) if done >= 64 else word & ~((one << np.uint64(done)) - one)
-            for q in range(num_runs):
-                if narrow:
+            if narrow:
+                for q in range(num_runs):
                     for x in range(np.uint64(x_cells[runs[q, 0]]), np.uint64(x_cells[runs[q, 1]])):
                         column_on[x] = 0
-                else:
-                    for a in range(np.uint64(runs[q, 0]), np.uint64(runs[q, 1])):
-                        quad_on[a] = 0
             lo_row = np.uint64(base + r * w)
             hi_row = np.uint64(base + r2 * w)
-            for row in range(p1 - p0):
-                py = p0 + row
-                weight_lo = wy_lo[py]
-                weight_hi = wy_hi[py]
-                flags = np.uint64(row * sw)
-                for q in range(num_runs):
-                    first = runs[q, 0]
-                    end = runs[q, 1]
-                    for a in range(np.uint64(first), np.uint64(min(end, w - 1) + 1)):
-                        interp[a] = flat[lo_row + a] * weight_lo + flat[hi_row + a] * weight_hi
-                    if narrow:  # branch-free: every pixel of the run, flags kept for the labels
+            if narrow:
+                for row in range(p1 - p0):
+                    py = p0 + row
+                    weight_lo = wy_lo[py]
+                    weight_hi = wy_hi[py]
+                    flags = np.uint64(row * sw)
+                    for q in range(num_runs):
+                        first = runs[q, 0]
+                        end = runs[q, 1]
+                        for a in range(np.uint64(first), np.uint64(min(end, w - 1) + 1)):
+                            interp[a] = flat[lo_row + a] * weight_lo + flat[hi_row + a] * weight_hi
+                        # branch-free: every pixel of the run, flags kept for the labels
                         for x in range(np.uint64(x_cells[first]), np.uint64(x_cells[end])):
                             flag = (interp[np.uint64(x_lower_px[x])] * wx_lo[x]
                                     + interp[np.uint64(x_upper_px[x])] * wx_hi[x] > threshold)
                             on[flags + x] = flag
                             column_on[x] += flag
-                        continue
-                    # Wide quad rows: a count per (pixel row, corner column); per-pixel flags are stored only
-                    # where the row is evaluated pixel by pixel (the labels of a mixed quad row read them;
-                    # see the docstring: never evaluated twice).
+            else:
+                # Wide quads, quad by quad: each corner column of a run interpolated at every pixel row of the
+                # strip (the narrow path's ``interp``, the same float32 operations), then per quad its rows
+                # classified without branches (off: both ends ≤ the bound; all on: both ≥ ``full``; else
+                # evaluated), and only the rows to evaluate visited, pixel by pixel. A count per (pixel row,
+                # corner column); per-pixel flags are stored only where a row is evaluated (the labels of a
+                # mixed quad row read them; see the docstring: never evaluated twice).
+                rows = np.uint64(p1 - p0)
+                first_py = np.uint64(p0)
+                for q in range(num_runs):
+                    first = runs[q, 0]
+                    end = runs[q, 1]
+                    for a in range(np.uint64(first), np.uint64(min(end, w - 1) + 1)):
+                        value_lo = flat[lo_row + a]
+                        value_hi = flat[hi_row + a]
+                        at = a * np.uint64(strip_rows)
+                        for t in range(rows):
+                            column_rows[at + t] = value_lo * wy_lo[first_py + t] + value_hi * wy_hi[first_py + t]
                     for a in range(first, end):
-                        left = interp[a]
-                        right = interp[x_upper[a]]
-                        if left <= bound and right <= bound:
-                            count = 0
-                        elif left >= full and right >= full:
-                            count = x_cells[a + 1] - x_cells[a]
-                        else:
-                            count = 0
-                            for x in range(np.uint64(x_cells[a]), np.uint64(x_cells[a + 1])):
-                                flag = left * wx_lo[x] + right * wx_hi[x] > threshold
-                                on[flags + x] = flag
-                                count += flag
-                        group_on[row, a] = count
-                        quad_on[a] += count
+                        left_at = np.uint64(a * strip_rows)
+                        right_at = np.uint64(x_upper[a] * strip_rows)
+                        x0 = np.uint64(x_cells[a])
+                        x1 = np.uint64(x_cells[a + 1])
+                        width = np.int64(x1 - x0)
+                        # Flags are read only in quads that mix labels in some layer; elsewhere a row's count
+                        # is all (a loop that stores nothing vectorises without aliasing checks: 3× faster).
+                        keep_flags = False
+                        for layer in range(layers):  # an early exit: no vectorised gather over layers
+                            if uniform[i, layer, r, a] < 0:
+                                keep_flags = True
+                                break
+                        quad_count = 0
+                        nonzero = np.uint64(0)  # rows with on-pixels (strips of ≤ 64 rows: the labels use it)
+                        for chunk in range(np.uint64(0), rows, np.uint64(64)):
+                            evaluate = np.uint64(0)
+                            for t in range(chunk, min(chunk + np.uint64(64), rows)):
+                                left = column_rows[left_at + t]
+                                right = column_rows[right_at + t]
+                                all_on = (left >= full) & (right >= full)
+                                group_on[a, t] = width if all_on else 0
+                                quad_count += width if all_on else 0
+                                some = (left > bound) | (right > bound)
+                                evaluate |= np.uint64(some & ~all_on) << (t - chunk)
+                                nonzero |= np.uint64(all_on) << (t - chunk)
+                            while evaluate != 0:
+                                t = chunk + np.uint64(trailing_zeros(evaluate))
+                                evaluate &= evaluate - one
+                                left = column_rows[left_at + t]
+                                right = column_rows[right_at + t]
+                                count = 0
+                                if keep_flags:
+                                    flags = t * np.uint64(sw)
+                                    for x in range(x0, x1):
+                                        flag = left * wx_lo[x] + right * wx_hi[x] > threshold
+                                        on[flags + x] = flag
+                                        count += flag
+                                else:
+                                    some_on = np.int32(0)
+                                    for x in range(x0, x1):
+                                        some_on += np.int32(left * wx_lo[x] + right * wx_hi[x] > threshold)
+                                    count = np.int64(some_on)
+                                group_on[a, t] = count
+                                quad_count += count
+                                nonzero |= np.uint64(count > 0) << (t - chunk)
+                        quad_on[a] = quad_count
+                        on_rows[a] = nonzero
             # On-count of the strip's quads left of each corner column (over the runs; other quads are off):
             # any stretch of quads in a run has its on-count in one subtraction, whatever the layer.
             so_far = 0
@@ -531,33 +656,53 @@ def count_maps(
                             x1 = x_cells[a + 1]
                             run_label = unlabelled
                             run_length = 0
-                            for row in range(p1 - p0):
+                            # wide: only the rows with on-pixels (a bit each), else every row of the strip
+                            by_mask = not narrow and p1 - p0 <= 64
+                            remaining = on_rows[a]
+                            row = -1
+                            while True:
+                                if by_mask:
+                                    if remaining == 0:
+                                        break
+                                    row = np.int64(trailing_zeros(remaining))
+                                    remaining &= remaining - one
+                                else:
+                                    row += 1
+                                    if row >= p1 - p0:
+                                        break
                                 all_on = False
                                 if not narrow:
-                                    if group_on[row, a] == 0:
+                                    if group_on[a, row] == 0:
                                         continue
                                     # flags were stored only where the row was evaluated pixel by pixel
-                                    all_on = group_on[row, a] == x1 - x0
+                                    all_on = group_on[a, row] == x1 - x0
                                 flags = row * sw
                                 label = row_uniform[i, layer, p0 + row, a]
                                 if label <= -2:  # two labels, split at one pixel: two counts
                                     split = -2 - label
                                     pixels = image_labels + (layer * sh + p0 + row) * sw
-                                    for side in range(2):
-                                        lo, hi = (x0, split) if side == 0 else (split, x1)
-                                        label = labels_flat[pixels + lo]
-                                        if label >= unlabelled:
-                                            continue
-                                        if all_on:
-                                            count = hi - lo
-                                        else:
-                                            count = 0
-                                            for x in range(lo, hi):
-                                                count += on[flags + x]
-                                        if count > 0:
-                                            intersection[u, label] += sign * count
-                                            if track:
-                                                hits[i, u, label_category[label]] = 1
+                                    if all_on:
+                                        left = split - x0
+                                    else:
+                                        left = 0
+                                        for x in range(x0, split):
+                                            left += on[flags + x]
+                                    if narrow:
+                                        right = 0
+                                        for x in range(split, x1):
+                                            right += on[flags + x]
+                                    else:  # the row's count is known: the right side is the rest
+                                        right = group_on[a, row] - left
+                                    label = labels_flat[pixels + x0]
+                                    if label < unlabelled and left > 0:
+                                        intersection[u, label] += sign * left
+                                        if track:
+                                            hits[i, u, label_category[label]] = 1
+                                    label = labels_flat[pixels + split]
+                                    if label < unlabelled and right > 0:
+                                        intersection[u, label] += sign * right
+                                        if track:
+                                            hits[i, u, label_category[label]] = 1
                                     continue
                                 if label >= 0:  # this row of the quad carries one label
                                     if label < unlabelled:
@@ -566,7 +711,7 @@ def count_maps(
                                             for x in range(x0, x1):
                                                 count += on[flags + x]
                                         else:
-                                            count = group_on[row, a]
+                                            count = group_on[a, row]
                                         if count > 0:
                                             intersection[u, label] += sign * count
                                             if track:

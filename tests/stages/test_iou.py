@@ -396,6 +396,26 @@ def test_gpu_equals_cpu():
     assert_same_counts(gpu, cpu.intersection, cpu.activation, cpu.truth)
 
 
+@pytest.mark.parametrize("concepts, message", [
+    ([], "concept list is empty"),
+    ([Concept(1, "a", "object", True), Concept(1, "b", "part", True)], r"unique numbers ≥ 1; got \[1, 1\]"),
+    ([Concept(3, "a", "object", True), Concept(0, "b", "part", True)], r"unique numbers ≥ 1; got \[3, 0\]"),
+    ([Concept(2, "a", "object", True), Concept(-1, "b", "part", True)], r"unique numbers ≥ 1; got \[2, -1\]"),
+], ids=["empty", "duplicate", "zero", "negative"])
+def test_bad_concept_lists_raise_stage_input_error(concepts, message):
+    with pytest.raises(StageInputError, match=message):
+        IoUTally(concepts, (4, 4))
+
+
+def test_concepts_are_ordered_by_label_with_categories_in_first_appearance_order():
+    concepts = [Concept(9, "a", "part", True), Concept(2, "b", "object", True), Concept(5, "c", "part", True),
+                Concept(7, "d", "scene", False)]
+    tally = IoUTally(concepts, (4, 4))
+    assert tally.labels.tolist() == [2, 5, 7, 9]
+    assert tally.categories == ["part", "object", "scene"]
+    assert tally.label_category.tolist() == [1, 0, 2, 0]
+
+
 def test_bad_inputs_raise_stage_input_error():
     rng = np.random.default_rng(12)
     acts, thresholds, batch = random_world(rng)

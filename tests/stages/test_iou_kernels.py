@@ -241,16 +241,37 @@ def boundary_labels(n, seg, x_cells):
                  pixel_labels={"object": obj, "part": part}, image_labels={"scene": scene})
 
 
+def rectangle_labels(n, seg, seed=0):
+    """Label regions as in segmentation data sets: overlapping rectangles, so most rows repeat the row above or
+    carry one label, with the other rows mixing two or more."""
+    rng = np.random.default_rng(seed)
+    sh, sw = seg
+    pixel = np.zeros((n, 3, sh, sw), np.int32)
+    for i, layer in np.ndindex(n, 3):
+        for _ in range(6):
+            y, x = rng.integers(0, sh), rng.integers(0, sw)
+            h, w = rng.integers(1, max(2, sh // 2)), rng.integers(1, max(2, sw // 2))
+            pixel[i, layer, y : y + h, x : x + w] = rng.integers(1, 10)
+    pixel[0, 1, : sh // 2, :] = 3  # whole rows of one label, then rows repeating a mixed row
+    pixel[0, 1, sh // 2 :, :] = pixel[0, 1, sh // 2]
+    return pixel
+
+
+@pytest.mark.parametrize("labels", ["boundaries", "rectangles"])
 @pytest.mark.parametrize("feature, seg", [((7, 7), (112, 112)), ((56, 56), (112, 112)), ((5, 6), (23, 31)),
                                           ((9, 8), (8, 8))], ids=str)
-def test_label_tables_equal_a_per_quad_row_derivation(feature, seg):
-    """``prepare_labels`` (one pass: quad rows tested whole where long, label runs where short) against numpy."""
+def test_label_tables_equal_a_per_quad_row_derivation(feature, seg, labels):
+    """``prepare_labels`` (one pass: rows repeating the row above or of one label whole, else quad rows tested
+    whole where long, label runs where short) against numpy."""
     from repdissect.stages._iou_geometry import _axis
     from repdissect.stages._iou_kernels import prepare_labels
 
     ay, ax = _axis(feature[0], seg[0]), _axis(feature[1], seg[1])
-    batch = boundary_labels(2, seg, ax.cell_start)
-    pixel = np.concatenate([batch.pixel_labels["object"], batch.pixel_labels["part"]], axis=1)
+    if labels == "boundaries":
+        batch = boundary_labels(2, seg, ax.cell_start)
+        pixel = np.concatenate([batch.pixel_labels["object"], batch.pixel_labels["part"]], axis=1)
+    else:
+        pixel = rectangle_labels(2, seg)
     pixel[0, 0, 0, :3] = 99  # a number that is no concept's (the tally raises on it; here: counted unlabelled)
     tally = IoUTally(CONCEPTS, seg, kernel="compiled")
     n, layers = pixel.shape[:2]
@@ -273,8 +294,11 @@ def test_label_tables_equal_a_per_quad_row_derivation(feature, seg):
     np.testing.assert_array_equal(columns[mixed], want_columns[mixed])
     widest = np.diff(ax.cell_start).max()
     assert (want_rows >= 0).any() and ((want_rows <= -2).any() or widest < 2)
-    if widest >= 8:  # room for three labels in a quad row (labels every 3rd column)
+    if widest >= 8 and labels == "boundaries":  # room for three labels in a quad row (labels every 3rd column)
         assert (want_rows == -1).any()
+    repeats = (pixel[:, :, 1:] == pixel[:, :, :-1]).all(axis=3)
+    one_label = (pixel == pixel[..., :1]).all(axis=3)
+    assert (repeats & ~one_label[:, :, 1:]).any()  # rows repeating a row of several labels
 
 
 @pytest.mark.parametrize("feature", [7, 14, 28, 56])
