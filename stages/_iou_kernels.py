@@ -163,6 +163,7 @@ def prepare_labels(
             # ``row_column``/``row_count`` (``row_entries`` of them): the last row's additions to the label
             # histogram, in order, equal neighbours merged; a row equal to it adds the same.
             row_entries = 0
+            repeats = 0  # wide: rows since the last tested one that repeat it (histogram added at the next)
             for y in range(sh):
                 row_source = source + np.uint64(y * sw)
                 row_target = target + np.uint64(y * sw)
@@ -175,18 +176,19 @@ def prepare_labels(
                     for x in range(np.uint64(sw)):
                         differ += pixel_flat[row_source + x] != pixel_flat[row_source - np.uint64(sw) + x]
                 if y > 0 and differ == 0 and wide:  # per quad row: its code, or its pixels' columns when mixed
+                    # The histogram of a run of repeated rows is added once, at its end (``_add_rows``).
+                    repeats += 1
                     for cx in range(num_x):
-                        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
                         code = row_uniform[i, out, y - 1, cx]
                         row_uniform[i, out, y, cx] = code
-                        if code >= 0:
-                            per_image[i, code] += np.int64(x1 - x0)
-                            continue
-                        for x in range(x0, x1):  # a mixed quad row (none when x1 == x0)
-                            column = labels_flat[row_target - np.uint64(sw) + x]
-                            labels_flat[row_target + x] = column
-                            per_image[i, column] += 1
+                        if code < 0:  # a mixed quad row (none when x1 == x0)
+                            for x in range(np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])):
+                                labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
                     continue
+                if repeats:
+                    _add_rows(per_image, i, row_uniform, labels_flat, out, y - 1, row_target - np.uint64(sw),
+                              x_cells, num_x, repeats)
+                    repeats = 0
                 if y > 0 and differ == 0:  # narrow quad rows: the row's histogram entries, codes and columns
                     for e in range(row_entries):
                         per_image[i, row_column[e]] += row_count[e]
@@ -295,6 +297,9 @@ def prepare_labels(
                     if run_length:
                         per_image[i, run_column] += run_length
                         row_entries = _entry(row_column, row_count, row_entries, run_column, run_length)
+            if repeats:
+                _add_rows(per_image, i, row_uniform, labels_flat, out, sh - 1, target + np.uint64((sh - 1) * sw),
+                          x_cells, num_x, repeats)
             # A quad is one-label when all its rows carry the same one.
             for cy in range(num_y):
                 for cx in range(num_x):
@@ -323,6 +328,20 @@ def _popcount(typingctx, word):
         return builder.ctpop(args[0])
 
     return types.uint64(types.uint64), codegen
+
+
+@njit(nogil=True, inline="always")
+def _add_rows(per_image, i, row_uniform, labels_flat, out, y, row_target, x_cells, num_x, repeats):  # pragma: no cover
+    """Add ``repeats`` times pixel row ``y``'s labels (its quad rows' codes, or the pixels' columns where a quad
+    row is mixed) to image ``i``'s histogram."""
+    for cx in range(num_x):
+        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+        code = row_uniform[i, out, y, cx]
+        if code >= 0:
+            per_image[i, code] += np.int64(x1 - x0) * repeats
+            continue
+        for x in range(x0, x1):  # none when x1 == x0
+            per_image[i, labels_flat[row_target + x]] += repeats
 
 
 @njit(nogil=True, inline="always")
