@@ -21,18 +21,23 @@ once from memory and touch only what can be on:
   (pixel row, corner column) groups are classified without branches — off when both ends are ≤ the bound,
   all on when both are safely above the threshold, else to evaluate — into a bit per row, and only the
   rows to evaluate are visited (per-pixel flags are stored only there, and only in quads that mix labels
-  in some layer: a loop that stores nothing vectorises without aliasing checks, about 3× faster).
+  in some layer: a loop that stores nothing vectorises without aliasing checks, about 3× faster). Where a
+  quad is at most 64 pixels wide (7², 14² → 112²) the flags of an evaluated row are one 64-bit word, a bit
+  per pixel, built in the same vectorised loop (shift and or).
 * **Labels.** Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
   lower corner column) say which quads carry a single label and how far that label continues to the right:
   a stretch of such quads adds its on-count (a difference of the strip's per-quad prefix sums) to that
   label in one step. A quad that mixes labels adds the on-count of each of its one-label rows in one step,
   a row split once between two labels (a boundary crossing the quad) in two sums (the second is the row's
   count less the first); only rows of three or more labels look at per-pixel labels, in runs of one label.
-  Where quads are wide, only the rows holding on-pixels are visited (a bit per row from the evaluation).
+  Where quads are wide, only the rows holding on-pixels are visited (a bit per row from the evaluation); with
+  a row's flags as a word, a split row's left count is a ``popcnt`` of the word masked below the split and
+  a row of three or more labels visits only its on-pixels (trailing-zero counts), not all its pixels.
 * **Label preparation** (once per batch): whole pixel rows first — a row equal to the row above repeats
   its codes, histogram additions and mixed quad rows' columns, a row of one number gets one code (one
-  vectorised compare each; label maps are regions, so most rows repeat the row above) — then, for the other
-  rows, per quad row a vectorised test whether all its pixels carry one number (where quad rows are long;
+  vectorised compare each; label maps are regions, so most rows repeat the row above; where quad rows are
+  wide, a run of repeated rows adds its histogram once, at its end, the run's length times the row's) —
+  then, for the other rows, per quad row a vectorised test whether all its pixels carry one number (where quad rows are long;
   along label runs where they are short) gives the per-image label histograms, the one-label and split
   codes per quad row, and the per-pixel label columns of the mixed quad rows only.
 
@@ -68,7 +73,14 @@ its quads carry one label (no gain); evaluating wide groups without the off / al
 14² equal); constant-width loops for 8- and 16-pixel groups (LLVM left them scalar: slower); pending sums
 that credit a mixed quad's labels once per quad instead of once per row (no gain: the per-row work is the
 loads and branches, not the additions); per-row histogram entries for wide label rows (slower: the extra
-stores to the column table cost more than they save). At 56² every strip step costs ~50 ns per strip
+stores to the column table cost more than they save); prefetching (``prefetchw``) a hot map's intersection
+entries of its image's labels before counting it (1–3 % slower at 7²–14²); an or-of-xor instead of a count
+of differences in the label rows' compares (no change). A sampling profile at 7² (perf, the benchmark's
+loop) puts about a fifth of the process time outside the compiled code (Python, numpy, libc: the tally's
+set-up, the histograms' bookkeeping, zeroing the 4.9 MB intersection table), and the kernels' hottest
+instructions on loads that miss: the label rows in the preparation's row compare (memory bound) and the
+additions to the intersection table (each hot map's first credit of a label, ~6 % of the samples). At 56²
+every strip step costs ~50 ns per strip
 (242,000 strips of ~5 quads) whatever its loop structure: the next step there is fewer, larger units of
 work (several strips per pass, labels attributed per image), not tighter loops.
 
@@ -144,6 +156,7 @@ def prepare_labels(
         widest = max(widest, x_cells[cx + 1] - x_cells[cx])
     wide = widest > 4  # per quad row (vectorised) where quad rows are long, per run of labels where short
     row_column = np.zeros(sw + 1, np.int64)
+    quad_label = np.zeros(num_x, np.int64)  # per corner column: the label of the strip's rows so far
     row_count = np.zeros(sw + 1, np.int64)
     for i in range(n):
         for layer in range(layers):
@@ -300,14 +313,18 @@ def prepare_labels(
             if repeats:
                 _add_rows(per_image, i, row_uniform, labels_flat, out, sh - 1, target + np.uint64((sh - 1) * sw),
                           x_cells, num_x, repeats)
-            # A quad is one-label when all its rows carry the same one.
+            # A quad is one-label when all its rows carry the same one: row by row, all quads of the strip at
+            # once (a vectorised loop over corner columns, not a dependent chain per quad).
             for cy in range(num_y):
                 for cx in range(num_x):
-                    quad = -2  # no row seen yet
-                    for y in range(y_cells[cy], y_cells[cy + 1]):
-                        label = max(row_uniform[i, out, y, cx], -1)  # codes of mixed rows → −1
-                        quad = label if quad == -2 or quad == label else -1
-                    uniform[i, out, cy, cx] = -1 if quad == -2 else quad
+                    quad_label[cx] = -2  # no row seen yet
+                for y in range(y_cells[cy], y_cells[cy + 1]):
+                    for cx in range(num_x):
+                        label = max(np.int64(row_uniform[i, out, y, cx]), -1)  # codes of mixed rows → −1
+                        seen = quad_label[cx]
+                        quad_label[cx] = label if seen == -2 or seen == label else -1
+                for cx in range(num_x):
+                    uniform[i, out, cy, cx] = max(quad_label[cx], -1)
                 # Right to left: how far each one-label quad's label continues.
                 end = num_x
                 for cx in range(num_x - 1, -1, -1):
