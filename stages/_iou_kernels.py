@@ -21,18 +21,23 @@ once from memory and touch only what can be on:
   (pixel row, corner column) groups are classified without branches — off when both ends are ≤ the bound,
   all on when both are safely above the threshold, else to evaluate — into a bit per row, and only the
   rows to evaluate are visited (per-pixel flags are stored only there, and only in quads that mix labels
-  in some layer: a loop that stores nothing vectorises without aliasing checks, about 3× faster).
+  in some layer: a loop that stores nothing vectorises without aliasing checks, about 3× faster). Where a
+  quad is at most 64 pixels wide (7², 14² → 112²) the flags of an evaluated row are one 64-bit word, a bit
+  per pixel, built in the same vectorised loop (shift and or).
 * **Labels.** Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
   lower corner column) say which quads carry a single label and how far that label continues to the right:
   a stretch of such quads adds its on-count (a difference of the strip's per-quad prefix sums) to that
   label in one step. A quad that mixes labels adds the on-count of each of its one-label rows in one step,
   a row split once between two labels (a boundary crossing the quad) in two sums (the second is the row's
   count less the first); only rows of three or more labels look at per-pixel labels, in runs of one label.
-  Where quads are wide, only the rows holding on-pixels are visited (a bit per row from the evaluation).
+  Where quads are wide, only the rows holding on-pixels are visited (a bit per row from the evaluation); with
+  a row's flags as a word, a split row's left count is a ``popcnt`` of the word masked below the split and
+  a row of three or more labels visits only its on-pixels (trailing-zero counts), not all its pixels.
 * **Label preparation** (once per batch): whole pixel rows first — a row equal to the row above repeats
   its codes, histogram additions and mixed quad rows' columns, a row of one number gets one code (one
-  vectorised compare each; label maps are regions, so most rows repeat the row above) — then, for the other
-  rows, per quad row a vectorised test whether all its pixels carry one number (where quad rows are long;
+  vectorised compare each; label maps are regions, so most rows repeat the row above; where quad rows are
+  wide, a run of repeated rows adds its histogram once, at its end, the run's length times the row's) —
+  then, for the other rows, per quad row a vectorised test whether all its pixels carry one number (where quad rows are long;
   along label runs where they are short) gives the per-image label histograms, the one-label and split
   codes per quad row, and the per-pixel label columns of the mixed quad rows only.
 
@@ -68,7 +73,14 @@ its quads carry one label (no gain); evaluating wide groups without the off / al
 14² equal); constant-width loops for 8- and 16-pixel groups (LLVM left them scalar: slower); pending sums
 that credit a mixed quad's labels once per quad instead of once per row (no gain: the per-row work is the
 loads and branches, not the additions); per-row histogram entries for wide label rows (slower: the extra
-stores to the column table cost more than they save). At 56² every strip step costs ~50 ns per strip
+stores to the column table cost more than they save); prefetching (``prefetchw``) a hot map's intersection
+entries of its image's labels before counting it (1–3 % slower at 7²–14²); an or-of-xor instead of a count
+of differences in the label rows' compares (no change). A sampling profile at 7² (perf, the benchmark's
+loop) puts about a fifth of the process time outside the compiled code (Python, numpy, libc: the tally's
+set-up, the histograms' bookkeeping, zeroing the 4.9 MB intersection table), and the kernels' hottest
+instructions on loads that miss: the label rows in the preparation's row compare (memory bound) and the
+additions to the intersection table (each hot map's first credit of a label, ~6 % of the samples). At 56²
+every strip step costs ~50 ns per strip
 (242,000 strips of ~5 quads) whatever its loop structure: the next step there is fewer, larger units of
 work (several strips per pass, labels attributed per image), not tighter loops.
 
@@ -87,8 +99,9 @@ corner cell is ``a`` (``cell_start``), ``upper[a] = min(a + 1, n − 1)``, and p
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
 
 __all__ = ["prepare_labels", "count_maps"]
 
@@ -143,6 +156,7 @@ def prepare_labels(
         widest = max(widest, x_cells[cx + 1] - x_cells[cx])
     wide = widest > 4  # per quad row (vectorised) where quad rows are long, per run of labels where short
     row_column = np.zeros(sw + 1, np.int64)
+    quad_label = np.zeros(num_x, np.int64)  # per corner column: the label of the strip's rows so far
     row_count = np.zeros(sw + 1, np.int64)
     for i in range(n):
         for layer in range(layers):
@@ -162,6 +176,7 @@ def prepare_labels(
             # ``row_column``/``row_count`` (``row_entries`` of them): the last row's additions to the label
             # histogram, in order, equal neighbours merged; a row equal to it adds the same.
             row_entries = 0
+            repeats = 0  # wide: rows since the last tested one that repeat it (histogram added at the next)
             for y in range(sh):
                 row_source = source + np.uint64(y * sw)
                 row_target = target + np.uint64(y * sw)
@@ -174,18 +189,19 @@ def prepare_labels(
                     for x in range(np.uint64(sw)):
                         differ += pixel_flat[row_source + x] != pixel_flat[row_source - np.uint64(sw) + x]
                 if y > 0 and differ == 0 and wide:  # per quad row: its code, or its pixels' columns when mixed
+                    # The histogram of a run of repeated rows is added once, at its end (``_add_rows``).
+                    repeats += 1
                     for cx in range(num_x):
-                        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
                         code = row_uniform[i, out, y - 1, cx]
                         row_uniform[i, out, y, cx] = code
-                        if code >= 0:
-                            per_image[i, code] += np.int64(x1 - x0)
-                            continue
-                        for x in range(x0, x1):  # a mixed quad row (none when x1 == x0)
-                            column = labels_flat[row_target - np.uint64(sw) + x]
-                            labels_flat[row_target + x] = column
-                            per_image[i, column] += 1
+                        if code < 0:  # a mixed quad row (none when x1 == x0)
+                            for x in range(np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])):
+                                labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
                     continue
+                if repeats:
+                    _add_rows(per_image, i, row_uniform, labels_flat, out, y - 1, row_target - np.uint64(sw),
+                              x_cells, num_x, repeats)
+                    repeats = 0
                 if y > 0 and differ == 0:  # narrow quad rows: the row's histogram entries, codes and columns
                     for e in range(row_entries):
                         per_image[i, row_column[e]] += row_count[e]
@@ -294,14 +310,21 @@ def prepare_labels(
                     if run_length:
                         per_image[i, run_column] += run_length
                         row_entries = _entry(row_column, row_count, row_entries, run_column, run_length)
-            # A quad is one-label when all its rows carry the same one.
+            if repeats:
+                _add_rows(per_image, i, row_uniform, labels_flat, out, sh - 1, target + np.uint64((sh - 1) * sw),
+                          x_cells, num_x, repeats)
+            # A quad is one-label when all its rows carry the same one: row by row, all quads of the strip at
+            # once (a vectorised loop over corner columns, not a dependent chain per quad).
             for cy in range(num_y):
                 for cx in range(num_x):
-                    quad = -2  # no row seen yet
-                    for y in range(y_cells[cy], y_cells[cy + 1]):
-                        label = max(row_uniform[i, out, y, cx], -1)  # codes of mixed rows → −1
-                        quad = label if quad == -2 or quad == label else -1
-                    uniform[i, out, cy, cx] = -1 if quad == -2 else quad
+                    quad_label[cx] = -2  # no row seen yet
+                for y in range(y_cells[cy], y_cells[cy + 1]):
+                    for cx in range(num_x):
+                        label = max(np.int64(row_uniform[i, out, y, cx]), -1)  # codes of mixed rows → −1
+                        seen = quad_label[cx]
+                        quad_label[cx] = label if seen == -2 or seen == label else -1
+                for cx in range(num_x):
+                    uniform[i, out, cy, cx] = max(quad_label[cx], -1)
                 # Right to left: how far each one-label quad's label continues.
                 end = num_x
                 for cx in range(num_x - 1, -1, -1):
@@ -310,6 +333,32 @@ def prepare_labels(
                         end = cx + 1
                     extent[i, out, cy, cx] = end
     return unknown
+
+
+@intrinsic
+def _popcount(typingctx, word):
+    """The number of set bits of a uint64 (LLVM's ``ctpop``: one ``popcnt`` instruction)."""
+    if word != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
+@njit(nogil=True, inline="always")
+def _add_rows(per_image, i, row_uniform, labels_flat, out, y, row_target, x_cells, num_x, repeats):  # pragma: no cover
+    """Add ``repeats`` times pixel row ``y``'s labels (its quad rows' codes, or the pixels' columns where a quad
+    row is mixed) to image ``i``'s histogram."""
+    for cx in range(num_x):
+        x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
+        code = row_uniform[i, out, y, cx]
+        if code >= 0:
+            per_image[i, code] += np.int64(x1 - x0) * repeats
+            continue
+        for x in range(x0, x1):  # none when x1 == x0
+            per_image[i, labels_flat[row_target + x]] += repeats
 
 
 @njit(nogil=True, inline="always")
@@ -458,6 +507,10 @@ def count_maps(
     interp = np.zeros(w, np.float32)  # the strip's two corner rows interpolated at one pixel row
     column_rows = np.zeros(w * strip_rows, np.float32)  # wide: each corner column at each strip row
     on_rows = np.zeros(w, np.uint64)  # wide: per corner column, a bit per strip row holding on-pixels
+    # Wide quads of ≤ 64 pixel columns keep an evaluated row's on-pixels as bits (a quad row's word) instead of
+    # a byte per pixel: a split row's left count is one popcount, a mixed row visits only its on-pixels.
+    masks = not narrow and widest <= 64
+    row_bits = np.zeros((w, strip_rows), np.uint64)
     one = np.uint64(1)
     sign = 1
     stop = n * c
@@ -599,7 +652,14 @@ def count_maps(
                                 left = column_rows[left_at + t]
                                 right = column_rows[right_at + t]
                                 count = 0
-                                if keep_flags:
+                                if keep_flags and masks:
+                                    word = np.uint64(0)
+                                    for x in range(x0, x1):
+                                        flag = left * wx_lo[x] + right * wx_hi[x] > threshold
+                                        word |= np.uint64(flag) << (x - x0)
+                                    row_bits[a, t] = word
+                                    count = np.int64(_popcount(word))
+                                elif keep_flags:
                                     flags = t * np.uint64(sw)
                                     for x in range(x0, x1):
                                         flag = left * wx_lo[x] + right * wx_hi[x] > threshold
@@ -683,6 +743,9 @@ def count_maps(
                                     pixels = image_labels + (layer * sh + p0 + row) * sw
                                     if all_on:
                                         left = split - x0
+                                    elif masks:  # the row's on-pixels left of the split
+                                        left = np.int64(_popcount(
+                                            row_bits[a, row] & ((one << np.uint64(split - x0)) - one)))
                                     else:
                                         left = 0
                                         for x in range(x0, split):
@@ -718,6 +781,22 @@ def count_maps(
                                                 hits[i, u, label_category[label]] = 1
                                     continue
                                 pixels = image_labels + (layer * sh + p0 + row) * sw
+                                if masks:  # only the on-pixels, in order: runs of one label among them
+                                    word = row_bits[a, row] if not all_on else ~np.uint64(0) >> np.uint64(
+                                        64 - (x1 - x0))
+                                    while word != 0:
+                                        x = x0 + np.int64(trailing_zeros(word))
+                                        word &= word - one
+                                        label = labels_flat[pixels + x]
+                                        if label != run_label:
+                                            if run_label < unlabelled and run_length > 0:
+                                                intersection[u, run_label] += sign * run_length
+                                                if track:
+                                                    hits[i, u, label_category[run_label]] = 1
+                                            run_label = label
+                                            run_length = 0
+                                        run_length += 1
+                                    continue
                                 for x in range(x0, x1):
                                     label = labels_flat[pixels + x]
                                     if label != run_label:
