@@ -349,8 +349,8 @@ class VisualiseConfig:
     ``class_models``: also one image per class logit (Simonyan et al.'s class-model visualisation, same
     settings). ``am_batch_units`` = units optimised together (0 = every unit of the layer in one batch; the result does
     not depend on it up to rounding, so it is keyed). The default, 16, bounds the optimisation's working set: the
-    demo's 128 conv4 units in one batch held +452 MiB for the forward/backward passes, in batches of 16 +62 MiB,
-    and took 14 % less CPU time (smaller convolutions stay in cache). ``tsne_method``: ``"sklearn"``, ``"opentsne"``
+    demo's 128 conv4 units in one batch added +419 MiB for the forward/backward passes, in batches of 16 +62 MiB,
+    at 1.3× less CPU time (smaller convolutions stay in cache; ``benchmarks/bench_visualise.py``). ``tsne_method``: ``"sklearn"``, ``"opentsne"``
     (optional package) or ``"auto"``; ``tsne_features``: each image's per-unit spatial ``"max"`` (what a
     max-pooling head sees; the built-in CNN's) or ``"mean"``.
     """

@@ -48,7 +48,7 @@ class SensitivityStage(StatisticStage):
 
     name = "sensitivity"
     # 2: pooled samples are the float32 spatial means extraction stores (summaries), not means of the
-    # float16-stored maps (differences ~1e-4 relative; the maps are no longer read: −300 MiB per task)
+    # float16-stored maps (differences ~1e-4 relative); the maps are no longer read (demo map tasks +343 → +129 MiB)
     version = 2
     #: the science modules this stage's result depends on (closed under their imports)
     depends_on = (".compare._sensitivity", ".compare._grouped", ".compare._uncertainty", ".compare._registry",
