@@ -169,10 +169,8 @@ def prepare_labels(
             source = np.uint64((i * layers + layer) * sh * sw)
             target = np.uint64((i * columns.shape[1] + out) * sh * sw)
             run_value = pixel_flat[source]
-            run_column = _column(run_value, lookup)
-            if run_column < 0:
-                unknown += 1
-                run_column = unlabelled
+            run_column, missing = _column_or(run_value, lookup, unlabelled)
+            unknown += missing
             # ``row_column``/``row_count`` (``row_entries`` of them): the last row's additions to the label
             # histogram, in order, equal neighbours merged; a row equal to it adds the same.
             row_entries = 0
@@ -217,10 +215,8 @@ def prepare_labels(
                 if differ == 0:
                     if first_value != run_value:
                         run_value = first_value
-                        run_column = _column(run_value, lookup)
-                        if run_column < 0:
-                            unknown += 1
-                            run_column = unlabelled
+                        run_column, missing = _column_or(run_value, lookup, unlabelled)
+                        unknown += missing
                     per_image[i, run_column] += sw
                     row_entries = _entry(row_column, row_count, row_entries, run_column, sw)
                     for cx in range(num_x):
@@ -239,10 +235,8 @@ def prepare_labels(
                         if differ == 0:
                             if first_value != run_value:
                                 run_value = first_value
-                                run_column = _column(run_value, lookup)
-                                if run_column < 0:
-                                    unknown += 1
-                                    run_column = unlabelled
+                                run_column, missing = _column_or(run_value, lookup, unlabelled)
+                                unknown += missing
                             per_image[i, run_column] += np.int64(x1 - x0)
                             row_uniform[i, out, y, cx] = run_column
                             continue
@@ -254,10 +248,8 @@ def prepare_labels(
                             value = pixel_flat[row_source + x]
                             if value != run_value:
                                 run_value = value
-                                run_column = _column(value, lookup)
-                                if run_column < 0:
-                                    unknown += 1
-                                    run_column = unlabelled
+                                run_column, missing = _column_or(value, lookup, unlabelled)
+                                unknown += missing
                             per_image[i, run_column] += 1
                             labels_flat[row_target + x] = run_column
                             if previous != -2 and run_column != previous:
@@ -283,10 +275,8 @@ def prepare_labels(
                                     row_entries = _entry(row_column, row_count, row_entries, run_column, run_length)
                                 run_length = 0
                                 run_value = value
-                                column = _column(value, lookup)
-                                if column < 0:
-                                    unknown += 1
-                                    column = unlabelled
+                                column, missing = _column_or(value, lookup, unlabelled)
+                                unknown += missing
                                 if column != run_column:
                                     last_change = x
                                 run_column = column
@@ -298,8 +288,7 @@ def prepare_labels(
                         split = x0
                         previous = -2
                         for x in range(x0, x1):
-                            column = _column(pixel_flat[row_source + x], lookup)
-                            column = unlabelled if column < 0 else column
+                            column = _column_or(pixel_flat[row_source + x], lookup, unlabelled)[0]
                             labels_flat[row_target + x] = column
                             if previous != -2 and column != previous:
                                 changes += 1
@@ -389,6 +378,15 @@ def _column(value, lookup):  # pragma: no cover - compiled
     if value >= 0 and value < len(lookup):
         return lookup[value]
     return -1
+
+
+@njit(nogil=True, inline="always")
+def _column_or(value, lookup, unlabelled):  # pragma: no cover - compiled
+    """``(column, 0)`` of a label number, ``(unlabelled, 1)`` when it is no concept's (counted, then reported)."""
+    column = _column(value, lookup)
+    if column < 0:
+        return unlabelled, 1
+    return column, 0
 
 
 @_compiled(fastmath={"reassoc"})
