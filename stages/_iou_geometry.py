@@ -41,6 +41,7 @@ class _Axis:
     seg_w_lo: np.ndarray  # (S, m) float32 weights, NaN in padding (a NaN value is never "on")
     seg_w_hi: np.ndarray  # (S, m)
     cell_start: np.ndarray  # (n_in + 1,) int64: pixels cell_start[a] : cell_start[a + 1] have lower corner a
+    base_upper: np.ndarray  # (n_out,) upper corner cell of each pixel: upper[base]
 
 
 @lru_cache(maxsize=64)
@@ -67,7 +68,7 @@ def _axis(n_in: int, n_out: int) -> _Axis:
     return _Axis(
         base, upper, w_lo, w_hi, base[starts], starts, counts, pixels,
         np.where(valid, w_lo[pixels], nan), np.where(valid, w_hi[pixels], nan),
-        np.searchsorted(base, np.arange(n_in + 1), side="left").astype(np.int64),
+        np.searchsorted(base, np.arange(n_in + 1), side="left").astype(np.int64), upper[base],
     )
 
 
@@ -102,8 +103,8 @@ def upsample_bilinear(maps: torch.Tensor | np.ndarray, size: tuple[int, int]) ->
     def t(a):
         return torch.as_tensor(a, device=dev)
 
-    rows_lo, rows_hi = x[..., t(ay.base), :], x[..., t(ay.upper[ay.base]), :]
-    x_lo, x_hi = t(ax.base), t(ax.upper[ax.base])
+    rows_lo, rows_hi = x[..., t(ay.base), :], x[..., t(ay.base_upper), :]
+    x_lo, x_hi = t(ax.base), t(ax.base_upper)
     return _bilinear(
         rows_lo[..., x_lo], rows_hi[..., x_lo], rows_lo[..., x_hi], rows_hi[..., x_hi],
         t(ay.w_lo)[:, None], t(ay.w_hi)[:, None], t(ax.w_lo), t(ax.w_hi),
