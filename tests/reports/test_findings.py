@@ -88,6 +88,25 @@ def test_sparse_regression_fails_when_sparsity_costs_too_much():
     assert l1.holds is False and "does NOT hold" == l1.verdict()
 
 
+def test_a_failing_sparse_regression_shows_the_curve_around_the_rule_corner():
+    # the demo's shape: within the loss bound only at 49 % of the channels, within a quarter only at +0.130,
+    # and the point between misses both narrowly (25.2 % at +0.054)
+    from repdissect.reports._findings import check_sparse_regression
+
+    rows = [{"model": "cnn", "layer": "conv4", "kind": "seed", "a": "s0", "b": "s1", "alpha": alpha,
+             "heldout_loss": 0.422 + up, "mean_nonzero": used, "n_inputs": 128}
+            for alpha, up, used in ((0.0, 0.0, 128.0), (0.001, 0.001, 117.0), (0.01, 0.018, 63.2),
+                                    (0.03, 0.054, 32.2), (0.1, 0.130, 11.0))]
+    found = check_sparse_regression(pd.DataFrame(rows), "cnn", "conv4", "conv4")
+    assert found.holds is False
+    assert found.measured == ("least squares loss 0.422; α = 0.01: 63.2/128 channels (49.4%) at +0.018; "
+                              "α = 0.03: 32.2/128 channels (25.2%) at +0.054; "
+                              "α = 0.1: 11.0/128 channels (8.6%) at +0.130")
+    rows[3]["mean_nonzero"] = 31.9  # a quarter of the channels, still +0.054: the point is now inside one bound
+    found = check_sparse_regression(pd.DataFrame(rows), "cnn", "conv4", "conv4")
+    assert found.holds is False and "α = 0.1" not in found.measured and found.measured.endswith("at +0.054")
+
+
 def test_missing_data_is_not_a_verdict():
     empty = pd.DataFrame()
     found = findings_frame(empty, empty, math.nan, empty, empty, MODELS)
