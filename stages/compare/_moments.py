@@ -69,7 +69,7 @@ def _tensor_batch_moments(x: Any, precision: str) -> tuple[int, np.ndarray, np.n
         return int(x.shape[0]), mean.cpu().numpy(), (centred.T @ centred).cpu().numpy()
     # float32: shifted by the float32-rounded float64 mean, so the float32 differences lose nothing to it;
     # the product in float32, the sums of the shifted values and the read-out in float64
-    shift = x.mean(dim=0).to(torch.float32)
+    shift = x.mean(dim=0, dtype=torch.float64).to(torch.float32)
     shifted = x.to(torch.float32) - shift
     gram = (shifted.T @ shifted).to(torch.float64)
     sums = shifted.sum(dim=0, dtype=torch.float64)
@@ -430,12 +430,15 @@ def _all_finite(x: Any) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def _concat(blocks: Sequence[Any]) -> Any:
-    """Concatenate blocks (at least one a tensor) along channels as one float64 tensor on the first tensor's device."""
+def _concat(blocks: Sequence[Any], precision: str) -> Any:
+    """Concatenate blocks (at least one a tensor) along channels as one tensor on the first tensor's device:
+    float64 for float64 products; float32 for float32 products, which round every value to float32 anyway —
+    a float64 copy there only doubled the device memory of the batch before that rounding."""
     import torch
 
     device = next(b for b in blocks if _is_tensor(b)).device
-    return torch.cat([torch.as_tensor(b, dtype=torch.float64, device=device) for b in blocks], dim=1)
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    return torch.cat([torch.as_tensor(b, dtype=dtype, device=device) for b in blocks], dim=1)
 
 
 class MultiMoments(StreamingStatistic):
@@ -514,7 +517,7 @@ class MultiMoments(StreamingStatistic):
             for name, block in zip(self.names, blocks):
                 if not _all_finite(block):
                     raise _not_finite(name)
-            self._combine(*_tensor_batch_moments(_concat(blocks), self.precision))
+            self._combine(*_tensor_batch_moments(_concat(blocks, self.precision), self.precision))
             return
         arrays = [np.asarray(b) for b in blocks]
         per_chunk = _chunk_elements(self.precision) // (self.dim + 1)

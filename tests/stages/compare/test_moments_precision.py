@@ -168,6 +168,22 @@ def test_float32_torch_tensors_agree_with_float64():
     assert cov_error < FLOAT32_BOUND and mean_error < 1e-6
 
 
+def test_float32_tensor_path_does_not_depend_on_the_input_dtype():
+    """The float32 products round every value to float32 first, so float32 values handed in as float64 tensors
+    (or mixed with numpy blocks) give the same bits as float32 tensors."""
+    torch = pytest.importorskip("torch")
+    a, b = (x.astype(np.float32) for x in _adversarial(2_000, seed=5))
+    runs = []
+    for blocks in ((torch.from_numpy(a), torch.from_numpy(b)),
+                   (torch.from_numpy(a.astype(np.float64)), torch.from_numpy(b.astype(np.float64))),
+                   (a, torch.from_numpy(b))):
+        stat = JointMoments(6, 5, "float32")
+        stat.update(*blocks)
+        runs.append((stat.mean.copy(), stat.comoment.copy()))
+    for mean, comoment in runs[1:]:
+        assert np.array_equal(mean, runs[0][0]) and np.array_equal(comoment, runs[0][1])
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_float16_inputs_convert_identically_with_and_without_torch(monkeypatch, precision):
     """float16 → float32 is exact, so torch's fast conversion (used when torch is loaded) changes nothing."""
