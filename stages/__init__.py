@@ -27,7 +27,7 @@ _EXPORTS = {
     "_stage_train": ["model_spec_from_params"],
     "_stage_compare": ["heldout_mask"],
     "_activations": ["UnitSummaries", "activation_shape", "activations_table", "iter_activation_parts",
-                     "read_activations", "read_summaries", "summaries_table", "table_to_arrays"],
+                     "read_activation_part", "read_activations", "read_summaries", "summaries_table", "table_to_arrays"],
     "_extraction": ["Extractor", "PARQUET_OPTIONS", "extract_shard", "forward_batches"],
     "_device": ["resolve_device", "device_class", "determinism_mode", "reproducible_kernels", "check_device_params"],
     "_allocator": ["tune_allocator", "release_freed_memory"],

@@ -29,7 +29,7 @@ def layer_parts(ctx: Context, role: str, kind: str = "activations") -> list[Path
 
 def read_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(image ids (N,), activations (N, C, H, W) or (N, C))`` of one activation part."""
-    return _activations.table_to_arrays(pq.read_table(path))
+    return _activations.read_activation_part(path)
 
 
 def read_pooled_part(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -17,8 +17,10 @@ from repdissect.stages import _extraction
 from repdissect.core import open_part_writer, parquet_engine
 from repdissect.stages._activations import (
     activation_dtype,
+    activations_table,
     activation_shape,
     iter_activation_parts,
+    read_activation_part,
     read_activations,
     table_to_arrays,
 )
@@ -428,8 +430,10 @@ def test_streamed_parts_hold_one_row_group_per_batch_and_read_back_equal(tmp_pat
         np.testing.assert_array_equal(ids, np.arange(3, 33))
         np.testing.assert_array_equal(ids, expected_ids)
         np.testing.assert_array_equal(acts, expected)
-        (streamed_ids, streamed), = iter_activation_parts([path])
+        (streamed_ids, streamed), = iter_activation_parts([path])  # row group by row group into one array
+        np.testing.assert_array_equal(streamed_ids, expected_ids)
         np.testing.assert_array_equal(streamed, expected)
+        assert streamed.dtype == np.dtype(dtype) and streamed.flags.c_contiguous and streamed.flags.owndata
     if dtype == "float16":  # and the stored values are the rounded float32 activations
         full = extract_shard(cnn, ["conv3"], data, np.arange(3, 33), batch_size=7, device="cpu")
         np.testing.assert_array_equal(read_activations(tmp_path / "conv3.parquet")[1],
@@ -741,3 +745,15 @@ def test_cached_model_builds_once_under_concurrency():
         thread.join()
     assert len(builds) == 1 and len({id(m) for m in got}) == 1
     clear_model_cache()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_single_row_group_part_is_read_without_a_copy(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((6, 3, 2, 2)).astype(dtype)
+    path = tmp_path / "part.parquet"
+    pq.write_table(activations_table(np.arange(10, 16), acts, dtype), path)
+    ids, got = read_activation_part(path)
+    np.testing.assert_array_equal(ids, np.arange(10, 16))
+    np.testing.assert_array_equal(got, acts)
+    assert got.dtype == np.dtype(dtype) and not got.flags.owndata  # a view of the column's one buffer
