@@ -14,9 +14,11 @@ CPU tally exactly (same counts, kernel equivalence); the GPU tally of the GPU's 
 most a ``--tol`` fraction of on-pixels (pixels within rounding of a threshold may flip). Printed: seconds
 per stage and device (CUDA synchronised), the speed-up, and the GPU's peak memory.
 
-Without a CUDA device it prints why and exits 0 (``--cpu-only`` runs the CPU half, to try the script).
+Without a CUDA device it prints why and exits 0. ``--cpu-only`` runs the CPU half; ``--rehearse`` runs the
+whole script with the CPU standing in for the GPU (the torch tally kernel and the tensor moments there, every
+check and printed line), so the script is tried end to end before a GPU's limited time is spent on it.
 
-Usage: python benchmarks/bench_gpu.py [--images 256] [--batch 64] [--tol 1e-4] [--cpu-only]
+Usage: python benchmarks/bench_gpu.py [--images 256] [--batch 64] [--tol 1e-4] [--cpu-only | --rehearse]
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ def extract(model: torch.nn.Module, images: np.ndarray, batch: int, device: torc
 
 
 def tally(acts: np.ndarray, thresholds: np.ndarray, labels: Batch, concepts, device: torch.device,
-          shard: int) -> tuple[IoUTally, float]:
-    result = IoUTally(concepts, (112, 112), device=str(device))
+          shard: int, kernel: str = "auto") -> tuple[IoUTally, float]:
+    result = IoUTally(concepts, (112, 112), device=str(device), kernel=kernel)
     _sync(device)
     start = time.perf_counter()
     for lo in range(0, len(acts), shard):
@@ -95,8 +97,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--cpu-only", action="store_true", help="run the CPU half only (no GPU needed)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="the whole script with the CPU standing in for the GPU (torch tally kernel)")
     args = parser.parse_args()
-    if not torch.cuda.is_available() and not args.cpu_only:
+    if not torch.cuda.is_available() and not (args.cpu_only or args.rehearse):
         print("bench_gpu: skipped — no CUDA device is visible (torch.cuda.is_available() is False)")
         return 0
     torch.manual_seed(0)
@@ -120,14 +124,18 @@ def main() -> int:
             print(f"  {name:<22s} cpu {seconds:8.3f} s")
         return 0
 
-    gpu = torch.device("cuda")
-    torch.cuda.reset_peak_memory_stats(gpu)
+    # the GPU, or in a rehearsal the CPU in its place with the GPU's tally kernel (torch)
+    gpu = torch.device("cpu" if args.rehearse else "cuda")
+    kernel = "torch" if args.rehearse else "auto"
+    if gpu.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(gpu)
     extract(model, images[: args.batch], args.batch, gpu)  # warm-up: cuDNN autotuning and context creation
     acts_gpu, t_extract_gpu = extract(model, images, args.batch, gpu)
-    tally_gpu, t_tally_gpu = tally(acts_gpu["layer4"].cpu().numpy(), thresholds, labels, concepts, gpu, args.batch)
-    same_input, _ = tally(l4_cpu, thresholds, labels, concepts, gpu, args.batch)
+    tally_gpu, t_tally_gpu = tally(acts_gpu["layer4"].cpu().numpy(), thresholds, labels, concepts, gpu, args.batch,
+                                   kernel)
+    same_input, _ = tally(l4_cpu, thresholds, labels, concepts, gpu, args.batch, kernel)
     mom_gpu, t_mom_gpu = moments(acts_gpu, args.batch, gpu)
-    peak = torch.cuda.max_memory_allocated(gpu) / 2**20
+    peak = torch.cuda.max_memory_allocated(gpu) / 2**20 if gpu.type == "cuda" else float("nan")
 
     failures = []
     for name in LAYERS:
@@ -154,7 +162,10 @@ def main() -> int:
     gpu_rows = [t_extract_gpu, t_tally_gpu, t_mom_gpu]
     for (name, cpu_s), gpu_s in zip(rows, gpu_rows):
         print(f"  {name:<22s} cpu {cpu_s:8.3f} s   gpu {gpu_s:8.3f} s   speed-up {cpu_s / gpu_s:7.1f}×")
-    print(f"  GPU peak memory allocated: {peak:.0f} MiB ({torch.cuda.get_device_name(gpu)})")
+    if gpu.type == "cuda":
+        print(f"  GPU peak memory allocated: {peak:.0f} MiB ({torch.cuda.get_device_name(gpu)})")
+    else:
+        print("  rehearsal: the 'gpu' column is the CPU again (torch tally kernel); no GPU memory figures")
     for failure in failures:
         print(f"FAILED: {failure}")
     return 1 if failures else 0
