@@ -78,8 +78,8 @@ class MomentsStage(StatisticStage):
                   and acts_a.shape[2:] == acts_b.shape[2:])
         for split, mask in (("train", ~held), ("heldout", held)):
             if mask.any():
-                if direct:
-                    stat[split].update_maps(acts_a[mask], acts_b[mask])
+                if direct:  # the split's images gathered slice by slice, not copied out whole first
+                    stat[split].update_maps(acts_a, acts_b, images=np.flatnonzero(mask))
                     continue
                 a, b = _compare.samples_from_maps(acts_a[mask], acts_b[mask], mode=p["samples"], resize=p["resize"])
                 stat[split].update(a, b)

@@ -344,9 +344,11 @@ def _numpy_batch_sums(arrays: Sequence[np.ndarray], dim: int, shift: np.ndarray,
     return sums.result()
 
 
-def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str) -> np.ndarray:
+def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, precision: str,
+                     images: np.ndarray | None = None) -> np.ndarray:
     """:func:`_numpy_batch_sums` over the per-position samples of (N, C_i, H·W) maps, without their
-    (N·H·W, C) channels-last copy.
+    (N·H·W, C) channels-last copy; ``images`` (indexes into N, in order): only those images, gathered a slice
+    at a time into the buffer (the same buffer contents, so the same bits, as maps indexed by them first).
 
     The samples are the N·H·W (image, position) pairs of :func:`samples_from_maps`'s ``"positions"`` mode: a
     chunk of whole images is written, shifted and converted channel-major into one buffer ``B = [x − s; 1]``
@@ -355,7 +357,7 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
     order of the samples inside a sum differs, so equal to rounding).
     """
     workspace = _workspace()
-    n, hw = int(maps[0].shape[0]), int(maps[0].shape[2])
+    n, hw = int(maps[0].shape[0] if images is None else len(images)), int(maps[0].shape[2])
     bounds = np.concatenate([[0], np.cumsum([m.shape[1] for m in maps])]).astype(int)
     dtype = np.float64 if precision == "float64" else np.float32
     step = max(1, _chunk_elements(precision) // ((dim + 1) * hw))
@@ -368,13 +370,15 @@ def _maps_batch_sums(maps: Sequence[np.ndarray], dim: int, shift: np.ndarray, pr
     for start in range(0, n, step):
         k = min(step, n - start)
         buffer = workspace.buffer((dim + 1, k * hw), dtype, dim, axis=0)
-        images = buffer.reshape(dim + 1, k, hw)  # (D+1, k, HW) view of the buffer
+        rows_of = buffer.reshape(dim + 1, k, hw)  # (D+1, k, HW) view of the buffer
         # (k, C, HW) maps → (C, k, HW) rows of the buffer, in slices of images that stay in L2: a converting
         # copy, then an in-place subtraction of the shift (the ones row is shifted by 0)
         for sub in range(0, k, fill):
-            part = images[:, sub : sub + fill]
+            part = rows_of[:, sub : sub + fill]
+            lo, hi = start + sub, start + sub + part.shape[1]
             for i, f in enumerate(maps):
-                assign(part[bounds[i] : bounds[i + 1]], f[start + sub : start + sub + part.shape[1]].transpose(1, 0, 2))
+                block = f[lo:hi] if images is None else f[images[lo:hi]]  # an L2-sized gather: these images only
+                assign(part[bounds[i] : bounds[i + 1]], block.transpose(1, 0, 2))
             if shifted:
                 part -= s[:, None, None]
         # buffer.T is (k·HW, D+1) with unit row stride: BLAS reads it in place (B Bᵀ)
@@ -524,12 +528,14 @@ class MultiMoments(StreamingStatistic):
         heads = (min(int(rows), _HEAD_SAMPLES), min(int(rows), max(64, per_chunk)))
         self._fold(arrays, _numpy_batch_sums, heads=heads, rows=int(rows))
 
-    def update_maps(self, *maps: Any) -> None:
+    def update_maps(self, *maps: Any, images: np.ndarray | None = None) -> None:
         """Fold in the per-position samples of one batch of maps: ``maps[i]`` is an (N, sizes[i], H, W) numpy
         array, all with the same N images and H × W grid; every (image, position) is one sample.
 
         The same statistic as ``update(*samples_from_maps(...))`` (mode ``"positions"``, equal grids) without
-        the channels-last copy of the maps (see :func:`_maps_batch_sums`).
+        the channels-last copy of the maps (see :func:`_maps_batch_sums`). ``images``: integer indexes into N
+        of the images to fold in, in that order — the same bits as ``update_maps(*(m[images] for m in maps))``
+        without copying the selected maps first (a split of a shard's images, e.g. its held-out ones).
         """
         if len(maps) != len(self.sizes):
             raise StageInputError(f"update_maps got {len(maps)} blocks but this statistic has {len(self.sizes)} "
@@ -541,13 +547,32 @@ class MultiMoments(StreamingStatistic):
                     f"block {name!r} must be an (N, {size}, H, W) map array with the same N, H, W as the other "
                     f"blocks; got shapes {[tuple(a.shape) for a in arrays]}. Resize the grids first (samples_from_maps)"
                 )
-        n, (h, w) = arrays[0].shape[0], arrays[0].shape[2:]
+        total, (h, w) = arrays[0].shape[0], arrays[0].shape[2:]
+        if images is not None:
+            images = np.asarray(images)
+            if images.ndim != 1 or (images.size and (images.dtype.kind not in "iu" or images.min() < 0
+                                                     or images.max() >= total)):
+                raise StageInputError(
+                    f"update_maps: images must be a 1-D array of integer indexes in [0, {total}); got "
+                    f"{images.dtype} of shape {images.shape}" + (f", range {images.min()}…{images.max()}"
+                                                                  if images.size and images.dtype.kind in "iu" else "")
+                    + " (use np.flatnonzero(mask) for a boolean mask)"
+                )
+        n = total if images is None else len(images)
         if n == 0 or h == 0 or w == 0:
             return
-        flat = [m.reshape(n, m.shape[1], h * w) for m in arrays]
+        flat = [m.reshape(total, m.shape[1], h * w) for m in arrays]
         per_chunk = _chunk_elements(self.precision) // ((self.dim + 1) * h * w)
         heads = (min(n, -(-_HEAD_SAMPLES // (h * w))), min(n, max(1, per_chunk)))
-        self._fold(flat, _maps_batch_sums, heads=heads, rows=n * h * w)
+        if images is None:
+            self._fold(flat, _maps_batch_sums, heads=heads, rows=n * h * w)
+            return
+        head_maps = [f[images[: max(heads)]] for f in flat]  # what the reference shift reads: the first images
+
+        def kernel(arrays: list[np.ndarray], dim: int, shift: np.ndarray, precision: str) -> np.ndarray:
+            return _maps_batch_sums(flat, dim, shift, precision, images)
+
+        self._fold(head_maps, kernel, heads=heads, rows=n * h * w)
 
     def _fold(self, arrays: list[np.ndarray], kernel: Any, heads: tuple[int, int], rows: int) -> None:
         """Add one batch's sums about the reference shift to the pending sums (nothing changes if it is refused).

@@ -111,6 +111,40 @@ def test_update_maps_equals_update_of_position_samples(monkeypatch, images, size
         np.testing.assert_allclose(fast.comoment, slow.comoment, rtol=1e-9, atol=1e-9 * fast.n)
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("images, sizes, grid, dtype, chunk, offset", MAP_CASES)
+def test_update_maps_of_chosen_images_equals_update_maps_of_their_copy(monkeypatch, images, sizes, grid, dtype,
+                                                                      chunk, offset, precision):
+    """``images=`` gathers a split's images slice by slice: the same bits as the maps indexed by them first, over
+    several batches (the first sets the reference shift, the later ones use it), with the drift check armed."""
+    if chunk is not None:
+        monkeypatch.setattr(_moments, "_CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng(images + 100)
+    batches = []
+    for drift in (0.0, 0.0, 50.0 * max(1.0, abs(offset))):  # the last batch moves far: a new reference
+        maps = [(rng.standard_normal((images, s) + grid) * rng.uniform(0.5, 3, (1, s, 1, 1)) + offset + drift)
+                .astype(dtype) for s in sizes]
+        chosen = np.flatnonzero(rng.random(images) < 0.7)
+        batches.append((maps, chosen))
+    copied, gathered = MultiMoments(sizes, precision=precision), MultiMoments(sizes, precision=precision)
+    for maps, chosen in batches:
+        copied.update_maps(*(m[chosen] for m in maps))
+        gathered.update_maps(*maps, images=chosen)
+    assert gathered.n == copied.n
+    np.testing.assert_array_equal(gathered.mean, copied.mean)
+    np.testing.assert_array_equal(gathered.comoment, copied.comoment)
+
+
+def test_update_maps_refuses_bad_image_indexes() -> None:
+    stat = JointMoments(2, 3)
+    a, b = np.ones((4, 2, 3, 3)), np.ones((4, 3, 3, 3))
+    for bad in (np.array([0, 4]), np.array([-1]), np.array([True, False, True, False]), np.zeros((2, 2), int)):
+        with pytest.raises(StageInputError, match="images must be a 1-D array of integer indexes in \\[0, 4\\)"):
+            stat.update_maps(a, b, images=bad)
+    stat.update_maps(a, b, images=np.array([], dtype=np.int64))
+    assert stat.n == 0
+
+
 def test_update_maps_refuses_bad_input() -> None:
     stat = JointMoments(2, 3)
     good_a, good_b = np.ones((4, 2, 3, 3)), np.ones((4, 3, 3, 3))
