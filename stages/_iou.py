@@ -78,7 +78,23 @@ __all__ = ["IoUTally", "UNIONS"]
 UNIONS = ("category-images", "lite")
 
 
+# The last concept list checked and its result: a dataset hands every tally of a run the same (frozen) Concept
+# objects, so the next tally's check is one tuple comparison (identity first, element by element, in C).
+_last_concepts: tuple[tuple[Concept, ...], tuple[np.ndarray, np.ndarray, list[str]]] | None = None
+
+
 def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Label numbers sorted, their category indexes and the categories in first-appearance order (copies)."""
+    global _last_concepts
+    key = tuple(concepts)
+    last = _last_concepts
+    if last is None or last[0] != key:
+        last = _last_concepts = (key, _derive_concepts(key))
+    labels, label_category, categories = last[1]
+    return labels.copy(), label_category.copy(), list(categories)
+
+
+def _derive_concepts(concepts: tuple[Concept, ...]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not concepts:
         raise StageInputError("IoUTally: the concept list is empty; the dataset must describe its labels")
     labels = np.fromiter((c.label for c in concepts), dtype=np.int64, count=len(concepts))
@@ -298,15 +314,14 @@ class IoUTally(StreamingStatistic):
         return ((pixel_intersection > 0).astype(np.float32) @ self._category_of) > 0
 
     def _add_units(self, on_count: np.ndarray, scalar_rows, scalar_cols, relevant,
-                   unit_hits: np.ndarray | None = None, scalar_counted: bool = False) -> None:
-        """Whole-image labels intersect every on-pixel of their image; A sums on-pixels over relevant images.
+                   unit_hits: np.ndarray | None = None) -> None:
+        """Whole-image labels intersect every on-pixel of their image; A sums on-pixels over relevant images
+        (the torch path; the compiled one adds both in its kernels, ``count_maps`` and ``add_image_counts``).
 
         ``unit_hits`` (``union="lite"``): ``(N, C, categories)`` whether each unit's on-pixels in each image
-        intersect a pixel label of each category; whole-image labels are added here. ``scalar_counted``: the
-        compiled kernel has already added the whole-image labels' intersections.
+        intersect a pixel label of each category; whole-image labels are added here.
         """
-        if not scalar_counted:
-            np.add.at(self.intersection.T, scalar_cols, on_count[scalar_rows])
+        np.add.at(self.intersection.T, scalar_cols, on_count[scalar_rows])
         if self.union == "category-images":
             self.activation += on_count.T @ relevant
             return
@@ -327,7 +342,7 @@ class IoUTally(StreamingStatistic):
 
     def _update_compiled(self, acts: np.ndarray, thresholds: np.ndarray, pixel_maps, scalar: np.ndarray) -> None:
         """The whole batch in one pass of each compiled kernel; checks come first, the state changes last."""
-        from ._iou_kernels import count_maps, prepare_labels
+        from ._iou_kernels import add_image_counts, count_maps, prepare_labels
 
         n, c, h, w = acts.shape
         sh, sw = self.seg_size
@@ -360,9 +375,8 @@ class IoUTally(StreamingStatistic):
             columns, uniform, extent, row_uniform, scalar, self.label_category, on_count, self.intersection, hits,
         ):
             raise _nonfinite_error()
-        scalar_rows, scalar_cols, relevant = self._count_labels(per_image, scalar)
-        self._add_units(on_count, scalar_rows, scalar_cols, relevant, hits.view(np.bool_) if len(hits) else None,
-                        scalar_counted=True)
+        add_image_counts(per_image, scalar, self.label_category, sh * sw, on_count, hits, self.truth,
+                         self.activation, np.zeros(len(self.categories), np.uint8))
 
     def _torch_labels(self, pixel_maps, shape) -> np.ndarray:
         """Label columns ``(N, layers, sh, sw)`` of every pixel category, concatenated."""

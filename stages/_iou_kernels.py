@@ -103,7 +103,7 @@ from numba import njit, types
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
-__all__ = ["prepare_labels", "count_maps"]
+__all__ = ["prepare_labels", "count_maps", "add_image_counts"]
 
 # (word · _PACK) >> 56 packs a word of eight 0/1 bytes into eight bits (byte j → bit j).
 _PACK = np.uint64(0x0102040810204080)
@@ -815,3 +815,50 @@ def count_maps(
             if scalar[i, s] < unlabelled:
                 intersection[u, scalar[i, s]] += sign * total_on
         j += 1
+
+
+@_compiled
+def add_image_counts(per_image, scalar, label_category, num_pixels, on_count, hits, truth, activation, relevant):
+    """Add the label areas ``G`` and the units' sides of the unions ``A`` of one batch, in one pass per image.
+
+    The numpy form (``IoUTally._count_labels`` and ``_add_units``, which the torch path uses) costs a dozen
+    small array operations per batch; here it is one loop over the histograms and the on-counts.
+
+    Args:
+        per_image: ``(N, width)`` int64 label histograms (``prepare_labels``; the last column, unlabelled, is
+            not counted).
+        scalar: ``(N, k)`` int64 whole-image label columns (``≥ width − 1``: none); each adds ``num_pixels``.
+        label_category: ``(width − 1,)`` int64 category of each label column.
+        num_pixels: pixels of one label map (``sh · sw``).
+        on_count: ``(N, C)`` int64 on-pixels per image and unit (``count_maps``).
+        hits: ``(N, C, categories)`` uint8 from ``count_maps`` for the ``lite`` union (a whole-image label of a
+            category meets every on-pixel of its image); ``(0, 0, 0)`` for ``category-images``, where an
+            image counts for every category with a label present in it.
+        truth: ``(width − 1,)`` int64 ``G``, added to.
+        activation: ``(C, categories)`` int64 ``A``, added to.
+        relevant: ``(categories,)`` uint8 scratch.
+    """
+    n, c = on_count.shape
+    num_labels = truth.shape[0]
+    num_categories = activation.shape[1]
+    lite = hits.shape[0] > 0
+    for i in range(n):
+        for k in range(num_categories):
+            relevant[k] = 0
+        for label in range(num_labels):
+            count = per_image[i, label]
+            if count:
+                truth[label] += count
+                if not lite:
+                    relevant[label_category[label]] = 1
+        for s in range(scalar.shape[1]):
+            label = scalar[i, s]
+            if label < num_labels:
+                truth[label] += num_pixels
+                relevant[label_category[label]] = 1
+        for u in range(c):
+            count = on_count[i, u]
+            if count:
+                for k in range(num_categories):
+                    if relevant[k] or (lite and hits[i, u, k]):
+                        activation[u, k] += count
