@@ -354,12 +354,13 @@ class IoUTally(StreamingStatistic):
         uniform = _scratch("uniform", (n, layers, h, w), np.int32)
         extent = _scratch("extent", (n, layers, h, w), np.int32)
         row_uniform = _scratch("row_uniform", (n, layers, sh, w), np.int32)
+        row_split = _scratch("row_split", (n, layers, sh, w, 2), np.int32)
         per_image = _scratch("per_image", (n, len(self.labels) + 1), np.int64)
         per_image.fill(0)
         first = 0
         for category, maps in pixel_maps:
             unknown = prepare_labels(np.ascontiguousarray(maps), self._lookup, ay.cell_start, ax.cell_start, columns,
-                                     per_image, uniform, extent, row_uniform, first)
+                                     per_image, uniform, extent, row_uniform, row_split, first)
             if unknown:
                 self._columns(maps, f"pixel_labels[{category!r}]")  # raises, naming the unknown numbers
             first += maps.shape[1]
@@ -372,7 +373,7 @@ class IoUTally(StreamingStatistic):
             np.ascontiguousarray(acts, dtype=np.float32), *self._bounds(thresholds),
             ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.base, ax.base_upper,
             ax.w_lo, ax.w_hi,
-            columns, uniform, extent, row_uniform, scalar, self.label_category, on_count, self.intersection, hits,
+            columns, uniform, extent, row_uniform, row_split, scalar, self.label_category, on_count, self.intersection, hits,
         ):
             raise _nonfinite_error()
         add_image_counts(per_image, scalar, self.label_category, sh * sw, on_count, hits, self.truth,

@@ -121,7 +121,7 @@ def _compiled(function=None, **options):
 
 @_compiled
 def prepare_labels(
-    pixel, lookup, y_cells, x_cells, columns, per_image, uniform, extent, row_uniform, first_layer
+    pixel, lookup, y_cells, x_cells, columns, per_image, uniform, extent, row_uniform, row_split, first_layer
 ):  # pragma: no cover - compiled
     """Label numbers → column indexes, per-image label histograms and the one-label quad runs, in one pass.
 
@@ -131,7 +131,7 @@ def prepare_labels(
             label 0 maps to the last column of ``per_image``.
         y_cells, x_cells: ``(H + 1,)``, ``(W + 1,)`` pixels of each lower corner cell (``cell_start``).
         columns: ``(N, all layers, sh, sw)`` int32 output; this category fills layers ``first_layer…``, only
-            in quad rows of several labels (``row_uniform`` −1): the count reads no other pixel's column.
+            in quad rows of three labels or more (``row_uniform`` −1): the count reads no other pixel's column.
         per_image: ``(N, width)`` int64 label histograms, added to.
         uniform: ``(N, all layers, H, W)`` int32 output: quad (strip, corner column)'s label column when all
             its pixels (in that layer) carry one label, else −1 (also for quads without pixels).
@@ -141,6 +141,10 @@ def prepare_labels(
             column when that row of the quad carries one label; ``−2 − x`` when it carries two, the second from
             pixel ``x`` on (a label boundary crossing the quad: the count adds two sums, no per-pixel labels);
             else −1 (also for quad rows without pixels).
+        row_split: ``(N, all layers, sh, W, 2)`` int32 output: for a quad row of two labels (``row_uniform``
+            ≤ −2), its left and right label columns; not written elsewhere. Two numbers per split row instead
+            of a column per pixel: most quad rows that mix labels are split once, and their pixels' columns
+            were the bulk of the preparation's writes (a cold table, and copied again in every repeated row).
 
     Returns:
         a positive number when some label numbers are not concepts' (counted as unlabelled; the caller raises).
@@ -192,21 +196,28 @@ def prepare_labels(
                     for cx in range(num_x):
                         code = row_uniform[i, out, y - 1, cx]
                         row_uniform[i, out, y, cx] = code
-                        if code < 0:  # a mixed quad row (none when x1 == x0)
+                        if code <= -2:  # two labels: their columns
+                            row_split[i, out, y, cx, 0] = row_split[i, out, y - 1, cx, 0]
+                            row_split[i, out, y, cx, 1] = row_split[i, out, y - 1, cx, 1]
+                        elif code == -1:  # three or more: the pixels' columns (none when x1 == x0)
                             for x in range(np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])):
                                 labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
                     continue
                 if repeats:
-                    _add_rows(per_image, i, row_uniform, labels_flat, out, y - 1, row_target - np.uint64(sw),
-                              x_cells, num_x, repeats)
+                    _add_rows(per_image, i, row_uniform, row_split, labels_flat, out, y - 1,
+                              row_target - np.uint64(sw), x_cells, num_x, repeats)
                     repeats = 0
                 if y > 0 and differ == 0:  # narrow quad rows: the row's histogram entries, codes and columns
                     for e in range(row_entries):
                         per_image[i, row_column[e]] += row_count[e]
                     for cx in range(num_x):
                         row_uniform[i, out, y, cx] = row_uniform[i, out, y - 1, cx]
-                    for x in range(np.uint64(sw)):  # read only in mixed quad rows, where the row above wrote them
-                        labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
+                        row_split[i, out, y, cx, 0] = row_split[i, out, y - 1, cx, 0]  # read only where split
+                        row_split[i, out, y, cx, 1] = row_split[i, out, y - 1, cx, 1]
+                    for cx in range(num_x):
+                        if row_uniform[i, out, y, cx] == -1:  # three labels or more: the pixels' columns
+                            for x in range(np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])):
+                                labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
                     continue
                 row_entries = 0
                 first_value = pixel_flat[row_source]
@@ -244,6 +255,7 @@ def prepare_labels(
                         changes = 0
                         split = x0
                         previous = -2
+                        left = -1
                         for x in range(x0, x1):
                             value = pixel_flat[row_source + x]
                             if value != run_value:
@@ -251,13 +263,16 @@ def prepare_labels(
                                 run_column, missing = _column_or(value, lookup, unlabelled)
                                 unknown += missing
                             per_image[i, run_column] += 1
-                            labels_flat[row_target + x] = run_column
-                            if previous != -2 and run_column != previous:
+                            if previous == -2:
+                                left = run_column
+                            elif run_column != previous:
                                 changes += 1
                                 if changes == 1:
                                     split = x
                             previous = run_column
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, run_column)
+                        _split_columns(row_split, labels_flat, i, out, y, cx, changes, left, run_column,
+                                       pixel_flat, row_source, row_target, x0, x1, lookup, unlabelled)
                 else:
                     # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked
                     # up once per run and the run's length added at its end (or the row's). ``last_change`` is
@@ -284,24 +299,28 @@ def prepare_labels(
                         if last_change <= x0:
                             row_uniform[i, out, y, cx] = run_column if x1 > x0 else -1
                             continue
-                        changes = 0  # only these pixels' columns are ever read
+                        changes = 0
                         split = x0
                         previous = -2
+                        left = -1
                         for x in range(x0, x1):
                             column = _column_or(pixel_flat[row_source + x], lookup, unlabelled)[0]
-                            labels_flat[row_target + x] = column
-                            if previous != -2 and column != previous:
+                            if previous == -2:
+                                left = column
+                            elif column != previous:
                                 changes += 1
                                 if changes == 1:
                                     split = x
                             previous = column
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, previous)
+                        _split_columns(row_split, labels_flat, i, out, y, cx, changes, left, previous,
+                                       pixel_flat, row_source, row_target, x0, x1, lookup, unlabelled)
                     if run_length:
                         per_image[i, run_column] += run_length
                         row_entries = _entry(row_column, row_count, row_entries, run_column, run_length)
             if repeats:
-                _add_rows(per_image, i, row_uniform, labels_flat, out, sh - 1, target + np.uint64((sh - 1) * sw),
-                          x_cells, num_x, repeats)
+                _add_rows(per_image, i, row_uniform, row_split, labels_flat, out, sh - 1,
+                          target + np.uint64((sh - 1) * sw), x_cells, num_x, repeats)
             # A quad is one-label when all its rows carry the same one: row by row, all quads of the strip at
             # once (a vectorised loop over corner columns, not a dependent chain per quad).
             for cy in range(num_y):
@@ -337,17 +356,36 @@ def _popcount(typingctx, word):
 
 
 @njit(nogil=True, inline="always")
-def _add_rows(per_image, i, row_uniform, labels_flat, out, y, row_target, x_cells, num_x, repeats):  # pragma: no cover
-    """Add ``repeats`` times pixel row ``y``'s labels (its quad rows' codes, or the pixels' columns where a quad
-    row is mixed) to image ``i``'s histogram."""
+def _add_rows(per_image, i, row_uniform, row_split, labels_flat, out, y, row_target, x_cells, num_x,
+              repeats):  # pragma: no cover - compiled
+    """Add ``repeats`` times pixel row ``y``'s labels (its quad rows' codes, a split row's two columns, or the
+    pixels' columns where a quad row holds three labels or more) to image ``i``'s histogram."""
     for cx in range(num_x):
         x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
         code = row_uniform[i, out, y, cx]
         if code >= 0:
             per_image[i, code] += np.int64(x1 - x0) * repeats
             continue
+        if code <= -2:
+            split = -2 - code
+            per_image[i, row_split[i, out, y, cx, 0]] += (split - np.int64(x0)) * repeats
+            per_image[i, row_split[i, out, y, cx, 1]] += (np.int64(x1) - split) * repeats
+            continue
         for x in range(x0, x1):  # none when x1 == x0
             per_image[i, labels_flat[row_target + x]] += repeats
+
+
+@njit(nogil=True, inline="always")
+def _split_columns(row_split, labels_flat, i, out, y, cx, changes, left, right, pixel_flat, row_source, row_target,
+                   x0, x1, lookup, unlabelled):  # pragma: no cover - compiled
+    """Store what the count reads of a quad row that mixes labels: the two columns of a row split once, the
+    pixels' columns of a row of three labels or more."""
+    if changes == 1:
+        row_split[i, out, y, cx, 0] = left
+        row_split[i, out, y, cx, 1] = right
+    elif changes > 1:
+        for x in range(x0, x1):
+            labels_flat[row_target + x] = _column_or(pixel_flat[row_source + x], lookup, unlabelled)[0]
 
 
 @njit(nogil=True, inline="always")
@@ -428,7 +466,7 @@ def _nonfinite(flat, base, size):  # pragma: no cover - compiled
 def count_maps(
     acts, thresholds, bounds, full_bounds,
     y_cells, y_upper, wy_lo, wy_hi, x_cells, x_upper, x_lower_px, x_upper_px, wx_lo, wx_hi,
-    columns, uniform, extent, row_uniform, scalar, label_category, on_count, intersection, hits,
+    columns, uniform, extent, row_uniform, row_split, scalar, label_category, on_count, intersection, hits,
 ):  # pragma: no cover - compiled
     """Add each unit's on-pixels per image to ``on_count`` and per (unit, label column) to ``intersection``.
 
@@ -464,6 +502,8 @@ def count_maps(
         columns: ``(N, layers, sh, sw)`` int32 label columns (``width − 1`` = unlabelled, not counted).
         uniform, extent: ``(N, layers, H, W)`` int32 one-label quads and their stretches (``prepare_labels``).
         row_uniform: ``(N, layers, sh, W)`` int32 one-label quad rows (``prepare_labels``).
+        row_split: ``(N, layers, sh, W, 2)`` int32 the two label columns of quad rows split once
+            (``prepare_labels``).
         scalar: ``(N, k)`` int64 whole-image label columns of each image (``≥ width − 1``: none); each adds
             its image's on-count of a unit to ``intersection`` (the unit's row is in the cache then).
         label_category: ``(width − 1,)`` int64 category of each label column.
@@ -738,7 +778,6 @@ def count_maps(
                                 label = row_uniform[i, layer, p0 + row, a]
                                 if label <= -2:  # two labels, split at one pixel: two counts
                                     split = -2 - label
-                                    pixels = image_labels + (layer * sh + p0 + row) * sw
                                     if all_on:
                                         left = split - x0
                                     elif masks:  # the row's on-pixels left of the split
@@ -754,12 +793,12 @@ def count_maps(
                                             right += on[flags + x]
                                     else:  # the row's count is known: the right side is the rest
                                         right = group_on[a, row] - left
-                                    label = labels_flat[pixels + x0]
+                                    label = row_split[i, layer, p0 + row, a, 0]
                                     if label < unlabelled and left > 0:
                                         intersection[u, label] += sign * left
                                         if track:
                                             hits[i, u, label_category[label]] = 1
-                                    label = labels_flat[pixels + split]
+                                    label = row_split[i, layer, p0 + row, a, 1]
                                     if label < unlabelled and right > 0:
                                         intersection[u, label] += sign * right
                                         if track:
@@ -845,20 +884,26 @@ def add_image_counts(per_image, scalar, label_category, num_pixels, on_count, hi
     for i in range(n):
         for k in range(num_categories):
             relevant[k] = 0
-        for label in range(num_labels):
-            count = per_image[i, label]
-            if count:
-                truth[label] += count
-                if not lite:
+        for label in range(num_labels):  # vectorised
+            truth[label] += per_image[i, label]
+        if not lite:
+            for label in range(num_labels):
+                if per_image[i, label]:
                     relevant[label_category[label]] = 1
         for s in range(scalar.shape[1]):
             label = scalar[i, s]
             if label < num_labels:
                 truth[label] += num_pixels
                 relevant[label_category[label]] = 1
-        for u in range(c):
-            count = on_count[i, u]
-            if count:
-                for k in range(num_categories):
-                    if relevant[k] or (lite and hits[i, u, k]):
-                        activation[u, k] += count
+        if lite:
+            for u in range(c):
+                count = on_count[i, u]
+                if count:
+                    for k in range(num_categories):
+                        if relevant[k] or hits[i, u, k]:
+                            activation[u, k] += count
+        else:
+            for k in range(num_categories):
+                if relevant[k]:
+                    for u in range(c):
+                        activation[u, k] += on_count[i, u]
