@@ -99,7 +99,9 @@ corner cell is ``a`` (``cell_start``), ``upper[a] = min(a + 1, n − 1)``, and p
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
@@ -107,6 +109,9 @@ __all__ = ["prepare_labels", "count_maps", "add_image_counts"]
 
 # (word · _PACK) >> 56 packs a word of eight 0/1 bytes into eight bits (byte j → bit j).
 _PACK = np.uint64(0x0102040810204080)
+# Label rows ahead of the one read that prepare_labels prefetches.
+_AHEAD = 8
+_SCAN_AHEAD = 1024
 
 
 def _compiled(function=None, **options):
@@ -159,6 +164,7 @@ def prepare_labels(
     for cx in range(num_x):
         widest = max(widest, x_cells[cx + 1] - x_cells[cx])
     wide = widest > 4  # per quad row (vectorised) where quad rows are long, per run of labels where short
+    ahead = np.uint64(_AHEAD * sw)
     row_column = np.zeros(sw + 1, np.int64)
     quad_label = np.zeros(num_x, np.int64)  # per corner column: the label of the strip's rows so far
     row_count = np.zeros(sw + 1, np.int64)
@@ -182,6 +188,9 @@ def prepare_labels(
             for y in range(sh):
                 row_source = source + np.uint64(y * sw)
                 row_target = target + np.uint64(y * sw)
+                # The label maps are read once, from memory: ask for the row _AHEAD rows on now.
+                for x in range(np.uint64(0), np.uint64(sw), np.uint64(16)):
+                    _prefetch(pixel_flat, row_source + ahead + x)
                 # Whole rows first (one vectorised compare each): a row equal to the previous one repeats its
                 # codes, histogram entries and mixed quad rows' columns (label maps are regions: most rows
                 # repeat the row above), a row of one number gets one code; only the other rows are tested
@@ -344,6 +353,24 @@ def prepare_labels(
 
 
 @intrinsic
+def _prefetch(typingctx, array, index):
+    """Prefetch the cache line of ``array.flat[index]`` (LLVM's ``prefetch``: a hint, never a fault)."""
+    if not isinstance(array, types.Array) or index != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        i32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(prefetch, [pointer, i32(0), i32(3), i32(1)])  # read, keep in all cache levels, data
+        return context.get_dummy_value()
+
+    return types.void(array, types.uint64), codegen
+
+
+@intrinsic
 def _popcount(typingctx, word):
     """The number of set bits of a uint64 (LLVM's ``ctpop``: one ``popcnt`` instruction)."""
     if word != types.uint64:
@@ -445,6 +472,8 @@ def _next_hot(flat, bounds, start, stop, size):  # pragma: no cover - compiled
     for j in range(start, stop):
         bound = bounds[j % c]
         first = np.uint64(j * size)
+        for k in range(first, first + np.uint64(size), np.uint64(16)):
+            _prefetch(flat, k + np.uint64(_SCAN_AHEAD))
         total = zero
         for k in range(first, first + np.uint64(size)):
             value = flat[k]
