@@ -353,7 +353,8 @@ def test_count_kernel_compiles_without_gathers_or_scatters():
     labels = np.zeros((1, 1, 2, 2), np.int32)
     kernel(
         np.zeros((1, 1, 2, 2), np.float32), f32, f32, f32, i64, i64, f32, f32, i64, i64, i64, i64, f32, f32,
-        labels, labels.copy(), labels.copy(), labels.copy(), np.zeros((1, 1), np.int64), i64,
+        labels, labels.copy(), labels.copy(), labels.copy(), np.zeros((1, 1, 2, 2, 2), np.int32),
+        np.zeros((1, 1), np.int64), i64,
         np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.zeros((0, 0, 0), np.uint8),
     )
     assembly = kernel.inspect_asm(kernel.signatures[0])
