@@ -7,7 +7,8 @@ masks for every evaluated pixel and pays several memory passes per pixel. These 
 once from memory and touch only what can be on:
 
 * **Scan.** A vectorised pass per map: is any cell above the pruning bound, is any value NaN/inf? Most maps
-  end here.
+  end here. The maps come from memory once, so the scan prefetches 4 KB ahead (``_SCAN_AHEAD``): the hardware
+  prefetchers stop at page borders and after each hot map's work.
 * **Hot bits.** For a hot map (still in the L1 cache): a vectorised compare writes a byte per cell, eight
   bytes become eight bits with one multiplication, and each cell row's bits are cut out of the packed words
   (one 64-bit word per 64 columns).
@@ -29,7 +30,8 @@ once from memory and touch only what can be on:
   a stretch of such quads adds its on-count (a difference of the strip's per-quad prefix sums) to that
   label in one step. A quad that mixes labels adds the on-count of each of its one-label rows in one step,
   a row split once between two labels (a boundary crossing the quad) in two sums (the second is the row's
-  count less the first); only rows of three or more labels look at per-pixel labels, in runs of one label.
+  count less the first; its two labels from ``row_split``); only rows of three or more labels look at
+  per-pixel labels, in runs of one label.
   Where quads are wide, only the rows holding on-pixels are visited (a bit per row from the evaluation); with
   a row's flags as a word, a split row's left count is a ``popcnt`` of the word masked below the split and
   a row of three or more labels visits only its on-pixels (trailing-zero counts), not all its pixels.
@@ -39,7 +41,10 @@ once from memory and touch only what can be on:
   wide, a run of repeated rows adds its histogram once, at its end, the run's length times the row's) —
   then, for the other rows, per quad row a vectorised test whether all its pixels carry one number (where quad rows are long;
   along label runs where they are short) gives the per-image label histograms, the one-label and split
-  codes per quad row, and the per-pixel label columns of the mixed quad rows only.
+  codes per quad row, a split row's two label columns, and per-pixel label columns only for the quad rows of
+  three labels or more (at 7² → 112² 13.5 % of quad rows are split once, 2.4 % hold more labels: a column per
+  pixel of every mixed row, copied again into each repeated row, was most of the preparation's writes). The
+  label rows are prefetched 8 rows ahead (``_AHEAD``): they are read once, from memory.
 
 It is one compiled function per batch with its helpers inlined and no array slices in the loops: every call
 of a compiled function and every slice updates reference counts atomically, per array, which cost more than
@@ -47,8 +52,10 @@ the work of a small hot map.
 
 What bounds it (64 images × 512 units → 112² labels, 3 label layers, one core, measured by cutting the kernel
 after each step; outputs preallocated). At 56² maps the scan itself: all 411 MB of maps read once, ~29 ms at
-~14 GB/s, where a bare float32 sum reaches ~21 GB/s (software prefetching and a max-form of the sum measured
-no faster; a division-free unit index changed nothing at 7²–14²); then, for the 16,500 hot maps (about 3 µs
+~14 GB/s, where a bare float32 sum reaches ~21 GB/s (a max-form of the sum measured no faster; software
+prefetching measured no faster in a loop over data already in the caches, but with the maps and labels coming
+from memory, as after other work in a run, it takes 56² from 83–88 to 76–78 ms and 7² label preparation from
+1.6 to 1.3 ms; a division-free unit index changed nothing at 7²–14²); then, for the 16,500 hot maps (about 3 µs
 each, ~25 strips of two pixel rows), hot bits 8 ms, runs 7, evaluation 18, prefix sums 3, one-label stretches
 15 and mixed quads 3.5 ms. At 7² (3,589 hot maps) the count is ~4.2 ms: scan 0.4, hot bits and runs 0.3,
 interpolation and evaluation 1.4, one-label stretches 0.2 and the quads that mix labels 1.9 ms (137,000 quad
