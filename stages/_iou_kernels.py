@@ -368,9 +368,14 @@ def _prefetch(typingctx, array, index):
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         pointer = builder.gep(data, [args[1]])
+        byte_pointer = ir.IntType(8).as_pointer()
+        if str(byte_pointer) == "ptr":  # opaque pointers (recent llvmlite; checked with 0.50)
+            name = "llvm.prefetch.p0"
+        else:  # typed pointers (older llvmlite; checked with 0.42, Numba 0.59): declared on i8*
+            pointer, name = builder.bitcast(pointer, byte_pointer), "llvm.prefetch.p0i8"
         i32 = ir.IntType(32)
         prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]), "llvm.prefetch.p0")
+            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]), name)
         builder.call(prefetch, [pointer, i32(0), i32(3), i32(1)])  # read, keep in all cache levels, data
         return context.get_dummy_value()
 
