@@ -125,6 +125,32 @@ def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     return array
 
 
+def _batch_plan(n: int, layers: int, h: int, w: int, sh: int, sw: int, width: int) -> tuple:
+    """The compiled kernel's geometry and label tables for one batch shape: ``(ay, ax, columns, uniform,
+    extent, row_uniform, row_split, per_image)``, kept per thread while the shape repeats (one tuple
+    comparison per batch instead of a dozen look-ups: each costs more after a batch's kernels have evicted the
+    interpreter's data from the caches). Contents undefined; tables over ``_SCRATCH_BYTES`` are not kept."""
+    key = (n, layers, h, w, sh, sw, width)
+    plan = getattr(_scratch_arrays, "plan", None)
+    if plan is not None and plan[0] == key:
+        return plan[1]
+    tables = (
+        _scratch("columns", (n, layers, sh, sw), np.int32),
+        _scratch("uniform", (n, layers, h, w), np.int32),
+        _scratch("extent", (n, layers, h, w), np.int32),
+        _scratch("row_uniform", (n, layers, sh, w), np.int32),
+        _scratch("row_split", (n, layers, sh, w, 2), np.int32),
+        _scratch("per_image", (n, width), np.int64),
+    )
+    plan = (_axis(h, sh), _axis(w, sw), *tables)
+    if all(table.nbytes <= _SCRATCH_BYTES for table in tables):
+        _scratch_arrays.plan = (key, plan)
+    return plan
+
+
+_NO_HITS = np.zeros((0, 0, 0), np.uint8)  # ``count_maps``' hits where the union needs none (never written)
+
+
 def _nonfinite_error() -> StageInputError:
     return StageInputError("IoUTally.update: activations contain NaN/inf values; fix the extraction")
 
@@ -333,7 +359,7 @@ class IoUTally(StreamingStatistic):
         """float32 thresholds, pruning and full bounds for the compiled kernel; kept while the same thresholds
         come back (a stage passes one set for every shard)."""
         kept = self._kept_bounds
-        if kept is None or not np.array_equal(kept[0], thresholds):
+        if kept is None or kept[0].tobytes() != thresholds.tobytes():  # float64 both: equal bytes, equal values
             kept = self._kept_bounds = (
                 thresholds.copy(), thresholds.astype(np.float32), _prune_thresholds(thresholds),
                 _full_thresholds(thresholds),
@@ -346,16 +372,11 @@ class IoUTally(StreamingStatistic):
 
         n, c, h, w = acts.shape
         sh, sw = self.seg_size
-        ay, ax = _axis(h, sh), _axis(w, sw)
         layers = sum(maps.shape[1] for _, maps in pixel_maps)
-        # Label tables, overwritten whole by the kernel: reused between batches of one shape (no fresh pages
-        # to fault in per batch).
-        columns = _scratch("columns", (n, layers, sh, sw), np.int32)
-        uniform = _scratch("uniform", (n, layers, h, w), np.int32)
-        extent = _scratch("extent", (n, layers, h, w), np.int32)
-        row_uniform = _scratch("row_uniform", (n, layers, sh, w), np.int32)
-        row_split = _scratch("row_split", (n, layers, sh, w, 2), np.int32)
-        per_image = _scratch("per_image", (n, len(self.labels) + 1), np.int64)
+        # Label tables, overwritten by the kernel where it reads them: reused between batches of one shape (no
+        # fresh pages to fault in per batch).
+        ay, ax, columns, uniform, extent, row_uniform, row_split, per_image = _batch_plan(
+            n, layers, h, w, sh, sw, len(self.labels) + 1)
         per_image.fill(0)
         first = 0
         for category, maps in pixel_maps:
@@ -367,7 +388,7 @@ class IoUTally(StreamingStatistic):
 
         on_count = np.zeros((n, c), np.int64)
         # The lite union needs, per image and unit, which categories the on-pixels meet.
-        hits = np.zeros((n, c, len(self.categories)) if self.union == "lite" else (0, 0, 0), np.uint8)
+        hits = np.zeros((n, c, len(self.categories)), np.uint8) if self.union == "lite" else _NO_HITS
         # Counted in place: on NaN/inf the kernel takes its partial counts back, so a refused batch leaves no trace.
         if count_maps(
             np.ascontiguousarray(acts, dtype=np.float32), *self._bounds(thresholds),
