@@ -78,7 +78,23 @@ __all__ = ["IoUTally", "UNIONS"]
 UNIONS = ("category-images", "lite")
 
 
+# The last concept list checked and its result: a dataset hands every tally of a run the same (frozen) Concept
+# objects, so the next tally's check is one tuple comparison (identity first, element by element, in C).
+_last_concepts: tuple[tuple[Concept, ...], tuple[np.ndarray, np.ndarray, list[str]]] | None = None
+
+
 def _check_concepts(concepts: Sequence[Concept]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Label numbers sorted, their category indexes and the categories in first-appearance order (copies)."""
+    global _last_concepts
+    key = tuple(concepts)
+    last = _last_concepts
+    if last is None or last[0] != key:
+        last = _last_concepts = (key, _derive_concepts(key))
+    labels, label_category, categories = last[1]
+    return labels.copy(), label_category.copy(), list(categories)
+
+
+def _derive_concepts(concepts: tuple[Concept, ...]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not concepts:
         raise StageInputError("IoUTally: the concept list is empty; the dataset must describe its labels")
     labels = np.fromiter((c.label for c in concepts), dtype=np.int64, count=len(concepts))
@@ -107,6 +123,32 @@ def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     if array is None or array.shape != shape or array.dtype != dtype:
         array = arrays[name] = np.empty(shape, dtype)
     return array
+
+
+def _batch_plan(n: int, layers: int, h: int, w: int, sh: int, sw: int, width: int) -> tuple:
+    """The compiled kernel's geometry and label tables for one batch shape: ``(ay, ax, columns, uniform,
+    extent, row_uniform, row_split, per_image)``, kept per thread while the shape repeats (one tuple
+    comparison per batch instead of a dozen look-ups: each costs more after a batch's kernels have evicted the
+    interpreter's data from the caches). Contents undefined; tables over ``_SCRATCH_BYTES`` are not kept."""
+    key = (n, layers, h, w, sh, sw, width)
+    plan = getattr(_scratch_arrays, "plan", None)
+    if plan is not None and plan[0] == key:
+        return plan[1]
+    tables = (
+        _scratch("columns", (n, layers, sh, sw), np.int32),
+        _scratch("uniform", (n, layers, h, w), np.int32),
+        _scratch("extent", (n, layers, h, w), np.int32),
+        _scratch("row_uniform", (n, layers, sh, w), np.int32),
+        _scratch("row_split", (n, layers, sh, w, 2), np.int32),
+        _scratch("per_image", (n, width), np.int64),
+    )
+    plan = (_axis(h, sh), _axis(w, sw), *tables)
+    if all(table.nbytes <= _SCRATCH_BYTES for table in tables):
+        _scratch_arrays.plan = (key, plan)
+    return plan
+
+
+_NO_HITS = np.zeros((0, 0, 0), np.uint8)  # ``count_maps``' hits where the union needs none (never written)
 
 
 def _nonfinite_error() -> StageInputError:
@@ -298,15 +340,14 @@ class IoUTally(StreamingStatistic):
         return ((pixel_intersection > 0).astype(np.float32) @ self._category_of) > 0
 
     def _add_units(self, on_count: np.ndarray, scalar_rows, scalar_cols, relevant,
-                   unit_hits: np.ndarray | None = None, scalar_counted: bool = False) -> None:
-        """Whole-image labels intersect every on-pixel of their image; A sums on-pixels over relevant images.
+                   unit_hits: np.ndarray | None = None) -> None:
+        """Whole-image labels intersect every on-pixel of their image; A sums on-pixels over relevant images
+        (the torch path; the compiled one adds both in its kernels, ``count_maps`` and ``add_image_counts``).
 
         ``unit_hits`` (``union="lite"``): ``(N, C, categories)`` whether each unit's on-pixels in each image
-        intersect a pixel label of each category; whole-image labels are added here. ``scalar_counted``: the
-        compiled kernel has already added the whole-image labels' intersections.
+        intersect a pixel label of each category; whole-image labels are added here.
         """
-        if not scalar_counted:
-            np.add.at(self.intersection.T, scalar_cols, on_count[scalar_rows])
+        np.add.at(self.intersection.T, scalar_cols, on_count[scalar_rows])
         if self.union == "category-images":
             self.activation += on_count.T @ relevant
             return
@@ -318,7 +359,7 @@ class IoUTally(StreamingStatistic):
         """float32 thresholds, pruning and full bounds for the compiled kernel; kept while the same thresholds
         come back (a stage passes one set for every shard)."""
         kept = self._kept_bounds
-        if kept is None or not np.array_equal(kept[0], thresholds):
+        if kept is None or kept[0].tobytes() != thresholds.tobytes():  # float64 both: equal bytes, equal values
             kept = self._kept_bounds = (
                 thresholds.copy(), thresholds.astype(np.float32), _prune_thresholds(thresholds),
                 _full_thresholds(thresholds),
@@ -327,42 +368,38 @@ class IoUTally(StreamingStatistic):
 
     def _update_compiled(self, acts: np.ndarray, thresholds: np.ndarray, pixel_maps, scalar: np.ndarray) -> None:
         """The whole batch in one pass of each compiled kernel; checks come first, the state changes last."""
-        from ._iou_kernels import count_maps, prepare_labels
+        from ._iou_kernels import add_image_counts, count_maps, prepare_labels
 
         n, c, h, w = acts.shape
         sh, sw = self.seg_size
-        ay, ax = _axis(h, sh), _axis(w, sw)
         layers = sum(maps.shape[1] for _, maps in pixel_maps)
-        # Label tables, overwritten whole by the kernel: reused between batches of one shape (no fresh pages
-        # to fault in per batch).
-        columns = _scratch("columns", (n, layers, sh, sw), np.int32)
-        uniform = _scratch("uniform", (n, layers, h, w), np.int32)
-        extent = _scratch("extent", (n, layers, h, w), np.int32)
-        row_uniform = _scratch("row_uniform", (n, layers, sh, w), np.int32)
-        per_image = _scratch("per_image", (n, len(self.labels) + 1), np.int64)
+        # Label tables, overwritten by the kernel where it reads them: reused between batches of one shape (no
+        # fresh pages to fault in per batch).
+        ay, ax, columns, uniform, extent, row_uniform, row_split, per_image = _batch_plan(
+            n, layers, h, w, sh, sw, len(self.labels) + 1)
         per_image.fill(0)
         first = 0
         for category, maps in pixel_maps:
             unknown = prepare_labels(np.ascontiguousarray(maps), self._lookup, ay.cell_start, ax.cell_start, columns,
-                                     per_image, uniform, extent, row_uniform, first)
+                                     per_image, uniform, extent, row_uniform, row_split, first)
             if unknown:
                 self._columns(maps, f"pixel_labels[{category!r}]")  # raises, naming the unknown numbers
             first += maps.shape[1]
 
         on_count = np.zeros((n, c), np.int64)
         # The lite union needs, per image and unit, which categories the on-pixels meet.
-        hits = np.zeros((n, c, len(self.categories)) if self.union == "lite" else (0, 0, 0), np.uint8)
+        hits = np.zeros((n, c, len(self.categories)), np.uint8) if self.union == "lite" else _NO_HITS
         # Counted in place: on NaN/inf the kernel takes its partial counts back, so a refused batch leaves no trace.
         if count_maps(
             np.ascontiguousarray(acts, dtype=np.float32), *self._bounds(thresholds),
             ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.base, ax.base_upper,
             ax.w_lo, ax.w_hi,
-            columns, uniform, extent, row_uniform, scalar, self.label_category, on_count, self.intersection, hits,
+            columns, uniform, extent, row_uniform, row_split, scalar, self.label_category, on_count,
+            self.intersection, hits,
         ):
             raise _nonfinite_error()
-        scalar_rows, scalar_cols, relevant = self._count_labels(per_image, scalar)
-        self._add_units(on_count, scalar_rows, scalar_cols, relevant, hits.view(np.bool_) if len(hits) else None,
-                        scalar_counted=True)
+        add_image_counts(per_image, scalar, self.label_category, sh * sw, on_count, hits, self.truth,
+                         self.activation, np.zeros(len(self.categories), np.uint8))
 
     def _torch_labels(self, pixel_maps, shape) -> np.ndarray:
         """Label columns ``(N, layers, sh, sw)`` of every pixel category, concatenated."""

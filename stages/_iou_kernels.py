@@ -7,7 +7,8 @@ masks for every evaluated pixel and pays several memory passes per pixel. These 
 once from memory and touch only what can be on:
 
 * **Scan.** A vectorised pass per map: is any cell above the pruning bound, is any value NaN/inf? Most maps
-  end here.
+  end here. The maps come from memory once, so the scan prefetches 4 KB ahead (``_SCAN_AHEAD``): the hardware
+  prefetchers stop at page borders and after each hot map's work.
 * **Hot bits.** For a hot map (still in the L1 cache): a vectorised compare writes a byte per cell, eight
   bytes become eight bits with one multiplication, and each cell row's bits are cut out of the packed words
   (one 64-bit word per 64 columns).
@@ -29,7 +30,8 @@ once from memory and touch only what can be on:
   a stretch of such quads adds its on-count (a difference of the strip's per-quad prefix sums) to that
   label in one step. A quad that mixes labels adds the on-count of each of its one-label rows in one step,
   a row split once between two labels (a boundary crossing the quad) in two sums (the second is the row's
-  count less the first); only rows of three or more labels look at per-pixel labels, in runs of one label.
+  count less the first; its two labels from ``row_split``); only rows of three or more labels look at
+  per-pixel labels, in runs of one label.
   Where quads are wide, only the rows holding on-pixels are visited (a bit per row from the evaluation); with
   a row's flags as a word, a split row's left count is a ``popcnt`` of the word masked below the split and
   a row of three or more labels visits only its on-pixels (trailing-zero counts), not all its pixels.
@@ -39,7 +41,10 @@ once from memory and touch only what can be on:
   wide, a run of repeated rows adds its histogram once, at its end, the run's length times the row's) —
   then, for the other rows, per quad row a vectorised test whether all its pixels carry one number (where quad rows are long;
   along label runs where they are short) gives the per-image label histograms, the one-label and split
-  codes per quad row, and the per-pixel label columns of the mixed quad rows only.
+  codes per quad row, a split row's two label columns, and per-pixel label columns only for the quad rows of
+  three labels or more (at 7² → 112² 13.5 % of quad rows are split once, 2.4 % hold more labels: a column per
+  pixel of every mixed row, copied again into each repeated row, was most of the preparation's writes). The
+  label rows are prefetched 8 rows ahead (``_AHEAD``): they are read once, from memory.
 
 It is one compiled function per batch with its helpers inlined and no array slices in the loops: every call
 of a compiled function and every slice updates reference counts atomically, per array, which cost more than
@@ -47,8 +52,10 @@ the work of a small hot map.
 
 What bounds it (64 images × 512 units → 112² labels, 3 label layers, one core, measured by cutting the kernel
 after each step; outputs preallocated). At 56² maps the scan itself: all 411 MB of maps read once, ~29 ms at
-~14 GB/s, where a bare float32 sum reaches ~21 GB/s (software prefetching and a max-form of the sum measured
-no faster; a division-free unit index changed nothing at 7²–14²); then, for the 16,500 hot maps (about 3 µs
+~14 GB/s, where a bare float32 sum reaches ~21 GB/s (a max-form of the sum measured no faster; software
+prefetching measured no faster in a loop over data already in the caches, but with the maps and labels coming
+from memory, as after other work in a run, it takes 56² from 83–88 to 76–78 ms and 7² label preparation from
+1.6 to 1.3 ms; a division-free unit index changed nothing at 7²–14²); then, for the 16,500 hot maps (about 3 µs
 each, ~25 strips of two pixel rows), hot bits 8 ms, runs 7, evaluation 18, prefix sums 3, one-label stretches
 15 and mixed quads 3.5 ms. At 7² (3,589 hot maps) the count is ~4.2 ms: scan 0.4, hot bits and runs 0.3,
 interpolation and evaluation 1.4, one-label stretches 0.2 and the quads that mix labels 1.9 ms (137,000 quad
@@ -75,7 +82,8 @@ that credit a mixed quad's labels once per quad instead of once per row (no gain
 loads and branches, not the additions); per-row histogram entries for wide label rows (slower: the extra
 stores to the column table cost more than they save); prefetching (``prefetchw``) a hot map's intersection
 entries of its image's labels before counting it (1–3 % slower at 7²–14²); an or-of-xor instead of a count
-of differences in the label rows' compares (no change). A sampling profile at 7² (perf, the benchmark's
+of differences in the label rows' compares (no change); queuing the intersection credits and adding them in
+a tight loop, so that their cache misses overlap (7² with cold caches 6.6 → 7.9 ms). A sampling profile at 7² (perf, the benchmark's
 loop) puts about a fifth of the process time outside the compiled code (Python, numpy, libc: the tally's
 set-up, the histograms' bookkeeping, zeroing the 4.9 MB intersection table), and the kernels' hottest
 instructions on loads that miss: the label rows in the preparation's row compare (memory bound) and the
@@ -99,14 +107,19 @@ corner cell is ``a`` (``cell_start``), ``upper[a] = min(a + 1, n − 1)``, and p
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
-__all__ = ["prepare_labels", "count_maps"]
+__all__ = ["prepare_labels", "count_maps", "add_image_counts"]
 
 # (word · _PACK) >> 56 packs a word of eight 0/1 bytes into eight bits (byte j → bit j).
 _PACK = np.uint64(0x0102040810204080)
+# Label rows ahead of the one read that prepare_labels prefetches.
+_AHEAD = 8
+_SCAN_AHEAD = 1024
 
 
 def _compiled(function=None, **options):
@@ -121,7 +134,7 @@ def _compiled(function=None, **options):
 
 @_compiled
 def prepare_labels(
-    pixel, lookup, y_cells, x_cells, columns, per_image, uniform, extent, row_uniform, first_layer
+    pixel, lookup, y_cells, x_cells, columns, per_image, uniform, extent, row_uniform, row_split, first_layer
 ):  # pragma: no cover - compiled
     """Label numbers → column indexes, per-image label histograms and the one-label quad runs, in one pass.
 
@@ -131,7 +144,7 @@ def prepare_labels(
             label 0 maps to the last column of ``per_image``.
         y_cells, x_cells: ``(H + 1,)``, ``(W + 1,)`` pixels of each lower corner cell (``cell_start``).
         columns: ``(N, all layers, sh, sw)`` int32 output; this category fills layers ``first_layer…``, only
-            in quad rows of several labels (``row_uniform`` −1): the count reads no other pixel's column.
+            in quad rows of three labels or more (``row_uniform`` −1): the count reads no other pixel's column.
         per_image: ``(N, width)`` int64 label histograms, added to.
         uniform: ``(N, all layers, H, W)`` int32 output: quad (strip, corner column)'s label column when all
             its pixels (in that layer) carry one label, else −1 (also for quads without pixels).
@@ -141,6 +154,10 @@ def prepare_labels(
             column when that row of the quad carries one label; ``−2 − x`` when it carries two, the second from
             pixel ``x`` on (a label boundary crossing the quad: the count adds two sums, no per-pixel labels);
             else −1 (also for quad rows without pixels).
+        row_split: ``(N, all layers, sh, W, 2)`` int32 output: for a quad row of two labels (``row_uniform``
+            ≤ −2), its left and right label columns; not written elsewhere. Two numbers per split row instead
+            of a column per pixel: most quad rows that mix labels are split once, and their pixels' columns
+            were the bulk of the preparation's writes (a cold table, and copied again in every repeated row).
 
     Returns:
         a positive number when some label numbers are not concepts' (counted as unlabelled; the caller raises).
@@ -155,6 +172,7 @@ def prepare_labels(
     for cx in range(num_x):
         widest = max(widest, x_cells[cx + 1] - x_cells[cx])
     wide = widest > 4  # per quad row (vectorised) where quad rows are long, per run of labels where short
+    ahead = np.uint64(_AHEAD * sw)
     row_column = np.zeros(sw + 1, np.int64)
     quad_label = np.zeros(num_x, np.int64)  # per corner column: the label of the strip's rows so far
     row_count = np.zeros(sw + 1, np.int64)
@@ -178,6 +196,9 @@ def prepare_labels(
             for y in range(sh):
                 row_source = source + np.uint64(y * sw)
                 row_target = target + np.uint64(y * sw)
+                # The label maps are read once, from memory: ask for the row _AHEAD rows on now.
+                for x in range(np.uint64(0), np.uint64(sw), np.uint64(16)):
+                    _prefetch(pixel_flat, row_source + ahead + x)
                 # Whole rows first (one vectorised compare each): a row equal to the previous one repeats its
                 # codes, histogram entries and mixed quad rows' columns (label maps are regions: most rows
                 # repeat the row above), a row of one number gets one code; only the other rows are tested
@@ -192,21 +213,28 @@ def prepare_labels(
                     for cx in range(num_x):
                         code = row_uniform[i, out, y - 1, cx]
                         row_uniform[i, out, y, cx] = code
-                        if code < 0:  # a mixed quad row (none when x1 == x0)
+                        if code <= -2:  # two labels: their columns
+                            row_split[i, out, y, cx, 0] = row_split[i, out, y - 1, cx, 0]
+                            row_split[i, out, y, cx, 1] = row_split[i, out, y - 1, cx, 1]
+                        elif code == -1:  # three or more: the pixels' columns (none when x1 == x0)
                             for x in range(np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])):
                                 labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
                     continue
                 if repeats:
-                    _add_rows(per_image, i, row_uniform, labels_flat, out, y - 1, row_target - np.uint64(sw),
-                              x_cells, num_x, repeats)
+                    _add_rows(per_image, i, row_uniform, row_split, labels_flat, out, y - 1,
+                              row_target - np.uint64(sw), x_cells, num_x, repeats)
                     repeats = 0
                 if y > 0 and differ == 0:  # narrow quad rows: the row's histogram entries, codes and columns
                     for e in range(row_entries):
                         per_image[i, row_column[e]] += row_count[e]
                     for cx in range(num_x):
                         row_uniform[i, out, y, cx] = row_uniform[i, out, y - 1, cx]
-                    for x in range(np.uint64(sw)):  # read only in mixed quad rows, where the row above wrote them
-                        labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
+                        row_split[i, out, y, cx, 0] = row_split[i, out, y - 1, cx, 0]  # read only where split
+                        row_split[i, out, y, cx, 1] = row_split[i, out, y - 1, cx, 1]
+                    for cx in range(num_x):
+                        if row_uniform[i, out, y, cx] == -1:  # three labels or more: the pixels' columns
+                            for x in range(np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])):
+                                labels_flat[row_target + x] = labels_flat[row_target - np.uint64(sw) + x]
                     continue
                 row_entries = 0
                 first_value = pixel_flat[row_source]
@@ -244,6 +272,7 @@ def prepare_labels(
                         changes = 0
                         split = x0
                         previous = -2
+                        left = -1
                         for x in range(x0, x1):
                             value = pixel_flat[row_source + x]
                             if value != run_value:
@@ -251,13 +280,16 @@ def prepare_labels(
                                 run_column, missing = _column_or(value, lookup, unlabelled)
                                 unknown += missing
                             per_image[i, run_column] += 1
-                            labels_flat[row_target + x] = run_column
-                            if previous != -2 and run_column != previous:
+                            if previous == -2:
+                                left = run_column
+                            elif run_column != previous:
                                 changes += 1
                                 if changes == 1:
                                     split = x
                             previous = run_column
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, run_column)
+                        _split_columns(row_split, labels_flat, i, out, y, cx, changes, left, run_column,
+                                       pixel_flat, row_source, row_target, x0, x1, lookup, unlabelled)
                 else:
                     # Narrow quad rows (upsampling ≤ 4×): labels come in runs along a row; a number is looked
                     # up once per run and the run's length added at its end (or the row's). ``last_change`` is
@@ -284,24 +316,28 @@ def prepare_labels(
                         if last_change <= x0:
                             row_uniform[i, out, y, cx] = run_column if x1 > x0 else -1
                             continue
-                        changes = 0  # only these pixels' columns are ever read
+                        changes = 0
                         split = x0
                         previous = -2
+                        left = -1
                         for x in range(x0, x1):
                             column = _column_or(pixel_flat[row_source + x], lookup, unlabelled)[0]
-                            labels_flat[row_target + x] = column
-                            if previous != -2 and column != previous:
+                            if previous == -2:
+                                left = column
+                            elif column != previous:
                                 changes += 1
                                 if changes == 1:
                                     split = x
                             previous = column
                         row_uniform[i, out, y, cx] = _quad_row_code(changes, split, previous)
+                        _split_columns(row_split, labels_flat, i, out, y, cx, changes, left, previous,
+                                       pixel_flat, row_source, row_target, x0, x1, lookup, unlabelled)
                     if run_length:
                         per_image[i, run_column] += run_length
                         row_entries = _entry(row_column, row_count, row_entries, run_column, run_length)
             if repeats:
-                _add_rows(per_image, i, row_uniform, labels_flat, out, sh - 1, target + np.uint64((sh - 1) * sw),
-                          x_cells, num_x, repeats)
+                _add_rows(per_image, i, row_uniform, row_split, labels_flat, out, sh - 1,
+                          target + np.uint64((sh - 1) * sw), x_cells, num_x, repeats)
             # A quad is one-label when all its rows carry the same one: row by row, all quads of the strip at
             # once (a vectorised loop over corner columns, not a dependent chain per quad).
             for cy in range(num_y):
@@ -325,6 +361,29 @@ def prepare_labels(
 
 
 @intrinsic
+def _prefetch(typingctx, array, index):
+    """Prefetch the cache line of ``array.flat[index]`` (LLVM's ``prefetch``: a hint, never a fault)."""
+    if not isinstance(array, types.Array) or index != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        byte_pointer = ir.IntType(8).as_pointer()
+        if str(byte_pointer) == "ptr":  # opaque pointers (recent llvmlite; checked with 0.50)
+            name = "llvm.prefetch.p0"
+        else:  # typed pointers (older llvmlite; checked with 0.42, Numba 0.59): declared on i8*
+            pointer, name = builder.bitcast(pointer, byte_pointer), "llvm.prefetch.p0i8"
+        i32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]), name)
+        builder.call(prefetch, [pointer, i32(0), i32(3), i32(1)])  # read, keep in all cache levels, data
+        return context.get_dummy_value()
+
+    return types.void(array, types.uint64), codegen
+
+
+@intrinsic
 def _popcount(typingctx, word):
     """The number of set bits of a uint64 (LLVM's ``ctpop``: one ``popcnt`` instruction)."""
     if word != types.uint64:
@@ -337,17 +396,36 @@ def _popcount(typingctx, word):
 
 
 @njit(nogil=True, inline="always")
-def _add_rows(per_image, i, row_uniform, labels_flat, out, y, row_target, x_cells, num_x, repeats):  # pragma: no cover
-    """Add ``repeats`` times pixel row ``y``'s labels (its quad rows' codes, or the pixels' columns where a quad
-    row is mixed) to image ``i``'s histogram."""
+def _add_rows(per_image, i, row_uniform, row_split, labels_flat, out, y, row_target, x_cells, num_x,
+              repeats):  # pragma: no cover - compiled
+    """Add ``repeats`` times pixel row ``y``'s labels (its quad rows' codes, a split row's two columns, or the
+    pixels' columns where a quad row holds three labels or more) to image ``i``'s histogram."""
     for cx in range(num_x):
         x0, x1 = np.uint64(x_cells[cx]), np.uint64(x_cells[cx + 1])
         code = row_uniform[i, out, y, cx]
         if code >= 0:
             per_image[i, code] += np.int64(x1 - x0) * repeats
             continue
+        if code <= -2:
+            split = -2 - code
+            per_image[i, row_split[i, out, y, cx, 0]] += (split - np.int64(x0)) * repeats
+            per_image[i, row_split[i, out, y, cx, 1]] += (np.int64(x1) - split) * repeats
+            continue
         for x in range(x0, x1):  # none when x1 == x0
             per_image[i, labels_flat[row_target + x]] += repeats
+
+
+@njit(nogil=True, inline="always")
+def _split_columns(row_split, labels_flat, i, out, y, cx, changes, left, right, pixel_flat, row_source, row_target,
+                   x0, x1, lookup, unlabelled):  # pragma: no cover - compiled
+    """Store what the count reads of a quad row that mixes labels: the two columns of a row split once, the
+    pixels' columns of a row of three labels or more."""
+    if changes == 1:
+        row_split[i, out, y, cx, 0] = left
+        row_split[i, out, y, cx, 1] = right
+    elif changes > 1:
+        for x in range(x0, x1):
+            labels_flat[row_target + x] = _column_or(pixel_flat[row_source + x], lookup, unlabelled)[0]
 
 
 @njit(nogil=True, inline="always")
@@ -407,6 +485,8 @@ def _next_hot(flat, bounds, start, stop, size):  # pragma: no cover - compiled
     for j in range(start, stop):
         bound = bounds[j % c]
         first = np.uint64(j * size)
+        for k in range(first, first + np.uint64(size), np.uint64(16)):
+            _prefetch(flat, k + np.uint64(_SCAN_AHEAD))
         total = zero
         for k in range(first, first + np.uint64(size)):
             value = flat[k]
@@ -428,7 +508,7 @@ def _nonfinite(flat, base, size):  # pragma: no cover - compiled
 def count_maps(
     acts, thresholds, bounds, full_bounds,
     y_cells, y_upper, wy_lo, wy_hi, x_cells, x_upper, x_lower_px, x_upper_px, wx_lo, wx_hi,
-    columns, uniform, extent, row_uniform, scalar, label_category, on_count, intersection, hits,
+    columns, uniform, extent, row_uniform, row_split, scalar, label_category, on_count, intersection, hits,
 ):  # pragma: no cover - compiled
     """Add each unit's on-pixels per image to ``on_count`` and per (unit, label column) to ``intersection``.
 
@@ -464,6 +544,8 @@ def count_maps(
         columns: ``(N, layers, sh, sw)`` int32 label columns (``width − 1`` = unlabelled, not counted).
         uniform, extent: ``(N, layers, H, W)`` int32 one-label quads and their stretches (``prepare_labels``).
         row_uniform: ``(N, layers, sh, W)`` int32 one-label quad rows (``prepare_labels``).
+        row_split: ``(N, layers, sh, W, 2)`` int32 the two label columns of quad rows split once
+            (``prepare_labels``).
         scalar: ``(N, k)`` int64 whole-image label columns of each image (``≥ width − 1``: none); each adds
             its image's on-count of a unit to ``intersection`` (the unit's row is in the cache then).
         label_category: ``(width − 1,)`` int64 category of each label column.
@@ -738,7 +820,6 @@ def count_maps(
                                 label = row_uniform[i, layer, p0 + row, a]
                                 if label <= -2:  # two labels, split at one pixel: two counts
                                     split = -2 - label
-                                    pixels = image_labels + (layer * sh + p0 + row) * sw
                                     if all_on:
                                         left = split - x0
                                     elif masks:  # the row's on-pixels left of the split
@@ -754,12 +835,12 @@ def count_maps(
                                             right += on[flags + x]
                                     else:  # the row's count is known: the right side is the rest
                                         right = group_on[a, row] - left
-                                    label = labels_flat[pixels + x0]
+                                    label = row_split[i, layer, p0 + row, a, 0]
                                     if label < unlabelled and left > 0:
                                         intersection[u, label] += sign * left
                                         if track:
                                             hits[i, u, label_category[label]] = 1
-                                    label = labels_flat[pixels + split]
+                                    label = row_split[i, layer, p0 + row, a, 1]
                                     if label < unlabelled and right > 0:
                                         intersection[u, label] += sign * right
                                         if track:
@@ -815,3 +896,56 @@ def count_maps(
             if scalar[i, s] < unlabelled:
                 intersection[u, scalar[i, s]] += sign * total_on
         j += 1
+
+
+@_compiled
+def add_image_counts(per_image, scalar, label_category, num_pixels, on_count, hits, truth, activation, relevant):
+    """Add the label areas ``G`` and the units' sides of the unions ``A`` of one batch, in one pass per image.
+
+    The numpy form (``IoUTally._count_labels`` and ``_add_units``, which the torch path uses) costs a dozen
+    small array operations per batch; here it is one loop over the histograms and the on-counts.
+
+    Args:
+        per_image: ``(N, width)`` int64 label histograms (``prepare_labels``; the last column, unlabelled, is
+            not counted).
+        scalar: ``(N, k)`` int64 whole-image label columns (``≥ width − 1``: none); each adds ``num_pixels``.
+        label_category: ``(width − 1,)`` int64 category of each label column.
+        num_pixels: pixels of one label map (``sh · sw``).
+        on_count: ``(N, C)`` int64 on-pixels per image and unit (``count_maps``).
+        hits: ``(N, C, categories)`` uint8 from ``count_maps`` for the ``lite`` union (a whole-image label of a
+            category meets every on-pixel of its image); ``(0, 0, 0)`` for ``category-images``, where an
+            image counts for every category with a label present in it.
+        truth: ``(width − 1,)`` int64 ``G``, added to.
+        activation: ``(C, categories)`` int64 ``A``, added to.
+        relevant: ``(categories,)`` uint8 scratch.
+    """
+    n, c = on_count.shape
+    num_labels = truth.shape[0]
+    num_categories = activation.shape[1]
+    lite = hits.shape[0] > 0
+    for i in range(n):
+        for k in range(num_categories):
+            relevant[k] = 0
+        for label in range(num_labels):  # vectorised
+            truth[label] += per_image[i, label]
+        if not lite:
+            for label in range(num_labels):
+                if per_image[i, label]:
+                    relevant[label_category[label]] = 1
+        for s in range(scalar.shape[1]):
+            label = scalar[i, s]
+            if label < num_labels:
+                truth[label] += num_pixels
+                relevant[label_category[label]] = 1
+        if lite:
+            for u in range(c):
+                count = on_count[i, u]
+                if count:
+                    for k in range(num_categories):
+                        if relevant[k] or hits[i, u, k]:
+                            activation[u, k] += count
+        else:
+            for k in range(num_categories):
+                if relevant[k]:
+                    for u in range(c):
+                        activation[u, k] += on_count[i, u]

@@ -81,8 +81,9 @@ def test_pipeline_runs_without_the_fast_extra(tmp_path):
 
 #: import name -> distribution name, where they differ
 _DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "distributed": "dask"}
-#: optional libraries the code guards (an extra, or an opt-in backend) — never needed by the default install
-_OPTIONAL = {"numba", "polars", "openTSNE"}
+#: optional libraries the code guards (an extra, or an opt-in backend) — never needed by the default install;
+#: llvmlite is Numba's own dependency, imported only by the compiled kernels (its intrinsics)
+_OPTIONAL = {"numba", "llvmlite", "polars", "openTSNE"}
 
 
 def test_every_library_the_code_imports_is_a_declared_dependency():

@@ -279,9 +279,10 @@ def test_label_tables_equal_a_per_quad_row_derivation(feature, seg, labels):
     uniform = np.zeros((n, layers, *feature), np.int32)
     extent = np.zeros_like(uniform)
     row_uniform = np.zeros((n, layers, seg[0], feature[1]), np.int32)
+    row_split = np.full((n, layers, seg[0], feature[1], 2), -7, np.int32)
     per_image = np.zeros((n, len(tally.labels) + 1), np.int64)
     unknown = prepare_labels(pixel, tally._lookup, ay.cell_start, ax.cell_start, columns, per_image, uniform, extent,
-                             row_uniform, 0)
+                             row_uniform, row_split, 0)
     want_columns, want_rows, want_uniform, want_extent, want_per_image = reference_tables(
         pixel, tally._lookup, ay.cell_start, ax.cell_start)
     assert unknown > 0
@@ -289,9 +290,16 @@ def test_label_tables_equal_a_per_quad_row_derivation(feature, seg, labels):
     np.testing.assert_array_equal(uniform, want_uniform)
     np.testing.assert_array_equal(extent, want_extent)
     np.testing.assert_array_equal(per_image, want_per_image)
-    # columns are written (only) where a quad row mixes labels: the only pixels the count reads
-    mixed = np.repeat(want_rows < 0, np.diff(ax.cell_start), axis=3)
-    np.testing.assert_array_equal(columns[mixed], want_columns[mixed])
+    # The count reads a split row's two columns (left of the split, from it on) and the pixels' columns of a row
+    # of three labels or more (-1; none for quad rows without pixels): written there, not elsewhere.
+    for i, layer, y, cx in zip(*np.nonzero(want_rows <= -2)):
+        split = -2 - want_rows[i, layer, y, cx]
+        want = want_columns[i, layer, y, [ax.cell_start[cx], split]]
+        np.testing.assert_array_equal(row_split[i, layer, y, cx], want, err_msg=f"split row {(i, layer, y, cx)}")
+    np.testing.assert_array_equal(row_split[want_rows > -2], -7)
+    several = np.repeat(want_rows == -1, np.diff(ax.cell_start), axis=3)
+    np.testing.assert_array_equal(columns[several], want_columns[several])
+    np.testing.assert_array_equal(columns[~several], -7)
     widest = np.diff(ax.cell_start).max()
     assert (want_rows >= 0).any() and ((want_rows <= -2).any() or widest < 2)
     if widest >= 8 and labels == "boundaries":  # room for three labels in a quad row (labels every 3rd column)
@@ -345,7 +353,8 @@ def test_count_kernel_compiles_without_gathers_or_scatters():
     labels = np.zeros((1, 1, 2, 2), np.int32)
     kernel(
         np.zeros((1, 1, 2, 2), np.float32), f32, f32, f32, i64, i64, f32, f32, i64, i64, i64, i64, f32, f32,
-        labels, labels.copy(), labels.copy(), labels.copy(), np.zeros((1, 1), np.int64), i64,
+        labels, labels.copy(), labels.copy(), labels.copy(), np.zeros((1, 1, 2, 2, 2), np.int32),
+        np.zeros((1, 1), np.int64), i64,
         np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.zeros((0, 0, 0), np.uint8),
     )
     assembly = kernel.inspect_asm(kernel.signatures[0])
