@@ -43,6 +43,7 @@ table.paper caption { caption-side: top; text-align: left; font-weight: 600; pad
 table.paper thead th { border-top: 2px solid var(--fg); border-bottom: 1px solid var(--fg); padding: 4px 10px;
                        text-align: left; vertical-align: bottom; max-width: 11em; }
 table.paper tbody td { padding: 3px 10px; white-space: nowrap; }
+table.paper tbody td.prose { white-space: normal; min-width: 16em; }
 table.paper tbody tr:last-child td { border-bottom: 2px solid var(--fg); }
 table.paper tr.rule td { border-bottom: 1px solid var(--line); }
 table.paper .num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -77,6 +78,10 @@ def link(path: str | PurePosixPath) -> str:
     return esc(quote(posix, safe="/._-~"))
 
 
+#: a text column with a cell longer than this many characters wraps in the HTML table
+_PROSE_CHARS = 48
+
+
 def table_html(table: PaperTable, downloads: Mapping[str, str] | None = None) -> str:
     """A :class:`PaperTable` as an HTML table with its caption, notes and download links."""
     numeric = table.numeric_columns()
@@ -89,9 +94,13 @@ def table_html(table: PaperTable, downloads: Mapping[str, str] | None = None) ->
     head = "".join(f'<th class="{"num" if num else ""}">{esc(c)}</th>' for c, num in zip(table.columns, numeric))
     body = []
     rules = set(table.rules_after)
-    for i, row in enumerate(table.rows):
-        cells = "".join(f'<td class="{"num" if num else ""}">{esc(table.cell_text(v, j))}</td>'
-                        for j, (v, num) in enumerate(zip(row, numeric)))
+    texts = [[table.cell_text(v, j) for j, v in enumerate(row)] for row in table.rows]
+    # columns of sentences (a finding's measurements, its test) wrap; numbers and short labels stay on one line,
+    # so the table fits the page instead of hiding its last columns (the verdict) behind a scroll bar
+    kinds = ["num" if num else ("prose" if any(len(r[j]) > _PROSE_CHARS for r in texts) else "")
+             for j, num in enumerate(numeric)]
+    for i, row in enumerate(texts):
+        cells = "".join(f'<td class="{kind}">{esc(text)}</td>' for text, kind in zip(row, kinds))
         body.append(f'<tr class="rule">{cells}</tr>' if i in rules else f"<tr>{cells}</tr>")
     if not table.rows:
         body.append(f'<tr><td class="empty" colspan="{len(table.columns)}">no rows</td></tr>')

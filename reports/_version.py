@@ -1,3 +1,3 @@
 """The report format version: bump it when tables, figures or the page change, so cached runs re-render."""
 
-REPORT_VERSION = 5
+REPORT_VERSION = 6

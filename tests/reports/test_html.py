@@ -48,3 +48,12 @@ def test_page_is_self_contained():
     assert "<link" not in markup and "http://" not in markup and "https://" not in markup
     assert markup.startswith("<!DOCTYPE html>") and "<style>" in markup
     assert '<nav class="toc"><a href="#tables">' in markup
+
+
+def test_sentence_columns_wrap_and_number_columns_do_not():
+    long = "least squares loss 0.422; α = 0.01: 63.2/128 channels (49.4%) at +0.018"
+    table = PaperTable(name="f", title="F", columns=["Finding", "Measured", "Value"],
+                       rows=[["short", long, 1.5], ["also short", "brief", 2.5]])
+    markup = table_html(table)
+    assert markup.count('<td class="prose">') == 2  # the whole Measured column, its short cell too
+    assert '<td class="">short</td>' in markup and markup.count('<td class="num">') == 2
