@@ -40,7 +40,7 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
-from typing import Any, Self, Sequence
+from typing import Any, Callable, Self, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -567,25 +567,30 @@ class MultiMoments(StreamingStatistic):
         if images is None:
             self._fold(flat, _maps_batch_sums, heads=heads, rows=n * h * w)
             return
-        head_maps = [f[images[: max(heads)]] for f in flat]  # what the reference shift reads: the first images
-
         def kernel(arrays: list[np.ndarray], dim: int, shift: np.ndarray, precision: str) -> np.ndarray:
-            return _maps_batch_sums(flat, dim, shift, precision, images)
+            return _maps_batch_sums(arrays, dim, shift, precision, images)
 
-        self._fold(head_maps, kernel, heads=heads, rows=n * h * w)
+        # a reference shift reads the first chosen images: gathered only when one is taken (first or drifted batch)
+        self._fold(flat, kernel, heads=heads, rows=n * h * w,
+                   shift_source=lambda: [f[images[: max(heads)]] for f in flat])
 
-    def _fold(self, arrays: list[np.ndarray], kernel: Any, heads: tuple[int, int], rows: int) -> None:
+    def _fold(self, arrays: list[np.ndarray], kernel: Any, heads: tuple[int, int], rows: int,
+              shift_source: Callable[[], list[np.ndarray]] | None = None) -> None:
         """Add one batch's sums about the reference shift to the pending sums (nothing changes if it is refused).
 
         The first batch sets the reference (0, or the mean of its first samples: :func:`_shift_of`); a later
-        batch whose mean drifted far from it (:func:`_drifted`) settles the pending sums and becomes the new reference."""
+        batch whose mean drifted far from it (:func:`_drifted`) settles the pending sums and becomes the new reference.
+        ``shift_source``: the batch's leading rows for :func:`_shift_of` when they are not ``arrays``' own."""
+        def shift_of() -> np.ndarray:
+            return _shift_of(arrays if shift_source is None else shift_source(), heads[0], self.precision, heads[1])
+
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf/overflow: refused by _check_sums
             fresh = self._ref is None
-            shift = _shift_of(arrays, heads[0], self.precision, heads[1]) if fresh else self._ref
+            shift = shift_of() if fresh else self._ref
             acc = kernel(arrays, self.dim, shift, self.precision)
             _check_sums(acc, self._bounds, self.names, self.precision)
             if not fresh and _drifted(acc, self.precision):
-                shift = _shift_of(arrays, heads[0], self.precision, heads[1])
+                shift = shift_of()
                 acc = kernel(arrays, self.dim, shift, self.precision)
                 self._settle()
                 fresh = True
