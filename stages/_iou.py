@@ -395,7 +395,7 @@ class IoUTally(StreamingStatistic):
             ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.base, ax.base_upper,
             ax.w_lo, ax.w_hi,
             columns, uniform, extent, row_uniform, row_split, scalar, self.label_category, on_count,
-            self.intersection, hits,
+            self.intersection, hits, per_image,
         ):
             raise _nonfinite_error()
         add_image_counts(per_image, scalar, self.label_category, sh * sw, on_count, hits, self.truth,

@@ -395,6 +395,121 @@ def _popcount(typingctx, word):
     return types.uint64(types.uint64), codegen
 
 
+@intrinsic
+def _bits_above(typingctx, array, index, count, bound):
+    """Bit k of the result: ``array.flat[index + k] > bound`` for k < ``count`` (≤ 64), else 0.
+
+    One masked vector load of 64 float32 lanes (only the first ``count`` are read, so a row at the end of the
+    array never reads past it), one ordered compare (NaN is never above) and the 64 lane flags as one word:
+    LLVM lowers it to compares and ``movmskps``, a few instructions per 8 cells.
+    """
+    if not isinstance(array, types.Array) or array.dtype != types.float32 or index != types.uint64 or \
+            count != types.uint64 or bound != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        lanes = 64
+        vector = ir.VectorType(ir.FloatType(), lanes)
+        wide_index = ir.VectorType(ir.IntType(64), lanes)
+        if str(ir.IntType(8).as_pointer()) == "ptr":  # opaque pointers (recent llvmlite)
+            name = f"llvm.masked.load.v{lanes}f32.p0"
+        else:  # typed pointers (older llvmlite)
+            pointer = builder.bitcast(pointer, vector.as_pointer())
+            name = f"llvm.masked.load.v{lanes}f32.p0v{lanes}f32"
+        mask_type = ir.VectorType(ir.IntType(1), lanes)
+        load = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector, [pointer.type, ir.IntType(32), mask_type, vector]), name)
+
+        def splat(value, vector_type):
+            one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.IntType(32)(0))
+            return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined),
+                                          ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+        mask = builder.icmp_unsigned("<", ir.Constant(wide_index, list(range(lanes))), splat(args[2], wide_index))
+        values = builder.call(load, [pointer, ir.IntType(32)(4), mask, ir.Constant(vector, [0.0] * lanes)])
+        above = builder.and_(builder.fcmp_ordered(">", values, splat(args[3], vector)), mask)
+        return builder.bitcast(above, ir.IntType(64))
+
+    return types.uint64(array, types.uint64, types.uint64, types.float32), codegen
+
+
+@intrinsic
+def _scan_map(typingctx, array, start, size, bound):
+    """Scan one map ``array.flat[start : start + size]``: NaN if any value is NaN or ±inf, else 1 if its
+    largest value is ``> bound``, else 0.
+
+    One pass of 16-lane vectors with two accumulators: a maximum in the compare-and-select form x86's
+    ``maxps`` implements (a NaN lane keeps the running maximum) and ``Σ v · 0``, which is NaN exactly when
+    some value is NaN or infinite. The tail is a masked load, so nothing past the map is read.
+    """
+    if not isinstance(array, types.Array) or array.dtype != types.float32 or start != types.uint64 or \
+            size != types.uint64 or bound != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        first, size, bound = args[1], args[2], args[3]
+        lanes = 16
+        f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
+        vector = ir.VectorType(f32, lanes)
+        lane_index = ir.VectorType(i64, lanes)
+        lowest = ir.Constant(vector, [float("-inf")] * lanes)
+        zero = ir.Constant(vector, [0.0] * lanes)
+        most = cgutils.alloca_once_value(builder, lowest)
+        bad = cgutils.alloca_once_value(builder, zero)
+
+        def vector_pointer(offset):
+            pointer = builder.gep(data, [offset])
+            return pointer if str(pointer.type) == "ptr" else builder.bitcast(pointer, vector.as_pointer())
+
+        def fold(values):
+            seen = builder.load(most)
+            builder.store(builder.select(builder.fcmp_ordered(">", values, seen), values, seen), most)
+            builder.store(builder.fadd(builder.load(bad), builder.fmul(values, zero)), bad)
+
+        whole = builder.udiv(size, i64(lanes))
+        byte_pointer = ir.IntType(8).as_pointer()
+        fetch_name = "llvm.prefetch.p0" if str(byte_pointer) == "ptr" else "llvm.prefetch.p0i8"
+        fetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), fetch_name)
+        with cgutils.for_range(builder, whole) as loop:
+            offset = builder.add(first, builder.mul(loop.index, i64(lanes)))
+            ahead = builder.gep(data, [builder.add(offset, i64(_SCAN_AHEAD))])
+            if str(ahead.type) != "ptr":
+                ahead = builder.bitcast(ahead, byte_pointer)
+            builder.call(fetch, [ahead, i32(0), i32(3), i32(1)])
+            fold(builder.load(vector_pointer(offset), align=4))
+        rest = builder.urem(size, i64(lanes))
+        pointer = vector_pointer(builder.add(first, builder.mul(whole, i64(lanes))))
+        name = f"llvm.masked.load.v{lanes}f32.p0" if str(pointer.type) == "ptr" else \
+            f"llvm.masked.load.v{lanes}f32.p0v{lanes}f32"
+        mask_type = ir.VectorType(ir.IntType(1), lanes)
+        load = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector, [pointer.type, i32, mask_type, vector]), name)
+        splat_rest = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(lane_index, ir.Undefined), rest, i32(0)),
+            ir.Constant(lane_index, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+        mask = builder.icmp_unsigned("<", ir.Constant(lane_index, list(range(lanes))), splat_rest)
+        tail = builder.call(load, [pointer, i32(4), mask, zero])
+        seen = builder.load(most)
+        tail_max = builder.select(mask, tail, lowest)
+        builder.store(builder.select(builder.fcmp_ordered(">", tail_max, seen), tail_max, seen), most)
+        builder.store(builder.fadd(builder.load(bad), builder.fmul(tail, zero)), bad)
+        top, check = builder.load(most), builder.load(bad)
+        splat_bound = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(vector, ir.Undefined), bound, i32(0)),
+            ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+        word = ir.IntType(lanes)
+        above = builder.bitcast(builder.fcmp_ordered(">", top, splat_bound), word)
+        broken = builder.bitcast(builder.fcmp_unordered("uno", check, check), word)
+        hot = builder.select(builder.icmp_unsigned("!=", above, word(0)), f32(1.0), f32(0.0))
+        return builder.select(builder.icmp_unsigned("!=", broken, word(0)), f32(float("nan")), hot)
+
+    return types.float32(array, types.uint64, types.uint64, types.float32), codegen
+
+
 @njit(nogil=True, inline="always")
 def _add_rows(per_image, i, row_uniform, row_split, labels_flat, out, y, row_target, x_cells, num_x,
               repeats):  # pragma: no cover - compiled
@@ -467,7 +582,7 @@ def _column_or(value, lookup, unlabelled):  # pragma: no cover - compiled
     return column, 0
 
 
-@_compiled(fastmath={"reassoc"})
+@_compiled
 def _next_hot(flat, bounds, start, stop, size):  # pragma: no cover - compiled
     """The first map ``j`` in ``start:stop`` (maps of ``size`` cells, unit ``j % len(bounds)``) that is hot or
     holds a NaN/inf, and its ``Σ (v > bound ? v − bound : v·0)``; ``(stop, 0)`` when there is none.
@@ -483,14 +598,8 @@ def _next_hot(flat, bounds, start, stop, size):  # pragma: no cover - compiled
     c = len(bounds)
     zero = np.float32(0)
     for j in range(start, stop):
-        bound = bounds[j % c]
         first = np.uint64(j * size)
-        for k in range(first, first + np.uint64(size), np.uint64(16)):
-            _prefetch(flat, k + np.uint64(_SCAN_AHEAD))
-        total = zero
-        for k in range(first, first + np.uint64(size)):
-            value = flat[k]
-            total += (value - bound) if value > bound else value * zero
+        total = _scan_map(flat, first, np.uint64(size), bounds[j % c])
         if total != zero:
             return j, total
     return stop, zero
@@ -509,6 +618,7 @@ def count_maps(
     acts, thresholds, bounds, full_bounds,
     y_cells, y_upper, wy_lo, wy_hi, x_cells, x_upper, x_lower_px, x_upper_px, wx_lo, wx_hi,
     columns, uniform, extent, row_uniform, row_split, scalar, label_category, on_count, intersection, hits,
+    per_image,
 ):  # pragma: no cover - compiled
     """Add each unit's on-pixels per image to ``on_count`` and per (unit, label column) to ``intersection``.
 
@@ -562,13 +672,6 @@ def count_maps(
     unlabelled = intersection.shape[1]
     track = hits.shape[0] > 0
     num_words = -(-w // 64)
-    # Hot-cell mask of one map: a byte per cell (zero tail up to whole 64-byte groups), packed 8 → 1 into
-    # ``packed``, whose 64-bit words hold the map's cells as bits in memory order (plus a zero word).
-    groups = -(-size // 64)
-    hot = np.zeros(groups * 64, np.uint8)
-    hot_words = hot.view(np.uint64)
-    packed = np.zeros(groups * 8 + 8, np.uint8)
-    packed_words = packed.view(np.uint64)
     bits = np.zeros((h, num_words + 1), np.uint64)  # one zero word past each row: the widening reads it
     need = np.zeros(num_words + 1, np.uint64)
     runs = np.zeros((w + 1, 2), np.int64)
@@ -591,6 +694,27 @@ def count_maps(
     # a byte per pixel: a split row's left count is one popcount, a mixed row visits only its on-pixels.
     masks = not narrow and widest <= 64
     row_bits = np.zeros((w, strip_rows), np.uint64)
+    intersection_flat = intersection.reshape(intersection.size)
+    quad_rows = np.zeros(strip_rows, np.uint64)  # narrow: a quad's on-pixels, a word per pixel row
+    # Narrow maps: per image, the intersection columns its maps may credit (its pixel labels, its whole-image
+    # labels and column 0, where unlabelled quads add 0), prefetched into the unit's row when a map is hot.
+    present_at = np.zeros(n + 1, np.int64)
+    present_labels = np.zeros(0, np.int64)
+    if narrow:
+        for image in range(n):
+            found = 1
+            for label in range(1, unlabelled):
+                found += per_image[image, label] > 0
+            present_at[image + 1] = present_at[image] + found + scalar.shape[1]
+        present_labels = np.zeros(present_at[n], np.int64)
+        for image in range(n):
+            at = np.uint64(present_at[image] + 1)  # unsigned: no wrap-around select (a scatter when vectorised)
+            for label in range(1, unlabelled):
+                if per_image[image, label] > 0:
+                    present_labels[at] = label
+                    at += np.uint64(1)
+            for s in range(np.uint64(scalar.shape[1])):
+                present_labels[at + s] = min(scalar[image, s], unlabelled - 1)
     one = np.uint64(1)
     sign = 1
     stop = n * c
@@ -609,24 +733,15 @@ def count_maps(
         u = j - i * c
         base = j * size
         threshold, bound, full = thresholds[u], bounds[u], full_bounds[u]
-        # Hot cells → bits per row: vectorised compare to bytes, 8 bytes → 8 bits per multiply, then each
-        # row's bits cut out of the packed words with a funnel shift.
-        first_cell = np.uint64(base)
-        for k in range(np.uint64(size)):
-            hot[k] = flat[first_cell + k] > bound
-        for k in range(len(hot_words)):
-            packed[k] = (hot_words[k] * _PACK) >> np.uint64(56)
+        # Hot cells → bits per row, 64 cells per masked vector compare.
         for r in range(h):
             for k in range(num_words):
-                at = r * w + 64 * k
-                word = packed_words[at >> 6] >> np.uint64(at & 63)
-                if at & 63:
-                    word |= packed_words[(at >> 6) + 1] << np.uint64(64 - (at & 63))
-                left = w - 64 * k
-                if left < 64:
-                    word &= (one << np.uint64(left)) - one
-                bits[r, k] = word
+                at = np.uint64(base + r * w + 64 * k)
+                bits[r, k] = _bits_above(flat, at, np.uint64(min(64, w - 64 * k)), bound)
         image_labels = i * layers * sh * sw
+        if narrow:
+            for k in range(present_at[i], present_at[i + 1]):
+                _prefetch(intersection_flat, np.uint64(u * unlabelled + present_labels[k]))
         total_on = 0
         for r in range(h):
             p0 = y_cells[r]
@@ -643,6 +758,107 @@ def count_maps(
             # Lower corner columns a whose quad has a hot corner: a or a + 1 hot (the last is its own upper).
             for k in range(num_words):
                 need[k] = need[k] | (need[k] >> one) | (need[k + 1] << np.uint64(63))
+            lo_row = np.uint64(base + r * w)
+            hi_row = np.uint64(base + r2 * w)
+            if narrow:
+                # Quad by quad, straight from the need bits: a row's ≤ 4 pixels evaluated into a word (bit
+                # x − x0), the quad's on-count credited to a layer's label at once where the quad carries one
+                # label, else row by row (a row of one label, a row split once, or its on-pixels' own labels).
+                two_rows = p1 - p0 == 2
+                wyl0 = wy_lo[p0]
+                wyh0 = wy_hi[p0]
+                wyl1 = wy_lo[p0 + 1] if two_rows else wyl0
+                wyh1 = wy_hi[p0 + 1] if two_rows else wyh0
+                for k in range(num_words):
+                    word = need[k]
+                    while word != 0:
+                        a = np.uint64(64 * k) + np.uint64(trailing_zeros(word))
+                        word &= word - one
+                        x0 = np.uint64(x_cells[a])
+                        x1 = np.uint64(x_cells[a + one])
+                        if x0 == x1:
+                            continue
+                        a2 = np.uint64(x_upper[a])
+                        square = two_rows and x1 - x0 == np.uint64(2)
+                        lo_lo = flat[lo_row + a]
+                        hi_lo = flat[hi_row + a]
+                        lo_hi = flat[lo_row + a2]
+                        hi_hi = flat[hi_row + a2]
+                        count = 0
+                        if square:
+                            wxl0 = wx_lo[x0]
+                            wxh0 = wx_hi[x0]
+                            wxl1 = wx_lo[x0 + one]
+                            wxh1 = wx_hi[x0 + one]
+                            left = lo_lo * wyl0 + hi_lo * wyh0
+                            right = lo_hi * wyl0 + hi_hi * wyh0
+                            row_word = (np.uint64(left * wxl0 + right * wxh0 > threshold)
+                                        | (np.uint64(left * wxl1 + right * wxh1 > threshold) << one))
+                            quad_rows[0] = row_word
+                            left = lo_lo * wyl1 + hi_lo * wyh1
+                            right = lo_hi * wyl1 + hi_hi * wyh1
+                            row_word2 = (np.uint64(left * wxl0 + right * wxh0 > threshold)
+                                         | (np.uint64(left * wxl1 + right * wxh1 > threshold) << one))
+                            quad_rows[1] = row_word2
+                            count = np.int64(_popcount(row_word | (row_word2 << np.uint64(2))))
+                        else:
+                          for t in range(np.uint64(p1 - p0)):
+                            py = np.uint64(p0) + t
+                            left = lo_lo * wy_lo[py] + hi_lo * wy_hi[py]
+                            right = lo_hi * wy_lo[py] + hi_hi * wy_hi[py]
+                            row_word = np.uint64(0)
+                            for x in range(x0, x1):
+                                row_word |= np.uint64(left * wx_lo[x] + right * wx_hi[x] > threshold) << (x - x0)
+                            quad_rows[t] = row_word
+                            count += np.int64(_popcount(row_word))
+                        total_on += count
+                        for layer in range(layers):
+                            label = uniform[i, layer, r, a]
+                            if label >= 0:
+                                # branch-free: an off quad or an unlabelled one adds 0 (to column 0)
+                                counted = label < unlabelled
+                                column = label if counted else 0
+                                intersection[u, column] += sign * count if counted else 0
+                                if track:
+                                    hits[i, u, label_category[column]] |= counted and count > 0
+                                continue
+                            if count == 0:
+                                continue
+                            for t in range(np.uint64(p1 - p0)):
+                                row_word = quad_rows[t]
+                                if row_word == 0:
+                                    continue
+                                py = np.uint64(p0) + t
+                                label = row_uniform[i, layer, py, a]
+                                if label >= 0:  # this row of the quad carries one label
+                                    if label < unlabelled:
+                                        intersection[u, label] += sign * np.int64(_popcount(row_word))
+                                        if track:
+                                            hits[i, u, label_category[label]] = 1
+                                elif label <= -2:  # two labels, split at pixel −2 − label: two counts
+                                    split = np.uint64(-2 - label) - x0
+                                    left_count = np.int64(_popcount(row_word & ((one << split) - one)))
+                                    right_count = np.int64(_popcount(row_word)) - left_count
+                                    label = row_split[i, layer, py, a, 0]
+                                    if label < unlabelled and left_count > 0:
+                                        intersection[u, label] += sign * left_count
+                                        if track:
+                                            hits[i, u, label_category[label]] = 1
+                                    label = row_split[i, layer, py, a, 1]
+                                    if label < unlabelled and right_count > 0:
+                                        intersection[u, label] += sign * right_count
+                                        if track:
+                                            hits[i, u, label_category[label]] = 1
+                                else:  # three labels or more: each on-pixel's own
+                                    pixels = np.uint64(image_labels + (layer * sh + py) * sw) + x0
+                                    while row_word != 0:
+                                        label = labels_flat[pixels + np.uint64(trailing_zeros(row_word))]
+                                        row_word &= row_word - one
+                                        if label < unlabelled:
+                                            intersection[u, label] += sign
+                                            if track:
+                                                hits[i, u, label_category[label]] = 1
+                continue
             num_runs = 0
             for k in range(num_words):
                 word = need[k]
@@ -659,102 +875,78 @@ def count_maps(
                         num_runs += 1
                     done = first + length
                     word = np.uint64(0) if done >= 64 else word & ~((one << np.uint64(done)) - one)
-            if narrow:
-                for q in range(num_runs):
-                    for x in range(np.uint64(x_cells[runs[q, 0]]), np.uint64(x_cells[runs[q, 1]])):
-                        column_on[x] = 0
-            lo_row = np.uint64(base + r * w)
-            hi_row = np.uint64(base + r2 * w)
-            if narrow:
-                for row in range(p1 - p0):
-                    py = p0 + row
-                    weight_lo = wy_lo[py]
-                    weight_hi = wy_hi[py]
-                    flags = np.uint64(row * sw)
-                    for q in range(num_runs):
-                        first = runs[q, 0]
-                        end = runs[q, 1]
-                        for a in range(np.uint64(first), np.uint64(min(end, w - 1) + 1)):
-                            interp[a] = flat[lo_row + a] * weight_lo + flat[hi_row + a] * weight_hi
-                        # branch-free: every pixel of the run, flags kept for the labels
-                        for x in range(np.uint64(x_cells[first]), np.uint64(x_cells[end])):
-                            flag = (interp[np.uint64(x_lower_px[x])] * wx_lo[x]
-                                    + interp[np.uint64(x_upper_px[x])] * wx_hi[x] > threshold)
-                            on[flags + x] = flag
-                            column_on[x] += flag
-            else:
-                # Wide quads, quad by quad: each corner column of a run interpolated at every pixel row of the
-                # strip (the narrow path's ``interp``, the same float32 operations), then per quad its rows
-                # classified without branches (off: both ends ≤ the bound; all on: both ≥ ``full``; else
-                # evaluated), and only the rows to evaluate visited, pixel by pixel. A count per (pixel row,
-                # corner column); per-pixel flags are stored only where a row is evaluated (the labels of a
-                # mixed quad row read them; see the docstring: never evaluated twice).
-                rows = np.uint64(p1 - p0)
-                first_py = np.uint64(p0)
-                for q in range(num_runs):
-                    first = runs[q, 0]
-                    end = runs[q, 1]
-                    for a in range(np.uint64(first), np.uint64(min(end, w - 1) + 1)):
-                        value_lo = flat[lo_row + a]
-                        value_hi = flat[hi_row + a]
-                        at = a * np.uint64(strip_rows)
-                        for t in range(rows):
-                            column_rows[at + t] = value_lo * wy_lo[first_py + t] + value_hi * wy_hi[first_py + t]
-                    for a in range(first, end):
-                        left_at = np.uint64(a * strip_rows)
-                        right_at = np.uint64(x_upper[a] * strip_rows)
-                        x0 = np.uint64(x_cells[a])
-                        x1 = np.uint64(x_cells[a + 1])
-                        width = np.int64(x1 - x0)
-                        # Flags are read only in quads that mix labels in some layer; elsewhere a row's count
-                        # is all (a loop that stores nothing vectorises without aliasing checks: 3× faster).
-                        keep_flags = False
-                        for layer in range(layers):  # an early exit: no vectorised gather over layers
-                            if uniform[i, layer, r, a] < 0:
-                                keep_flags = True
-                                break
-                        quad_count = 0
-                        nonzero = np.uint64(0)  # rows with on-pixels (strips of ≤ 64 rows: the labels use it)
-                        for chunk in range(np.uint64(0), rows, np.uint64(64)):
-                            evaluate = np.uint64(0)
-                            for t in range(chunk, min(chunk + np.uint64(64), rows)):
-                                left = column_rows[left_at + t]
-                                right = column_rows[right_at + t]
-                                all_on = (left >= full) & (right >= full)
-                                group_on[a, t] = width if all_on else 0
-                                quad_count += width if all_on else 0
-                                some = (left > bound) | (right > bound)
-                                evaluate |= np.uint64(some & ~all_on) << (t - chunk)
-                                nonzero |= np.uint64(all_on) << (t - chunk)
-                            while evaluate != 0:
-                                t = chunk + np.uint64(trailing_zeros(evaluate))
-                                evaluate &= evaluate - one
-                                left = column_rows[left_at + t]
-                                right = column_rows[right_at + t]
-                                count = 0
-                                if keep_flags and masks:
-                                    word = np.uint64(0)
-                                    for x in range(x0, x1):
-                                        flag = left * wx_lo[x] + right * wx_hi[x] > threshold
-                                        word |= np.uint64(flag) << (x - x0)
-                                    row_bits[a, t] = word
-                                    count = np.int64(_popcount(word))
-                                elif keep_flags:
-                                    flags = t * np.uint64(sw)
-                                    for x in range(x0, x1):
-                                        flag = left * wx_lo[x] + right * wx_hi[x] > threshold
-                                        on[flags + x] = flag
-                                        count += flag
-                                else:
-                                    some_on = np.int32(0)
-                                    for x in range(x0, x1):
-                                        some_on += np.int32(left * wx_lo[x] + right * wx_hi[x] > threshold)
-                                    count = np.int64(some_on)
-                                group_on[a, t] = count
-                                quad_count += count
-                                nonzero |= np.uint64(count > 0) << (t - chunk)
-                        quad_on[a] = quad_count
-                        on_rows[a] = nonzero
+            # Wide quads, quad by quad: each corner column of a run interpolated at every pixel row of the
+            # strip (the narrow path's ``interp``, the same float32 operations), then per quad its rows
+            # classified without branches (off: both ends ≤ the bound; all on: both ≥ ``full``; else
+            # evaluated), and only the rows to evaluate visited, pixel by pixel. A count per (pixel row,
+            # corner column); per-pixel flags are stored only where a row is evaluated (the labels of a
+            # mixed quad row read them; see the docstring: never evaluated twice).
+            rows = np.uint64(p1 - p0)
+            first_py = np.uint64(p0)
+            for q in range(num_runs):
+                first = runs[q, 0]
+                end = runs[q, 1]
+                for a in range(np.uint64(first), np.uint64(min(end, w - 1) + 1)):
+                    value_lo = flat[lo_row + a]
+                    value_hi = flat[hi_row + a]
+                    at = a * np.uint64(strip_rows)
+                    for t in range(rows):
+                        column_rows[at + t] = value_lo * wy_lo[first_py + t] + value_hi * wy_hi[first_py + t]
+                for a in range(first, end):
+                    left_at = np.uint64(a * strip_rows)
+                    right_at = np.uint64(x_upper[a] * strip_rows)
+                    x0 = np.uint64(x_cells[a])
+                    x1 = np.uint64(x_cells[a + 1])
+                    width = np.int64(x1 - x0)
+                    # Flags are read only in quads that mix labels in some layer; elsewhere a row's count
+                    # is all (a loop that stores nothing vectorises without aliasing checks: 3× faster).
+                    keep_flags = False
+                    for layer in range(layers):  # an early exit: no vectorised gather over layers
+                        if uniform[i, layer, r, a] < 0:
+                            keep_flags = True
+                            break
+                    quad_count = 0
+                    nonzero = np.uint64(0)  # rows with on-pixels (strips of ≤ 64 rows: the labels use it)
+                    for chunk in range(np.uint64(0), rows, np.uint64(64)):
+                        evaluate = np.uint64(0)
+                        for t in range(chunk, min(chunk + np.uint64(64), rows)):
+                            left = column_rows[left_at + t]
+                            right = column_rows[right_at + t]
+                            all_on = (left >= full) & (right >= full)
+                            group_on[a, t] = width if all_on else 0
+                            quad_count += width if all_on else 0
+                            some = (left > bound) | (right > bound)
+                            evaluate |= np.uint64(some & ~all_on) << (t - chunk)
+                            nonzero |= np.uint64(all_on) << (t - chunk)
+                        while evaluate != 0:
+                            t = chunk + np.uint64(trailing_zeros(evaluate))
+                            evaluate &= evaluate - one
+                            left = column_rows[left_at + t]
+                            right = column_rows[right_at + t]
+                            count = 0
+                            if keep_flags and masks:
+                                word = np.uint64(0)
+                                for x in range(x0, x1):
+                                    flag = left * wx_lo[x] + right * wx_hi[x] > threshold
+                                    word |= np.uint64(flag) << (x - x0)
+                                row_bits[a, t] = word
+                                count = np.int64(_popcount(word))
+                            elif keep_flags:
+                                flags = t * np.uint64(sw)
+                                for x in range(x0, x1):
+                                    flag = left * wx_lo[x] + right * wx_hi[x] > threshold
+                                    on[flags + x] = flag
+                                    count += flag
+                            else:
+                                some_on = np.int32(0)
+                                for x in range(x0, x1):
+                                    some_on += np.int32(left * wx_lo[x] + right * wx_hi[x] > threshold)
+                                count = np.int64(some_on)
+                            group_on[a, t] = count
+                            quad_count += count
+                            nonzero |= np.uint64(count > 0) << (t - chunk)
+                    quad_on[a] = quad_count
+                    on_rows[a] = nonzero
             # On-count of the strip's quads left of each corner column (over the runs; other quads are off):
             # any stretch of quads in a run has its on-count in one subtraction, whatever the layer.
             so_far = 0

@@ -356,6 +356,7 @@ def test_count_kernel_compiles_without_gathers_or_scatters():
         labels, labels.copy(), labels.copy(), labels.copy(), np.zeros((1, 1, 2, 2, 2), np.int32),
         np.zeros((1, 1), np.int64), i64,
         np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.zeros((0, 0, 0), np.uint8),
+        np.zeros((1, 2), np.int64),
     )
     assembly = kernel.inspect_asm(kernel.signatures[0])
     assert "ret" in assembly  # real assembly, not a placeholder
