@@ -700,7 +700,7 @@ def count_maps(
     # labels and column 0, where unlabelled quads add 0), prefetched into the unit's row when a map is hot.
     present_at = np.zeros(n + 1, np.int64)
     present_labels = np.zeros(0, np.int64)
-    if narrow:
+    if True:
         for image in range(n):
             found = 1
             for label in range(1, unlabelled):
@@ -739,7 +739,7 @@ def count_maps(
                 at = np.uint64(base + r * w + 64 * k)
                 bits[r, k] = _bits_above(flat, at, np.uint64(min(64, w - 64 * k)), bound)
         image_labels = i * layers * sh * sw
-        if narrow:
+        if True:
             for k in range(present_at[i], present_at[i + 1]):
                 _prefetch(intersection_flat, np.uint64(u * unlabelled + present_labels[k]))
         total_on = 0
