@@ -392,8 +392,7 @@ class IoUTally(StreamingStatistic):
         # Counted in place: on NaN/inf the kernel takes its partial counts back, so a refused batch leaves no trace.
         if count_maps(
             np.ascontiguousarray(acts, dtype=np.float32), *self._bounds(thresholds),
-            ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.base, ax.base_upper,
-            ax.w_lo, ax.w_hi,
+            ay.cell_start, ay.upper, ay.w_lo, ay.w_hi, ax.cell_start, ax.upper, ax.w_lo, ax.w_hi,
             columns, uniform, extent, row_uniform, row_split, scalar, self.label_category, on_count,
             self.intersection, hits, per_image,
         ):

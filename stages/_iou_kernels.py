@@ -6,18 +6,24 @@ Vectorised array code (the torch path in ``_iou``, used on the GPU) must materia
 masks for every evaluated pixel and pays several memory passes per pixel. These compiled loops read each map
 once from memory and touch only what can be on:
 
-* **Scan.** A vectorised pass per map: is any cell above the pruning bound, is any value NaN/inf? Most maps
-  end here. The maps come from memory once, so the scan prefetches 4 KB ahead (``_SCAN_AHEAD``): the hardware
-  prefetchers stop at page borders and after each hot map's work.
-* **Hot bits.** For a hot map (still in the L1 cache): a vectorised compare writes a byte per cell, eight
-  bytes become eight bits with one multiplication, and each cell row's bits are cut out of the packed words
-  (one 64-bit word per 64 columns).
+* **Scan.** A vectorised pass per map (``_scan_map``, written in LLVM IR: 16-lane maximum and ``Σ v·0``):
+  is any cell above the pruning bound, is any value NaN/inf? Most maps end here. The maps come from memory
+  once, so each vector load is paired with a prefetch 4 KB ahead (``_SCAN_AHEAD``): the hardware prefetchers
+  stop at page borders and after each hot map's work. (A separate loop issuing a map's prefetches before its
+  loads, as before, left them queued behind each other: 56² took 4–5 ms longer per 64 images.)
+* **Hot bits.** For a hot map (still in the L1 cache), a cell row's bits, 64 cells per masked vector compare
+  (``_bits_above``: compares and ``movmskps``).
+* **Unit rows.** A hot map's labels are credited to its unit's row of the intersection table, last touched
+  an image earlier (far caches): the entries of the labels its image holds are prefetched first.
 * **Strips.** The pixel rows sharing a lower corner row ``r`` form a strip; it needs work only where cell
   rows ``r`` or ``r + 1`` hold a hot cell: ``hot(r) | hot(r + 1)``, widened by one column (``bits | bits >> 1``),
   is the set of lower corner columns whose 2×2 cells include a hot one, found run by run with trailing-zero
-  counts. Where a corner column spans at most 4 pixels (56² maps → 112²), each pixel row of the strip
-  interpolates the two corner rows over those columns once and evaluates the run's pixels in one
-  branch-free loop (flags and per-column counts). Wider ones (7², 14², 28²) go quad by quad: each corner
+  counts. Where a corner column spans at most 4 pixels (56² maps → 112²), the set bits are walked quad by
+  quad: a quad's four corners are read once, its ≤ 4 pixel rows evaluated into words of ≤ 4 bits (a 2×2
+  quad, the common case, in straight-line code), and its on-count credited to each layer's label at once
+  where the quad carries one label — without a branch: an off or unlabelled quad adds 0 to column 0, since
+  whether a quad is on is a coin flip the branch predictor loses — else row by row (a row of one label, a
+  row split once, or its on-pixels' own labels). Wider ones (7², 14², 28²) go run by run: each corner
   column of a run is interpolated at every pixel row of the strip in one vectorised loop, then a quad's
   (pixel row, corner column) groups are classified without branches — off when both ends are ≤ the bound,
   all on when both are safely above the threshold, else to evaluate — into a bit per row, and only the
@@ -25,7 +31,7 @@ once from memory and touch only what can be on:
   in some layer: a loop that stores nothing vectorises without aliasing checks, about 3× faster). Where a
   quad is at most 64 pixels wide (7², 14² → 112²) the flags of an evaluated row are one 64-bit word, a bit
   per pixel, built in the same vectorised loop (shift and or).
-* **Labels.** Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
+* **Labels** (wide quads). Per strip and label layer, precomputed tables of *quads* (the pixels of one strip with one
   lower corner column) say which quads carry a single label and how far that label continues to the right:
   a stretch of such quads adds its on-count (a difference of the strip's per-quad prefix sums) to that
   label in one step. A quad that mixes labels adds the on-count of each of its one-label rows in one step,
@@ -50,28 +56,24 @@ It is one compiled function per batch with its helpers inlined and no array slic
 of a compiled function and every slice updates reference counts atomically, per array, which cost more than
 the work of a small hot map.
 
-What bounds it (64 images × 512 units → 112² labels, 3 label layers, one core, measured by cutting the kernel
-after each step; outputs preallocated). At 56² maps the scan itself: all 411 MB of maps read once, ~29 ms at
-~14 GB/s, where a bare float32 sum reaches ~21 GB/s (a max-form of the sum measured no faster; software
-prefetching measured no faster in a loop over data already in the caches, but with the maps and labels coming
-from memory, as after other work in a run, it takes 56² from 83–88 to 76–78 ms and 7² label preparation from
-1.6 to 1.3 ms; a division-free unit index changed nothing at 7²–14²); then, for the 16,500 hot maps (about 3 µs
-each, ~25 strips of two pixel rows), hot bits 8 ms, runs 7, evaluation 18, prefix sums 3, one-label stretches
-15 and mixed quads 3.5 ms. At 7² (3,589 hot maps) the count is ~4.2 ms: scan 0.4, hot bits and runs 0.3,
-interpolation and evaluation 1.4, one-label stretches 0.2 and the quads that mix labels 1.9 ms (137,000 quad
-rows with on-pixels, ~14 ns each); at 14² (7,361 hot maps) ~9 ms: scan 1.0, hot bits and runs 1.0, evaluation
-3.5 (70,000 quads, 565,000 classified rows, 217,000 evaluated), stretches 0.8, mixed quads 2.6 ms. Label
-preparation adds 1.4 ms at 7² (9.6 MB of int32 labels read once) and 4.6 ms at 56², Python and allocation
-about 0.8 ms per 64 images. The scan is vectorised only because of two details: float32 sums with LLVM's
-``reassoc`` flag (integer or boolean accumulators kept it scalar) and indexes that cannot be negative (an
-index ``base + k`` into a flat array made Numba's negative-index wrap-around a per-element select, which LLVM
-turned into gathers: unsigned indexes avoid it). The same held in the strips: with signed indexes the
-interpolation of a run's corner columns compiled to gathers and scatters, the narrow evaluation to gathers
-from the interpolated row and the per-quad sums to gathers; unsigned indexes there took 56² from 99–101 to
-93–94 ms per 64 images. Strided accesses do the same: the per-(row, column) counts of wide quads are laid out
-column-major (stored row-major, the branch-free classification became a scatter) and the test for a quad that
-mixes labels in some layer exits early (a plain loop over layers became a gather). The compiled function holds
-no gather or scatter instruction (a slow test checks).
+What bounds it (64 images × 512 units → 112² labels, 3 label layers, one core, caches flushed before each
+call as after other work in a run, measured by cutting the kernel after each step). At 56² (16,500 hot maps,
+1.17 million quads with a hot corner, 616,000 of them with on-pixels): label preparation and Python 5 ms, the
+scan ~24 ms (all 411 MB of maps read once: a numpy sum of the same array, cold, takes 24 ms), hot bits ~4 ms,
+the quads' evaluation ~8 ms and their labels ~12 ms — ~55 ms in all, from ~80 ms with the strips of the
+previous design (runs, a row of interpolated corners, per-column counts and prefix sums: ~50 ns per strip
+step whatever its loop shape). The labels of a quad cost more than its evaluation: three table reads and
+three additions per quad, whose addresses come from the far caches. At 7² (3,589 hot maps) ~6.5 ms: label
+preparation and Python 2.5 (9.6 MB of int32 labels read once), scan 0.5, hot bits 0.1, strips and labels
+3.7 ms (interpolation and evaluation, one-label stretches, and the quads that mix labels: 137,000 quad rows
+with on-pixels, ~14 ns each). The loops are vectorised where it matters only because indexes cannot be
+negative: an index ``base + k`` into a flat array made Numba's negative-index wrap-around a per-element
+select, which LLVM turned into gathers and scatters (in the old scan, the interpolation of a run's corner
+columns, the per-quad sums; unsigned indexes took 56² from 99–101 to 93–94 ms at the time). Strided accesses
+do the same: the per-(row, column) counts of wide quads are laid out column-major (stored row-major, the
+branch-free classification became a scatter) and the test for a quad that mixes labels in some layer exits
+early (a plain loop over layers became a gather). The compiled function holds no gather or scatter
+instruction (a slow test checks).
 
 Measured and not kept (same process, the kernel before alternated): whole-map label shortcuts (a layer
 whose quads in the box around a map's hot cells all carry one label, credited once per map: at 56² that
@@ -80,24 +82,24 @@ its quads carry one label (no gain); evaluating wide groups without the off / al
 14² equal); constant-width loops for 8- and 16-pixel groups (LLVM left them scalar: slower); pending sums
 that credit a mixed quad's labels once per quad instead of once per row (no gain: the per-row work is the
 loads and branches, not the additions); per-row histogram entries for wide label rows (slower: the extra
-stores to the column table cost more than they save); prefetching (``prefetchw``) a hot map's intersection
-entries of its image's labels before counting it (1–3 % slower at 7²–14²); an or-of-xor instead of a count
+stores to the column table cost more than they save); an or-of-xor instead of a count
 of differences in the label rows' compares (no change); queuing the intersection credits and adding them in
 a tight loop, so that their cache misses overlap (7² with cold caches 6.6 → 7.9 ms). A sampling profile at 7² (perf, the benchmark's
 loop) puts about a fifth of the process time outside the compiled code (Python, numpy, libc: the tally's
 set-up, the histograms' bookkeeping, zeroing the 4.9 MB intersection table), and the kernels' hottest
 instructions on loads that miss: the label rows in the preparation's row compare (memory bound) and the
-additions to the intersection table (each hot map's first credit of a label, ~6 % of the samples). At 56²
-every strip step costs ~50 ns per strip
-(242,000 strips of ~5 quads) whatever its loop structure: the next step there is fewer, larger units of
-work (several strips per pass, labels attributed per image), not tighter loops.
+additions to the intersection table (each hot map's first credit of a label, ~6 % of the samples; now
+prefetched). At 56², measured with the quad-by-quad path: a branch per quad skipping the labels of off
+quads (2 ms slower than adding 0), crediting only a compacted list of on-quads (no gain), flat unsigned
+indexes into the label and intersection tables (no gain), prefetching the next strip's label tables
+(slower), prefetching the next map whole before counting a hot one (slower), scanning maps in chunks of
+64 KB–512 KB before counting the hot ones among them (slower), a prefetch distance of 8 or 16 KB (slower).
 
 The kernels are Numba ``njit`` functions, compiled on first use (10–30 s on a loaded machine) and cached on
 disk in the package directory or Numba's user cache; where neither is writable they are compiled once per
 process. Loading them from the cache still costs about a second, so a run loads them in a background thread
-from its start (``_warmup.warm_kernels``). Only the scan carries a fast-math flag (``reassoc``, for its sums);
-the bilinear arithmetic is plain IEEE float32 in a function compiled without it, so every value is
-bit-identical to the torch path's ``_bilinear`` (same operations in the same order, no fused multiply-add) and
+from its start (``_warmup.warm_kernels``). No function carries a fast-math flag: the bilinear arithmetic is
+plain IEEE float32, so every value is bit-identical to the torch path's ``_bilinear`` (same operations in the same order, no fused multiply-add) and
 both paths count the same pixels; the tests hold them to exact equality.
 
 Geometry arguments describe ``_iou_geometry._Axis``: ``cells[a] : cells[a + 1]`` are the pixels whose lower
@@ -115,8 +117,6 @@ from numba.extending import intrinsic
 
 __all__ = ["prepare_labels", "count_maps", "add_image_counts"]
 
-# (word · _PACK) >> 56 packs a word of eight 0/1 bytes into eight bits (byte j → bit j).
-_PACK = np.uint64(0x0102040810204080)
 # Label rows ahead of the one read that prepare_labels prefetches.
 _AHEAD = 8
 _SCAN_AHEAD = 1024
@@ -585,15 +585,9 @@ def _column_or(value, lookup, unlabelled):  # pragma: no cover - compiled
 @_compiled
 def _next_hot(flat, bounds, start, stop, size):  # pragma: no cover - compiled
     """The first map ``j`` in ``start:stop`` (maps of ``size`` cells, unit ``j % len(bounds)``) that is hot or
-    holds a NaN/inf, and its ``Σ (v > bound ? v − bound : v·0)``; ``(stop, 0)`` when there is none.
-
-    The sum is 0 exactly when every cell is finite and ≤ the bound; it is NaN/inf when a value is (or, rarely,
-    when large values overflow: the caller then counts the non-finite values exactly). One float32
-    accumulator; this function's only fast-math flag, ``reassoc``, lets LLVM split it into vector lanes (and
-    nothing else: without ``nnan``/``ninf`` a product ``v·0`` is not folded to 0). Indexes are unsigned, so
-    Numba adds no negative-index wrap-around (which LLVM turned into gathers); no slices, so no reference
-    counting per map. The bilinear arithmetic lives in ``count_maps``, compiled without fast-math, so every
-    pixel value keeps its exact IEEE bits.
+    holds a NaN/inf, and ``_scan_map``'s verdict on it (1: hot, NaN: not finite); ``(stop, 0)`` when there is
+    none. Indexes are unsigned and there are no slices, so no negative-index wrap-around (which LLVM turned
+    into gathers) and no reference counting per map.
     """
     c = len(bounds)
     zero = np.float32(0)
@@ -616,7 +610,7 @@ def _nonfinite(flat, base, size):  # pragma: no cover - compiled
 @_compiled
 def count_maps(
     acts, thresholds, bounds, full_bounds,
-    y_cells, y_upper, wy_lo, wy_hi, x_cells, x_upper, x_lower_px, x_upper_px, wx_lo, wx_hi,
+    y_cells, y_upper, wy_lo, wy_hi, x_cells, x_upper, wx_lo, wx_hi,
     columns, uniform, extent, row_uniform, row_split, scalar, label_category, on_count, intersection, hits,
     per_image,
 ):  # pragma: no cover - compiled
@@ -631,11 +625,12 @@ def count_maps(
     are all ≤ the bound are skipped without changing any count. Symmetrically, ``full_bounds[u]``
     (``_full_thresholds``, +inf unless the threshold is ≥ 0) is a value from which every float32 convex
     combination of two values ≥ it exceeds the threshold: such groups are all on without evaluation. Where
-    a corner column has at most 4 pixels (upsampling ≤ 4×), the pixels of a strip row are evaluated in one
-    branch-free loop instead (the shortcuts cost more in mispredicted branches than they save). The label
-    loop reads the flags the evaluation stored (or a group's count: 0 or all of it), never evaluates a
-    pixel again: a second evaluation of the same expression in another loop gave different flags for
-    values within an ulp of T in one test (not investigated further), so nothing relies on one.
+    a corner column has at most 4 pixels (upsampling ≤ 4×), each quad is evaluated whole instead, its rows
+    as words of ≤ 4 bits (the shortcuts cost more in mispredicted branches than they save), and its labels
+    credited at once. The label loop reads the flags the evaluation stored (or a group's count: 0 or all of
+    it), never evaluates a pixel again: a second evaluation of the same expression in another loop gave
+    different flags for values within an ulp of T in one test (not investigated further), so nothing relies
+    on one.
 
     A map with a NaN/inf ends the call: the maps counted before it are counted again with the opposite sign
     (counts are deterministic), so a refused batch leaves no trace.
@@ -649,8 +644,7 @@ def count_maps(
         y_cells: ``(H + 1,)`` int64 pixel rows of each lower corner row (``y_cells[r] : y_cells[r + 1]``);
             y_upper: ``(H,)`` int64 upper corner row of each lower corner row; wy_lo, wy_hi: ``(sh,)``
             float32 weights of the lower / upper corner row per pixel row.
-        x_cells, x_upper, wx_lo, wx_hi: the same along columns; x_lower_px, x_upper_px: ``(sw,)`` int64
-            lower / upper corner column of each pixel column.
+        x_cells, x_upper, wx_lo, wx_hi: the same along columns.
         columns: ``(N, layers, sh, sw)`` int32 label columns (``width − 1`` = unlabelled, not counted).
         uniform, extent: ``(N, layers, H, W)`` int32 one-label quads and their stretches (``prepare_labels``).
         row_uniform: ``(N, layers, sh, W)`` int32 one-label quad rows (``prepare_labels``).
@@ -663,6 +657,8 @@ def count_maps(
         intersection: ``(C, width − 1)`` int64, added to.
         hits: ``(N, C, categories)`` uint8, set to 1 where a unit's on-pixels in an image meet a pixel label
             of a category; pass a ``(0, 0, 0)`` array to skip (only the ``lite`` union needs it).
+        per_image: ``(N, width)`` int64 label histograms of the batch (``prepare_labels``): which label
+            columns each image holds, whose entries in a hot map's unit row are prefetched.
     """
     n, c, h, w = acts.shape
     layers, sh, sw = columns.shape[1], columns.shape[2], columns.shape[3]
@@ -682,39 +678,36 @@ def count_maps(
     for a in range(w):
         widest = max(widest, x_cells[a + 1] - x_cells[a])
     narrow = widest <= 4
-    on = np.zeros(strip_rows * sw, np.uint8)  # on-flags of the strip's pixel rows
+    on = np.zeros(strip_rows * sw, np.uint8)  # wide: on-flags of the strip's pixel rows
     group_on = np.ones((w, strip_rows), np.int64)  # wide: on-count per (lower corner column, strip row)
-    column_on = np.zeros(sw, np.int64)  # narrow: on-count per pixel column over the strip
-    quad_on = np.zeros(w, np.int64)  # on-count per quad (corner column) of the strip
-    cum = np.zeros(w + 1, np.int64)  # on-count of the strip's quads left of each corner column
-    interp = np.zeros(w, np.float32)  # the strip's two corner rows interpolated at one pixel row
+    quad_on = np.zeros(w, np.int64)  # wide: on-count per quad (corner column) of the strip
+    cum = np.zeros(w + 1, np.int64)  # wide: on-count of the strip's quads left of each corner column
     column_rows = np.zeros(w * strip_rows, np.float32)  # wide: each corner column at each strip row
     on_rows = np.zeros(w, np.uint64)  # wide: per corner column, a bit per strip row holding on-pixels
     # Wide quads of ≤ 64 pixel columns keep an evaluated row's on-pixels as bits (a quad row's word) instead of
     # a byte per pixel: a split row's left count is one popcount, a mixed row visits only its on-pixels.
-    masks = not narrow and widest <= 64
+    masks = widest <= 64
     row_bits = np.zeros((w, strip_rows), np.uint64)
-    intersection_flat = intersection.reshape(intersection.size)
     quad_rows = np.zeros(strip_rows, np.uint64)  # narrow: a quad's on-pixels, a word per pixel row
-    # Narrow maps: per image, the intersection columns its maps may credit (its pixel labels, its whole-image
-    # labels and column 0, where unlabelled quads add 0), prefetched into the unit's row when a map is hot.
+    intersection_flat = intersection.reshape(intersection.size)
+    # Per image, the intersection columns its maps may credit (its pixel labels, its whole-image labels and
+    # column 0, where the narrow path adds a zero for unlabelled quads), prefetched into the unit's row when
+    # one of its maps is hot: the row was last touched an image earlier, so it comes from far caches.
     present_at = np.zeros(n + 1, np.int64)
-    present_labels = np.zeros(0, np.int64)
-    if True:
-        for image in range(n):
-            found = 1
-            for label in range(1, unlabelled):
-                found += per_image[image, label] > 0
-            present_at[image + 1] = present_at[image] + found + scalar.shape[1]
-        present_labels = np.zeros(present_at[n], np.int64)
-        for image in range(n):
-            at = np.uint64(present_at[image] + 1)  # unsigned: no wrap-around select (a scatter when vectorised)
-            for label in range(1, unlabelled):
-                if per_image[image, label] > 0:
-                    present_labels[at] = label
-                    at += np.uint64(1)
-            for s in range(np.uint64(scalar.shape[1])):
-                present_labels[at + s] = min(scalar[image, s], unlabelled - 1)
+    for image in range(n):
+        found = 1
+        for label in range(1, unlabelled):
+            found += per_image[image, label] > 0
+        present_at[image + 1] = present_at[image] + found + scalar.shape[1]
+    present_labels = np.zeros(present_at[n], np.int64)
+    for image in range(n):
+        at = np.uint64(present_at[image] + 1)  # unsigned: no wrap-around select (a scatter when vectorised)
+        for label in range(1, unlabelled):
+            if per_image[image, label] > 0:
+                present_labels[at] = label
+                at += np.uint64(1)
+        for s in range(np.uint64(scalar.shape[1])):
+            present_labels[at + s] = min(scalar[image, s], unlabelled - 1)
     one = np.uint64(1)
     sign = 1
     stop = n * c
@@ -739,9 +732,8 @@ def count_maps(
                 at = np.uint64(base + r * w + 64 * k)
                 bits[r, k] = _bits_above(flat, at, np.uint64(min(64, w - 64 * k)), bound)
         image_labels = i * layers * sh * sw
-        if True:
-            for k in range(present_at[i], present_at[i + 1]):
-                _prefetch(intersection_flat, np.uint64(u * unlabelled + present_labels[k]))
+        for k in range(present_at[i], present_at[i + 1]):
+            _prefetch(intersection_flat, np.uint64(u * unlabelled + present_labels[k]))
         total_on = 0
         for r in range(h):
             p0 = y_cells[r]
@@ -876,7 +868,7 @@ def count_maps(
                     done = first + length
                     word = np.uint64(0) if done >= 64 else word & ~((one << np.uint64(done)) - one)
             # Wide quads, quad by quad: each corner column of a run interpolated at every pixel row of the
-            # strip (the narrow path's ``interp``, the same float32 operations), then per quad its rows
+            # strip (the same float32 operations as the narrow path's), then per quad its rows
             # classified without branches (off: both ends ≤ the bound; all on: both ≥ ``full``; else
             # evaluated), and only the rows to evaluate visited, pixel by pixel. A count per (pixel row,
             # corner column); per-pixel flags are stored only where a row is evaluated (the labels of a
@@ -953,11 +945,7 @@ def count_maps(
             for q in range(num_runs):
                 for a in range(runs[q, 0], runs[q, 1]):
                     cum[a] = so_far
-                    if narrow:
-                        for x in range(np.uint64(x_cells[a]), np.uint64(x_cells[a + 1])):
-                            so_far += column_on[x]
-                    else:
-                        so_far += quad_on[a]
+                    so_far += quad_on[a]
                 cum[runs[q, 1]] = so_far  # a following run starting here writes the same value
             # Labels, per layer: stretches of one-label quads in one step, mixed quads in runs of one label.
             for q in range(num_runs):
@@ -988,8 +976,8 @@ def count_maps(
                             x1 = x_cells[a + 1]
                             run_label = unlabelled
                             run_length = 0
-                            # wide: only the rows with on-pixels (a bit each), else every row of the strip
-                            by_mask = not narrow and p1 - p0 <= 64
+                            # only the rows with on-pixels (a bit each) where a strip has ≤ 64, else every row
+                            by_mask = p1 - p0 <= 64
                             remaining = on_rows[a]
                             row = -1
                             while True:
@@ -1002,12 +990,10 @@ def count_maps(
                                     row += 1
                                     if row >= p1 - p0:
                                         break
-                                all_on = False
-                                if not narrow:
-                                    if group_on[a, row] == 0:
-                                        continue
-                                    # flags were stored only where the row was evaluated pixel by pixel
-                                    all_on = group_on[a, row] == x1 - x0
+                                if group_on[a, row] == 0:
+                                    continue
+                                # flags were stored only where the row was evaluated pixel by pixel
+                                all_on = group_on[a, row] == x1 - x0
                                 flags = row * sw
                                 label = row_uniform[i, layer, p0 + row, a]
                                 if label <= -2:  # two labels, split at one pixel: two counts
@@ -1021,12 +1007,7 @@ def count_maps(
                                         left = 0
                                         for x in range(x0, split):
                                             left += on[flags + x]
-                                    if narrow:
-                                        right = 0
-                                        for x in range(split, x1):
-                                            right += on[flags + x]
-                                    else:  # the row's count is known: the right side is the rest
-                                        right = group_on[a, row] - left
+                                    right = group_on[a, row] - left  # the row's count is known: the rest
                                     label = row_split[i, layer, p0 + row, a, 0]
                                     if label < unlabelled and left > 0:
                                         intersection[u, label] += sign * left
@@ -1040,12 +1021,7 @@ def count_maps(
                                     continue
                                 if label >= 0:  # this row of the quad carries one label
                                     if label < unlabelled:
-                                        if narrow:
-                                            count = 0
-                                            for x in range(x0, x1):
-                                                count += on[flags + x]
-                                        else:
-                                            count = group_on[a, row]
+                                        count = group_on[a, row]
                                         if count > 0:
                                             intersection[u, label] += sign * count
                                             if track:

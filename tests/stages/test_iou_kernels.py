@@ -168,10 +168,13 @@ def test_shrinking_maps_with_corner_cells_without_pixels(feature, seg):
     assert_all_agree(acts, thresholds, labels_of(rng, 3, seg), seg)
 
 
-def test_nan_in_a_late_map_leaves_a_tally_with_counts_unchanged():
-    """The kernel takes back its partial counts (negatively) when a NaN stops it, under both unions."""
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("feature, cell", [(14, (7, 7)), (14, (13, 13)), (56, (55, 55)), (56, (0, 0))], ids=str)
+def test_nan_in_a_late_map_leaves_a_tally_with_counts_unchanged(feature, cell, value):
+    """The kernel takes back its partial counts (negatively) when a NaN or ±inf stops it, under both unions:
+    in a map's vector body or its masked tail (14² = 12 vectors of 16 and 4 cells), at both path widths."""
     rng = np.random.default_rng(5)
-    acts = smooth_maps(rng, 4, 6, 14, 14)
+    acts = smooth_maps(rng, 4, 6, feature, feature)
     thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(6, -1), 0.95, axis=1)
     batch = labels_of(rng, 4, (112, 112))
     for union in ("category-images", "lite"):
@@ -179,7 +182,7 @@ def test_nan_in_a_late_map_leaves_a_tally_with_counts_unchanged():
         tally.update(acts, thresholds, batch)
         before = (tally.intersection.copy(), tally.activation.copy(), tally.truth.copy())
         bad = acts.copy()
-        bad[3, 4, 7, 7] = np.nan
+        bad[3, 4, cell[0], cell[1]] = value
         with pytest.raises(StageInputError, match="NaN/inf"):
             tally.update(bad, thresholds, batch)
         for got, want in zip((tally.intersection, tally.activation, tally.truth), before):
@@ -352,7 +355,7 @@ def test_count_kernel_compiles_without_gathers_or_scatters():
     i64, f32 = np.zeros(3, np.int64), np.zeros(3, np.float32)
     labels = np.zeros((1, 1, 2, 2), np.int32)
     kernel(
-        np.zeros((1, 1, 2, 2), np.float32), f32, f32, f32, i64, i64, f32, f32, i64, i64, i64, i64, f32, f32,
+        np.zeros((1, 1, 2, 2), np.float32), f32, f32, f32, i64, i64, f32, f32, i64, i64, f32, f32,
         labels, labels.copy(), labels.copy(), labels.copy(), np.zeros((1, 1, 2, 2, 2), np.int32),
         np.zeros((1, 1), np.int64), i64,
         np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.zeros((0, 0, 0), np.uint8),
