@@ -160,6 +160,18 @@ def test_maps_wider_than_one_bit_word(feature, seg):
     assert act.sum() > 0
 
 
+@pytest.mark.parametrize("feature, seg", [((7, 56), (112, 112)), ((56, 56), (112, 168)), ((33, 40), (100, 79))],
+                         ids=str)
+def test_narrow_quads_that_are_not_two_by_two(feature, seg):
+    """Quad by quad (corner columns of ≤ 4 pixels) where quads are not the common 2 × 2: strips of 16–24 pixel
+    rows, quads of 3 columns, and uneven 2–4 × 1–3 quads — each against the dense loop and the torch kernel."""
+    rng = np.random.default_rng(6)
+    acts = smooth_maps(rng, 3, 5, *feature)
+    thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(5, -1), 0.85, axis=1)
+    inter, act, _ = assert_all_agree(acts, thresholds, labels_of(rng, 3, seg, border=True), seg)
+    assert inter.sum() > 0 and act.sum() > 0
+
+
 @pytest.mark.parametrize("feature, seg", [((40, 33), (23, 17)), ((9, 9), (8, 8))], ids=str)
 def test_shrinking_maps_with_corner_cells_without_pixels(feature, seg):
     rng = np.random.default_rng(4)
