@@ -706,7 +706,7 @@ def count_maps(
             if per_image[image, label] > 0:
                 present_labels[at] = label
                 at += np.uint64(1)
-        for s in range(np.uint64(scalar.shape[1])):
+        for s in range(np.uint64(scalar.shape[1])):  # "none" (≥ unlabelled) is clamped to a harmless column
             present_labels[at + s] = min(scalar[image, s], unlabelled - 1)
     one = np.uint64(1)
     sign = 1
@@ -794,15 +794,16 @@ def count_maps(
                             quad_rows[1] = row_word2
                             count = np.int64(_popcount(row_word | (row_word2 << np.uint64(2))))
                         else:
-                          for t in range(np.uint64(p1 - p0)):
-                            py = np.uint64(p0) + t
-                            left = lo_lo * wy_lo[py] + hi_lo * wy_hi[py]
-                            right = lo_hi * wy_lo[py] + hi_hi * wy_hi[py]
-                            row_word = np.uint64(0)
-                            for x in range(x0, x1):
-                                row_word |= np.uint64(left * wx_lo[x] + right * wx_hi[x] > threshold) << (x - x0)
-                            quad_rows[t] = row_word
-                            count += np.int64(_popcount(row_word))
+                            for t in range(np.uint64(p1 - p0)):
+                                py = np.uint64(p0) + t
+                                left = lo_lo * wy_lo[py] + hi_lo * wy_hi[py]
+                                right = lo_hi * wy_lo[py] + hi_hi * wy_hi[py]
+                                row_word = np.uint64(0)
+                                for x in range(x0, x1):
+                                    row_word |= (np.uint64(left * wx_lo[x] + right * wx_hi[x] > threshold)
+                                                 << (x - x0))
+                                quad_rows[t] = row_word
+                                count += np.int64(_popcount(row_word))
                         total_on += count
                         for layer in range(layers):
                             label = uniform[i, layer, r, a]

@@ -567,6 +567,7 @@ class MultiMoments(StreamingStatistic):
         if images is None:
             self._fold(flat, _maps_batch_sums, heads=heads, rows=n * h * w)
             return
+
         def kernel(arrays: list[np.ndarray], dim: int, shift: np.ndarray, precision: str) -> np.ndarray:
             return _maps_batch_sums(arrays, dim, shift, precision, images)
 
