@@ -55,7 +55,7 @@ Why not a batched (vmapped) backward over the units' seeds? Guided backprop and 
 the seed (their ReLU rule keeps only ``g > 0``), so seeds cannot be summed; a vmapped backward over U one-hot
 seeds runs U dense backward passes over the whole image (4096 px at 64 px) where a region holds 324 px at the
 input and fewer above. Measured against captum's neuron loop (``benchmarks/bench_attribution.py``, 1 thread,
-16 images): see the README's benchmark table.
+16 images): see ``benchmarks/README.md``.
 
 The engine returns the gradient (or, for LRP, the relevance) of the objective at the input or at an
 intermediate layer, plus that layer's activation — which is what Grad-CAM needs.

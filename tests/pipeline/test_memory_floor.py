@@ -1,6 +1,6 @@
 """A whole-DAG run (training, extraction, tallies, comparison, activation maximisation, t-SNE) never imports
 torch's compiler stack: ``torch._dynamo`` and what it pulls in (inductor, sympy, triton) cost ~150 MB resident,
-more than a small run holds of its own (see README "Scaling out", memory)."""
+more than a small run holds of its own (see benchmarks/README.md, "Memory")."""
 
 from __future__ import annotations
 
