@@ -360,6 +360,57 @@ def prepare_labels(
     return unknown
 
 
+# LLVM IR pieces shared by the intrinsics below. llvmlite has two pointer models: opaque pointers (``ptr``,
+# recent llvmlite; checked with 0.50) and typed ones (older llvmlite; checked with 0.42, Numba 0.59), under
+# which an intrinsic is declared on the pointee type and pointers are bitcast to it.
+_I32 = ir.IntType(32)
+
+
+def _opaque(pointer) -> bool:
+    return str(pointer.type) == "ptr"
+
+
+def _emit_prefetch(builder, pointer) -> None:
+    """A read prefetch of the cache line at ``pointer``, kept in all cache levels (a hint, never a fault)."""
+    byte_pointer = ir.IntType(8).as_pointer()
+    if _opaque(pointer):
+        name = "llvm.prefetch.p0"
+    else:
+        pointer, name = builder.bitcast(pointer, byte_pointer), "llvm.prefetch.p0i8"
+    prefetch = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, _I32, _I32, _I32]), name)
+    builder.call(prefetch, [pointer, _I32(0), _I32(3), _I32(1)])  # read, keep in all cache levels, data
+
+
+def _vector_at(builder, pointer, vector):
+    """``pointer`` (to the first float32 of a vector) as the pointer type a load of ``vector`` takes."""
+    return pointer if _opaque(pointer) else builder.bitcast(pointer, vector.as_pointer())
+
+
+def _masked_load(builder, pointer, vector, mask, passthrough):
+    """LLVM's ``masked.load`` of float32 lanes at ``pointer`` (a ``_vector_at`` pointer): lanes off in ``mask``
+    are not read and take ``passthrough``'s value."""
+    lanes = vector.count
+    name = f"llvm.masked.load.v{lanes}f32.p0" if _opaque(pointer) else f"llvm.masked.load.v{lanes}f32.p0v{lanes}f32"
+    mask_type = ir.VectorType(ir.IntType(1), lanes)
+    load = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vector, [pointer.type, _I32, mask_type, vector]), name)
+    return builder.call(load, [pointer, _I32(4), mask, passthrough])
+
+
+def _splat(builder, value, vector_type):
+    """A vector of ``vector_type`` with ``value`` in every lane."""
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, _I32(0))
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, vector_type.count), [0] * vector_type.count))
+
+
+def _first_lanes(builder, count, lanes):
+    """The mask of lanes ``k < count`` (``count`` a uint64) of a ``lanes``-wide vector."""
+    index = ir.VectorType(ir.IntType(64), lanes)
+    return builder.icmp_unsigned("<", ir.Constant(index, list(range(lanes))), _splat(builder, count, index))
+
+
 @intrinsic
 def _prefetch(typingctx, array, index):
     """Prefetch the cache line of ``array.flat[index]`` (LLVM's ``prefetch``: a hint, never a fault)."""
@@ -368,16 +419,7 @@ def _prefetch(typingctx, array, index):
 
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        pointer = builder.gep(data, [args[1]])
-        byte_pointer = ir.IntType(8).as_pointer()
-        if str(byte_pointer) == "ptr":  # opaque pointers (recent llvmlite; checked with 0.50)
-            name = "llvm.prefetch.p0"
-        else:  # typed pointers (older llvmlite; checked with 0.42, Numba 0.59): declared on i8*
-            pointer, name = builder.bitcast(pointer, byte_pointer), "llvm.prefetch.p0i8"
-        i32 = ir.IntType(32)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]), name)
-        builder.call(prefetch, [pointer, i32(0), i32(3), i32(1)])  # read, keep in all cache levels, data
+        _emit_prefetch(builder, builder.gep(data, [args[1]]))
         return context.get_dummy_value()
 
     return types.void(array, types.uint64), codegen
@@ -409,27 +451,12 @@ def _bits_above(typingctx, array, index, count, bound):
 
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        pointer = builder.gep(data, [args[1]])
         lanes = 64
         vector = ir.VectorType(ir.FloatType(), lanes)
-        wide_index = ir.VectorType(ir.IntType(64), lanes)
-        if str(ir.IntType(8).as_pointer()) == "ptr":  # opaque pointers (recent llvmlite)
-            name = f"llvm.masked.load.v{lanes}f32.p0"
-        else:  # typed pointers (older llvmlite)
-            pointer = builder.bitcast(pointer, vector.as_pointer())
-            name = f"llvm.masked.load.v{lanes}f32.p0v{lanes}f32"
-        mask_type = ir.VectorType(ir.IntType(1), lanes)
-        load = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vector, [pointer.type, ir.IntType(32), mask_type, vector]), name)
-
-        def splat(value, vector_type):
-            one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.IntType(32)(0))
-            return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined),
-                                          ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
-
-        mask = builder.icmp_unsigned("<", ir.Constant(wide_index, list(range(lanes))), splat(args[2], wide_index))
-        values = builder.call(load, [pointer, ir.IntType(32)(4), mask, ir.Constant(vector, [0.0] * lanes)])
-        above = builder.and_(builder.fcmp_ordered(">", values, splat(args[3], vector)), mask)
+        mask = _first_lanes(builder, args[2], lanes)
+        values = _masked_load(builder, _vector_at(builder, builder.gep(data, [args[1]]), vector), vector, mask,
+                              ir.Constant(vector, [0.0] * lanes))
+        above = builder.and_(builder.fcmp_ordered(">", values, _splat(builder, args[3], vector)), mask)
         return builder.bitcast(above, ir.IntType(64))
 
     return types.uint64(array, types.uint64, types.uint64, types.float32), codegen
@@ -442,7 +469,8 @@ def _scan_map(typingctx, array, start, size, bound):
 
     One pass of 16-lane vectors with two accumulators: a maximum in the compare-and-select form x86's
     ``maxps`` implements (a NaN lane keeps the running maximum) and ``Σ v · 0``, which is NaN exactly when
-    some value is NaN or infinite. The tail is a masked load, so nothing past the map is read.
+    some value is NaN or infinite. Each vector load is paired with a prefetch ``_SCAN_AHEAD`` values ahead.
+    The tail is a masked load, so nothing past the map is read.
     """
     if not isinstance(array, types.Array) or array.dtype != types.float32 or start != types.uint64 or \
             size != types.uint64 or bound != types.float32:
@@ -452,17 +480,12 @@ def _scan_map(typingctx, array, start, size, bound):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         first, size, bound = args[1], args[2], args[3]
         lanes = 16
-        f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
+        f32, i64 = ir.FloatType(), ir.IntType(64)
         vector = ir.VectorType(f32, lanes)
-        lane_index = ir.VectorType(i64, lanes)
         lowest = ir.Constant(vector, [float("-inf")] * lanes)
         zero = ir.Constant(vector, [0.0] * lanes)
         most = cgutils.alloca_once_value(builder, lowest)
         bad = cgutils.alloca_once_value(builder, zero)
-
-        def vector_pointer(offset):
-            pointer = builder.gep(data, [offset])
-            return pointer if str(pointer.type) == "ptr" else builder.bitcast(pointer, vector.as_pointer())
 
         def fold(values):
             seen = builder.load(most)
@@ -470,39 +493,21 @@ def _scan_map(typingctx, array, start, size, bound):
             builder.store(builder.fadd(builder.load(bad), builder.fmul(values, zero)), bad)
 
         whole = builder.udiv(size, i64(lanes))
-        byte_pointer = ir.IntType(8).as_pointer()
-        fetch_name = "llvm.prefetch.p0" if str(byte_pointer) == "ptr" else "llvm.prefetch.p0i8"
-        fetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), fetch_name)
         with cgutils.for_range(builder, whole) as loop:
             offset = builder.add(first, builder.mul(loop.index, i64(lanes)))
-            ahead = builder.gep(data, [builder.add(offset, i64(_SCAN_AHEAD))])
-            if str(ahead.type) != "ptr":
-                ahead = builder.bitcast(ahead, byte_pointer)
-            builder.call(fetch, [ahead, i32(0), i32(3), i32(1)])
-            fold(builder.load(vector_pointer(offset), align=4))
+            _emit_prefetch(builder, builder.gep(data, [builder.add(offset, i64(_SCAN_AHEAD))]))
+            fold(builder.load(_vector_at(builder, builder.gep(data, [offset]), vector), align=4))
         rest = builder.urem(size, i64(lanes))
-        pointer = vector_pointer(builder.add(first, builder.mul(whole, i64(lanes))))
-        name = f"llvm.masked.load.v{lanes}f32.p0" if str(pointer.type) == "ptr" else \
-            f"llvm.masked.load.v{lanes}f32.p0v{lanes}f32"
-        mask_type = ir.VectorType(ir.IntType(1), lanes)
-        load = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vector, [pointer.type, i32, mask_type, vector]), name)
-        splat_rest = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(lane_index, ir.Undefined), rest, i32(0)),
-            ir.Constant(lane_index, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-        mask = builder.icmp_unsigned("<", ir.Constant(lane_index, list(range(lanes))), splat_rest)
-        tail = builder.call(load, [pointer, i32(4), mask, zero])
+        mask = _first_lanes(builder, rest, lanes)
+        tail_at = _vector_at(builder, builder.gep(data, [builder.add(first, builder.mul(whole, i64(lanes)))]), vector)
+        tail = _masked_load(builder, tail_at, vector, mask, zero)
         seen = builder.load(most)
         tail_max = builder.select(mask, tail, lowest)
         builder.store(builder.select(builder.fcmp_ordered(">", tail_max, seen), tail_max, seen), most)
         builder.store(builder.fadd(builder.load(bad), builder.fmul(tail, zero)), bad)
         top, check = builder.load(most), builder.load(bad)
-        splat_bound = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(vector, ir.Undefined), bound, i32(0)),
-            ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
         word = ir.IntType(lanes)
-        above = builder.bitcast(builder.fcmp_ordered(">", top, splat_bound), word)
+        above = builder.bitcast(builder.fcmp_ordered(">", top, _splat(builder, bound, vector)), word)
         broken = builder.bitcast(builder.fcmp_unordered("uno", check, check), word)
         hot = builder.select(builder.icmp_unsigned("!=", above, word(0)), f32(1.0), f32(0.0))
         return builder.select(builder.icmp_unsigned("!=", broken, word(0)), f32(float("nan")), hot)
