@@ -54,6 +54,7 @@ __all__ = [
     "SCENE_NAMES",
     "SHAPE_NAMES",
     "SyntheticWorld",
+    "TASKS",
 ]
 
 #: bump when the drawing changes, so cached results keyed by the digest are invalidated
@@ -73,6 +74,8 @@ MATERIAL_NAMES = ("solid", "stripes", "dots", "checker")
 PART_NAMES = ("rim", "core", "corner")
 SCENE_NAMES = ("plain", "gradient", "noise", "grid", "horizon", "clouds")
 LANDMARK_NAMES = ("center", "top", "bottom", "left", "right")
+#: class tasks: the main object's shape (8 classes), or its shape and fill material jointly (32 classes)
+TASKS = ("shape", "shape_material")
 
 # Global label numbers, Broden-style: colours first, then objects, parts, materials, scenes.
 _COLOR_BASE = 1
@@ -470,6 +473,9 @@ class SyntheticWorld(ConceptDataset):
             upright (default 15; 180 = any orientation). Upright-ish objects, like photographed ones, keep
             the shape class learnable from a few thousand images and give landmarks such as ``top`` a
             stable meaning; distractors always take any orientation.
+        task: the class label: ``"shape"`` (default; the main object's shape, 8 classes) or
+            ``"shape_material"`` (its shape and fill material jointly, ``shape · 4 + material``, 32 classes
+            named ``<shape>_<material>``). Images and masks do not depend on it.
     """
 
     kind = "synthetic"
@@ -483,6 +489,7 @@ class SyntheticWorld(ConceptDataset):
         distractors: int = 2,
         noise: float = 5.0,
         rotation: float = 15.0,
+        task: str = "shape",
     ) -> None:
         self.images = check_int("images", images, low=1)
         self.size = check_int("size", size, low=16, high=2048, fix="16 px is the smallest legible world")
@@ -502,6 +509,9 @@ class SyntheticWorld(ConceptDataset):
                 f"dataset parameter rotation={rotation!r} is invalid; use degrees in [0, 180] (180 = any orientation)"
             )
         self.rotation = float(rotation)
+        if task not in TASKS:
+            raise DatasetError(f"dataset parameter task={task!r} is invalid; use one of {', '.join(TASKS)}")
+        self.task = task
         # Half-sides of the drawing windows: the whole shape fits, with a pixel to spare.
         self._main_half = int(math.ceil(_MAX_EXTENT * _MAIN_SCALE[1] * self.size)) + 1
         self._distractor_half = int(math.ceil(_MAX_EXTENT * _DISTRACTOR_SCALE[1] * self.size)) + 1
@@ -532,6 +542,8 @@ class SyntheticWorld(ConceptDataset):
 
     @property
     def class_names(self) -> list[str]:
+        if self.task == "shape_material":
+            return [f"{shape}_{material}" for shape in SHAPE_NAMES for material in MATERIAL_NAMES]
         return list(SHAPE_NAMES)
 
     def params(self) -> dict[str, Any]:
@@ -539,6 +551,9 @@ class SyntheticWorld(ConceptDataset):
         return {
             "images": self.images, "size": self.size, "seed": self.seed, "seg_scale": self.seg_scale,
             "distractors": self.distractors, "noise": self.noise, "rotation": self.rotation,
+            # only where it differs from the default, so the default world's digest (and every cache key
+            # built on it) predates the parameter and stays valid
+            **({"task": self.task} if self.task != "shape" else {}),
         }
 
     def digest(self) -> str:
@@ -607,6 +622,12 @@ class SyntheticWorld(ConceptDataset):
         return _gather(pieces, np.arange(index.size), index, label_dtype=None)
 
     # ------------------------------------------------------------------------------------------- generation
+
+    def _class_label(self, params: dict) -> np.ndarray:
+        """The task's class of each item from its drawn parameters (shape, or shape · 4 + material)."""
+        if self.task == "shape_material":
+            return (params["shape"] * len(MATERIAL_NAMES) + params["material"]).astype(np.int64)
+        return params["shape"].astype(np.int64)
 
     def scene_parameters(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The drawn parameters of the items at ``indices`` (what the renderer uses), for tests and captions.
@@ -761,5 +782,5 @@ class SyntheticWorld(ConceptDataset):
             image_labels={"scene": (_SCENE_BASE + params["scene"][:, None]).astype(np.int32)},
             landmarks=landmarks,
             landmark_visible=visible,
-            class_label=params["shape"].astype(np.int64),
+            class_label=self._class_label(params),
         )

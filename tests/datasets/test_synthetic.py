@@ -119,6 +119,28 @@ def test_class_label_is_the_main_objects_shape(world, batch):
     assert shown.mean() > 0.8
 
 
+def test_shape_material_task_labels_the_main_objects_shape_and_material(world, batch):
+    joint = SyntheticWorld(images=len(world), size=64, seed=3, task="shape_material")
+    got = joint.load(np.arange(len(joint)))
+    assert np.array_equal(got.images, batch.images)  # the task changes labels, never pixels
+    assert len(joint.class_names) == len(syn.SHAPE_NAMES) * len(syn.MATERIAL_NAMES)
+    assert np.array_equal(got.class_label // len(syn.MATERIAL_NAMES), batch.class_label)
+    names = {c.label: c.name for c in joint.concepts}
+    center = np.floor(got.landmarks[:, 0]).astype(int)
+    rows = np.flatnonzero(got.landmark_visible[:, 0])
+    material_at_center = got.pixel_labels["material"][rows, 0, center[rows, 1], center[rows, 0]]
+    assert [joint.class_names[c] for c in got.class_label[rows]] == [
+        f"{joint.class_names[c].split('_')[0]}_{names[m]}" for c, m in zip(got.class_label[rows], material_at_center)]
+    counts = np.bincount(got.class_label, minlength=len(joint.class_names))
+    assert counts.min() > 0
+
+
+def test_the_default_task_leaves_the_world_digest_as_before_the_parameter():
+    assert "task" not in SyntheticWorld(images=10).params()
+    assert SyntheticWorld(images=10, task="shape").digest() == SyntheticWorld(images=10).digest()
+    assert SyntheticWorld(images=10, task="shape_material").digest() != SyntheticWorld(images=10).digest()
+
+
 def test_object_colours_are_exactly_the_drawn_palette_colour():
     world = SyntheticWorld(images=120, seed=9, noise=0)
     batch = world.load(np.arange(120))
@@ -350,6 +372,7 @@ def test_registry_builds_the_world_and_splits_partition_it():
         ({"noise": -1.0}, "noise=-1.0"),
         ({"noise": "lots"}, "noise='lots'"),
         ({"rotation": 200}, "rotation=200"),
+        ({"task": "colour"}, "task='colour'"),
     ],
 )
 def test_bad_parameters_name_the_parameter_and_value(params, fragment):
