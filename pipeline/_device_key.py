@@ -5,18 +5,21 @@ orders than the CPU's (and cuDNN's choice depends on the GPU model), and CUDA tr
 with ``CUBLAS_WORKSPACE_CONFIG`` set. So the device class and its determinism mode are part of those keys —
 a cache filled on a GPU host is never served to a CPU run as identical — and, for CPU training, the torch
 thread count (measured: 1 and 2 threads give different weights; CPU extraction is bit-identical across
-thread counts, tested). Everything downstream inherits the difference through the upstream keys.
+thread counts, tested), and, on the CPU, the family of kernels torch dispatches to there (instruction-set
+levels of ATen and oneDNN: an AVX-512 host and an AVX2 host train and extract other bits; see
+``repdissect.stages.cpu_kernel_class``). Everything downstream inherits the difference through the upstream
+keys.
 
 The class is probed where the work will run, once per plan: in this process for ``local``/``sync``
-schedulers, on the workers (those advertising a ``GPU`` resource) for a scheduler address. Probing the
-CPU-only case never imports torch, so a fully cached rerun stays fast.
+schedulers, on the workers (those advertising a ``GPU`` resource; for CPU work, every worker's CPU kernels) for
+a scheduler address. Probing the CPU-only case never imports torch, so a fully cached rerun stays fast.
 """
 
 from __future__ import annotations
 
 import glob
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import PipelineError
@@ -30,13 +33,15 @@ class DeviceKey:
 
     ``device``: ``"cpu"``, ``"mps"`` or ``"cuda:<name> (sm_XY)"``; ``train_mode``/``extract_mode``:
     ``"deterministic"``, ``"warn-only"`` or ``"best-effort"`` (see ``repdissect.stages.determinism_mode``);
-    ``threads``: torch threads per task (keyed for CPU training only).
+    ``threads``: torch threads per task (keyed for CPU training only); ``cpu_kernels``: the CPU kernel family
+    (keyed for CPU training and extraction; default: this host's).
     """
 
     device: str = "cpu"
     train_mode: str = "deterministic"
     extract_mode: str = "deterministic"
     threads: int = 1
+    cpu_kernels: str = field(default_factory=lambda: _cpu_kernel_class())
 
     @property
     def is_cuda(self) -> bool:
@@ -46,10 +51,20 @@ class DeviceKey:
         params: dict[str, Any] = {"device": self.device, "determinism": self.train_mode}
         if self.device == "cpu":
             params["threads"] = self.threads
+            params["cpu_kernels"] = self.cpu_kernels
         return params
 
     def extract_params(self) -> dict[str, Any]:
-        return {"device": self.device, "determinism": self.extract_mode}
+        params: dict[str, Any] = {"device": self.device, "determinism": self.extract_mode}
+        if self.device == "cpu":
+            params["cpu_kernels"] = self.cpu_kernels
+        return params
+
+
+def _cpu_kernel_class() -> str:
+    from ..stages import cpu_kernel_class  # torch-free: reads the CPU's flags
+
+    return cpu_kernel_class()
 
 
 def _cuda_impossible() -> bool:
@@ -103,6 +118,27 @@ def _probe_workers(scheduler: str, requested: str, threads: int) -> dict[str, st
     return dict(next(iter(kinds)))
 
 
+def _probe_cpu_workers(scheduler: str, threads: int) -> str:
+    """The CPU kernel family common to every worker behind a scheduler address (they run the CPU work)."""
+    from ..stages import cpu_kernel_class
+    from ._executor import connect
+
+    client, _ = connect(scheduler, workers=1, threads_per_worker=threads, gpu=False)
+    try:
+        found = client.run(cpu_kernel_class)
+    finally:
+        client.close()
+    kinds = set(found.values())
+    if len(kinds) > 1:
+        listing = "; ".join(f"{w}: {kind}" for w, kind in sorted(found.items()))
+        raise PipelineError(
+            f"the scheduler's workers run different CPU kernels ({listing}); results would depend on which worker "
+            "ran a task. Use workers of one CPU kind, or start every worker with the same ATEN_CPU_CAPABILITY and "
+            "ONEDNN_MAX_CPU_ISA at a level all of them have (e.g. avx2 and AVX2)"
+        )
+    return next(iter(kinds)) if kinds else _cpu_kernel_class()
+
+
 def probe_device(execution: Any) -> DeviceKey:
     """The :class:`DeviceKey` of a run with ``execution`` (the ``[execution]`` section).
 
@@ -125,5 +161,8 @@ def probe_device(execution: Any) -> DeviceKey:
             raise PipelineError(f"[execution].device = \"cuda\" but {where}; use device = \"auto\" or \"cpu\""
                                 + (", or start workers with --resources GPU=1" if remote else ""))
         found = {"device": "cpu", "train_mode": "deterministic", "extract_mode": "deterministic"}
+    if found["device"] == "cpu":
+        kernels = _probe_cpu_workers(execution.scheduler, threads) if remote else _cpu_kernel_class()
+        return DeviceKey(device="cpu", threads=threads, cpu_kernels=kernels)
     return DeviceKey(device=found["device"], train_mode=found["train_mode"], extract_mode=found["extract_mode"],
                      threads=threads)

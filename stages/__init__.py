@@ -29,6 +29,7 @@ _EXPORTS = {
     "_activations": ["UnitSummaries", "activation_shape", "activations_table", "iter_activation_parts",
                      "read_activation_part", "read_activations", "read_summaries", "summaries_table", "table_to_arrays"],
     "_extraction": ["Extractor", "PARQUET_OPTIONS", "extract_shard", "forward_batches"],
+    "_cpu_kernels": ["cpu_kernel_class"],
     "_device": ["resolve_device", "device_class", "determinism_mode", "reproducible_kernels", "check_device_params"],
     "_allocator": ["tune_allocator", "release_freed_memory"],
     "_unit_means": ["UnitMeans"],

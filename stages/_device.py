@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from ._cpu_kernels import cpu_kernel_class
 from ._errors import StageInputError
 
 __all__ = ["resolve_device", "device_class", "determinism_mode", "reproducible_kernels", "set_deterministic_algorithms", "check_device_params",
@@ -88,7 +89,8 @@ def determinism_mode(device: str | torch.device = "auto", *, training: bool) -> 
 def check_device_params(params: dict, device: str | torch.device, *, training: bool) -> None:
     """Refuse to compute a node whose key names another device class or determinism mode than this worker's.
 
-    ``params``: the node's parameters (``device`` and ``determinism`` keys; absent = not keyed, no check).
+    ``params``: the node's parameters (``device``, ``determinism`` and, on the CPU, ``cpu_kernels`` keys; absent =
+    not keyed, no check).
 
     Raises:
         StageInputError: naming the key's device and this worker's, and the fix.
@@ -102,6 +104,14 @@ def check_device_params(params: dict, device: str | torch.device, *, training: b
             f"this node's cache key says it is computed on {want_device!r}, but this worker computes on "
             f"{have_device!r} (results differ across device classes); run on workers of one device class, or "
             "set [execution].device to pick one"
+        )
+    want_kernels = params.get("cpu_kernels")
+    if want_kernels is not None and have_device == "cpu" and want_kernels != (have_kernels := cpu_kernel_class()):
+        raise StageInputError(
+            f"this node's cache key says it is computed by CPU kernels {want_kernels!r}, but this worker's are "
+            f"{have_kernels!r} (torch's CPU kernels differ in their bits across instruction sets); run on workers of "
+            "one CPU kind, or cap every worker and the process that starts the run at one level with the same "
+            "ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA (e.g. avx2 and AVX2)"
         )
     have_mode = determinism_mode(device, training=training)
     if want_mode is not None and have_mode != want_mode:

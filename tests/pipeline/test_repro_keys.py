@@ -65,9 +65,11 @@ def test_network_stages_key_device_class_and_determinism(tmp_path):
             assert node.params["device"] == plan.device.device
             assert node.params["determinism"] in ("deterministic", "warn-only")
             assert ("threads" in node.params) is (plan.device.device == "cpu")
+            assert ("cpu_kernels" in node.params) is (plan.device.device == "cpu")
         elif node.stage == "extract":
             assert node.params["device"] == plan.device.device and node.params["determinism"] == "deterministic"
             assert "threads" not in node.params
+            assert ("cpu_kernels" in node.params) is (plan.device.device == "cpu")
         else:
             assert "device" not in node.params
 
@@ -107,6 +109,60 @@ def test_cpu_training_is_keyed_on_threads_extraction_is_not(tmp_path):
     assert random_init and all(s.cached for s in random_init)
 
 
+def test_cpu_work_is_keyed_on_the_cpu_kernel_family(tmp_path, monkeypatch):
+    """An AVX2 host's cache is not an AVX-512 host's: capping ATen's kernels (what another CPU would run)
+    changes exactly the keys of the nodes that run a network, and status names the parameter."""
+    from repdissect.stages import cpu_kernel_class
+
+    here = cpu_kernel_class()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    if cpu_kernel_class() == here:
+        pytest.skip(f"this CPU's kernels ({here}) are already the lowest level: no other family to compare")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    config = write_tiny_config(tmp_path)
+    run(config)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    reasons = {s.node_id: s for s in status(config)}
+    network = [s for s in reasons.values() if s.stage in ("train", "extract")]
+    assert network and all(not s.cached and s.reason.startswith("param cpu_kernels: ") for s in network)
+    assert all(s.cached for s in reasons.values() if s.stage == "stability_center")
+
+
+class _FakeClient:
+    def __init__(self, found: dict) -> None:
+        self.found = found
+
+    def run(self, function):
+        return dict(self.found)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("found, error", [
+    ({"tcp://a:1": "x86_64 aten=avx2 onednn=avx2", "tcp://b:1": "x86_64 aten=avx2 onednn=avx2"}, None),
+    ({"tcp://a:1": "x86_64 aten=avx2 onednn=avx2", "tcp://b:1": "x86_64 aten=avx512 onednn=avx512"},
+     r"workers run different CPU kernels \(tcp://a:1: x86_64 aten=avx2 onednn=avx2; tcp://b:1: x86_64 "
+     r"aten=avx512 onednn=avx512\).*same ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA"),
+])
+def test_a_cluster_keys_its_workers_cpu_kernels_and_refuses_a_mix(monkeypatch, found, error):
+    from repdissect.pipeline import PipelineError
+    from repdissect.pipeline import _executor
+    from repdissect.pipeline._config import ExecutionConfig
+    from repdissect.pipeline._device_key import probe_device
+
+    monkeypatch.setattr(_executor, "connect", lambda *a, **k: (_FakeClient(found), None))
+    execution = ExecutionConfig(scheduler="tcp://127.0.0.1:8786", device="cpu")
+    if error is None:
+        assert probe_device(execution).extract_params()["cpu_kernels"] == "x86_64 aten=avx2 onednn=avx2"
+    else:
+        with pytest.raises(PipelineError, match=error):
+            probe_device(execution)
+
+
 def test_probing_the_cpu_does_not_import_torch():
     import subprocess
     import sys
@@ -114,7 +170,10 @@ def test_probing_the_cpu_does_not_import_torch():
     code = ("import sys; from repdissect.pipeline import load_config; from repdissect.pipeline._device_key import "
             "probe_device; from repdissect.pipeline._config import ExecutionConfig; "
             "key = probe_device(ExecutionConfig(device='cpu', threads_per_worker=3)); "
-            "assert key.train_params() == {'device': 'cpu', 'determinism': 'deterministic', 'threads': 3}, key; "
+            "from repdissect.stages import cpu_kernel_class; here = cpu_kernel_class(); "
+            "assert key.train_params() == {'device': 'cpu', 'determinism': 'deterministic', 'threads': 3, "
+            "'cpu_kernels': here}, key; "
+            "assert key.extract_params() == {'device': 'cpu', 'determinism': 'deterministic', 'cpu_kernels': here}; "
             "assert 'torch' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -9,8 +13,8 @@ import pytest
 import torch
 
 from repdissect.datasets import Batch, ConceptDataset
-from repdissect.stages import (StageInputError, build_model, check_device_params, determinism_mode, device_class,
-                               extract_shard, reproducible_kernels)
+from repdissect.stages import (StageInputError, build_model, check_device_params, cpu_kernel_class, determinism_mode,
+                               device_class, extract_shard, reproducible_kernels)
 from repdissect.stages._models import ModelSpec
 
 HAS_CUDA = torch.cuda.is_available()
@@ -71,6 +75,68 @@ def test_check_device_params(params, error):
     else:
         with pytest.raises(StageInputError, match=error):
             check_device_params(params, "cpu", training=True)
+
+
+def test_a_cpu_node_is_refused_by_a_worker_with_other_cpu_kernels(monkeypatch):
+    here = cpu_kernel_class()
+    check_device_params({"device": "cpu", "determinism": "deterministic", "cpu_kernels": here}, "cpu", training=True)
+    with pytest.raises(StageInputError, match=r"computed by CPU kernels 'x86_64 aten=avx512 onednn=avx512', but this "
+                                              r"worker's are .*ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA"):
+        check_device_params({"device": "cpu", "cpu_kernels": "x86_64 aten=avx512 onednn=avx512"}, "cpu",
+                            training=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX")  # read afresh on every call: a cap set later is honoured
+    if here.startswith("x86_64") and "onednn=sse41" not in here:
+        assert cpu_kernel_class() == here.rsplit("onednn=", 1)[0] + "onednn=avx"
+
+
+_PROBE = """
+import os, sys, torch
+from repdissect.stages import cpu_kernel_class
+torch.nn.functional.conv2d(torch.rand(2, 3, 16, 16), torch.rand(4, 3, 3, 3))
+print("CLASS", cpu_kernel_class(), torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def _isa_level(text: str) -> str:
+    for marker, level in (("AVX-512", "avx512"), ("AVX512", "avx512"), ("AVX10", "avx512"), ("AVX2", "avx2"),
+                          ("AVX", "avx"), ("SSE4.1", "sse41")):
+        if marker in text:
+            return level
+    raise AssertionError(f"unknown oneDNN ISA {text!r}")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 kernel levels only")
+@pytest.mark.parametrize("caps", [{}, {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+                                  {"ONEDNN_MAX_CPU_ISA": "AVX"}])
+def test_cpu_kernel_class_names_what_torch_and_onednn_dispatch_to(caps):
+    """Two readings of one fact must agree: ours, from the CPU's flags without torch, and torch's own (ATen's
+    capability; the ISA oneDNN reports when it runs a convolution)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                           "DNNL_MAX_CPU_ISA")}
+    env.update(caps, ONEDNN_VERBOSE="1")
+    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("CLASS "))
+    _, machine, aten, onednn, capability = line.split()
+    assert aten == f"aten={capability.lower()}"
+    isa = next((l.split("isa:", 1)[1] for l in proc.stdout.splitlines() if "isa:" in l), None)
+    if isa is None:
+        pytest.skip("this torch's oneDNN prints no ISA line")
+    assert onednn == f"onednn={_isa_level(isa)}"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 kernel levels only")
+def test_cpu_kernel_families_differ_in_their_bits():
+    """Why the family is keyed: one convolution, on this host's kernels and capped at SSE4.1, gives other bits."""
+    code = ("import hashlib, torch; g = torch.Generator().manual_seed(0); "
+            "x = torch.rand(8, 16, 32, 32, generator=g); w = torch.rand(32, 16, 3, 3, generator=g); "
+            "print(hashlib.sha256(torch.nn.functional.conv2d(x, w, padding=1).numpy().tobytes()).hexdigest())")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    if "onednn=sse41" in cpu_kernel_class():
+        pytest.skip("this CPU runs oneDNN's lowest level already")
+    digests = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=dict(env, **caps)).stdout for caps in ({}, {"ONEDNN_MAX_CPU_ISA": "SSE41"})]
+    assert digests[0] and digests[1] and digests[0] != digests[1]
 
 
 def _flags() -> tuple:
