@@ -107,15 +107,21 @@ def _probe_workers(scheduler: str, requested: str, threads: int) -> dict[str, st
             f"worker(s) {', '.join(broken)} advertise a GPU resource but torch sees no CUDA device there; "
             "start them without --resources GPU=1, or fix their CUDA installation"
         )
-    kinds = {tuple(sorted(v.items())) for v in found.values()}
+    kind = _one_kind({w: tuple(sorted(v.items())) for w, v in found.items()},
+                     lambda v: f"{dict(v)['device']}, {dict(v).get('train_mode')}",
+                     "GPU workers differ in device class or determinism mode",
+                     "Use workers of one GPU model with the same CUBLAS_WORKSPACE_CONFIG, or [execution].device = \"cpu\"")
+    return dict(kind)
+
+
+def _one_kind(found: dict[str, Any], describe: Any, differ: str, fix: str) -> Any:
+    """The one value every worker reported (``found``: worker → value), else a PipelineError listing each."""
+    kinds = set(found.values())
     if len(kinds) > 1:
-        listing = "; ".join(f"{w}: {v['device']}, {v.get('train_mode')}" for w, v in sorted(found.items()))
-        raise PipelineError(
-            f"the scheduler's GPU workers differ in device class or determinism mode ({listing}); results would "
-            "depend on which worker ran a task. Use workers of one GPU model with the same CUBLAS_WORKSPACE_CONFIG, "
-            "or [execution].device = \"cpu\""
-        )
-    return dict(next(iter(kinds)))
+        listing = "; ".join(f"{w}: {describe(v)}" for w, v in sorted(found.items()))
+        raise PipelineError(f"the scheduler's {differ} ({listing}); results would depend on which worker ran a "
+                            f"task. {fix}")
+    return next(iter(kinds))
 
 
 def _probe_cpu_workers(scheduler: str, threads: int) -> str:
@@ -128,15 +134,11 @@ def _probe_cpu_workers(scheduler: str, threads: int) -> str:
         found = client.run(cpu_kernel_class)
     finally:
         client.close()
-    kinds = set(found.values())
-    if len(kinds) > 1:
-        listing = "; ".join(f"{w}: {kind}" for w, kind in sorted(found.items()))
-        raise PipelineError(
-            f"the scheduler's workers run different CPU kernels ({listing}); results would depend on which worker "
-            "ran a task. Use workers of one CPU kind, or start every worker with the same ATEN_CPU_CAPABILITY and "
-            "ONEDNN_MAX_CPU_ISA at a level all of them have (e.g. avx2 and AVX2)"
-        )
-    return next(iter(kinds)) if kinds else _cpu_kernel_class()
+    if not found:
+        return _cpu_kernel_class()
+    return _one_kind(found, str, "workers run different CPU kernels",
+                     "Use workers of one CPU kind, or start every worker with the same ATEN_CPU_CAPABILITY and "
+                     "ONEDNN_MAX_CPU_ISA at a level all of them have (e.g. avx2 and AVX2)")
 
 
 def probe_device(execution: Any) -> DeviceKey:

@@ -135,7 +135,7 @@ class _FakeClient:
     def __init__(self, found: dict) -> None:
         self.found = found
 
-    def run(self, function):
+    def run(self, function, *args, **kwargs):
         return dict(self.found)
 
     def close(self) -> None:
@@ -161,6 +161,23 @@ def test_a_cluster_keys_its_workers_cpu_kernels_and_refuses_a_mix(monkeypatch, f
     else:
         with pytest.raises(PipelineError, match=error):
             probe_device(execution)
+
+
+def test_a_cluster_of_mixed_gpu_models_is_refused(monkeypatch):
+    from repdissect.pipeline import PipelineError
+    from repdissect.pipeline import _executor
+    from repdissect.pipeline._config import ExecutionConfig
+    from repdissect.pipeline._device_key import probe_device
+
+    h100 = {"device": "cuda:NVIDIA H100 (sm_90)", "train_mode": "deterministic", "extract_mode": "deterministic"}
+    found = {"tcp://a:1": h100, "tcp://b:1": dict(h100, device="cuda:NVIDIA A100 (sm_80)")}
+    monkeypatch.setattr(_executor, "connect", lambda *a, **k: (_FakeClient(found), None))
+    monkeypatch.setattr(_executor, "_gpu_addresses", lambda client: sorted(found))
+    with pytest.raises(PipelineError, match=r"GPU workers differ in device class or determinism mode \(tcp://a:1: "
+                                            r"cuda:NVIDIA H100 \(sm_90\), deterministic; tcp://b:1: cuda:NVIDIA A100"):
+        probe_device(ExecutionConfig(scheduler="tcp://127.0.0.1:8786", device="auto"))
+    found["tcp://b:1"] = h100
+    assert probe_device(ExecutionConfig(scheduler="tcp://127.0.0.1:8786", device="auto")).device == h100["device"]
 
 
 def test_probing_the_cpu_does_not_import_torch():
