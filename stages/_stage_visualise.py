@@ -98,6 +98,7 @@ _MODEL_AND_METHODS = (
     "._activations",
     "._checkpoints",
     "._cnn",
+    "._cpu_kernels",
     "._device",
     "._interpretable",
     "._model_registry",
