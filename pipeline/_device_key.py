@@ -27,6 +27,12 @@ from ..core import PipelineError
 __all__ = ["DeviceKey", "probe_device"]
 
 
+def _cpu_kernel_class() -> str:
+    from ..stages import cpu_kernel_class  # torch-free: reads the CPU's flags
+
+    return cpu_kernel_class()
+
+
 @dataclass(frozen=True)
 class DeviceKey:
     """The device facts keyed by the network stages.
@@ -41,7 +47,7 @@ class DeviceKey:
     train_mode: str = "deterministic"
     extract_mode: str = "deterministic"
     threads: int = 1
-    cpu_kernels: str = field(default_factory=lambda: _cpu_kernel_class())
+    cpu_kernels: str = field(default_factory=_cpu_kernel_class)
 
     @property
     def is_cuda(self) -> bool:
@@ -60,11 +66,6 @@ class DeviceKey:
             params["cpu_kernels"] = self.cpu_kernels
         return params
 
-
-def _cpu_kernel_class() -> str:
-    from ..stages import cpu_kernel_class  # torch-free: reads the CPU's flags
-
-    return cpu_kernel_class()
 
 
 def _cuda_impossible() -> bool:
@@ -162,8 +163,6 @@ def probe_device(execution: Any) -> DeviceKey:
             where = "the scheduler's workers advertise no GPU resource" if remote else "no CUDA device is visible here"
             raise PipelineError(f"[execution].device = \"cuda\" but {where}; use device = \"auto\" or \"cpu\""
                                 + (", or start workers with --resources GPU=1" if remote else ""))
-        found = {"device": "cpu", "train_mode": "deterministic", "extract_mode": "deterministic"}
-    if found["device"] == "cpu":
         kernels = _probe_cpu_workers(execution.scheduler, threads) if remote else _cpu_kernel_class()
         return DeviceKey(device="cpu", threads=threads, cpu_kernels=kernels)
     return DeviceKey(device=found["device"], train_mode=found["train_mode"], extract_mode=found["extract_mode"],

@@ -28,23 +28,25 @@ _X86_LEVELS = (
     ("avx2", {"avx2", "fma"}),
     ("avx512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
 )
-_RANK = {name: rank for rank, (name, _) in enumerate(_X86_LEVELS)}
+_ORDER = ("baseline", *(name for name, _ in _X86_LEVELS))
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags (x86 ``flags``, ARM ``Features``) from ``/proc/cpuinfo``; empty elsewhere."""
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (x86 ``flags``, ARM ``Features``) from ``/proc/cpuinfo``; empty elsewhere. Read
+    once per process: every task's device check asks again, and the CPU does not change under it."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() in ("flags", "Features"):
-                    return set(value.split())
+                    return frozenset(value.split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
-def _hardware_level(flags: set[str]) -> str:
+def _hardware_level(flags: frozenset[str]) -> str:
     level = "baseline"
     for name, needs in _X86_LEVELS:
         if needs <= flags:
@@ -71,8 +73,7 @@ def _capped(level: str, override: str | None) -> str:
         cap = "sse41"
     else:
         return f"{level}?{name}"  # unknown to this table: keyed verbatim, never guessed equal to another
-    order = ["baseline", *_RANK]
-    return min(level, cap, key=order.index)
+    return min(level, cap, key=_ORDER.index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,7 +83,7 @@ def _cached_class(machine: str, flags: frozenset[str], aten: str | None, onednn:
         caps = "".join(f" {name}={value}" for name, value in (("aten", aten), ("onednn", onednn)) if value)
         return f"{machine} {processor or 'unknown processor'}{caps}"
     if machine in ("x86_64", "amd64", "i386", "i686", "x86"):
-        level = _hardware_level(set(flags))
+        level = _hardware_level(flags)
         # ATen has kernels for AVX2 and AVX-512 only; below AVX2 it runs its default (compiler-vectorised) ones
         aten_level = _capped(level if level in ("avx2", "avx512") else "baseline", aten)
         aten_level = "default" if aten_level in ("baseline", "sse41", "avx") else aten_level
@@ -103,6 +104,6 @@ def cpu_kernel_class() -> str:
     """
     machine = platform.machine().lower()
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    flags = frozenset(_cpu_flags())
+    flags = _cpu_flags()
     processor = "" if flags else platform.processor()  # may spawn a process: only where the flags are missing
     return _cached_class(machine, flags, os.environ.get("ATEN_CPU_CAPABILITY"), onednn, processor)
