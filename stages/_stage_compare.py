@@ -106,8 +106,9 @@ class CompareStage(Stage):
 
     name = "compare"
     # 2: pwcca is google/svcca's convention, the paper form is pwcca_morcos; 3: CCA and SVCCA take singular
-    # values alone (no singular vectors: the same values to rounding)
-    version = 3
+    # values alone (no singular vectors: the same values to rounding); 4: the lasso is Anderson-accelerated (other
+    # iterates, the same optimum to the duality-gap tolerance)
+    version = 4
     #: the science modules this stage's result depends on (compare_arrays' registry path included)
     depends_on = (".compare._compare", ".compare._cca", ".compare._lapack", ".compare._correlation",
                   ".compare._matching", ".compare._moments", ".compare._regression", ".compare._pwcca_google",

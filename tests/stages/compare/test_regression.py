@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.linear_model import Lasso
@@ -172,3 +174,51 @@ def test_gram_helpers_validate():
         least_squares_gram(np.eye(3), np.ones((2, 1)))
     with pytest.raises(StageInputError, match="held-out"):
         regression_from_moments(JointMoments(2, 2), JointMoments(2, 3))
+
+
+def _correlated_problem(seed: int, n: int = 1000, p: int = 16, t: int = 4, mixing: float = 0.9):
+    """Centred inputs whose columns share a strong common factor (ill-conditioned G), and their targets."""
+    rng = np.random.default_rng(seed)
+    common = rng.standard_normal((n, 3))
+    x = mixing * common @ rng.standard_normal((3, p)) + (1 - mixing) * rng.standard_normal((n, p))
+    y = x @ (rng.standard_normal((p, t)) * (rng.random((p, t)) < 0.3)) + 0.5 * rng.standard_normal((n, t))
+    x, y = x - x.mean(0), y - y.mean(0)
+    return x, y, x.T @ x / n, x.T @ y / n, (y**2).mean(0)
+
+
+@pytest.mark.parametrize("seed, alpha", [(20, 0.002), (21, 0.01), (22, 0.05), (23, 0.3)])
+def test_anderson_acceleration_reaches_plain_descents_optimum_and_sklearns(seed, alpha):
+    x, y, gram, xty, y_sq = _correlated_problem(seed)
+    plain = lasso_gram(gram, xty, alpha, y_sq=y_sq, tol=1e-14, max_sweeps=200_000, anderson_depth=0)
+    accelerated = lasso_gram(gram, xty, alpha, y_sq=y_sq, tol=1e-14, max_sweeps=200_000)
+    assert plain.converged and accelerated.converged
+    np.testing.assert_allclose(accelerated.coef, plain.coef, atol=1e-8)
+    np.testing.assert_array_equal(accelerated.coef == 0, plain.coef == 0)  # the same support, exact zeros
+    for t in range(y.shape[1]):
+        reference = Lasso(alpha=alpha, tol=1e-14, max_iter=1_000_000).fit(x, y[:, t])
+        np.testing.assert_allclose(accelerated.coef[:, t], reference.coef_, atol=1e-6)
+
+
+def test_anderson_acceleration_needs_fewer_sweeps_on_correlated_inputs():
+    # Sweep counts, not times: the iterates are deterministic.
+    _, _, gram, xty, y_sq = _correlated_problem(24, n=2000, p=24, t=8)
+    plain = lasso_gram(gram, xty, 0.001, y_sq=y_sq, tol=1e-8, max_sweeps=200_000, anderson_depth=0)
+    accelerated = lasso_gram(gram, xty, 0.001, y_sq=y_sq, tol=1e-8, max_sweeps=200_000)
+    assert plain.converged and accelerated.converged
+    assert accelerated.sweeps * 4 < plain.sweeps, (accelerated.sweeps, plain.sweeps)
+
+
+def test_anderson_acceleration_on_iterates_that_stop_moving_stays_finite_and_silent():
+    # Orthonormal inputs: coordinate descent is exact after one sweep, so every later difference is zero.
+    gram, xty = np.eye(4), np.array([[0.9, -0.2], [0.05, 0.4], [-0.7, 0.0], [0.3, 0.1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solution = lasso_gram(gram, xty, 0.1, tol=0.0, max_sweeps=30, anderson_depth=3)
+    np.testing.assert_allclose(solution.coef, np.sign(xty) * np.maximum(np.abs(xty) - 0.1, 0.0))
+    assert solution.sweeps == 30 and np.isfinite(solution.gap).all()
+
+
+@pytest.mark.parametrize("depth", [-1, 2.5, True, "5"])
+def test_anderson_depth_is_validated(depth):
+    with pytest.raises(StageInputError, match="anderson_depth"):
+        lasso_gram(np.eye(2), np.ones(2), 0.1, anderson_depth=depth)
