@@ -7,12 +7,13 @@ a cache filled on a GPU host is never served to a CPU run as identical — and, 
 thread count (measured: 1 and 2 threads give different weights; CPU extraction is bit-identical across
 thread counts, tested), and, on the CPU, the family of kernels torch dispatches to there (instruction-set
 levels of ATen and oneDNN: an AVX-512 host and an AVX2 host train and extract other bits; see
-``repdissect.stages.cpu_kernel_class``). Everything downstream inherits the difference through the upstream
-keys.
+``repdissect.stages.cpu_kernel_class``); on every device, the installed torch release
+(``repdissect.stages.torch_build``). Everything downstream inherits the difference through the upstream keys.
 
 The class is probed where the work will run, once per plan: in this process for ``local``/``sync``
-schedulers, on the workers (those advertising a ``GPU`` resource; for CPU work, every worker's CPU kernels) for
-a scheduler address. Probing the CPU-only case never imports torch, so a fully cached rerun stays fast.
+schedulers, on the workers (those advertising a ``GPU`` resource; for CPU work, every worker's CPU kernels and
+torch) for a scheduler address. Probing the CPU-only case never imports torch, so a fully cached rerun stays
+fast.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def _cpu_kernel_class() -> str:
     return cpu_kernel_class()
 
 
+def _torch_build() -> str:
+    from ..stages import torch_build  # torch-free: reads the installed distribution's version
+
+    return torch_build()
+
+
 @dataclass(frozen=True)
 class DeviceKey:
     """The device facts keyed by the network stages.
@@ -40,7 +47,8 @@ class DeviceKey:
     ``device``: ``"cpu"``, ``"mps"`` or ``"cuda:<name> (sm_XY)"``; ``train_mode``/``extract_mode``:
     ``"deterministic"``, ``"warn-only"`` or ``"best-effort"`` (see ``repdissect.stages.determinism_mode``);
     ``threads``: torch threads per task (keyed for CPU training only); ``cpu_kernels``: the CPU kernel family
-    (keyed for CPU training and extraction; default: this host's).
+    (keyed for CPU training and extraction; default: this host's); ``torch``: the torch release (keyed for
+    training and extraction on every device; default: this environment's).
     """
 
     device: str = "cpu"
@@ -48,20 +56,21 @@ class DeviceKey:
     extract_mode: str = "deterministic"
     threads: int = 1
     cpu_kernels: str = field(default_factory=_cpu_kernel_class)
+    torch: str = field(default_factory=_torch_build)
 
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
 
     def train_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"device": self.device, "determinism": self.train_mode}
+        params: dict[str, Any] = {"device": self.device, "determinism": self.train_mode, "torch": self.torch}
         if self.device == "cpu":
             params["threads"] = self.threads
             params["cpu_kernels"] = self.cpu_kernels
         return params
 
     def extract_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"device": self.device, "determinism": self.extract_mode}
+        params: dict[str, Any] = {"device": self.device, "determinism": self.extract_mode, "torch": self.torch}
         if self.device == "cpu":
             params["cpu_kernels"] = self.cpu_kernels
         return params
@@ -80,12 +89,13 @@ def _cuda_impossible() -> bool:
 def _probe_here(requested: str) -> dict[str, str]:
     """Device class and determinism modes of this process for ``[execution].device = requested``."""
     if requested == "cpu" or (requested == "auto" and _cuda_impossible()):
-        return {"device": "cpu", "train_mode": "deterministic", "extract_mode": "deterministic"}
+        return {"device": "cpu", "train_mode": "deterministic", "extract_mode": "deterministic",
+                "torch": _torch_build()}
     from ..stages import StageInputError, determinism_mode, device_class
 
     try:
         return {"device": device_class(requested), "train_mode": determinism_mode(requested, training=True),
-                "extract_mode": determinism_mode(requested, training=False)}
+                "extract_mode": determinism_mode(requested, training=False), "torch": _torch_build()}
     except StageInputError:
         return {"device": "none"}
 
@@ -109,9 +119,10 @@ def _probe_workers(scheduler: str, requested: str, threads: int) -> dict[str, st
             "start them without --resources GPU=1, or fix their CUDA installation"
         )
     kind = _one_kind({w: tuple(sorted(v.items())) for w, v in found.items()},
-                     lambda v: f"{dict(v)['device']}, {dict(v).get('train_mode')}",
-                     "GPU workers differ in device class or determinism mode",
-                     "Use workers of one GPU model with the same CUBLAS_WORKSPACE_CONFIG, or [execution].device = \"cpu\"")
+                     lambda v: f"{dict(v)['device']}, {dict(v).get('train_mode')}, {dict(v).get('torch')}",
+                     "GPU workers differ in device class, determinism mode or torch release",
+                     "Use workers of one GPU model with the same CUBLAS_WORKSPACE_CONFIG and the same torch, or "
+                     "[execution].device = \"cpu\"")
     return dict(kind)
 
 
@@ -125,21 +136,29 @@ def _one_kind(found: dict[str, Any], describe: Any, differ: str, fix: str) -> An
     return next(iter(kinds))
 
 
-def _probe_cpu_workers(scheduler: str, threads: int) -> str:
-    """The CPU kernel family common to every worker behind a scheduler address (they run the CPU work)."""
-    from ..stages import cpu_kernel_class
+def _cpu_worker_facts() -> tuple[str, str]:
+    """What a CPU worker's results depend on: its CPU kernel family and its torch release (run on each worker)."""
+    return _cpu_kernel_class(), _torch_build()
+
+
+def _probe_cpu_workers(scheduler: str, threads: int) -> tuple[str, str]:
+    """The CPU kernel family and torch release common to every worker behind a scheduler address (they run
+    the CPU work)."""
     from ._executor import connect
 
     client, _ = connect(scheduler, workers=1, threads_per_worker=threads, gpu=False)
     try:
-        found = client.run(cpu_kernel_class)
+        found = {worker: tuple(facts) for worker, facts in client.run(_cpu_worker_facts).items()}
     finally:
         client.close()
     if not found:
-        return _cpu_kernel_class()
-    return _one_kind(found, str, "workers run different CPU kernels",
-                     "Use workers of one CPU kind, or start every worker with the same ATEN_CPU_CAPABILITY and "
-                     "ONEDNN_MAX_CPU_ISA at a level all of them have (e.g. avx2 and AVX2)")
+        return _cpu_worker_facts()
+    kernels = _one_kind({w: v[0] for w, v in found.items()}, str, "workers run different CPU kernels",
+                        "Use workers of one CPU kind, or start every worker with the same ATEN_CPU_CAPABILITY and "
+                        "ONEDNN_MAX_CPU_ISA at a level all of them have (e.g. avx2 and AVX2)")
+    torch = _one_kind({w: v[1] for w, v in found.items()}, str, "workers run different torch releases",
+                      "Install the same torch on every worker")
+    return kernels, torch
 
 
 def probe_device(execution: Any) -> DeviceKey:
@@ -147,7 +166,7 @@ def probe_device(execution: Any) -> DeviceKey:
 
     Raises:
         PipelineError: ``device = "cuda"`` with no CUDA device here (nor on any worker), or GPU workers of
-            different classes.
+            different classes, or workers that differ in CPU kernels or torch release.
     """
     requested, threads = execution.device, int(execution.threads_per_worker)
     remote = execution.scheduler not in ("auto", "local", "sync")
@@ -163,7 +182,7 @@ def probe_device(execution: Any) -> DeviceKey:
             where = "the scheduler's workers advertise no GPU resource" if remote else "no CUDA device is visible here"
             raise PipelineError(f"[execution].device = \"cuda\" but {where}; use device = \"auto\" or \"cpu\""
                                 + (", or start workers with --resources GPU=1" if remote else ""))
-        kernels = _probe_cpu_workers(execution.scheduler, threads) if remote else _cpu_kernel_class()
-        return DeviceKey(device="cpu", threads=threads, cpu_kernels=kernels)
+        kernels, torch = _probe_cpu_workers(execution.scheduler, threads) if remote else _cpu_worker_facts()
+        return DeviceKey(device="cpu", threads=threads, cpu_kernels=kernels, torch=torch)
     return DeviceKey(device=found["device"], train_mode=found["train_mode"], extract_mode=found["extract_mode"],
-                     threads=threads)
+                     threads=threads, torch=found["torch"])

@@ -30,6 +30,7 @@ _EXPORTS = {
                      "read_activation_part", "read_activations", "read_summaries", "summaries_table", "table_to_arrays"],
     "_extraction": ["Extractor", "PARQUET_OPTIONS", "extract_shard", "forward_batches"],
     "_cpu_kernels": ["cpu_kernel_class"],
+    "_torch_build": ["torch_build"],
     "_device": ["resolve_device", "device_class", "determinism_mode", "reproducible_kernels", "check_device_params"],
     "_allocator": ["tune_allocator", "release_freed_memory"],
     "_unit_means": ["UnitMeans"],

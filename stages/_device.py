@@ -25,6 +25,7 @@ import torch
 
 from ._cpu_kernels import cpu_kernel_class
 from ._errors import StageInputError
+from ._torch_build import torch_build
 
 __all__ = ["resolve_device", "device_class", "determinism_mode", "reproducible_kernels", "set_deterministic_algorithms", "check_device_params",
            "DETERMINISTIC_CUBLAS"]
@@ -89,8 +90,8 @@ def determinism_mode(device: str | torch.device = "auto", *, training: bool) -> 
 def check_device_params(params: dict, device: str | torch.device, *, training: bool) -> None:
     """Refuse to compute a node whose key names another device class or determinism mode than this worker's.
 
-    ``params``: the node's parameters (``device``, ``determinism`` and, on the CPU, ``cpu_kernels`` keys; absent =
-    not keyed, no check).
+    ``params``: the node's parameters (``device``, ``determinism``, ``torch`` and, on the CPU, ``cpu_kernels``
+    keys; absent = not keyed, no check).
 
     Raises:
         StageInputError: naming the key's device and this worker's, and the fix.
@@ -104,6 +105,13 @@ def check_device_params(params: dict, device: str | torch.device, *, training: b
             f"this node's cache key says it is computed on {want_device!r}, but this worker computes on "
             f"{have_device!r} (results differ across device classes); run on workers of one device class, or "
             "set [execution].device to pick one"
+        )
+    want_torch = params.get("torch")
+    if want_torch is not None and want_torch != (have_torch := torch_build()):
+        raise StageInputError(
+            f"this node's cache key says it is computed by {want_torch!r}, but this worker runs {have_torch!r} "
+            "(torch releases change kernels and their bits); install the same torch on every worker and where the "
+            "run starts"
         )
     want_kernels = params.get("cpu_kernels")
     if want_kernels is not None and have_device == "cpu" and want_kernels != (have_kernels := cpu_kernel_class()):

@@ -61,7 +61,7 @@ class ExtractStage(StatisticStage):
     uses_device = True
     depends_on = ("._stage_train", "._extraction", "._activations", "._unit_means", "._model_cache", "._models",
                   "._cnn", "._model_registry", "._checkpoints", "._training", "._train_config", "._device",
-                  "._cpu_kernels", "._interpretable", "._optim")
+                  "._cpu_kernels", "._torch_build", "._interpretable", "._optim")
 
     def shards(self, ctx: Context) -> list[Any]:
         # Shards are whole numbers of forward batches, so the shard layout never changes a batch's images.

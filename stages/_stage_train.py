@@ -39,7 +39,7 @@ class TrainStage(Stage):
     name = "train"
     version = 2  # 2: the interpretable filter loss's prior is the paper's (p(T⁻) = 1 − α, not α)
     depends_on = ("._training", "._train_config", "._models", "._cnn", "._model_registry", "._checkpoints",
-                  "._device", "._cpu_kernels", "._interpretable", "._optim")
+                  "._device", "._cpu_kernels", "._torch_build", "._interpretable", "._optim")
     uses_device = True
 
     def run(self, ctx: Context) -> StageOutput:

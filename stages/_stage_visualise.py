@@ -99,6 +99,7 @@ _MODEL_AND_METHODS = (
     "._checkpoints",
     "._cnn",
     "._cpu_kernels",
+    "._torch_build",
     "._device",
     "._interpretable",
     "._model_registry",

@@ -66,10 +66,12 @@ def test_network_stages_key_device_class_and_determinism(tmp_path):
             assert node.params["determinism"] in ("deterministic", "warn-only")
             assert ("threads" in node.params) is (plan.device.device == "cpu")
             assert ("cpu_kernels" in node.params) is (plan.device.device == "cpu")
+            assert node.params["torch"] == plan.device.torch
         elif node.stage == "extract":
             assert node.params["device"] == plan.device.device and node.params["determinism"] == "deterministic"
             assert "threads" not in node.params
             assert ("cpu_kernels" in node.params) is (plan.device.device == "cpu")
+            assert node.params["torch"] == plan.device.torch
         else:
             assert "device" not in node.params
 
@@ -131,6 +133,25 @@ def test_cpu_work_is_keyed_on_the_cpu_kernel_family(tmp_path, monkeypatch):
     assert all(s.cached for s in reasons.values() if s.stage == "stability_center")
 
 
+def test_network_work_is_keyed_on_the_torch_release_and_a_worker_with_another_refuses_it(tmp_path, monkeypatch):
+    """Another torch release changes exactly the keys of the nodes that run a network (status names the
+    parameter), and a worker whose torch is not the key's refuses to compute such a node."""
+    from repdissect.pipeline import PipelineError
+    from repdissect.pipeline import _device_key
+    from repdissect.stages import StageInputError
+
+    config = write_tiny_config(tmp_path)
+    run(config)
+    monkeypatch.setattr(_device_key, "_torch_build", lambda: "torch 0.0.1")
+    reasons = {s.node_id: s for s in status(config)}
+    network = [s for s in reasons.values() if s.stage in ("train", "extract")]
+    assert network and all(not s.cached and s.reason.startswith("param torch: ") and "→ torch 0.0.1" in s.reason
+                           for s in network)
+    assert all(s.cached for s in reasons.values() if s.stage == "stability_center")
+    with pytest.raises((PipelineError, StageInputError), match=r"computed by 'torch 0\.0\.1', but this worker runs"):
+        run(config)
+
+
 class _FakeClient:
     def __init__(self, found: dict) -> None:
         self.found = found
@@ -142,13 +163,19 @@ class _FakeClient:
         pass
 
 
+_AVX2, _AVX512, _TORCH = "x86_64 aten=avx2 onednn=avx2", "x86_64 aten=avx512 onednn=avx512", "torch 2.14.1"
+
+
 @pytest.mark.parametrize("found, error", [
-    ({"tcp://a:1": "x86_64 aten=avx2 onednn=avx2", "tcp://b:1": "x86_64 aten=avx2 onednn=avx2"}, None),
-    ({"tcp://a:1": "x86_64 aten=avx2 onednn=avx2", "tcp://b:1": "x86_64 aten=avx512 onednn=avx512"},
+    ({"tcp://a:1": (_AVX2, _TORCH), "tcp://b:1": (_AVX2, _TORCH)}, None),
+    ({"tcp://a:1": (_AVX2, _TORCH), "tcp://b:1": (_AVX512, _TORCH)},
      r"workers run different CPU kernels \(tcp://a:1: x86_64 aten=avx2 onednn=avx2; tcp://b:1: x86_64 "
      r"aten=avx512 onednn=avx512\).*same ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA"),
+    ({"tcp://a:1": (_AVX2, _TORCH), "tcp://b:1": (_AVX2, "torch 2.13.0")},
+     r"workers run different torch releases \(tcp://a:1: torch 2\.14\.1; tcp://b:1: torch 2\.13\.0\).*Install the "
+     r"same torch on every worker"),
 ])
-def test_a_cluster_keys_its_workers_cpu_kernels_and_refuses_a_mix(monkeypatch, found, error):
+def test_a_cluster_keys_its_workers_cpu_kernels_and_torch_and_refuses_a_mix(monkeypatch, found, error):
     from repdissect.pipeline import PipelineError
     from repdissect.pipeline import _executor
     from repdissect.pipeline._config import ExecutionConfig
@@ -157,7 +184,8 @@ def test_a_cluster_keys_its_workers_cpu_kernels_and_refuses_a_mix(monkeypatch, f
     monkeypatch.setattr(_executor, "connect", lambda *a, **k: (_FakeClient(found), None))
     execution = ExecutionConfig(scheduler="tcp://127.0.0.1:8786", device="cpu")
     if error is None:
-        assert probe_device(execution).extract_params()["cpu_kernels"] == "x86_64 aten=avx2 onednn=avx2"
+        params = probe_device(execution).extract_params()
+        assert (params["cpu_kernels"], params["torch"]) == (_AVX2, _TORCH)
     else:
         with pytest.raises(PipelineError, match=error):
             probe_device(execution)
@@ -169,15 +197,21 @@ def test_a_cluster_of_mixed_gpu_models_is_refused(monkeypatch):
     from repdissect.pipeline._config import ExecutionConfig
     from repdissect.pipeline._device_key import probe_device
 
-    h100 = {"device": "cuda:NVIDIA H100 (sm_90)", "train_mode": "deterministic", "extract_mode": "deterministic"}
+    h100 = {"device": "cuda:NVIDIA H100 (sm_90)", "train_mode": "deterministic", "extract_mode": "deterministic",
+            "torch": _TORCH}
     found = {"tcp://a:1": h100, "tcp://b:1": dict(h100, device="cuda:NVIDIA A100 (sm_80)")}
     monkeypatch.setattr(_executor, "connect", lambda *a, **k: (_FakeClient(found), None))
     monkeypatch.setattr(_executor, "_gpu_addresses", lambda client: sorted(found))
-    with pytest.raises(PipelineError, match=r"GPU workers differ in device class or determinism mode \(tcp://a:1: "
-                                            r"cuda:NVIDIA H100 \(sm_90\), deterministic; tcp://b:1: cuda:NVIDIA A100"):
+    with pytest.raises(PipelineError, match=r"GPU workers differ in device class, determinism mode or torch release "
+                                            r"\(tcp://a:1: cuda:NVIDIA H100 \(sm_90\), deterministic, torch 2\.14\.1; "
+                                            r"tcp://b:1: cuda:NVIDIA A100"):
+        probe_device(ExecutionConfig(scheduler="tcp://127.0.0.1:8786", device="auto"))
+    found["tcp://b:1"] = dict(h100, torch="torch 2.13.0")
+    with pytest.raises(PipelineError, match=r"tcp://b:1: cuda:NVIDIA H100 \(sm_90\), deterministic, torch 2\.13\.0\)"):
         probe_device(ExecutionConfig(scheduler="tcp://127.0.0.1:8786", device="auto"))
     found["tcp://b:1"] = h100
-    assert probe_device(ExecutionConfig(scheduler="tcp://127.0.0.1:8786", device="auto")).device == h100["device"]
+    key = probe_device(ExecutionConfig(scheduler="tcp://127.0.0.1:8786", device="auto"))
+    assert (key.device, key.torch) == (h100["device"], _TORCH)
 
 
 def test_probing_the_cpu_does_not_import_torch():
@@ -187,10 +221,11 @@ def test_probing_the_cpu_does_not_import_torch():
     code = ("import sys; from repdissect.pipeline import load_config; from repdissect.pipeline._device_key import "
             "probe_device; from repdissect.pipeline._config import ExecutionConfig; "
             "key = probe_device(ExecutionConfig(device='cpu', threads_per_worker=3)); "
-            "from repdissect.stages import cpu_kernel_class; here = cpu_kernel_class(); "
-            "assert key.train_params() == {'device': 'cpu', 'determinism': 'deterministic', 'threads': 3, "
-            "'cpu_kernels': here}, key; "
-            "assert key.extract_params() == {'device': 'cpu', 'determinism': 'deterministic', 'cpu_kernels': here}; "
+            "from repdissect.stages import cpu_kernel_class, torch_build; here = cpu_kernel_class(); "
+            "assert key.train_params() == {'device': 'cpu', 'determinism': 'deterministic', 'torch': torch_build(), "
+            "'threads': 3, 'cpu_kernels': here}, key; "
+            "assert key.extract_params() == {'device': 'cpu', 'determinism': 'deterministic', 'torch': torch_build(), "
+            "'cpu_kernels': here}; "
             "assert 'torch' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
