@@ -145,7 +145,7 @@ def test_network_work_is_keyed_on_the_torch_release_and_a_worker_with_another_re
     monkeypatch.setattr(_device_key, "_torch_build", lambda: "torch 0.0.1")
     reasons = {s.node_id: s for s in status(config)}
     network = [s for s in reasons.values() if s.stage in ("train", "extract")]
-    assert network and all(not s.cached and s.reason.startswith("param torch: ") and "→ torch 0.0.1" in s.reason
+    assert network and all(not s.cached and s.reason.startswith("param torch: ") and '→ "torch 0.0.1"' in s.reason
                            for s in network)
     assert all(s.cached for s in reasons.values() if s.stage == "stability_center")
     with pytest.raises((PipelineError, StageInputError), match=r"computed by 'torch 0\.0\.1', but this worker runs"):
