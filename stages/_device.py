@@ -88,7 +88,8 @@ def determinism_mode(device: str | torch.device = "auto", *, training: bool) -> 
 
 
 def check_device_params(params: dict, device: str | torch.device, *, training: bool) -> None:
-    """Refuse to compute a node whose key names another device class or determinism mode than this worker's.
+    """Refuse to compute a node whose key names another device class, determinism mode, torch release or CPU
+    kernel family than this worker's.
 
     ``params``: the node's parameters (``device``, ``determinism``, ``torch`` and, on the CPU, ``cpu_kernels``
     keys; absent = not keyed, no check).
